@@ -1,0 +1,30 @@
+"""The embedded default: a Top-K SAE on the planted synthetic source (no model, no download).
+
+  python -m experiments.train --config=configs/synthetic.py --workdir=/tmp/sae-synthetic
+  # ~1-2 min on 2 CPU cores; get_config("tiny") is a 20-second variant used by the tests.
+  python -m experiments.train --config=configs/synthetic.py:modern --workdir=/tmp/sae-modern
+
+Argument: comma-separated words: "paper" (default) or "modern" picks the SAE preset, "tiny"
+shrinks the run.
+"""
+
+from configs import base
+
+
+def get_config(arg: str = ""):
+  words = {w for w in (arg or "").split(",") if w}
+  config = base.get_config()
+  config.sae.preset = "modern" if "modern" in words else "paper"
+  config.sae.d = config.data.synthetic.d
+  config.sae.c = 256
+  config.sae.k = 12
+  config.data.batch_size = 1024
+  config.train.num_steps = 1500
+  config.train.log_every = 100
+  config.train.checkpoint_every = 500
+  if "tiny" in words:
+    config.data.batch_size = 256
+    config.train.num_steps = 60
+    config.train.log_every = 20
+    config.train.checkpoint_every = 20
+  return config

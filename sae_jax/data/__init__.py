@@ -1,0 +1,1 @@
+"""Data sources, grain pipelines and the on-disk activation store."""

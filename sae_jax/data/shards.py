@@ -1,0 +1,212 @@
+"""The on-disk activation store: a directory of fixed-width `.npy` shards plus `index.json`.
+
+Format `sae_jax.activations.v1`::
+
+  index.json                    {"format", "d", "dtype", "total_rows", "shards": [{"name", "rows"}], "metadata"}
+  shard-00000.npy               [rows, d] activations (np.save; memory-mapped for reading)
+  shard-00000.token_types.npy   [rows] uint8, optional (TOKEN_TYPES)
+  shard-00000.sample_ids.npy    [rows] int64, optional
+
+A shard's files are written under a temporary name and renamed when complete, and `index.json` is
+rewritten atomically after each finished shard: a killed writer leaves only whole shards behind,
+and a new writer on the same directory resumes after them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from sae_jax.errors import SaeJaxError
+
+FORMAT = "sae_jax.activations.v1"
+INDEX_FILE = "index.json"
+TOKEN_TYPES = ("special", "image", "text", "prompt")
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _np_dtype(name: str) -> np.dtype:
+  if name == "bfloat16":
+    import ml_dtypes  # shipped with jax
+    return np.dtype(ml_dtypes.bfloat16)
+  return np.dtype(name)
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _atomic_save_npy(path: str, array: np.ndarray) -> None:
+  tmp = path + ".tmp.npy"
+  np.save(tmp, array)
+  os.replace(tmp, path)
+
+
+def shard_name(i: int) -> str:
+  return f"shard-{i:05d}"
+
+
+class ShardWriter:
+  """Appends rows and cuts them into shards of `rows_per_shard` rows (the last may be shorter)."""
+
+  def __init__(self, directory: str, d: int, dtype: str = "float32", rows_per_shard: int = 65536,
+               metadata: Optional[dict] = None):
+    if dtype not in _DTYPES:
+      raise SaeJaxError(f"ShardWriter dtype={dtype!r}: expected one of {_DTYPES}")
+    self.directory = directory
+    self.d = int(d)
+    self.dtype = dtype
+    self.rows_per_shard = int(rows_per_shard)
+    os.makedirs(directory, exist_ok=True)
+    index_path = os.path.join(directory, INDEX_FILE)
+    if os.path.exists(index_path):
+      index = read_index(directory, allow_empty=True)
+      if index["d"] != self.d or index["dtype"] != dtype:
+        raise SaeJaxError(
+            f"{index_path}: existing shards have d={index['d']} dtype={index['dtype']}, "
+            f"this writer has d={self.d} dtype={dtype}; use a new directory")
+      self._shards = list(index["shards"])
+      self.metadata = dict(index.get("metadata", {}))
+      self.metadata.update(metadata or {})
+    else:
+      self._shards = []
+      self.metadata = dict(metadata or {})
+    self._buffers: list[tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]] = []
+    self._buffered = 0
+    self._write_index()
+
+  @property
+  def finished_shards(self) -> int:
+    return len(self._shards)
+
+  @property
+  def total_rows(self) -> int:
+    return sum(s["rows"] for s in self._shards)
+
+  def add(self, rows: np.ndarray, token_types: Optional[np.ndarray] = None,
+          sample_ids: Optional[np.ndarray] = None) -> None:
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or rows.shape[1] != self.d:
+      raise SaeJaxError(f"ShardWriter.add: rows have shape {rows.shape}, expected [n, {self.d}]")
+    if not np.all(np.isfinite(rows.astype(np.float32))):
+      raise SaeJaxError("ShardWriter.add: rows contain NaN or Inf")
+    n = rows.shape[0]
+    for name, extra in (("token_types", token_types), ("sample_ids", sample_ids)):
+      if extra is not None and np.shape(extra) != (n,):
+        raise SaeJaxError(f"ShardWriter.add: {name} has shape {np.shape(extra)}, expected [{n}]")
+    self._buffers.append((rows.astype(_np_dtype(self.dtype)),
+                          None if token_types is None else np.asarray(token_types, np.uint8),
+                          None if sample_ids is None else np.asarray(sample_ids, np.int64)))
+    self._buffered += n
+    while self._buffered >= self.rows_per_shard:
+      self._flush(self.rows_per_shard)
+
+  def close(self) -> dict:
+    if self._buffered:
+      self._flush(self._buffered)
+    self._write_index()
+    return read_index(self.directory)
+
+  def _flush(self, n: int) -> None:
+    def take(pos):
+      parts = [b[pos] for b in self._buffers]
+      if any(p is None for p in parts):
+        if not all(p is None for p in parts):
+          raise SaeJaxError(f"ShardWriter: some add() calls gave {('rows', 'token_types', 'sample_ids')[pos]}, "
+                            "others did not; give it always or never")
+        return None
+      return np.concatenate(parts)
+    rows, types, ids = take(0), take(1), take(2)
+    name = shard_name(len(self._shards))
+    base = os.path.join(self.directory, name)
+    # Extras first, activations last: the index names only shards whose every file is complete.
+    if types is not None:
+      _atomic_save_npy(base + ".token_types.npy", types[:n])
+    if ids is not None:
+      _atomic_save_npy(base + ".sample_ids.npy", ids[:n])
+    _atomic_save_npy(base + ".npy", rows[:n])
+    self._shards.append({"name": name, "rows": int(n), "token_types": types is not None,
+                         "sample_ids": ids is not None})
+    rest = (rows[n:], None if types is None else types[n:], None if ids is None else ids[n:])
+    self._buffers = [rest] if len(rest[0]) else []
+    self._buffered = len(rest[0])
+    self._write_index()
+
+  def _write_index(self) -> None:
+    _atomic_write_json(os.path.join(self.directory, INDEX_FILE), {
+        "format": FORMAT, "d": self.d, "dtype": self.dtype, "total_rows": self.total_rows,
+        "shards": self._shards, "metadata": self.metadata})
+
+
+def read_index(directory: str, allow_empty: bool = False) -> dict:
+  """Reads and validates `index.json`; every named shard must exist with the promised shape."""
+  path = os.path.join(directory, INDEX_FILE)
+  if not os.path.isdir(directory):
+    raise SaeJaxError(f"activation shards: directory {directory} does not exist")
+  if not os.path.exists(path):
+    raise SaeJaxError(f"activation shards: {path} is missing (not a shard directory, or extraction "
+                      "has not finished a shard yet)")
+  try:
+    with open(path) as f:
+      index = json.load(f)
+  except json.JSONDecodeError as e:
+    raise SaeJaxError(f"{path}: not valid JSON ({e})") from None
+  for key in ("format", "d", "dtype", "shards"):
+    if key not in index:
+      raise SaeJaxError(f"{path}: missing field {key!r}")
+  if index["format"] != FORMAT:
+    raise SaeJaxError(f"{path}: format {index['format']!r}, expected {FORMAT!r}")
+  if not index["shards"] and not allow_empty:
+    raise SaeJaxError(f"{path}: the directory holds no finished shard")
+  for s in index["shards"]:
+    f = os.path.join(directory, s["name"] + ".npy")
+    if not os.path.exists(f):
+      raise SaeJaxError(f"activation shards: {f} is listed in {INDEX_FILE} but missing")
+    try:
+      arr = np.load(f, mmap_mode="r")
+    except ValueError as e:
+      raise SaeJaxError(f"activation shards: {f} is truncated or not an .npy file ({e})") from None
+    if arr.shape != (s["rows"], index["d"]):
+      raise SaeJaxError(f"activation shards: {f} has shape {arr.shape}, index says ({s['rows']}, {index['d']})")
+  index["total_rows"] = sum(s["rows"] for s in index["shards"])
+  return index
+
+
+@dataclasses.dataclass
+class ActivationStore:
+  """Random access to rows of a shard directory through memory maps."""
+
+  directory: str
+
+  def __post_init__(self):
+    self.index = read_index(self.directory)
+    self.d = int(self.index["d"])
+    self.dtype = self.index["dtype"]
+    self._arrays = [np.load(os.path.join(self.directory, s["name"] + ".npy"), mmap_mode="r")
+                    for s in self.index["shards"]]
+    self._starts = np.cumsum([0] + [a.shape[0] for a in self._arrays])
+    self.total_rows = int(self._starts[-1])
+
+  def __len__(self) -> int:
+    return self.total_rows
+
+  def rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Rows at global `indices` (any order), as float32 [len(indices), d]."""
+    indices = np.asarray(indices, np.int64)
+    out = np.empty((indices.shape[0], self.d), np.float32)
+    shard_of = np.searchsorted(self._starts, indices, side="right") - 1
+    for s in np.unique(shard_of):
+      sel = np.nonzero(shard_of == s)[0]
+      local = indices[sel] - self._starts[s]
+      order = np.argsort(local)  # sorted reads are page-cache friendly
+      out[sel[order]] = self._arrays[s][local[order]]
+    return out

@@ -1,0 +1,115 @@
+"""Sharding, expressed once: mesh axes, partition rules by parameter name, multi-host start-up.
+
+Mesh axes: "data" splits the batch, "model" splits the dictionary (the c axis). Every array of
+the train state gets its PartitionSpec from PARTITION_RULES by the name of its leaf, so the
+optimizer's moments follow their parameters without per-call-site annotations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from sae_jax.errors import SaeJaxError
+
+DATA, MODEL = "data", "model"
+
+# leaf name -> spec; leaves not named here (step counters, scalars) are replicated.
+PARTITION_RULES: dict[str, P] = {
+    "W_enc": P(None, MODEL),          # [d, c]
+    "b_enc": P(MODEL),                # [c]
+    "D": P(MODEL, None),              # [c, d]
+    "b_dec": P(),                     # [d]
+    "tokens_since_fired": P(MODEL),   # [c]
+}
+BATCH_SPEC = P(DATA, None)
+
+
+def maybe_initialize_distributed(mesh_cfg: Any) -> None:
+  """jax.distributed.initialize for multi-host runs (TPU pods, SLURM) when the config asks."""
+  if not mesh_cfg.multihost:
+    return
+  kwargs = {}
+  if mesh_cfg.coordinator_address:
+    kwargs = dict(coordinator_address=mesh_cfg.coordinator_address,
+                  num_processes=int(mesh_cfg.num_processes), process_id=int(mesh_cfg.process_id))
+  try:
+    jax.distributed.initialize(**kwargs)
+  except RuntimeError as e:
+    if "already" not in str(e):
+      raise
+
+
+def make_mesh(mesh_cfg: Any, devices=None) -> Mesh:
+  """A ("data", "model") mesh; mesh.data=-1 takes every device not used by mesh.model."""
+  devices = list(devices if devices is not None else jax.devices())
+  n = len(devices)
+  model = int(mesh_cfg.model)
+  data = int(mesh_cfg.data)
+  if model <= 0 or n % model:
+    raise SaeJaxError(f"config.mesh.model={model}: must be a positive divisor of the {n} devices")
+  if data == -1:
+    data = n // model
+  if data * model != n:
+    raise SaeJaxError(f"config.mesh.data={mesh_cfg.data} x config.mesh.model={model} = {data * model}, "
+                      f"but {n} devices are visible")
+  # Auto axis types: lax.top_k over an Explicit-sharded axis fails in this jax (design.md).
+  return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto,) * 2,
+                       devices=devices)
+
+
+def _leaf_name(path) -> str:
+  for entry in reversed(path):
+    if isinstance(entry, jax.tree_util.DictKey):
+      return str(entry.key)
+  return ""
+
+
+def spec_for(path, leaf) -> P:
+  spec = PARTITION_RULES.get(_leaf_name(path))
+  if spec is None or len(spec) != np.ndim(leaf):
+    return P()
+  return spec
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+  """NamedSharding for every leaf of a (possibly abstract) state pytree."""
+  return jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, spec_for(p, x)), state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, BATCH_SPEC)
+
+
+def check_divisible(mesh: Mesh, batch_size: int, c: int) -> None:
+  if batch_size % mesh.shape[DATA]:
+    raise SaeJaxError(f"config.data.batch_size={batch_size} is not divisible by mesh data axis "
+                      f"{mesh.shape[DATA]}")
+  if c % mesh.shape[MODEL]:
+    raise SaeJaxError(f"config.sae.c={c} is not divisible by mesh model axis {mesh.shape[MODEL]}")
+
+
+def sharded_top_k(mesh: Mesh):
+  """Top-k over a dictionary sharded on "model" without gathering the [B, c] activations.
+
+  Each model shard takes its local top-k, the k*m candidates (values, global indices) are
+  all-gathered, and a second top-k picks the global winners: the same set as one lax.top_k.
+  """
+  m = mesh.shape[MODEL]
+  if m == 1:
+    return lambda acts, k: jax.lax.top_k(acts, k)
+
+  def top_k(acts, k):
+    def local(a):
+      v, i = jax.lax.top_k(a, k)
+      i = i + jax.lax.axis_index(MODEL) * a.shape[1]
+      v = jax.lax.all_gather(v, MODEL, axis=1, tiled=True)
+      i = jax.lax.all_gather(i, MODEL, axis=1, tiled=True)
+      v2, j = jax.lax.top_k(v, k)
+      return v2, jax.numpy.take_along_axis(i, j, axis=1)
+    return jax.shard_map(local, mesh=mesh, in_specs=P(DATA, MODEL), out_specs=(P(DATA, None),) * 2,
+                         check_vma=False)(acts)
+  return top_k
