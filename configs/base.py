@@ -70,11 +70,86 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   config.analysis = analysis = ml_collections.ConfigDict()
   analysis.sae_workdir = ""     # SAE to analyse; "" = this workdir
+  analysis.sae_step = -1        # checkpoint step; -1 = newest
+  analysis.source = "auto"      # "auto" (pooled file if present, else synthetic) | "pooled" | "synthetic"
+  analysis.embeddings_path = ""  # "" = <workdir or sae_workdir>/activations/pooled_<variant>.npz
+  analysis.variant = "mean"     # pooling variant of the pooled file
+  analysis.num_pairs = 4096     # synthetic source: matched pairs drawn
+  analysis.pair_seed = 1
+  analysis.codes = "encode_pooled"  # "encode_pooled" (paper App. B) | "pool_token_codes"
+  analysis.tokens_per_sample = 8    # pool_token_codes on the synthetic source
+  analysis.token_noise = 0.05
+  analysis.bridge_reduction = "diag"  # diag | row | col | sym (= attribution) | max (needs blockwise B)
+  analysis.modality_reverse = False   # False: 1 = text-only (paper); True: 1 = image-only
+  analysis.top_fraction = 0.01  # top sets S_E, S_A, S_B: ceil(fraction * c) concepts
+  analysis.top_pairs = 100      # top bridge pairs (blockwise B); 0 = skip B
+  analysis.bridge_tile = 1024   # concept rows per B tile
+  analysis.block_size = 4096    # pairs per streamed block
+  analysis.compute_dtype = "float32"  # "bfloat16": gather/GEMM in bf16, float32 sums
+  analysis.save_codes = False
+  analysis.compare_workdirs = ""  # comma-separated workdirs (with analysis/) shown side by side
+  analysis.run_name = ""        # label in tables and figures; "" = workdir basename
+  analysis.match_threshold = 0.8  # synthetic: cosine for matching learned to planted concepts
 
   config.retrieval = retrieval = ml_collections.ConfigDict()
   retrieval.sae_workdir = ""
+  retrieval.source = "auto"     # "auto" (pooled files if present, else synthetic) | "pooled" | "synthetic"
+  retrieval.pooled_dir = ""     # "" = <workdir>/activations (pooled_<variant>.npz)
+  retrieval.variants = ("mean", "last_token", "mean_no_image", "mean_no_prompt")
+  retrieval.tasks = ("image_to_text", "text_to_image", "image_to_image", "image_text_to_image",
+                     "image_text_to_image_text")   # tasks the inputs cannot provide are skipped
+  retrieval.ks = (1, 5, 10)
+  retrieval.max_queries = 0     # first N queries per task (paper: 3000); 0 = all
+  retrieval.base_variant = "mean"  # the variant removal / whitening are applied to
+  retrieval.exclude_reference = True  # CIRR: drop each query's own reference image
+  retrieval.removal = True
+  retrieval.attribution = "auto"  # "auto" (analysis/concepts.npz, else the SAE) | "concepts" | "sae"
+  retrieval.removal_fraction = 0.01  # top fraction of concepts by attribution (paper: 1%)
+  retrieval.removal_rank = -1   # r right singular vectors removed; -1 = all selected atoms
+  retrieval.sweep_task = "image_to_text"
+  retrieval.sweep_ranks = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+  retrieval.whitening = True    # shrinkage-whitening baseline on the base variant
+  retrieval.whitening_alpha = 0.1
+  retrieval.save_embeddings = False
+  retrieval.block_size = 8192   # candidates per GEMM block of the exact top-K search
+  retrieval.query_block_size = 1024
+  retrieval.synthetic_pairs = 2000      # source="synthetic": evaluation pairs
+  retrieval.synthetic_fit_pairs = 2000  # separate pairs the attribution is computed on
+  retrieval.synthetic_seed = 1
 
-  config.extract = extract = ml_collections.ConfigDict()
+  config.extract = extract = ml_collections.ConfigDict()  # experiments.extract (sae_jax/extract.py)
   extract.model = ""
+  extract.model_name = ""       # hub id, local directory, or "tiny:<family>" (offline random weights)
+  extract.family = ""           # "" = infer from the model config; clip|siglip|qwen_vl|paligemma|chameleon|text
+  extract.layer = -1            # hidden_states index (-1 = last layer)
+  extract.device = "auto"       # "auto" (cuda if available) | "cpu" | "cuda:0"
+  extract.dtype = "auto"        # "auto" (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+  extract.tiny_scale = 1        # width multiplier of tiny:<family> models
+  extract.dataset = "coco"      # "coco" (official JSON) | "karpathy" | "parquet" | "mbeir"
+  extract.captions_json = ""    # coco: captions_<split>.json
+  extract.image_dir = ""        # coco/karpathy: image directory
+  extract.karpathy_json = ""    # karpathy: dataset_coco.json
+  extract.karpathy_split = "test"
+  extract.parquet_files = ""    # parquet: glob of lmms-lab/COCO-Caption style files
+  extract.mbeir_queries = ""    # mbeir: query jsonl
+  extract.mbeir_pool = ""       # mbeir: candidate pool jsonl
+  extract.mbeir_image_root = ""  # mbeir: root the jsonl image paths are relative to
+  extract.max_images = 0        # 0 = all
+  extract.pairing = "all"       # pooled rows: "all" (one per image-caption pair) | "first" (first caption)
+  extract.pooling = ("mean",)   # mean | last | mean_no_image | mean_no_prompt | embed (contrastive)
+  extract.templates = ml_collections.ConfigDict({  # decoder prompts; {image} / {text} placeholders
+      "image": "{image} Summarize the above image in one word:",
+      "text": "{text} Summarize the above sentence in one word:",
+      "pair": "{image} {text} Summarize the above image and sentence in one word:"})
+  extract.contrastive_tokens = False  # clip/siglip: also return tower token states (for mean/last)
+  extract.write_shards = True   # token-level training shards under <workdir>/activations/shards
+  extract.shard_token_types = ("special", "image", "text", "prompt")  # which token rows to keep
+  extract.shard_dtype = "float32"
+  extract.rows_per_shard = 65536
+  extract.batch_size = 8        # samples per forward pass
+  extract.chunk_size = 256      # samples per resumable unit (part file)
+  extract.num_workers = 4       # image decoding threads
+  extract.log_every_s = 10.0    # progress line period
+  extract.online_buffer_batches = 8  # data.source="online": shuffle window, in SAE batches
 
   return config

@@ -2,10 +2,12 @@
 
   python -m experiments.train --config=configs/synthetic.py --workdir=/tmp/sae-synthetic
   # ~1-2 min on 2 CPU cores; get_config("tiny") is a 20-second variant used by the tests.
-  python -m experiments.train --config=configs/synthetic.py:modern --workdir=/tmp/sae-modern
+  python -m experiments.train --config=configs/synthetic.py:paper --workdir=/tmp/sae-paper
 
-Argument: comma-separated words: "paper" (default) or "modern" picks the SAE preset, "tiny"
-shrinks the run.
+Argument: comma-separated words: "modern" (default) or "paper" picks the SAE preset, "tiny"
+shrinks the run. The learning rate is 4e-3 instead of the paper's 8e-4: this small planted problem
+converges 5x faster with it (mean max cosine to the planted atoms 0.95 after 600 steps instead of
+0.63), and the paper's value stays the base default for real activations.
 """
 
 from configs import base
@@ -14,7 +16,8 @@ from configs import base
 def get_config(arg: str = ""):
   words = {w for w in (arg or "").split(",") if w}
   config = base.get_config()
-  config.sae.preset = "modern" if "modern" in words else "paper"
+  config.sae.preset = "paper" if "paper" in words else "modern"
+  config.optim.lr = 4e-3
   config.sae.d = config.data.synthetic.d
   config.sae.c = 256
   config.sae.k = 12

@@ -2,7 +2,7 @@
 
 import sys
 
-from absl import flags
+from absl import flags, logging
 
 from sae_jax.errors import SaeJaxError
 
@@ -11,16 +11,20 @@ def parse_flags(argv):
   """absl flag parsing; a bad `--config.<field>` becomes one line naming the field."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    message = str(e).strip().splitlines()[0]
-    if "has no attribute" in message or "AttributeError" in message or "does not exist" in message:
-      bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-      message = f"unknown config field in {' '.join(bad) or 'flags'}: {message}"
+  except (flags.Error, AttributeError, KeyError) as e:
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, (AttributeError, KeyError)) or "has no attribute" in message:
+      # ml_collections raises a raw AttributeError for `--config.<typo>`: name the flag.
+      overrides = [a.split("=")[0][2:] for a in argv[1:] if a.startswith("--config.")]
+      missing = message.strip("\"' ")
+      bad = [o for o in overrides if o.split(".")[-1] == missing] or overrides
+      message = f"unknown config field {', '.join(bad)} (no such key {missing!r} in the config file)"
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 def run_main(argv, fn):
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(2)
@@ -29,3 +33,10 @@ def run_main(argv, fn):
   except SaeJaxError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except OSError as e:
+    if "config file" not in str(e):
+      raise
+    # config_flags defers a bad --config path until first use; keep its last (errno) line.
+    reason = str(e).strip().splitlines()[-1].strip()
+    print(f"error: --config could not be loaded: {reason}", file=sys.stderr)
+    sys.exit(2)

@@ -34,8 +34,10 @@ def make_manager(workdir: str, train_cfg: Any = None) -> ocp.CheckpointManager:
       enable_async_checkpointing=bool(train_cfg.async_checkpoint) if train_cfg is not None else False,
       create=True,
   )
+  handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+              "meta": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-                               item_names=("state", "data", "meta"), options=options)
+                               item_handlers=handlers, options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any, meta: dict) -> None:

@@ -16,6 +16,7 @@ stages address them by name. `TopKSAE` wraps the same functions as a Flax module
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -180,6 +181,136 @@ def _top_k(acts: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return jax.lax.top_k(acts, k)
 
 
+# ------------------------------------------------------------------------- sparse kernels
+# A Top-K step touches only B*k of the B*c codes (design.md section 5). Plain autodiff of
+# lax.top_k scatters the cotangent into a dense [B, c] array and then pays a dense, transposed
+# (slow path on XLA:CPU) B*c*d GEMM for dW_enc; a gather decoder written as one einsum
+# materialises the B x k x d gathered rows (629 MB at d=768, k=50, B=4096). The loops below visit
+# the k active columns one at a time, so each temporary is [B, d] and is reused across iterations.
+
+def _gather_weighted_sum(weights: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
+  """out[b] = sum_j weights[b, j] * table[indices[b, j]]:  [B, k], [B, k], [n, d] -> [B, d]."""
+  w_t, i_t = weights.T, indices.T  # one contiguous column per iteration
+
+  def body(j, acc):
+    return acc + w_t[j][:, None] * jnp.take(table, i_t[j], axis=0)
+
+  init = jnp.zeros((weights.shape[0], table.shape[1]), jnp.float32)
+  return jax.lax.fori_loop(0, weights.shape[1], body, init)
+
+
+def _gather_dot(rows: jax.Array, indices: jax.Array, table: jax.Array, chunk: int = 128) -> jax.Array:
+  """out[b, j] = <rows[b], table[indices[b, j]]>:  [B, d], [B, k], [n, d] -> [B, k].
+
+  Row chunks keep the gathered block at [chunk, k, d] (a per-column loop of row dots ran slower).
+  """
+  (n_rows, d), k = rows.shape, indices.shape[1]
+  chunk = math.gcd(n_rows, chunk)
+  blocks = (rows.reshape(-1, chunk, d), indices.reshape(-1, chunk, k))
+  out = jax.lax.map(lambda a: jnp.einsum("bd,bkd->bk", a[0], jnp.take(table, a[1], axis=0)), blocks)
+  return out.reshape(n_rows, k)
+
+
+def _scatter_weighted_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, n: int) -> jax.Array:
+  """out[i] = sum over (b, j) with indices[b, j] = i of weights[b, j] * rows[b]:  -> [n, d]."""
+  w_t, i_t = weights.T, indices.T
+
+  def body(j, acc):
+    return acc.at[i_t[j]].add(w_t[j][:, None] * rows)
+
+  init = jnp.zeros((n, rows.shape[1]), jnp.float32)
+  return jax.lax.fori_loop(0, weights.shape[1], body, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def topk_encode(x: jax.Array, shift: Optional[jax.Array], W_enc: jax.Array, b_enc: jax.Array,
+                mask: Optional[jax.Array], k: int, dtype: Any, top_k: TopKFn = _top_k
+                ) -> tuple[jax.Array, jax.Array]:
+  """TopK_k(mask * ReLU((x - shift) W_enc + b_enc)) -> (values [N, k], indices [N, k] int32).
+
+  The same function as `top_k(pre_activations(...))`, with a backward pass that only touches the
+  k selected latents per row: dW_enc and db_enc are scatter-adds of B*k rows (no dense [B, c]
+  cotangent, no B*c*d GEMM). `mask` [c] (or None) restricts the choice, e.g. to dead latents.
+  """
+  return _topk_encode_fwd(x, shift, W_enc, b_enc, mask, k, dtype, top_k)[0]
+
+
+def _topk_encode_fwd(x, shift, W_enc, b_enc, mask, k, dtype, top_k):
+  xc = x if shift is None else x - shift
+  acts = jax.nn.relu(matmul(xc, W_enc, dtype) + b_enc)
+  if mask is not None:
+    acts = jnp.where(mask, acts, 0.0)
+  values, indices = top_k(acts, k)
+  indices = indices.astype(jnp.int32)
+  return (values, indices), (xc, shift, W_enc, values, indices, mask)
+
+
+def _topk_encode_bwd(k, dtype, top_k, residuals, cotangents):
+  xc, shift, W_enc, values, indices, mask = residuals
+  dvalues, _ = cotangents
+  # ReLU'(pre) at the selected entries (0 where the value is 0: non-positive or masked out).
+  g = jnp.where(values > 0, dvalues, 0.0)
+  c = W_enc.shape[1]
+  dW_enc = _scatter_weighted_rows(g, indices, xc, c).T
+  db_enc = jnp.zeros((c,), jnp.float32).at[indices.reshape(-1)].add(g.reshape(-1))
+  # d/dx; XLA drops it when the input needs no gradient (training differentiates params only).
+  dx = _gather_weighted_sum(g, indices, W_enc.T)
+  # d/dshift = -sum_b dx[b] = -W_enc db_enc, without the [B, d] gather.
+  dshift = None if shift is None else -(W_enc @ db_enc)
+  dmask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
+  return dx, dshift, dW_enc, db_enc, dmask
+
+
+topk_encode.defvjp(_topk_encode_fwd, _topk_encode_bwd)
+
+
+@jax.custom_vjp
+def sparse_decode(values: jax.Array, indices: jax.Array, D: jax.Array) -> jax.Array:
+  """sum_j values[:, j] * D[indices[:, j]] ([N, d], no bias); backward costs N*k*d, not N*c*d."""
+  return _gather_weighted_sum(values, indices, D)
+
+
+def _sparse_decode_fwd(values, indices, D):
+  return _gather_weighted_sum(values, indices, D), (values, indices, D)
+
+
+def _sparse_decode_bwd(residuals, g):
+  values, indices, D = residuals
+  dindices = jnp.zeros(indices.shape, jax.dtypes.float0)
+  return _gather_dot(g, indices, D), dindices, _scatter_weighted_rows(values, indices, g, D.shape[0])
+
+
+sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
+
+
+def _transpose(a: jax.Array) -> jax.Array:
+  # A materialised transpose: XLA:CPU runs only plain row-major (NN) dots on its fast GEMM kernel
+  # and would otherwise fold the transpose into a slow transposed dot (design.md section 5).
+  return jax.lax.optimization_barrier(a.T)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def nn_matmul(a: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
+  """`matmul(a, b, dtype)` whose backward runs NN dots on `dtype` operands (bf16 cotangents
+  with bf16 compute; JAX's own VJP would upcast them to float32 and use transposed dots)."""
+  return matmul(a, b, dtype)
+
+
+def _nn_matmul_fwd(a, b, dtype):
+  return matmul(a, b, dtype), (a.astype(dtype), b.astype(dtype))
+
+
+def _nn_matmul_bwd(dtype, residuals, g):
+  a, b = residuals
+  g = g.astype(dtype)
+  da = jnp.matmul(g, _transpose(b), preferred_element_type=jnp.float32)        # [M, K]
+  db = jnp.matmul(_transpose(g), a, preferred_element_type=jnp.float32).T      # ([N, M] @ [M, K]).T
+  return da, db
+
+
+nn_matmul.defvjp(_nn_matmul_fwd, _nn_matmul_bwd)
+
+
 def dense_codes(code: SparseCode, c: int) -> jax.Array:
   """[N, c] view of a sparse code. For small sizes and tests: it is N*c floats."""
   n = code.values.shape[0]
@@ -202,7 +333,7 @@ def encode(params: Params, x: jax.Array, k: int, spec: Optional[SAESpec] = None,
 def decode(params: Params, code: SparseCode, with_bias: bool = True) -> jax.Array:
   """sum_j values[:, j] * D[indices[:, j]] (+ b_dec), [N, d]."""
   chex.assert_equal_shape([code.values, code.indices])
-  x_hat = jnp.einsum("nk,nkd->nd", code.values, params["D"][code.indices])
+  x_hat = sparse_decode(code.values.astype(jnp.float32), code.indices.astype(jnp.int32), params["D"])
   return x_hat + params["b_dec"] if with_bias else x_hat
 
 
@@ -215,24 +346,26 @@ class LossOutput(NamedTuple):
   x_hat: jax.Array
 
 
+def _decode_for_training(D: jax.Array, values: jax.Array, indices: jax.Array, spec: SAESpec) -> jax.Array:
+  if spec.decoder == "dense":
+    # z D as one GEMM over the dense codes (k nonzeros per row); backward: two NN GEMMs.
+    z = dense_codes(SparseCode(values, indices), spec.c)
+    return nn_matmul(z, D, _dtype(spec))
+  return sparse_decode(values, indices, D)
+
+
 def loss_fn(params: Params, x: jax.Array, spec: SAESpec, valid: Optional[jax.Array] = None,
             dead: Optional[jax.Array] = None, top_k: TopKFn = _top_k) -> tuple[jax.Array, LossOutput]:
   """Training loss on a batch x [B, d]; `valid` [B] masks skipped rows, `dead` [c] marks dead latents.
 
-  The decoder is either dense (z D with z selected by the k-th largest value, so nothing is
-  scattered and a dictionary sharded over c needs no gather) or a gather of the k rows.
+  The decoder is either dense (z D as one GEMM) or sparse (k gathered rows per sample); the encoder
+  backward is sparse in both cases (`topk_encode`).
   """
   B = x.shape[0]
   dtype = _dtype(spec)
-  acts = pre_activations(params, x, spec)
-  values, indices = top_k(acts, spec.k)
-  if spec.decoder == "dense":
-    threshold = jax.lax.stop_gradient(values[:, -1:])
-    z = jnp.where((acts >= threshold) & (acts > 0), acts, 0.0)
-    x_hat = matmul(z, params["D"], dtype)
-  else:
-    x_hat = jnp.einsum("bk,bkd->bd", values.astype(dtype), params["D"].astype(dtype)[indices],
-                       preferred_element_type=jnp.float32)
+  shift = params["b_dec"] if spec.pre_bias else None
+  values, indices = topk_encode(x, shift, params["W_enc"], params["b_enc"], None, spec.k, dtype, top_k)
+  x_hat = _decode_for_training(params["D"], values, indices, spec)
   if spec.pre_bias:
     x_hat = x_hat + params["b_dec"]
   w = jnp.ones((B,), jnp.float32) if valid is None else valid.astype(jnp.float32)
@@ -244,15 +377,21 @@ def loss_fn(params: Params, x: jax.Array, spec: SAESpec, valid: Optional[jax.Arr
   loss = mse + spec.l1_coef * l1
   aux = jnp.zeros((), jnp.float32)
   if spec.aux_k > 0 and dead is not None:
-    # AuxK (Gao et al. 2024): the top aux_k dead latents reconstruct the residual.
-    aux_values, aux_indices = top_k(jnp.where(dead[None, :], acts, 0.0), spec.aux_k)
-    e_hat = jnp.einsum("bk,bkd->bd", aux_values, params["D"][aux_indices])
+    # AuxK (Gao et al. 2024): the top aux_k dead latents reconstruct the residual. Computed (and
+    # its encoder GEMM repeated) only when some latent is dead; otherwise it is 0, as before.
     e = jax.lax.stop_gradient(err)
-    e_var = jnp.sum(w[:, None] * (e - e.mean(0)) ** 2)
-    aux = jnp.sum(w[:, None] * (e - e_hat) ** 2) / jnp.maximum(e_var, 1e-12)
-    aux = jnp.where(jnp.any(dead), aux, 0.0)
+
+    def aux_loss(operands):
+      p, e = operands
+      aux_values, aux_indices = topk_encode(x, shift, p["W_enc"], p["b_enc"], dead, spec.aux_k,
+                                            dtype, top_k)
+      e_hat = sparse_decode(aux_values, aux_indices, p["D"])
+      e_var = jnp.sum(w[:, None] * (e - e.mean(0)) ** 2)
+      return jnp.sum(w[:, None] * (e - e_hat) ** 2) / jnp.maximum(e_var, 1e-12)
+
+    aux = jax.lax.cond(jnp.any(dead), aux_loss, lambda _: jnp.zeros((), jnp.float32), (params, e))
     loss = loss + spec.aux_coef * aux
-  return loss, LossOutput(loss, mse, l1, aux, SparseCode(values, indices.astype(jnp.int32)), x_hat)
+  return loss, LossOutput(loss, mse, l1, aux, SparseCode(values, indices), x_hat)
 
 
 def explained_variance(x: jax.Array, x_hat: jax.Array, valid: Optional[jax.Array] = None

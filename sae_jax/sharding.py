@@ -104,7 +104,8 @@ def sharded_top_k(mesh: Mesh):
 
   def top_k(acts, k):
     def local(a):
-      v, i = jax.lax.top_k(a, k)
+      # A shard narrower than k offers all its columns; m shards still offer >= k in total.
+      v, i = jax.lax.top_k(a, min(k, a.shape[1]))
       i = i + jax.lax.axis_index(MODEL) * a.shape[1]
       v = jax.lax.all_gather(v, MODEL, axis=1, tiled=True)
       i = jax.lax.all_gather(i, MODEL, axis=1, tiled=True)

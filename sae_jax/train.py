@@ -97,7 +97,7 @@ def make_train_step(spec: sae_lib.SAESpec, optimizer: optax.GradientTransformati
     (_, out), grads = grad_fn(params, batch, spec, valid, dead, top_k)
     if spec.decoder_norm == "unit_grad":
       grads = {**grads, "D": remove_parallel_component(grads["D"], params["D"])}
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     if spec.decoder_norm == "unit_grad":
@@ -180,6 +180,25 @@ def _data_sample(fn: Callable[[int], np.ndarray], rows: int, batch_size: int) ->
   n = max(1, -(-rows // batch_size))
   sample = np.concatenate([fn(10**9 + i) for i in range(n)])[:rows]
   return sample[np.isfinite(sample).all(axis=1)]
+
+
+def evaluate(params: sae_lib.Params, spec: sae_lib.SAESpec, config: Any,
+             fn: Callable[[int], np.ndarray], num_batches: int = 4) -> dict:
+  """Held-out reconstruction (batches far from the training stream) and, for the planted
+  source, how well the dictionary recovers the ground-truth atoms."""
+  params = jax.device_get(params)
+  params = {**params, "D": np.asarray(sae_lib.normalize_rows(params["D"]))}
+  x = np.concatenate([fn(2 * 10**9 + i) for i in range(num_batches)])
+  x = x[np.isfinite(x).all(axis=1)]
+  _, out = jax.jit(sae_lib.loss_fn, static_argnums=2)(params, jnp.asarray(x), spec)
+  ev = sae_lib.explained_variance(jnp.asarray(x), out.x_hat)
+  result = {"eval_fvu": float(ev["fvu"]), "eval_r2_overcomplete": float(ev["r2_overcomplete"]),
+            "eval_rows": int(x.shape[0])}
+  if config.data.source == "synthetic":
+    from sae_jax.data.synthetic import PlantedSource
+    truth = PlantedSource(config.data.synthetic).dictionary
+    result["planted_mean_max_cos"] = float((truth @ params["D"].T).max(axis=1).mean())
+  return result
 
 
 class MetricsLogger:
@@ -284,6 +303,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, metrics = train_step(state, _put_batch(batch, batch_sharding), _put_batch(valid, valid_sharding))
     window.append(metrics)
     rows_window += batch_size
+    if step == start:  # keep compilation out of tokens/s
+      jax.block_until_ready(metrics)
+      t_window, rows_window = time.perf_counter(), 0
     done = step + 1
     if done % log_every == 0 or done == num_steps:
       window = jax.device_get(window)
@@ -291,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       averaged = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
       averaged["dead_fraction"] = float(window[-1]["dead_fraction"])
       averaged["rows_skipped"] = float(window[-1]["rows_skipped"])
-      averaged["tokens_per_s"] = rows_window / max(elapsed, 1e-9)
+      averaged["tokens_per_s"] = rows_window / elapsed if rows_window else float("nan")
       logger.write(done, averaged)
       last_logged = averaged
       window, rows_window, t_window = [], 0, time.perf_counter()
@@ -300,7 +322,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager.wait_until_finished()
   manager.close()
   logger.close()
-  summary = {"step": num_steps, "workdir": workdir, **{k: v for k, v in last_logged.items()}}
+  summary = {"step": num_steps, "workdir": workdir, **last_logged,
+             **evaluate(state["params"], spec, config, fn)}
   if jax.process_index() == 0:
     print("SUMMARY " + json.dumps(summary), flush=True)
   return summary

@@ -101,6 +101,20 @@ class Encoder(abc.ABC):
     self.layer = layer
     self.templates = dict(DEFAULT_TEMPLATES, **(templates or {}))
     self.name = name or self.family
+    self.check_layer()
+
+  def num_hidden_states(self) -> int:
+    """Entries of `hidden_states` (num_layers + 1) of the model whose layer `layer` selects."""
+    cfg = self.model.config
+    cfg = getattr(cfg, 'text_config', None) or cfg
+    return int(cfg.num_hidden_layers) + 1
+
+  def check_layer(self):
+    """Validate `layer` against the model config before anything runs or is written."""
+    n = self.num_hidden_states()
+    if not -n <= self.layer < n:
+      raise SaeJaxError(f'config.extract.layer={self.layer} is out of range for {self.name}: it has '
+                        f'{n - 1} layers ({n} hidden states, valid layers {-n}..{n - 1})')
 
   @property
   @abc.abstractmethod

@@ -26,8 +26,9 @@ class ContrastiveEncoder(base.Encoder):
     cfg = self.model.config
     return int(getattr(cfg, 'projection_dim', None) or cfg.text_config.hidden_size)
 
-  def _tower_layers(self, tower):
-    return int(getattr(self.model.config, f'{tower}_config').num_hidden_layers)
+  def num_hidden_states(self) -> int:
+    cfg = self.model.config
+    return min(int(cfg.text_config.num_hidden_layers), int(cfg.vision_config.num_hidden_layers)) + 1
 
   def image_inputs(self, images) -> dict:
     return dict(self.processor.image_processor(images=list(images), return_tensors='pt'))

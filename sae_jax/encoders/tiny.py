@@ -31,10 +31,11 @@ def tiny_tokenizer(specials: tuple, vocab_size: int = 512, bos=None, eos=None, p
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
   tok.train_from_iterator([_CORPUS] * 4, trainer)
-  if add_bos and bos:
-    bid = tok.token_to_id(bos)
-    tok.post_processor = processors.TemplateProcessing(single=f'{bos} $A', pair=f'{bos} $A $B',
-                                                       special_tokens=[(bos, bid)])
+  if add_bos and bos:  # add_bos='eos' also appends EOS (CLIP-style)
+    wrap = [(bos, tok.token_to_id(bos))] + ([(eos, tok.token_to_id(eos))] if add_bos == 'eos' else [])
+    tail = f' {eos}' if add_bos == 'eos' else ''
+    tok.post_processor = processors.TemplateProcessing(single=f'{bos} $A{tail}', pair=f'{bos} $A $B{tail}',
+                                                       special_tokens=wrap)
   kw = {k: v for k, v in dict(bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk).items() if v}
   return PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
 
@@ -64,7 +65,7 @@ def build_qwen2_vl(scale=1, version='qwen2_vl'):
     patch = 16
     cfg = Qwen3VLConfig(
         text_config=_text_cfg(len(tok), scale, head_dim=8 * scale,
-                              rope_scaling={'rope_type': 'default', 'mrope_section': [1, 1, 2],
+                              rope_scaling={'rope_type': 'default', 'mrope_section': [scale, scale, 2 * scale],
                                             'mrope_interleaved': True}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32 * scale,
@@ -75,7 +76,8 @@ def build_qwen2_vl(scale=1, version='qwen2_vl'):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     patch = 14
     cfg = Qwen2_5_VLConfig(
-        text_config=_text_cfg(len(tok), scale, rope_scaling={'type': 'mrope', 'mrope_section': [1, 1, 2]}),
+        text_config=_text_cfg(len(tok), scale, rope_scaling={'type': 'mrope',
+                                                             'mrope_section': [scale, scale, 2 * scale]}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32 * scale,
                            window_size=56, fullatt_block_indexes=[1]),
@@ -85,7 +87,8 @@ def build_qwen2_vl(scale=1, version='qwen2_vl'):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     patch = 14
     cfg = Qwen2VLConfig(
-        text_config=_text_cfg(len(tok), scale, rope_scaling={'type': 'mrope', 'mrope_section': [1, 1, 2]}),
+        text_config=_text_cfg(len(tok), scale, rope_scaling={'type': 'mrope',
+                                                             'mrope_section': [scale, scale, 2 * scale]}),
         vision_config=dict(depth=1, embed_dim=32, hidden_size=32 * scale, num_heads=2, mlp_ratio=2,
                            patch_size=patch, spatial_merge_size=2, temporal_patch_size=2),
         **common)
@@ -132,7 +135,7 @@ def build_clip(scale=1):
   from transformers import CLIPConfig, CLIPModel, CLIPProcessor
   from transformers.models.clip import CLIPImageProcessorPil
   tok = _simple_tokenizer(bos='<|startoftext|>', eos='<|endoftext|>', pad='<|endoftext|>', unk=None,
-                          add_bos=True)
+                          add_bos='eos')
   cfg = CLIPConfig(
       text_config=_tower(scale, vocab_size=len(tok), max_position_embeddings=77,
                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
@@ -167,3 +170,63 @@ def build_siglip2(scale=1):
   ip = Siglip2ImageProcessorPil(patch_size=16, max_num_patches=16)
   torch.manual_seed(0)
   return Siglip2Model(cfg).eval(), Siglip2Processor(image_processor=ip, tokenizer=tok)
+
+
+def build_paligemma(scale=1):
+  import copy
+  from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+  from transformers.models.siglip import SiglipImageProcessorPil
+  tok = copy.deepcopy(_simple_tokenizer(bos='<bos>', eos='<eos>', pad='<pad>', unk='<unk>',
+                                        extra=('<image>',)))
+  tok.image_token = '<image>'
+  tok.image_token_id = tok.convert_tokens_to_ids('<image>')
+  ip = SiglipImageProcessorPil(size={'height': 32, 'width': 32})
+  ip.image_seq_length = 4
+  proc = PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
+  h = 32 * scale
+  cfg = PaliGemmaConfig(
+      text_config=dict(model_type='gemma2', vocab_size=len(tok), hidden_size=h, intermediate_size=2 * h,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         image_size=32, patch_size=16, projection_dim=h),
+      image_token_id=tok.image_token_id, projection_dim=h, hidden_size=h)
+  torch.manual_seed(0)
+  return PaliGemmaForConditionalGeneration(cfg).eval(), proc
+
+
+def build_chameleon(scale=1):
+  import copy
+  from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonProcessor
+  from transformers.models.chameleon import ChameleonImageProcessorPil
+  n_codes = 16
+  letters = 'ABCDEFGHIJ'
+  img_tokens = tuple('IMGIMG' + ''.join(letters[int(c)] for c in str(i)) + 'Z' for i in range(n_codes))
+  tok = copy.deepcopy(_simple_tokenizer(bos='<s>', eos='</s>', pad='<pad>', unk='<unk>', add_bos=True,
+                                        extra=('<image>', '<racm3:break>', '<eoss>', '<reserved08706>') +
+                                        img_tokens))
+  tok.sep_token = '<reserved08706>'
+  ip = ChameleonImageProcessorPil(size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32})
+  proc = ChameleonProcessor(image_processor=ip, tokenizer=tok, image_seq_length=64)
+  h = 32 * scale
+  cfg = ChameleonConfig(
+      vocab_size=len(tok), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+      vocabulary_map=dict(tok.get_vocab()),
+      vq_config=dict(embed_dim=8, num_embeddings=n_codes, latent_channels=32, resolution=32,
+                     base_channels=32, channel_multiplier=[1, 1, 1], num_res_blocks=1,
+                     attn_resolutions=[]))
+  torch.manual_seed(0)
+  return ChameleonForConditionalGeneration(cfg).eval(), proc
+
+
+def build_bert(scale=1):
+  from transformers import BertConfig, BertModel
+  tok = _simple_tokenizer(bos='[CLS]', eos='[SEP]', pad='[PAD]', unk='[UNK]', add_bos='eos')
+  h = 32 * scale
+  cfg = BertConfig(vocab_size=len(tok), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=512, pad_token_id=tok.pad_token_id)
+  torch.manual_seed(0)
+  return BertModel(cfg).eval(), tok

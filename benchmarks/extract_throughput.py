@@ -1,0 +1,207 @@
+"""Extraction throughput: our pipeline against a plain HF loop, and shard reading against the SAE step.
+
+  python -m benchmarks.extract_throughput                    # tiny-but-not-trivial models, ~2 min on 2 cores
+  python -m benchmarks.extract_throughput --scale=16 --reps=5
+
+1. items/s of `sae_jax.extract.Extractor.run()` (image + caption inputs, token-type assembly, every
+   pooling variant of the config, token-level shards, part files, pooled .npz) against a plain HF loop
+   over the same model, the same prompts and the same batches (PIL decode -> processor -> forward with
+   hidden states -> masked mean -> NumPy). Models: tiny random-weight Qwen2-VL and CLIP built offline,
+   widened by --scale (hidden = 32 * scale). Data: the 11-image COCO fixture (55 captions) if present,
+   else synthetic images and captions. overhead = 1 - ours / plain (target <= 10%).
+2. rows/s of reading cached shards into SAE batches (`sae_jax.data.pipeline.ShardBatches`: global
+   Feistel shuffle + memmap gather of 4096 rows) against rows/s of the jitted SAE train step
+   (`sae_jax.train.jit_train_step`) at the CLIP preset size (d=512, c=7168, k=50, batch 4096);
+   ratio = read / step (target >= 10x).
+Repetitions alternate the order of the two sides; the median is reported. One JSON line per result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
+                       "coco-val2017-mini")
+
+
+def _synthetic_coco(root: str, n_images: int = 11) -> tuple[str, str]:
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  os.makedirs(os.path.join(root, "images"), exist_ok=True)
+  images, anns = [], []
+  words = "a man woman dog cat riding sitting on the beach table street red blue with two".split()
+  for i in range(n_images):
+    name = f"{i:012d}.jpg"
+    Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(os.path.join(root, "images", name))
+    images.append({"id": i, "file_name": name})
+    for j in range(5):
+      anns.append({"id": i * 10 + j, "image_id": i, "caption": " ".join(rng.choice(words, 9))})
+  with open(os.path.join(root, "captions.json"), "w") as f:
+    json.dump({"images": images, "annotations": anns}, f)
+  return os.path.join(root, "captions.json"), os.path.join(root, "images")
+
+
+def _plain_hf_loop(enc, source, batch_size: int, templates) -> int:
+  """The baseline: what a user would write with transformers alone."""
+  import torch
+  from sae_jax.data import coco
+  model, proc = enc.model, enc.processor
+  n = 0
+  with torch.inference_mode():
+    refs = source.images
+    for s in range(0, len(refs), batch_size):
+      imgs = [coco.load_image(r) for r in refs[s:s + batch_size]]
+      if enc.kind == "contrastive":
+        out = model.get_image_features(**proc.image_processor(images=imgs, return_tensors="pt"))
+        _ = out.pooler_output.numpy()
+      else:
+        ph = "<|vision_start|><|image_pad|><|vision_end|>"
+        text = [templates["image"].replace("{image}", ph)] * len(imgs)
+        inputs = proc(images=imgs, text=text, return_tensors="pt", padding=True)
+        hs = model(**inputs, output_hidden_states=True).hidden_states[-1]
+        m = inputs["attention_mask"].unsqueeze(-1).float()
+        _ = ((hs * m).sum(1) / m.sum(1)).numpy()
+      n += len(imgs)
+    caps = [c.text for c in source.captions]
+    for s in range(0, len(caps), batch_size):
+      batch = caps[s:s + batch_size]
+      if enc.kind == "contrastive":
+        inputs = proc.tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=77)
+        _ = model.get_text_features(**inputs).pooler_output.numpy()
+      else:
+        text = [templates["text"].replace("{text}", c) for c in batch]
+        inputs = proc(text=text, return_tensors="pt", padding=True)
+        hs = model(**inputs, output_hidden_states=True).hidden_states[-1]
+        m = inputs["attention_mask"].unsqueeze(-1).float()
+        _ = ((hs * m).sum(1) / m.sum(1)).numpy()
+      n += len(batch)
+  return n
+
+
+def bench_extraction(family: str, scale: int, reps: int, captions_json: str, image_dir: str):
+  from absl import logging
+  from configs import clip_coco, qwen2vl_coco
+  from sae_jax import encoders, extract
+  from sae_jax.data import coco
+  logging.set_verbosity(logging.WARNING)
+  cfg = {"qwen2_vl": qwen2vl_coco, "clip": clip_coco}[family].get_config("tiny")
+  cfg.extract.tiny_scale = scale
+  cfg.extract.captions_json, cfg.extract.image_dir = captions_json, image_dir
+  cfg.extract.batch_size = 8
+  cfg.extract.chunk_size = 64
+  cfg.extract.rows_per_shard = 65536
+  enc = encoders.load_encoder(cfg.extract)
+  enc.padding_side = getattr(enc, "padding_side", "left")
+  source = coco.open_paired(cfg.extract)
+  items = len(source.images) + len(source.captions)
+  templates = dict(cfg.extract.templates)
+  times = {"ours": [], "plain": []}
+  _plain_hf_loop(enc, source, 8, templates)  # warm-up (oneDNN kernels per shape)
+  tmp = tempfile.mkdtemp()
+  extract.Extractor(cfg, os.path.join(tmp, "warm"), encoder=enc, source=source).run()
+  for r in range(reps):
+    for side in (("ours", "plain") if r % 2 == 0 else ("plain", "ours")):
+      t0 = time.perf_counter()
+      if side == "ours":
+        extract.Extractor(cfg, os.path.join(tmp, f"r{r}"), encoder=enc, source=source).run()
+      else:
+        _plain_hf_loop(enc, source, 8, templates)
+      times[side].append(time.perf_counter() - t0)
+  shutil.rmtree(tmp, ignore_errors=True)
+  ours, plain = items / np.median(times["ours"]), items / np.median(times["plain"])
+  return {"bench": "extract_items_per_s", "model": f"tiny:{family}", "scale": scale, "d": enc.d,
+          "items": items, "batch_size": 8, "pooling": list(cfg.extract.pooling), "reps": reps,
+          "ours_items_per_s": round(ours, 2), "plain_hf_items_per_s": round(plain, 2),
+          "overhead": round(1 - ours / plain, 4), "target_overhead": 0.10}
+
+
+def bench_reading(reps: int, rows: int):
+  import jax
+  import ml_collections
+  from configs import clip_coco
+  from sae_jax import sae as sae_lib
+  from sae_jax import sharding as shard_lib
+  from sae_jax import train
+  from sae_jax.data import pipeline
+  from sae_jax.data import shards as shards_lib
+  cfg = clip_coco.get_config("")
+  d, bs = int(cfg.sae.d), int(cfg.data.batch_size)
+  tmp = tempfile.mkdtemp()
+  w = shards_lib.ShardWriter(tmp, d=d, rows_per_shard=32768)
+  rng = np.random.default_rng(0)
+  for s in range(0, rows, 16384):
+    w.add(rng.normal(size=(min(16384, rows - s), d)).astype(np.float32))
+  w.close()
+  reader = pipeline.ShardBatches(tmp, bs, 0)
+  reader(0)
+  t_read = []
+  for r in range(reps):
+    t0 = time.perf_counter()
+    for i in range(8):
+      reader(r * 8 + i)
+    t_read.append((time.perf_counter() - t0) / 8)
+  spec = sae_lib.spec_from_config(cfg.sae)
+  optimizer = train.make_optimizer(cfg.optim, 100)
+  mesh = shard_lib.make_mesh(cfg.mesh)
+  abstract = train.abstract_state(spec, cfg)
+  state_sharding = shard_lib.state_shardings(abstract, mesh)
+  state = jax.device_put(train.init_state(sae_lib.init_params(jax.random.key(0), spec, None), optimizer),
+                         state_sharding)
+  step = train.jit_train_step(spec, optimizer, mesh, state_sharding)
+  bsh = shard_lib.batch_sharding(mesh)
+  vsh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shard_lib.DATA))
+  batch = reader(1)
+  valid = np.ones(bs, np.float32)
+  state, m = step(state, jax.device_put(batch, bsh), jax.device_put(valid, vsh))
+  jax.block_until_ready(m)
+  t_step = []
+  for r in range(reps):
+    t0 = time.perf_counter()
+    state, m = step(state, jax.device_put(batch, bsh), jax.device_put(valid, vsh))
+    jax.block_until_ready(m)
+    t_step.append(time.perf_counter() - t0)
+  shutil.rmtree(tmp, ignore_errors=True)
+  read_rps, step_rps = bs / np.median(t_read), bs / np.median(t_step)
+  return {"bench": "shard_read_vs_sae_step_rows_per_s", "d": d, "c": int(cfg.sae.c), "k": int(cfg.sae.k),
+          "batch_size": bs, "store_rows": rows, "reps": reps, "read_rows_per_s": round(read_rps),
+          "sae_step_rows_per_s": round(step_rps), "ratio": round(read_rps / step_rps, 1), "target_ratio": 10,
+          "device": str(jax.devices()[0].platform)}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--scale", type=int, default=8, help="tiny model width multiplier (hidden = 32 * scale)")
+  p.add_argument("--reps", type=int, default=3)
+  p.add_argument("--rows", type=int, default=131072, help="rows in the benchmark shard store")
+  p.add_argument("--only", default="", help="extract | read")
+  a = p.parse_args()
+  import torch
+  torch.set_num_threads(max(1, os.cpu_count() or 1))
+  tmp = None
+  if os.path.isdir(FIXTURE):
+    cj, idir = os.path.join(FIXTURE, "captions.json"), os.path.join(FIXTURE, "images")
+  else:
+    tmp = tempfile.mkdtemp()
+    cj, idir = _synthetic_coco(tmp)
+  if a.only in ("", "extract"):
+    for fam in ("qwen2_vl", "clip"):
+      print(json.dumps(bench_extraction(fam, a.scale, a.reps, cj, idir)), flush=True)
+  if a.only in ("", "read"):
+    print(json.dumps(bench_reading(a.reps, a.rows)), flush=True)
+  if tmp:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  main()

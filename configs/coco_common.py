@@ -1,0 +1,59 @@
+"""Shared by the six `configs/<model>_coco.py` presets: COCO paths, SAE width, tiny switch.
+
+Not a preset itself. `apply(config, arg, ...)` fills `config.extract`, `config.sae` and `config.data`
+for one paper model; arg words: "tiny" (a local tiny random-weight model of the same family and the
+11-image fixture ../shared/data/coco-val2017-mini, seconds on a CPU), "karpathy" / "parquet" (other
+COCO layouts), "online" (train with the encoder inside the input pipeline).
+"""
+
+import os
+
+COCO_ROOT = os.environ.get("COCO_ROOT", "data/coco")
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                       "data", "coco-val2017-mini")
+
+
+def apply(config, arg, *, model_name, tiny_family, d, c, decoder=True, batch_size=8):
+  words = {w for w in (arg or "").split(",") if w}
+  ex = config.extract
+  ex.model_name = model_name
+  ex.dataset = "coco"
+  ex.captions_json = os.path.join(COCO_ROOT, "annotations", "captions_train2017.json")
+  ex.image_dir = os.path.join(COCO_ROOT, "train2017")
+  ex.karpathy_json = os.path.join(COCO_ROOT, "dataset_coco.json")
+  ex.karpathy_split = "train"
+  ex.parquet_files = os.path.join(COCO_ROOT, "COCO-Caption", "data", "*.parquet")
+  if "karpathy" in words:
+    ex.dataset = "karpathy"
+  if "parquet" in words:
+    ex.dataset = "parquet"
+  ex.batch_size = batch_size
+  if decoder:
+    ex.pooling = ("mean", "last", "mean_no_image", "mean_no_prompt")
+  else:
+    ex.pooling = ("embed",)
+    config.retrieval.variants = ("embed",)
+    config.retrieval.base_variant = "embed"
+  config.sae.d = d
+  config.sae.c = c
+  config.sae.k = 50
+  config.data.batch_size = 4096
+  config.data.source = "online" if "online" in words else "shards"
+  if "tiny" in words:
+    ex.model_name = f"tiny:{tiny_family}"
+    ex.captions_json = os.path.join(FIXTURE, "captions.json")
+    ex.image_dir = os.path.join(FIXTURE, "images")
+    ex.dataset = "coco"
+    ex.batch_size = 4
+    ex.chunk_size = 8
+    ex.rows_per_shard = 512
+    ex.num_workers = 2
+    ex.log_every_s = 2.0
+    config.sae.d = {"clip": 16, "siglip2": 32}.get(tiny_family, 32)
+    config.sae.c = 128
+    config.sae.k = 8
+    config.data.batch_size = 64
+    config.train.num_steps = 20
+    config.train.log_every = 5
+    config.train.checkpoint_every = 10
+  return config

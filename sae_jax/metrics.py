@@ -1,0 +1,464 @@
+"""Per-concept metrics of the paper's Section 3.1 (Eq. 3-7), computed on sparse codes at scale.
+
+Inputs are matched pairs of sparse codes (row n of the image codes and row n of the text codes
+come from one image-caption pair), each as `values` float [N, k] and `indices` int [N, k], and the
+unit-norm dictionary D [c, d] (one concept per row). Nothing here builds a dense [N, c] code
+matrix or the c x c Gram matrix M = D D^T:
+
+- energy `E_i = mean_n z_n,i` (over image and text rows together, and per modality);
+- modality score `MS_i = E_tau,i / (E_iota,i + E_tau,i)` (1 = text-only, the paper's orientation;
+  `reverse=True` gives Papadimitriou et al.'s 1 = image-only); NaN where a concept never fires;
+- attribution `A_i = mean_pairs(z_iota,i (M z_tau)_i + z_tau,i (M z_iota)_i)` through identity 1 of
+  design.md, `(M z)_i = <d_i, x_hat>` with x_hat = z D WITHOUT the decoder bias, so each pair costs
+  O(k d): gather the 2k active rows of D, reconstruct both sides, take 2k dot products;
+- bridge `B_ij = mean_pairs(z_iota,i z_tau,j) <d_i, d_j>` reduced to one score per concept:
+  `diag` B_ii (default), `row` sum_j B_ij = mean z_iota,i <d_i, x_hat_tau>, `col`
+  sum_j B_ji = mean z_tau,i <d_i, x_hat_iota>, `sym` row + col (== attribution, identity 2), and
+  `max` max_j max(B_ij, B_ji). Only `max` and the top bridge pairs need B itself:
+  `bridge_blockwise` builds it one tile of concept rows at a time (tiles sharded over the mesh's
+  "model" axis), keeping a running top-K of pairs, never all of B.
+
+Per-concept sums stream over N in fixed-size blocks (one jitted function, a scan over micro-chunks
+inside so the gathered rows stay in cache), so memory does not grow with N; block partial sums are
+accumulated on the host in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Optional, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from sae_jax.errors import SaeJaxError
+
+REDUCTIONS = ("diag", "row", "col", "sym", "max")
+MODEL_AXIS = "model"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ------------------------------------------------------------------------------ validation
+
+def _as_code(code: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+  """(values float32 [N, k], indices int32 [N, k]) from a SparseCode-like pair."""
+  try:
+    values, indices = code
+  except (TypeError, ValueError):
+    raise SaeJaxError(f"{name}: expected a sparse code (values [N, k], indices [N, k])") from None
+  values = np.asarray(values, np.float32)
+  indices = np.asarray(indices)
+  if values.ndim != 2 or values.shape != indices.shape:
+    raise SaeJaxError(f"{name}: values {values.shape} and indices {indices.shape} must both be [N, k]")
+  if not np.issubdtype(indices.dtype, np.integer):
+    raise SaeJaxError(f"{name}: indices must be integers, got {indices.dtype}")
+  return values, indices.astype(np.int32, copy=False)
+
+
+def check_pair_codes(image: Any, text: Any, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Validates matched image/text codes against a dictionary of `c` concepts; one-line errors."""
+  iv, ii = _as_code(image, "image codes")
+  tv, ti = _as_code(text, "text codes")
+  if iv.shape[0] != tv.shape[0]:
+    raise SaeJaxError(f"image codes have {iv.shape[0]} rows but text codes have {tv.shape[0]}: "
+                      "image and text must be matched pairs (same count, row n = pair n)")
+  if iv.shape[0] == 0:
+    raise SaeJaxError("no image/text pairs: the codes are empty (expected N >= 1 matched pairs)")
+  for name, v, i in (("image codes", iv, ii), ("text codes", tv, ti)):
+    if i.size and (i.min() < 0 or i.max() >= c):
+      raise SaeJaxError(f"{name}: concept indices span [{i.min()}, {i.max()}] but the dictionary "
+                        f"has c={c} concepts")
+    if not np.all(np.isfinite(v)):
+      raise SaeJaxError(f"{name}: values contain NaN or Inf")
+  return iv, ii, tv, ti
+
+
+def check_dictionary(D: Any) -> np.ndarray:
+  D = np.asarray(D, np.float32)
+  if D.ndim != 2 or D.shape[0] == 0 or D.shape[1] == 0:
+    raise SaeJaxError(f"dictionary D: expected a non-empty [c, d] array, got shape {D.shape}")
+  return D
+
+
+# ------------------------------------------------------------------------ streaming sums
+
+class ConceptSums(NamedTuple):
+  """Sums over pairs (float64, host); divide by `n_pairs` for means."""
+  n_pairs: int
+  image_sum: np.ndarray     # [c] sum_n z_iota,n,i
+  text_sum: np.ndarray      # [c] sum_n z_tau,n,i
+  image_fires: np.ndarray   # [c] number of image rows where concept i is active (> 0)
+  text_fires: np.ndarray    # [c]
+  attr_image: np.ndarray    # [c] sum_n z_iota,n,i <d_i, x_hat_tau,n>   (= N * row sums of B)
+  attr_text: np.ndarray     # [c] sum_n z_tau,n,i <d_i, x_hat_iota,n>   (= N * col sums of B)
+  bridge_diag: np.ndarray   # [c] sum_n z_iota,n,i z_tau,n,i            (= N * B_ii / <d_i,d_i>)
+  pair_dot: float           # sum_n <x_hat_iota,n, x_hat_tau,n>        (identity 3)
+
+
+def _micro_dots(D, iv, ii, tv, ti):
+  """Per-entry terms of one micro-chunk [m, k]: <d_a, x_hat_other>, the diagonal co-activation, and
+  <x_hat_iota, x_hat_tau> summed over the chunk. The 2k gathered rows stay in cache."""
+  Ri = D[ii]                                     # [m, ki, d]
+  Rt = D[ti]                                     # [m, kt, d]
+  f32 = jnp.float32
+  xi = jnp.einsum("nk,nkd->nd", iv.astype(D.dtype), Ri, preferred_element_type=f32)
+  xt = jnp.einsum("nk,nkd->nd", tv.astype(D.dtype), Rt, preferred_element_type=f32)
+  dots_i = jnp.einsum("nkd,nd->nk", Ri, xt.astype(D.dtype), preferred_element_type=f32)
+  dots_t = jnp.einsum("nkd,nd->nk", Rt, xi.astype(D.dtype), preferred_element_type=f32)
+  same = (ii[:, :, None] == ti[:, None, :]).astype(f32)           # [m, ki, kt]
+  diag = jnp.einsum("nab,nb->na", same, tv)                        # z_tau at the image's concepts
+  return dots_i, dots_t, diag, jnp.sum(xi * xt)
+
+
+@jax.jit(static_argnames=("micro",))
+def _block_sums(D: jax.Array, iv: jax.Array, ii: jax.Array, tv: jax.Array, ti: jax.Array,
+                micro: int):
+  """Sums of one block of B pairs (B a multiple of `micro`): a scan over micro-chunks for the
+  O(k d) gathers and dots, then one scatter-add per modality (columns: value, fires, attribution
+  half, diagonal co-activation)."""
+  chex.assert_rank([D, iv, ii, tv, ti], 2)
+  chex.assert_equal_shape([iv, ii])
+  chex.assert_equal_shape([tv, ti])
+  chex.assert_equal_shape_prefix([iv, tv], 1)
+  b = iv.shape[0]
+  chex.assert_is_divisible(b, micro)
+  split = lambda x: x.reshape((b // micro, micro) + x.shape[1:])
+  c = D.shape[0]
+  f32 = jnp.float32
+
+  def body(acc, xs):
+    dots_i, dots_t, diag, pair = _micro_dots(D, *xs)
+    return acc + pair, (dots_i, dots_t, diag)
+
+  pair, (dots_i, dots_t, diag) = jax.lax.scan(body, jnp.zeros((), f32),
+                                              tuple(split(x) for x in (iv, ii, tv, ti)))
+  dots_i, dots_t, diag = (x.reshape(b, -1) for x in (dots_i, dots_t, diag))
+  upd_i = jnp.stack([iv, (iv > 0).astype(f32), iv * dots_i, iv * diag], -1).reshape(-1, 4)
+  upd_t = jnp.stack([tv, (tv > 0).astype(f32), tv * dots_t], -1).reshape(-1, 3)
+  sums_i = jnp.zeros((c, 4), f32).at[ii.reshape(-1)].add(upd_i)
+  sums_t = jnp.zeros((c, 3), f32).at[ti.reshape(-1)].add(upd_t)
+  return (sums_i[:, 0], sums_t[:, 0], sums_i[:, 1], sums_t[:, 1], sums_i[:, 2], sums_t[:, 2],
+          sums_i[:, 3], pair)
+
+
+class ConceptAccumulator:
+  """Streams matched code pairs through `update` in any number of chunks; `sums()` at the end.
+
+  Memory is O(block_size * k * d / ...) for the jitted block and O(c) for the sums: independent
+  of the number of pairs. `compute_dtype="bfloat16"` gathers a bf16 copy of D (half the memory
+  traffic, float32 accumulation); float32 is exact to rounding.
+  """
+
+  def __init__(self, dictionary: Any, *, block_size: int = 4096, micro_size: int = 16,
+               compute_dtype: str = "float32"):
+    D = check_dictionary(dictionary)
+    if compute_dtype not in _DTYPES:
+      raise SaeJaxError(f"compute_dtype={compute_dtype!r}: expected one of {tuple(_DTYPES)}")
+    if micro_size <= 0 or block_size <= 0:
+      raise SaeJaxError(f"block_size={block_size}, micro_size={micro_size}: must be positive")
+    self.c, self.d = D.shape
+    self._D = jnp.asarray(D, _DTYPES[compute_dtype])
+    self.micro = int(micro_size)
+    self.block = int(math.ceil(block_size / micro_size) * micro_size)
+    self._acc = [np.zeros(self.c, np.float64) for _ in range(7)] + [0.0]
+    self.n_pairs = 0
+
+  def _run(self, iv, ii, tv, ti):
+    n = iv.shape[0]
+    size = self.block if n >= self.block else int(math.ceil(n / self.micro) * self.micro)
+    if n < size:  # zero values at index 0 contribute nothing (fires count values > 0 only)
+      pad = lambda x: np.concatenate([x, np.zeros((size - n,) + x.shape[1:], x.dtype)])
+      iv, ii, tv, ti = map(pad, (iv, ii, tv, ti))
+    out = _block_sums(self._D, iv, ii, tv, ti, micro=self.micro)
+    for j, x in enumerate(jax.device_get(out)):
+      self._acc[j] = self._acc[j] + np.asarray(x, np.float64)
+
+  def update(self, image: Any, text: Any) -> None:
+    iv, ii, tv, ti = check_pair_codes(image, text, self.c)
+    for s in range(0, iv.shape[0], self.block):
+      e = s + self.block
+      self._run(iv[s:e], ii[s:e], tv[s:e], ti[s:e])
+    self.n_pairs += iv.shape[0]
+
+  def sums(self) -> ConceptSums:
+    if self.n_pairs == 0:
+      raise SaeJaxError("no image/text pairs were given to the concept metrics (empty input)")
+    a = self._acc
+    return ConceptSums(self.n_pairs, a[0], a[1], a[2].round().astype(np.int64),
+                       a[3].round().astype(np.int64), a[4], a[5], a[6], float(a[7]))
+
+
+def concept_sums(dictionary: Any, image: Any, text: Any, **kwargs) -> ConceptSums:
+  """One-shot `ConceptAccumulator` over in-memory (or memory-mapped) codes."""
+  acc = ConceptAccumulator(dictionary, **kwargs)
+  acc.update(image, text)
+  return acc.sums()
+
+
+# ------------------------------------------------------------------------ per-concept scores
+
+def modality_score(energy_image: np.ndarray, energy_text: np.ndarray, reverse: bool = False
+                   ) -> tuple[np.ndarray, int]:
+  """Eq. 4: E_tau / (E_iota + E_tau) (1 = text-only), or the reverse; NaN (and counted) where
+  the concept never fires on either side."""
+  ei = np.asarray(energy_image, np.float64)
+  et = np.asarray(energy_text, np.float64)
+  chex.assert_equal_shape([ei, et])
+  denom = ei + et
+  silent = denom <= 0
+  with np.errstate(invalid="ignore", divide="ignore"):
+    score = np.where(silent, np.nan, (ei if reverse else et) / np.where(silent, 1.0, denom))
+  return score, int(silent.sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptMetrics:
+  """Per-concept scores [c] (float64) of one set of matched pairs."""
+  n_pairs: int
+  energy: np.ndarray
+  energy_image: np.ndarray
+  energy_text: np.ndarray
+  fire_rate_image: np.ndarray
+  fire_rate_text: np.ndarray
+  modality_score: np.ndarray
+  n_silent: int               # concepts with NaN modality score (never fire)
+  modality_reverse: bool      # False: 1 = text-only (paper); True: 1 = image-only
+  attribution: np.ndarray
+  bridge_diag: np.ndarray
+  bridge_row: np.ndarray
+  bridge_col: np.ndarray
+  mean_pair_dot: float        # mean_pairs <x_hat_iota, x_hat_tau> (no decoder bias)
+
+  @property
+  def bridge_sym(self) -> np.ndarray:
+    return self.bridge_row + self.bridge_col
+
+  def bridge_score(self, reduction: str = "diag", bridge_max: Optional[np.ndarray] = None) -> np.ndarray:
+    """One bridge score per concept; `max` needs `bridge_blockwise(...).max_score`."""
+    if reduction not in REDUCTIONS:
+      raise SaeJaxError(f"bridge reduction {reduction!r}: expected one of {REDUCTIONS}")
+    if reduction == "max":
+      if bridge_max is None:
+        raise SaeJaxError("bridge reduction 'max' needs B itself: pass bridge_blockwise(...).max_score")
+      return np.asarray(bridge_max, np.float64)
+    return {"diag": self.bridge_diag, "row": self.bridge_row, "col": self.bridge_col,
+            "sym": self.bridge_sym}[reduction]
+
+
+def concept_metrics(sums: ConceptSums, *, reverse_modality: bool = False) -> ConceptMetrics:
+  """Means and scores from streamed sums. D rows are unit norm, so B_ii = mean z_iota,i z_tau,i."""
+  n = float(sums.n_pairs)
+  ei, et = sums.image_sum / n, sums.text_sum / n
+  ms, n_silent = modality_score(ei, et, reverse_modality)
+  row, col = sums.attr_image / n, sums.attr_text / n
+  return ConceptMetrics(
+      n_pairs=sums.n_pairs, energy=(ei + et) / 2.0, energy_image=ei, energy_text=et,
+      fire_rate_image=sums.image_fires / n, fire_rate_text=sums.text_fires / n,
+      modality_score=ms, n_silent=n_silent, modality_reverse=bool(reverse_modality),
+      attribution=row + col, bridge_diag=sums.bridge_diag / n, bridge_row=row, bridge_col=col,
+      mean_pair_dot=sums.pair_dot / n)
+
+
+def compute_concept_metrics(dictionary: Any, image: Any, text: Any, *, reverse_modality: bool = False,
+                            **kwargs) -> ConceptMetrics:
+  """All per-concept metrics of matched codes in one streaming pass."""
+  return concept_metrics(concept_sums(dictionary, image, text, **kwargs),
+                         reverse_modality=reverse_modality)
+
+
+# ------------------------------------------------------------------ blockwise bridge matrix
+
+class BridgeResult(NamedTuple):
+  pairs_i: np.ndarray      # [K] image-side concept i of the top pairs, best first
+  pairs_j: np.ndarray      # [K] text-side concept j
+  pairs_value: np.ndarray  # [K] B_ij
+  pairs_cooc: np.ndarray   # [K] mean_pairs(z_iota,i z_tau,j)
+  row_max: np.ndarray      # [c] max_j B_ij
+  col_max: np.ndarray      # [c] max_i B_ij (as a function of j)
+
+  @property
+  def max_score(self) -> np.ndarray:
+    """The `max` reduction: strongest single bridge a concept takes part in, either side."""
+    return np.maximum(self.row_max, self.col_max)
+
+
+def _tile_entries(iv, ii, c_pad, tile, block):
+  """Image-code entries (pair n, local row, value) bucketed by concept tile: [n_tiles, L] each."""
+  n, k = iv.shape
+  rows = np.repeat(np.arange(n, dtype=np.int32), k)
+  conc = ii.reshape(-1)
+  vals = iv.reshape(-1)
+  keep = vals != 0
+  rows, conc, vals = rows[keep], conc[keep], vals[keep]
+  order = np.argsort(conc, kind="stable")
+  rows, conc, vals = rows[order], conc[order], vals[order]
+  n_tiles = c_pad // tile
+  bounds = np.searchsorted(conc, np.arange(n_tiles + 1) * tile)
+  counts = np.diff(bounds)
+  length = max(block, int(math.ceil(max(int(counts.max()), 1) / block) * block))
+  e_row = np.zeros((n_tiles, length), np.int32)
+  e_loc = np.zeros((n_tiles, length), np.int32)
+  e_val = np.zeros((n_tiles, length), np.float32)
+  for t in range(n_tiles):
+    s, e = bounds[t], bounds[t + 1]
+    e_row[t, :e - s] = rows[s:e]
+    e_loc[t, :e - s] = conc[s:e] - t * tile
+    e_val[t, :e - s] = vals[s:e]
+  return e_row, e_loc, e_val
+
+
+def _merge_top(vals, ii, jj, cand_v, cand_i, cand_j, k):
+  allv = jnp.concatenate([vals, cand_v])
+  best, pos = jax.lax.top_k(allv, k)
+  return best, jnp.concatenate([ii, cand_i])[pos], jnp.concatenate([jj, cand_j])[pos]
+
+
+def _bridge_local(D_tiles, tile_ids, e_row, e_loc, e_val, D_all, tv, ti, *, c, n_pairs, top_k,
+                  entry_block, dtype):
+  """Tiles given to one device: [T, tile, d] rows of D, their entries; returns running results."""
+  n_local, tile, _ = D_tiles.shape
+  kt = tv.shape[1]
+  K = top_k
+  D_all_c = D_all.astype(dtype)
+
+  def one_tile(carry, xs):
+    top_v, top_i, top_j, col_max = carry
+    Dt, tid, rows, loc, val = xs
+    nb = rows.shape[0] // entry_block
+    split = lambda x: x.reshape(nb, entry_block)
+
+    def scatter(C, blk):
+      r, l, v = blk
+      upd = v[:, None] * tv[r]                                   # [e, kt]
+      flat = (l[:, None] * c + ti[r]).reshape(-1)
+      return C.at[flat].add(upd.reshape(-1)), None
+
+    C, _ = jax.lax.scan(scatter, jnp.zeros((tile * c,), jnp.float32),
+                        (split(rows), split(loc), split(val)))
+    C = C.reshape(tile, c) / n_pairs                              # mean_pairs z_iota,i z_tau,j
+    G = jnp.matmul(Dt.astype(dtype), D_all_c.T, preferred_element_type=jnp.float32)
+    B = C * G
+    grow = tid * tile + jnp.arange(tile)
+    valid_row = grow < c
+    neg = jnp.float32(-jnp.inf)
+    Bv = jnp.where(valid_row[:, None], B, neg)
+    row_max = jnp.max(Bv, axis=1)
+    col_max = jnp.maximum(col_max, jnp.max(Bv, axis=0))
+    # Top pairs among co-occurring pairs only: two-stage top-k (per row, then over the tile).
+    cand = jnp.where((C != 0) & valid_row[:, None], B, neg)
+    kk = min(K, c)
+    rv, rj = jax.lax.top_k(cand, kk)                              # [tile, kk]
+    tv2, pos = jax.lax.top_k(rv.reshape(-1), min(K, tile * kk))
+    ci = grow[pos // kk]
+    cj = rj.reshape(-1)[pos]
+    top_v, top_i, top_j = _merge_top(top_v, top_i, top_j, tv2, ci.astype(jnp.int32),
+                                     cj.astype(jnp.int32), K)
+    return (top_v, top_i, top_j, col_max), row_max
+
+  init = (jnp.full((K,), -jnp.inf, jnp.float32), jnp.zeros((K,), jnp.int32),
+          jnp.zeros((K,), jnp.int32), jnp.full((c,), -jnp.inf, jnp.float32))
+  (top_v, top_i, top_j, col_max), row_max = jax.lax.scan(
+      one_tile, init, (D_tiles, tile_ids, e_row, e_loc, e_val))
+  return top_v[None], top_i[None], top_j[None], col_max[None], row_max
+
+
+def bridge_blockwise(dictionary: Any, image: Any, text: Any, *, top_k: int = 100, tile: int = 1024,
+                     mesh: Optional[Mesh] = None, entry_block: int = 2048,
+                     compute_dtype: str = "float32") -> BridgeResult:
+  """The bridge matrix B, one tile of `tile` concept rows at a time, never all of it.
+
+  Per tile: the co-occurrence rows C[I, :] = mean_pairs z_iota,I z_tau^T from the image entries
+  whose concept falls in the tile (bucketed once on the host, O(N k)), scattered with their pair's
+  text code (O(N k^2) over all tiles), times the Gram rows D[I] D^T (the only O(c^2 d) part);
+  then the row/column maxima and a running top-K of pairs (i, j) with C_ij != 0. With a `mesh`,
+  tiles are split over its "model" axis (shard_map); the per-device top-K candidates are merged by
+  a second top-K, which gives the same pairs as one device.
+  """
+  D = check_dictionary(dictionary)
+  c, d = D.shape
+  iv, ii, tv, ti = check_pair_codes(image, text, c)
+  if compute_dtype not in _DTYPES:
+    raise SaeJaxError(f"compute_dtype={compute_dtype!r}: expected one of {tuple(_DTYPES)}")
+  if top_k <= 0 or tile <= 0 or entry_block <= 0:
+    raise SaeJaxError(f"top_k={top_k}, tile={tile}, entry_block={entry_block}: must be positive")
+  n_pairs = iv.shape[0]
+  tile = min(tile, c)
+  m = 1 if mesh is None else int(mesh.shape[MODEL_AXIS])
+  n_tiles = int(math.ceil(math.ceil(c / tile) / m) * m)
+  c_pad = n_tiles * tile
+  D_pad = np.zeros((c_pad, d), np.float32)
+  D_pad[:c] = D
+  e_row, e_loc, e_val = _tile_entries(iv, ii, c_pad, tile, entry_block)
+  K = int(top_k)
+  args = (D_pad.reshape(n_tiles, tile, d), np.arange(n_tiles, dtype=np.int32), e_row, e_loc, e_val,
+          D, tv, ti)
+  kw = dict(c=c, n_pairs=float(n_pairs), top_k=K, entry_block=entry_block,
+            dtype=_DTYPES[compute_dtype])
+  local = lambda *a: _bridge_local(*a, **kw)
+  if mesh is None:
+    out = jax.jit(local)(*args)
+  else:
+    tiled = P(MODEL_AXIS)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(tiled,) * 5 + (P(),) * 3,
+                       out_specs=(tiled,) * 5, check_vma=False)
+    out = jax.jit(fn)(*args)
+  top_v, top_i, top_j, col_max, row_max = (np.asarray(x) for x in jax.device_get(out))
+  # Second stage of the two-stage top-k: merge the per-device candidates.
+  v, i, j = top_v.reshape(-1), top_i.reshape(-1), top_j.reshape(-1)
+  order = np.lexsort((j, i, -v))[:K]
+  v, i, j = v[order], i[order], j[order]
+  keep = np.isfinite(v)
+  v, i, j = v[keep].astype(np.float64), i[keep].astype(np.int64), j[keep].astype(np.int64)
+  G = np.einsum("nd,nd->n", D[i].astype(np.float64), D[j].astype(np.float64))
+  with np.errstate(invalid="ignore", divide="ignore"):
+    cooc = np.where(G != 0, v / np.where(G != 0, G, 1.0), np.nan)
+  return BridgeResult(i, j, v, cooc, row_max.reshape(-1)[:c].astype(np.float64),
+                      col_max.max(axis=0).astype(np.float64))
+
+
+# -------------------------------------------------------------------------- top sets, Table 1
+
+def top_fraction_set(scores: Any, fraction: float) -> np.ndarray:
+  """Indices of the ceil(fraction * c) highest scores (NaN last, ties by lower index), sorted."""
+  s = np.asarray(scores, np.float64)
+  chex.assert_rank(s, 1)
+  if not 0.0 < fraction <= 1.0:
+    raise SaeJaxError(f"top fraction {fraction}: expected 0 < fraction <= 1")
+  size = max(1, int(math.ceil(fraction * s.shape[0] - 1e-9)))
+  key = np.where(np.isnan(s), -np.inf, s)
+  order = np.lexsort((np.arange(s.shape[0]), -key))
+  return np.sort(order[:size])
+
+
+def jaccard(a: Sequence[int], b: Sequence[int]) -> float:
+  """Eq. 7: |A ∩ B| / |A ∪ B| (0 for two empty sets)."""
+  a, b = set(np.asarray(a).tolist()), set(np.asarray(b).tolist())
+  union = a | b
+  return len(a & b) / len(union) if union else 0.0
+
+
+def triple_overlap(a: Sequence[int], b: Sequence[int], c: Sequence[int]) -> float:
+  """|A ∩ B ∩ C| / |A ∪ B ∪ C|."""
+  a, b, c = (set(np.asarray(x).tolist()) for x in (a, b, c))
+  union = a | b | c
+  return len(a & b & c) / len(union) if union else 0.0
+
+
+def table1(energy: Any, attribution: Any, bridge: Any, fraction: float = 0.01) -> dict:
+  """The paper's Table 1 row: Jaccard of the top-`fraction` sets S_E, S_A, S_B and the triple overlap."""
+  e, a, b = (np.asarray(x, np.float64) for x in (energy, attribution, bridge))
+  chex.assert_equal_shape([e, a, b])
+  se, sa, sb = (top_fraction_set(x, fraction) for x in (e, a, b))
+  return {
+      "J(S_E,S_A)": jaccard(se, sa),
+      "J(S_E,S_B)": jaccard(se, sb),
+      "J(S_A,S_B)": jaccard(sa, sb),
+      "triple_overlap": triple_overlap(se, sa, sb),
+      "fraction": float(fraction),
+      "set_size": int(se.shape[0]),
+      "c": int(e.shape[0]),
+  }

