@@ -186,6 +186,9 @@ def evaluate(params: sae_lib.Params, spec: sae_lib.SAESpec, config: Any,
              fn: Callable[[int], np.ndarray], num_batches: int = 4) -> dict:
   """Held-out reconstruction (batches far from the training stream) and, for the planted
   source, how well the dictionary recovers the ground-truth atoms."""
+  if not all(x.is_fully_addressable for x in jax.tree.leaves(params)):
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(params, tiled=True)
   params = jax.device_get(params)
   params = {**params, "D": np.asarray(sae_lib.normalize_rows(params["D"]))}
   x = np.concatenate([fn(2 * 10**9 + i) for i in range(num_batches)])
@@ -234,13 +237,12 @@ class MetricsLogger:
       self.writer.close()
 
 
-def _put_batch(batch: np.ndarray, sharding) -> jax.Array:
+def _put_batch(local: np.ndarray, sharding) -> jax.Array:
+  """This process's rows (a contiguous slice of the global batch) as a global sharded array."""
   if jax.process_count() == 1:
-    return jax.device_put(batch, sharding)
-  # Each process holds the rows of its own devices (contiguous slice of the global batch).
-  p, n = jax.process_index(), jax.process_count()
-  per = batch.shape[0] // n
-  return jax.make_array_from_process_local_data(sharding, batch[p * per:(p + 1) * per], batch.shape)
+    return jax.device_put(local, sharding)
+  global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+  return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -264,8 +266,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state_sharding = shard_lib.state_shardings(abstract, mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, state_sharding)
-  fn = pipeline.batch_fn(config)
-  data_iter = iter(pipeline.make_dataset(config, fn))
+  fn = pipeline.batch_fn(config)  # whole global batches: init and evaluation, same on every host
+  local_fn = pipeline.batch_fn(config, jax.process_index(), jax.process_count())
+  data_iter = iter(pipeline.make_dataset(config, local_fn))
   manager = ckpt_lib.make_manager(workdir, config.train)
   latest = manager.latest_step()
   if latest is not None:

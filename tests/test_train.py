@@ -29,7 +29,7 @@ def _run(args, env=ENV, **kw):
 
 
 def _assert_states_equal(a, b, rtol=0.0, atol=0.0):
-  assert set(a) == set(b)
+  assert set(a) - {"n_devices"} == set(b) - {"n_devices"}
   for k in a:
     if k == "n_devices":
       continue
@@ -107,6 +107,27 @@ def test_checkpoint_saved_on_8_devices_resumes_on_1(tmp_path):
   r = _run(["-m", "tests.helpers.run_training", str(ref), str(tmp_path / "c.npz"), "1", "1", "20"])
   assert r.returncode == 0, r.stderr[-2000:]
   _assert_states_equal(dict(np.load(tmp_path / "b.npz")), dict(np.load(tmp_path / "c.npz")),
+                       rtol=2e-5, atol=2e-6)
+
+
+def test_two_processes_match_one(tmp_path):
+  """Two jax processes (2 CPU devices each, coordinator on 127.0.0.1) == one process."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  work = tmp_path / "mp"
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.helpers.run_multiprocess", str(work), str(port),
+                             "2", str(pid), "10"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for pid in (0, 1)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+  assert "SUMMARY" in outs[0] and "SUMMARY" not in outs[1]  # only process 0 logs
+  r = _run(["-m", "tests.helpers.run_training", str(tmp_path / "one"), str(tmp_path / "one.npz"), "1", "1",
+            "10"])
+  assert r.returncode == 0, r.stderr[-2000:]
+  _assert_states_equal(final_state(str(work), tiny_config(num_steps=10)), dict(np.load(tmp_path / "one.npz")),
                        rtol=2e-5, atol=2e-6)
 
 

@@ -65,10 +65,14 @@ def feistel_permutation(positions: np.ndarray, n: int, seed, rounds: int = 4) ->
 class ShardBatches:
   """Random access to batch i of the shuffled stream over an activation store."""
 
-  def __init__(self, directory: str, batch_size: int, seed: int):
+  def __init__(self, directory: str, batch_size: int, seed: int, process_index: int = 0,
+               process_count: int = 1):
     self.store = shards_lib.ActivationStore(directory)
     self.batch_size = batch_size
     self.seed = seed
+    # Each process reads only the rows of its own slice of the global batch.
+    self.local_size = batch_size // process_count
+    self.local_offset = process_index * self.local_size
     self.batches_per_epoch = len(self.store) // batch_size
     if self.batches_per_epoch == 0:
       raise SaeJaxError(f"config.data.shard_dir={directory}: {len(self.store)} rows, fewer than one "
@@ -76,22 +80,26 @@ class ShardBatches:
 
   def __call__(self, i: int) -> np.ndarray:
     epoch, j = divmod(int(i), self.batches_per_epoch)
-    positions = np.arange(j * self.batch_size, (j + 1) * self.batch_size, dtype=np.int64)
+    start = j * self.batch_size + self.local_offset
+    positions = np.arange(start, start + self.local_size, dtype=np.int64)
     rows = feistel_permutation(positions, len(self.store), seed=(self.seed, epoch))
     return self.store.rows(rows)
 
 
-def batch_fn(config: Any) -> Callable[[int], np.ndarray]:
-  """The function i -> batch i [batch_size, d] for config.data.source."""
+def batch_fn(config: Any, process_index: int = 0, process_count: int = 1) -> Callable[[int], np.ndarray]:
+  """The function i -> this process's rows of global batch i, [batch_size / process_count, d]."""
   data = config.data
   bs = int(data.batch_size)
+  if bs % process_count:
+    raise SaeJaxError(f"config.data.batch_size={bs} is not divisible by the {process_count} processes")
+  per = bs // process_count
   if data.source == "synthetic":
     source = PlantedSource(data.synthetic)
-    return lambda i: source.training_batch(i, bs)
+    return lambda i: source.training_batch(i, bs)[process_index * per:(process_index + 1) * per]
   if data.source == "shards":
     if not data.shard_dir:
       raise SaeJaxError("config.data.source='shards' needs config.data.shard_dir")
-    return ShardBatches(data.shard_dir, bs, int(data.shuffle_seed))
+    return ShardBatches(data.shard_dir, bs, int(data.shuffle_seed), process_index, process_count)
   raise SaeJaxError(f"config.data.source={data.source!r}: expected 'synthetic', 'shards' or 'online'")
 
 
@@ -105,7 +113,7 @@ def data_width(config: Any) -> int:
 
 
 def make_dataset(config: Any, fn: Optional[Callable[[int], np.ndarray]] = None) -> grain.IterDataset:
-  """An endless grain IterDataset of batches, each [batch_size, d] float32."""
+  """An endless grain IterDataset of batches (of `fn`, default the whole global batch)."""
   fn = fn or batch_fn(config)
   # range(2**62): effectively endless, still a MapDataset with random access for resumption.
   ds = grain.MapDataset.range(2**62).map(fn)
