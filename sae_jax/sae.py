@@ -71,12 +71,15 @@ _CHOICES = {
 
 
 def default_decoder(platform: Optional[str] = None) -> str:
-  """Measured on a 2-core CPU: a dense bf16/fp32 decoder beats gathering k rows under XLA:CPU.
+  """The decoder for "auto", picked by measurement (benchmarks/train_throughput.py).
 
-  On accelerators the gather costs B*k*d instead of B*c*d FLOPs and wins at c >= 16k.
+  On the 2-core CPU (XLA:CPU, d=768/c=7168 and d=2048/c=16384, bf16 and fp32) the sparse decoder
+  (k gathered rows per sample, loops over the k columns) beat a dense z @ D with NN-layout bf16
+  GEMMs: the dense one adds three B*c*d GEMMs per step. On accelerators the gather also costs
+  B*k*d instead of B*c*d FLOPs.
   """
-  platform = platform or jax.default_backend()
-  return "dense" if platform == "cpu" else "gather"
+  del platform
+  return "gather"
 
 
 def spec_from_config(sae_cfg: Any, platform: Optional[str] = None) -> SAESpec:
