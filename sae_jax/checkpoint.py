@@ -69,7 +69,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   """Restores (state, meta) at `step` onto the shardings of `abstract_state`; sets `data_iter`."""
   _check_shapes(manager, step, abstract_state)
   items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-  if data_iter is not None:
+  # An imported SAE (import_overcomplete) has no data position: its stream starts at batch 0.
+  if data_iter is not None and os.path.isdir(os.path.join(str(manager.directory), str(step), "data")):
     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**items))
@@ -117,3 +118,63 @@ def load_sae(workdir: str, step: Optional[int] = None) -> LoadedSAE:
   params = {k: np.asarray(v) for k, v in state["params"].items()}
   params["D"] = np.asarray(sae_lib.normalize_rows(params["D"]))
   return LoadedSAE(params, spec.k, config, int(step))
+
+
+# --------------------------------------------------------------------- other formats
+
+OVERCOMPLETE_KEYS = ("encoder.final_block.0.weight", "encoder.final_block.0.bias", "dictionary._weights")
+
+
+def params_from_overcomplete(state_dict: dict, source: str = "state dict") -> dict:
+  """Our params from an Overcomplete TopKSAE state dict (the authors' released `sae_<model>.pt`)."""
+  missing = [k for k in OVERCOMPLETE_KEYS if k not in state_dict]
+  if missing:
+    raise SaeJaxError(f"{source}: missing {missing[0]!r}; expected an Overcomplete TopKSAE state dict "
+                      f"with keys {list(OVERCOMPLETE_KEYS)}")
+  as_np = lambda t: np.asarray(t.detach().cpu().float().numpy() if hasattr(t, "detach") else t, np.float32)
+  W = as_np(state_dict["encoder.final_block.0.weight"])  # [c, d] (torch Linear layout)
+  b = as_np(state_dict["encoder.final_block.0.bias"])
+  D = as_np(state_dict["dictionary._weights"])
+  if D.shape != W.shape or b.shape != (W.shape[0],):
+    raise SaeJaxError(f"{source}: encoder weight {W.shape}, bias {b.shape} and dictionary {D.shape} "
+                      "do not describe one SAE ([c, d], [c], [c, d])")
+  if "dictionary.multiplier" in state_dict and float(as_np(state_dict["dictionary.multiplier"])) != 0.0:
+    raise SaeJaxError(f"{source}: dictionary.multiplier != 0 (use_multiplier=True) is not supported")
+  D = D / (np.linalg.norm(D, axis=1, keepdims=True) + 1e-8)
+  return {"W_enc": W.T.copy(), "b_enc": b, "D": D, "b_dec": np.zeros(W.shape[1], np.float32)}
+
+
+def import_overcomplete(pt_path: str, workdir: str, k: int, config: Optional[Any] = None) -> LoadedSAE:
+  """Writes a workdir (config.json + checkpoint at step 0) from an Overcomplete `.pt` checkpoint,
+  so every stage (`load_sae`, analysis, retrieval) can use the authors' published SAEs."""
+  import torch
+  from configs import base
+  from sae_jax import sae as sae_lib, train as train_lib
+  if not os.path.exists(pt_path):
+    raise SaeJaxError(f"{pt_path}: no such file")
+  try:
+    obj = torch.load(pt_path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle errors come in many types
+    raise SaeJaxError(f"{pt_path}: not a loadable torch checkpoint ({type(e).__name__})") from None
+  state_dict = obj.get("model_state", obj) if isinstance(obj, dict) else None
+  if not isinstance(state_dict, dict):
+    raise SaeJaxError(f"{pt_path}: expected a dict (with 'model_state'), got {type(obj).__name__}")
+  params = params_from_overcomplete(state_dict, pt_path)
+  d, c = params["W_enc"].shape
+  config = config or base.get_config()
+  config.sae.preset, config.sae.d, config.sae.c, config.sae.k = "paper", int(d), int(c), int(k)
+  spec = sae_lib.spec_from_config(config.sae)
+  optimizer = train_lib.make_optimizer(config.optim, int(config.train.num_steps))
+  state = train_lib.init_state({k_: jax.numpy.asarray(v) for k_, v in params.items()}, optimizer)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    json.dump({**json.loads(config.to_json()), "sae_spec": dataclasses.asdict(spec),
+               "imported_from": os.path.abspath(pt_path)}, f, indent=1)
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                 "meta": ocp.JsonCheckpointHandler()})
+  manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          meta=ocp.args.JsonSave({"step": 0, "imported_from": pt_path})))
+  manager.wait_until_finished()
+  manager.close()
+  return load_sae(workdir)

@@ -1,0 +1,24 @@
+"""Imports an Overcomplete SAE checkpoint (the paper authors' `sae_<model>.pt`) into a workdir.
+
+  python -m experiments.import_sae --pt=sae_qwen2vl.pt --k=50 --workdir=runs/qwen2vl-authors
+"""
+
+from absl import app, flags
+
+from experiments import common
+from sae_jax import checkpoint
+
+_PT = flags.DEFINE_string("pt", None, "Overcomplete TopKSAE .pt (dict with 'model_state').")
+_K = flags.DEFINE_integer("k", 50, "Top-k the SAE was trained with (not stored in the .pt).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir to create (config.json + checkpoints/0).")
+flags.mark_flags_as_required(["pt", "workdir"])
+
+
+def main(argv):
+  common.run_main(argv, lambda: print(
+      f"imported {_PT.value} -> {_WORKDIR.value} (step 0)",
+      checkpoint.import_overcomplete(_PT.value, _WORKDIR.value, _K.value).config.sae))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=common.parse_flags)
