@@ -14,10 +14,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir to create (config.json 
 flags.mark_flags_as_required(["pt", "workdir"])
 
 
+def import_and_report():
+  sae = checkpoint.import_overcomplete(_PT.value, _WORKDIR.value, _K.value)
+  d, c = sae.params["W_enc"].shape
+  print(f"imported {_PT.value} -> {_WORKDIR.value}/checkpoints/0 (d={d}, c={c}, k={sae.k})")
+
+
 def main(argv):
-  common.run_main(argv, lambda: print(
-      f"imported {_PT.value} -> {_WORKDIR.value} (step 0)",
-      checkpoint.import_overcomplete(_PT.value, _WORKDIR.value, _K.value).config.sae))
+  common.run_main(argv, import_and_report)
 
 
 if __name__ == "__main__":
