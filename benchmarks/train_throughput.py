@@ -16,6 +16,8 @@ Implementations (all one full step: forward, backward, optimizer, per-step bookk
 Every repetition runs one timed step of each implementation, in a rotating order, so load from
 other processes falls on all of them alike. Prints one JSON line per implementation and size.
 
+Other processes on the machine slow every implementation (multi-threaded GEMMs most): each line
+records the 1-minute load average at the start and end of the timed repetitions.
 Allocator: with --malloc=tuned (default) the script re-executes itself with MALLOC_MMAP_MAX_=0 and
 trimming off, which keeps glibc from mapping/unmapping torch's GB-scale buffers every step (minor
 page faults); XLA allocates its own memory and is not affected. torch runs with 2 threads (= cores).
@@ -131,8 +133,10 @@ def _sparsify(d: int, c: int, k: int, x_np):
   if _bare_package("sparsify") is None:
     return None
   try:
-    from sparsify.config import SparseCoderConfig
-    from sparsify.sparse_coder import SparseCoder
+    import contextlib
+    with contextlib.redirect_stdout(sys.stderr):  # it prints "Triton not installed ..."
+      from sparsify.config import SparseCoderConfig
+      from sparsify.sparse_coder import SparseCoder
   except ImportError as e:  # its trainer-side deps (simple-parsing, accelerate, natsort) missing
     print(f"# sparsify skipped: {e}", file=sys.stderr)
     return None
@@ -221,6 +225,7 @@ def main() -> None:
       print(f"# {size} {name}: warmup {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     for fn in gemms.values():
       fn()
+    load_before = os.getloadavg()[0]
     times = {name: [] for name in impls}
     gemm_times = {name: [] for name in gemms}
     order = list(impls)
@@ -236,6 +241,7 @@ def main() -> None:
         gemm_times[name].append(time.perf_counter() - t0)
       print(f"# {size} rep {rep}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in rotated),
             file=sys.stderr, flush=True)
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     gemm_flops = 2.0 * args.batch * d * c
     gemm_rate = {n: gemm_flops / float(np.median(t)) for n, t in gemm_times.items()}
     medians = {n: float(np.median(t)) for n, t in times.items()}
@@ -252,7 +258,7 @@ def main() -> None:
           "ratio_to_overcomplete": round(ref / medians[name], 3) if ref else None,
           "gemm_gflops": round(rate / 1e9, 1), "flop_floor_s": round(floor_s, 4),
           "fraction_of_floor": round(floor_s / medians[name], 3),
-          "allocator": allocator, "torch_threads": threads,
+          "allocator": allocator, "torch_threads": threads, "loadavg_1min_start_end": load,
           "jax": jax.__version__, "torch": torch.__version__, "cpu_count": os.cpu_count(),
       }
       print(json.dumps(record), flush=True)

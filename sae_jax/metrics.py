@@ -25,6 +25,8 @@ accumulated on the host in float64.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import math
 from typing import Any, NamedTuple, Optional, Sequence
@@ -155,17 +157,19 @@ class ConceptAccumulator:
   traffic, float32 accumulation); float32 is exact to rounding.
   """
 
-  def __init__(self, dictionary: Any, *, block_size: int = 4096, micro_size: int = 16,
-               compute_dtype: str = "float32"):
+  def __init__(self, dictionary: Any, *, block_size: int = 4096, micro_size: int = 4,
+               compute_dtype: str = "float32", workers: int = 2):
     D = check_dictionary(dictionary)
     if compute_dtype not in _DTYPES:
       raise SaeJaxError(f"compute_dtype={compute_dtype!r}: expected one of {tuple(_DTYPES)}")
-    if micro_size <= 0 or block_size <= 0:
-      raise SaeJaxError(f"block_size={block_size}, micro_size={micro_size}: must be positive")
+    if micro_size <= 0 or block_size <= 0 or workers <= 0:
+      raise SaeJaxError(f"block_size={block_size}, micro_size={micro_size}, workers={workers}: "
+                        "must be positive")
     self.c, self.d = D.shape
     self._D = jnp.asarray(D, _DTYPES[compute_dtype])
     self.micro = int(micro_size)
     self.block = int(math.ceil(block_size / micro_size) * micro_size)
+    self.workers = int(workers)
     self._acc = [np.zeros(self.c, np.float64) for _ in range(7)] + [0.0]
     self.n_pairs = 0
 
@@ -175,15 +179,32 @@ class ConceptAccumulator:
     if n < size:  # zero values at index 0 contribute nothing (fires count values > 0 only)
       pad = lambda x: np.concatenate([x, np.zeros((size - n,) + x.shape[1:], x.dtype)])
       iv, ii, tv, ti = map(pad, (iv, ii, tv, ti))
-    out = _block_sums(self._D, iv, ii, tv, ti, micro=self.micro)
-    for j, x in enumerate(jax.device_get(out)):
+    return jax.device_get(_block_sums(self._D, iv, ii, tv, ti, micro=self.micro))
+
+  def _add(self, out) -> None:
+    for j, x in enumerate(out):
       self._acc[j] = self._acc[j] + np.asarray(x, np.float64)
 
   def update(self, image: Any, text: Any) -> None:
+    """Adds matched pairs. Blocks run `workers` at a time (the micro-chunk scan inside one block
+    is sequential, so a second block in flight uses the second core); sums are added in block
+    order, so the result does not depend on scheduling."""
     iv, ii, tv, ti = check_pair_codes(image, text, self.c)
-    for s in range(0, iv.shape[0], self.block):
-      e = s + self.block
-      self._run(iv[s:e], ii[s:e], tv[s:e], ti[s:e])
+    starts = list(range(0, iv.shape[0], self.block))
+    job = lambda s: self._run(iv[s:s + self.block], ii[s:s + self.block], tv[s:s + self.block],
+                              ti[s:s + self.block])
+    if self.workers == 1 or len(starts) == 1:
+      for s in starts:
+        self._add(job(s))
+    else:
+      with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+        pending = collections.deque()
+        for s in starts:
+          pending.append(pool.submit(job, s))
+          if len(pending) > self.workers:
+            self._add(pending.popleft().result())
+        while pending:
+          self._add(pending.popleft().result())
     self.n_pairs += iv.shape[0]
 
   def sums(self) -> ConceptSums:

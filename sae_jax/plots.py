@@ -59,7 +59,7 @@ def plot_modality_kde(runs: Sequence[dict], path: str, reverse: bool = False) ->
     ax.axvline(0.5, color="gray", ls="--", lw=0.8)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.1 * max(float(dens.max()), 1e-9))
-    ax.set_title(f"{run['name']}\n{finite.size} concepts scored; {silent} never fire (excluded)",
+    ax.set_title(f"{run['name']}\n{finite.size} concepts scored; {silent} never fire{'s' if silent == 1 else ''} (excluded)",
                  fontsize=10)
     ax.set_xlabel(f"Modality score (0 = {low_label}-only, 1 = {high_label}-only)")
     ax.set_ylabel("Density (KDE)")

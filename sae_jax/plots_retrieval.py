@@ -23,7 +23,9 @@ def fig_masking(results: Mapping, path: str, tasks: Sequence[str] | None = None,
   Returns the list of (task, variant) pairs drawn.
   """
   tasks = [t for t in (tasks or list(results)) if t in results]
-  tasks = [t for t in tasks if any(v in results[t] for v, _ in variants)]
+  masked = [t for t in tasks if any(v in results[t] for v, _ in variants[1:])]
+  # Tasks with a masking ablation (the paper shows CIRR and OVEN); else every task with a base.
+  tasks = masked or [t for t in tasks if any(v in results[t] for v, _ in variants)]
   drawn = []
   n = max(1, len(tasks))
   fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
@@ -57,8 +59,8 @@ def fig_rank_sweep(sweep: Mapping, path: str, title: str = ''):
   for m in sweep['metrics']:
     ax.plot(ranks, sweep['metrics'][m], marker='o', label=m)
   if sweep.get('oracle'):
-    for m, val in sweep['oracle'].items():
-      ax.axhline(val, ls='--', lw=0.8, color='gray')
+    for j, (m, val) in enumerate(sweep['oracle'].items()):
+      ax.axhline(val, ls='--', lw=0.8, color='gray', label='oracle' if j == 0 else None)
   ax.set_xlabel('removal rank r')
   ax.set_ylabel('Recall (%)')
   ax.set_title(title, fontsize=9)

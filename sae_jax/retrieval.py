@@ -32,7 +32,7 @@ import functools
 import json
 import math
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -447,13 +447,19 @@ def _apply_projector(kind, h, basis, mean, matrix):
   return l2_normalize(out)
 
 
-def top_fraction(scores, fraction: float) -> np.ndarray:
-  """Indices of the top ceil(fraction * c) scores (descending; ties -> lower index)."""
-  scores = np.asarray(scores)
+def n_top(fraction: float, c: int) -> int:
+  """Size of a top-fraction set: ceil(fraction * c), at least 1 (as sae_jax.metrics)."""
   if not 0.0 < fraction <= 1.0:
     raise SaeJaxError(f'retrieval.removal_fraction: expected a value in (0, 1], got {fraction}')
-  m = int(math.ceil(fraction * scores.shape[0]))
-  return np.argsort(-scores, kind='stable')[:m]
+  return max(1, int(math.ceil(fraction * c - 1e-9)))
+
+
+def top_fraction(scores, fraction: float) -> np.ndarray:
+  """Indices of the top ceil(fraction * c) scores, best first (NaN last; ties -> lower index)."""
+  scores = np.asarray(scores, np.float64)
+  m = n_top(fraction, scores.shape[0])
+  key = np.where(np.isnan(scores), -np.inf, scores)
+  return np.lexsort((np.arange(scores.shape[0]), -key))[:m]
 
 
 def removal_basis(atoms, rank: int) -> np.ndarray:

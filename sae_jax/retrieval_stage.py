@@ -140,43 +140,64 @@ def load_inputs(config, workdir) -> Inputs:
 # --------------------------------------------------------------------------------------------
 
 
-def attribution_from_sae(params, k: int, image, text, batch_size: int = 4096) -> np.ndarray:
-  """A_i = mean_pairs(z_ι,i <d_i, x̂_τ> + z_τ,i <d_i, x̂_ι>), x̂ without b_dec (design.md §3).
-
-  Uses `sae_jax.metrics.attribution` when that module provides it; otherwise k dot products per
-  sample (identity 1 of design.md), never the c x c matrix.
-  """
-  try:  # the metrics module (another issue) is the reference implementation when present
-    from sae_jax import metrics  # type: ignore
-    fn = getattr(metrics, 'attribution_from_sae', None)
-  except ImportError:
-    fn = None
-  if fn is not None:
-    return np.asarray(fn(params, k, image, text))
+def encode_pairs(params, k: int, image, text, batch_size: int = 4096):
+  """Sparse codes ((values, indices) of image rows, same of text rows), encoded in chunks."""
   from sae_jax import sae as sae_lib
   image = np.asarray(image, np.float32)
   text = np.asarray(text, np.float32)
   if image.shape != text.shape:
     raise SaeJaxError(f'attribution: image {image.shape} and text {text.shape} must be matched pairs')
   p = {name: jnp.asarray(v) for name, v in params.items()}
-  c = p['D'].shape[0]
+  enc = jax.jit(lambda x: tuple(sae_lib.encode(p, x, k)))
+  out = []
+  for x in (image, text):
+    parts = [enc(x[s:s + batch_size]) for s in range(0, x.shape[0], batch_size)]
+    out.append((np.concatenate([np.asarray(v) for v, _ in parts]),
+                np.concatenate([np.asarray(i) for _, i in parts])))
+  return out[0], out[1]
+
+
+def _attribution_from_codes(D, code_i, code_t) -> np.ndarray:
+  """A_i = mean_pairs(z_ι,i <d_i, x̂_τ> + z_τ,i <d_i, x̂_ι>) with k dot products per row."""
+  D = jnp.asarray(D, jnp.float32)
+  (vi, ii), (vt, it) = code_i, code_t
 
   @jax.jit
-  def chunk(xi, xt):
-    ci = sae_lib.encode(p, xi, k)
-    ct = sae_lib.encode(p, xt, k)
-    hi = sae_lib.decode(p, ci, with_bias=False)
-    ht = sae_lib.decode(p, ct, with_bias=False)
-    # z_ι,i <d_i, x̂_τ> at the k active concepts of each image row, and symmetrically.
-    ai = ci.values * jnp.einsum('nkd,nd->nk', p['D'][ci.indices], ht)
-    at = ct.values * jnp.einsum('nkd,nd->nk', p['D'][ct.indices], hi)
-    out = jnp.zeros((c,), jnp.float32).at[ci.indices.reshape(-1)].add(ai.reshape(-1))
-    return out.at[ct.indices.reshape(-1)].add(at.reshape(-1))
+  def chunk(vi, ii, vt, it):
+    hi = jnp.einsum('nk,nkd->nd', vi, D[ii])   # x̂ without b_dec
+    ht = jnp.einsum('nk,nkd->nd', vt, D[it])
+    ai = vi * jnp.einsum('nkd,nd->nk', D[ii], ht)
+    at = vt * jnp.einsum('nkd,nd->nk', D[it], hi)
+    out = jnp.zeros((D.shape[0],), jnp.float32).at[ii.reshape(-1)].add(ai.reshape(-1))
+    return out.at[it.reshape(-1)].add(at.reshape(-1))
 
-  total = np.zeros((c,), np.float64)
-  for s in range(0, image.shape[0], batch_size):
-    total += np.asarray(chunk(image[s:s + batch_size], text[s:s + batch_size]), np.float64)
-  return (total / image.shape[0]).astype(np.float32)
+  total = np.zeros((D.shape[0],), np.float64)
+  n = vi.shape[0]
+  for s in range(0, n, 4096):
+    sl = slice(s, s + 4096)
+    total += np.asarray(chunk(vi[sl], ii[sl], vt[sl], it[sl]), np.float64)
+  return total / n
+
+
+def attribution_from_sae(params, k: int, image, text, batch_size: int = 4096,
+                         use_metrics: bool = True) -> np.ndarray:
+  """Attribution (paper Eq. 6) of each concept over matched pairs, from an SAE.
+
+  A_i = mean_pairs(z_ι,i <d_i, x̂_τ> + z_τ,i <d_i, x̂_ι>), x̂ without b_dec (design.md §3).
+  Uses `sae_jax.metrics.compute_concept_metrics` (the analysis stage's implementation) when it is
+  importable, else a small local version; both avoid the c x c matrix.
+  """
+  code_i, code_t = encode_pairs(params, k, image, text, batch_size)
+  D = np.asarray(params['D'], np.float32)
+  if use_metrics:
+    try:
+      from sae_jax import metrics
+      fn = metrics.compute_concept_metrics
+    except (ImportError, AttributeError):
+      fn = None
+    if fn is not None:
+      return np.asarray(fn(D, code_i, code_t).attribution, np.float64)
+  return _attribution_from_codes(D, code_i, code_t)
 
 
 def load_attribution(config, workdir, inputs: Inputs):
@@ -226,6 +247,10 @@ def evaluate_task(data: T.TaskData, ks, *, mesh=None, block_size=R.DEFAULT_BLOCK
                   normalize=True) -> dict:
   """Recall@K (percent) of one task by cosine similarity (`normalize=False`: rows already unit)."""
   R.check_positives(data.positives_indptr, data.positives_indices, data.n_queries, data.n_candidates)
+  for name, x in (('queries', data.queries), ('candidates', data.candidates)):
+    bad = int(np.sum(~np.isfinite(x).all(axis=1))) if np.ndim(x) == 2 else 0
+    if bad:
+      raise SaeJaxError(f'{name}: {bad} rows hold NaN or Inf; the embeddings must be finite')
   exclude = data.exclude if exclude_reference else None
   _, ids = R.topk_search(data.queries, data.candidates, int(max(ks)), exclude=exclude, mesh=mesh,
                          block_size=block_size, query_block_size=query_block_size, normalize=normalize)
@@ -329,7 +354,7 @@ def run_retrieval(config, workdir: str) -> dict:
     attribution = load_attribution(config, workdir, inputs)
   if attribution is not None:
     scores, D, a_src = attribution
-    m = int(np.ceil(fraction * D.shape[0]))
+    m = R.n_top(fraction, D.shape[0])
     rank = int(_get(rcfg, 'removal_rank', -1))
     rank = min(m, D.shape[1]) if rank == -1 else rank
     proj = R.fit_removal(D, scores, rank, fraction)
@@ -391,7 +416,7 @@ def run_retrieval(config, workdir: str) -> dict:
   sweep = None
   if attribution is not None and sweep_task in base_data:
     scores, D, a_src = attribution
-    m = int(np.ceil(fraction * D.shape[0]))
+    m = R.n_top(fraction, D.shape[0])
     ranks = [0] + sorted({int(r) for r in _as_tuple(_get(rcfg, 'sweep_ranks', (1, 2, 4, 8, 16, 32)))
                           if 0 < int(r) <= min(m, D.shape[1])} | {min(m, D.shape[1])})
     per_metric = {f'R@{k}': [] for k in ks}
@@ -409,7 +434,7 @@ def run_retrieval(config, workdir: str) -> dict:
       sweep['oracle'] = {f'R@{k}': results[sweep_task][f'{base}+oracle_removal'][f'R@{k}'] for k in ks}
     _write_json(os.path.join(out_dir, 'rank_sweep.json'), sweep)
     plots_retrieval.fig_rank_sweep(sweep, os.path.join(out_dir, 'rank_sweep.png'),
-                                   title=f'{T.TASKS[sweep_task].label}, top {fraction:.0%} concepts')
+                                   title=f'{T.TASKS[sweep_task].label}, top {fraction * 100:g}% concepts ({m} atoms)')
 
   _write_json(os.path.join(out_dir, RESULTS_FILE), results)
   _table2(results, base, os.path.join(out_dir, 'table2.md'), inputs.description)

@@ -84,7 +84,7 @@ def remove_parallel_component(grad_D: jax.Array, D: jax.Array) -> jax.Array:
 
 
 def make_train_step(spec: sae_lib.SAESpec, optimizer: optax.GradientTransformation,
-                    top_k: sae_lib.TopKFn = jax.lax.top_k) -> Callable:
+                    top_k: sae_lib.TopKFn = sae_lib.local_top_k) -> Callable:
   """step(state, batch [B, d], valid [B]) -> (state, metrics); pure, for jax.jit."""
 
   def step(state: State, batch: jax.Array, valid: jax.Array) -> tuple[State, dict]:
@@ -129,7 +129,9 @@ def make_train_step(spec: sae_lib.SAESpec, optimizer: optax.GradientTransformati
 
 
 def jit_train_step(spec, optimizer, mesh, state_sharding) -> Callable:
-  step = make_train_step(spec, optimizer, shard_lib.sharded_top_k(mesh))
+  # One device: the plain top-k, which lets the encoder fuse GEMM + top-k per block of rows.
+  top_k = sae_lib.local_top_k if mesh.size == 1 else shard_lib.sharded_top_k(mesh)
+  step = make_train_step(spec, optimizer, top_k)
   batch_sharding = shard_lib.batch_sharding(mesh)
   valid_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shard_lib.DATA))
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding, valid_sharding),
@@ -248,6 +250,10 @@ def _put_batch(local: np.ndarray, sharding) -> jax.Array:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the SAE of `config` in `workdir`; returns the final summary."""
   shard_lib.maybe_initialize_distributed(config.mesh)
+  if config.data.source == "shards" and not config.data.shard_dir:
+    # Default: the shards that experiments.extract wrote into this workdir.
+    config = config.copy_and_resolve_references()
+    config.data.shard_dir = os.path.join(workdir, "activations", "shards")
   spec = sae_lib.spec_from_config(config.sae)
   width = pipeline.data_width(config)
   if width != spec.d:

@@ -172,7 +172,7 @@ def test_pooled_file_source_and_bad_inputs(trained, tmp_path):
   src = PlantedSource(config.data.synthetic)
   pairs = src.paired(300, seed=5)
 
-  def run_with(image, text, name):
+  def run_with(image, text, name, reduction="diag"):
     path = str(tmp_path / f"{name}.npz")
     np.savez(path, image=image, text=text, sample_ids=np.arange(image.shape[0]))
     cfg = small_config()
@@ -180,11 +180,17 @@ def test_pooled_file_source_and_bad_inputs(trained, tmp_path):
     cfg.analysis.embeddings_path = path
     cfg.analysis.top_pairs = 0
     cfg.analysis.save_codes = False
+    cfg.analysis.bridge_reduction = reduction
     return analysis.run_analysis(cfg, str(tmp_path / name))
 
-  s = run_with(pairs.image, pairs.text, "ok")
+  s = run_with(pairs.image, pairs.text, "ok", reduction="max")
   assert s["source"] == "pooled" and s["n_pairs"] == 300 and s["embeddings_path"].endswith("ok.npz")
-  assert "synthetic" not in s
+  assert "synthetic" not in s and s["bridge_reduction"] == "max"
+  conc = np.load(str(tmp_path / "ok" / "analysis" / "concepts.npz"))
+  assert str(conc["bridge_reduction"]) == "max"
+  np.testing.assert_array_equal(conc["bridge_score"], conc["bridge_max"])
+  assert not np.allclose(conc["bridge_score"], conc["bridge_diag"])
+  assert not os.path.exists(str(tmp_path / "ok" / "analysis" / "top_bridge_pairs.csv"))
   cases = [((pairs.image, pairs.text[:299]), "299 text rows"),
            ((pairs.image[:, :-1], pairs.text[:, :-1]), "width 63 but the SAE"),
            ((pairs.image[:0], pairs.text[:0]), "no image/text pairs")]

@@ -235,21 +235,55 @@ def test_templates_need_their_placeholders():
     bad.encode(texts=["a cat"])
 
 
-def test_local_directory_model_loads_through_auto_classes(tmp_path):
-  """The non-tiny path (AutoConfig/AutoModel/processor from a directory) on a saved tiny CLIP."""
+@pytest.mark.parametrize("family", ("clip", "qwen2_vl", "qwen3_vl", "paligemma", "chameleon"))
+def test_local_directory_model_loads_through_auto_classes(tmp_path, family):
+  """The non-tiny path (AutoConfig/AutoModel/processor from a directory, as for a hub download).
+
+  (SigLIP2 is left out: its saved processor reloads as a Gemma tokenizer class, which our in-process
+  BPE vocabulary is not; real checkpoints ship a Gemma vocabulary.)"""
   import ml_collections
   from sae_jax import encoders
-  model, proc = tiny.build("clip")
+  model, proc = tiny.build(family)
   model.save_pretrained(tmp_path)
   proc.save_pretrained(tmp_path)
   cfg = ml_collections.ConfigDict(dict(model_name=str(tmp_path), family="", layer=-1, device="cpu",
                                        dtype="auto", templates={}, contrastive_tokens=False))
   enc = encoders.load_encoder(cfg)
-  assert enc.family == "clip" and enc.d == model.config.projection_dim
-  ref = _encoder("clip").encode(texts=["a cat"]).embeds
-  np.testing.assert_allclose(enc.encode(texts=["a cat"]).embeds.numpy(), ref.numpy(), atol=1e-5)
-  with pytest.raises(SaeJaxError, match="model_name="):
+  ref = _encoder(family)
+  assert enc.family == ref.family and enc.d == ref.d
+  args = dict(texts=["a cat on a table"]) if family == "clip" else dict(images=_images()[:1], texts=["a cat"])
+  got, want = enc.encode(**args), ref.encode(**args)
+  np.testing.assert_allclose((got.embeds if family == "clip" else got.hidden).numpy(),
+                             (want.embeds if family == "clip" else want.hidden).numpy(), atol=1e-5)
+  if family != "clip":
+    np.testing.assert_array_equal(got.token_types.numpy(), want.token_types.numpy())
+
+
+def test_bad_model_names_are_one_clear_line(tmp_path):
+  import ml_collections
+  from sae_jax import encoders
+  with pytest.raises(SaeJaxError, match=r"model_name='/nonexistent/dir/x': not a local directory"):
     encoders.load_encoder(ml_collections.ConfigDict(dict(model_name="/nonexistent/dir/x")))
+  with pytest.raises(SaeJaxError, match=r"model_name=.*cannot load its config"):
+    encoders.load_encoder(ml_collections.ConfigDict(dict(model_name=str(tmp_path))))
+  with pytest.raises(SaeJaxError, match=r"tiny:nope: unknown tiny family"):
+    encoders.load_encoder(ml_collections.ConfigDict(dict(model_name="tiny:nope")))
+
+
+def test_bf16_path_returns_float32_rows_close_to_fp32():
+  from sae_jax.encoders.qwen_vl import QwenVLEncoder
+  enc = _encoder("qwen2_vl")
+  model, proc = tiny.build("qwen2_vl")
+  half = QwenVLEncoder(model, proc, dtype=torch.bfloat16)
+  out16, out32 = half.encode(images=_images(), texts=["a cat", "a bus"]), enc.encode(images=_images(),
+                                                                                 texts=["a cat", "a bus"])
+  assert out16.hidden.dtype == torch.bfloat16
+  r16, t16, _ = half.rows(out16)
+  r32, t32, _ = enc.rows(out32)
+  assert r16.dtype == np.float32 and r16.shape == r32.shape
+  np.testing.assert_array_equal(t16, t32)
+  rel = np.linalg.norm(r16 - r32) / np.linalg.norm(r32)
+  assert rel < 0.05
 
 
 def test_minilm_real_weights_match_sentence_transformers():

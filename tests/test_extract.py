@@ -155,11 +155,11 @@ class _CrashingEncoder:
   def __init__(self, enc, n):
     self._enc, self._n = enc, n
 
-  def encode(self, **kw):
+  def forward(self, prepared):
     self._n -= 1
     if self._n < 0:
       raise _Crash()
-    return self._enc.encode(**kw)
+    return self._enc.forward(prepared)
 
   def __getattr__(self, name):
     return getattr(self._enc, name)

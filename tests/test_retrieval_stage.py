@@ -44,11 +44,13 @@ def test_attribution_fallback_matches_dense_reference():
   src = synthetic.PlantedSource(synthetic.default_synthetic_config())
   pairs = src.paired(300, seed=3)
   params = _perfect_sae(src)
-  a = S.attribution_from_sae(params, 11, pairs.image, pairs.text, batch_size=128)
   ref = _dense_attribution(params, 11, pairs.image, pairs.text)
-  np.testing.assert_allclose(a, ref, rtol=2e-4, atol=2e-4)
-  # Identity 3 of design.md: sum_i A_i = 2 mean <x̂_ι, x̂_τ>.
-  assert a.sum() == pytest.approx(float(ref.sum()), rel=1e-4)
+  for use_metrics in (True, False):   # the metrics module's implementation and the local one
+    a = S.attribution_from_sae(params, 11, pairs.image, pairs.text, batch_size=128,
+                               use_metrics=use_metrics)
+    np.testing.assert_allclose(a, ref, rtol=2e-4, atol=2e-4)
+    # Identity 3 of design.md: sum_i A_i = 2 mean <x̂_ι, x̂_τ>.
+    assert a.sum() == pytest.approx(float(ref.sum()), rel=1e-4)
 
 
 def test_planted_removal_raises_r1_and_reaches_oracle_gain():
@@ -199,3 +201,18 @@ def test_run_retrieval_synthetic_with_trained_sae(tmp_path):
   assert res['mean+removal']['settings']['removal_rank'] == 4
   assert rem > base + 5, (base, rem, orc)
   assert rem - base >= 0.9 * (orc - base), (base, rem, orc)
+
+
+def test_nonfinite_embeddings_are_one_line():
+  rng = np.random.default_rng(0)
+  img = rng.standard_normal((20, 8)).astype(np.float32)
+  txt = rng.standard_normal((20, 8)).astype(np.float32)
+  txt[3, 2] = np.nan
+  with pytest.raises(SaeJaxError) as e:
+    S.evaluate_task(T.paired_task('image_to_text', img, txt), (1, 5))
+  assert '\n' not in str(e.value) and 'candidates: 1 rows hold NaN' in str(e.value)
+  # image ids shared by two rows: one image query with two caption positives.
+  data = T.paired_task('image_to_text', img, np.nan_to_num(txt), image_ids=np.arange(20) // 2)
+  assert data.n_queries == 10 and data.n_candidates == 20
+  np.testing.assert_array_equal(data.positives_indptr, np.arange(0, 21, 2))
+  np.testing.assert_array_equal(data.positives_indices, np.arange(20))

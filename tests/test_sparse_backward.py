@@ -12,7 +12,7 @@ import pytest
 
 from sae_jax import sae as sae_lib
 
-D_IN, C, K, B = 32, 256, 8, 96
+D_IN, C, K, B = 32, 256, 8, 128
 
 
 def _reference_loss(params, x, spec, valid, dead=None):
@@ -64,7 +64,11 @@ def _rel(a, b):
 @pytest.mark.parametrize("preset", ["paper", "modern"])
 @pytest.mark.parametrize("decoder", ["gather", "dense"])
 @pytest.mark.parametrize("with_dead", [False, True])
-def test_loss_and_grads_match_autodiff(preset, decoder, with_dead):
+def test_loss_and_grads_match_autodiff(preset, decoder, with_dead, monkeypatch):
+  # Blocks of 32 rows, so the blocked encoder forward (GEMM + ReLU + top-k per block) is tested.
+  monkeypatch.setattr(sae_lib, "_ENCODER_BLOCK_BYTES", 32 * 4 * C)
+  monkeypatch.setattr(sae_lib, "_MIN_BLOCK_ROWS", 32)
+  assert sae_lib._encoder_block_rows(B, C) == 32
   spec, params, x = _setup(preset)
   spec = dataclasses.replace(spec, decoder=decoder)
   valid = jnp.asarray(np.arange(B) % 7 != 3)  # some rows masked out

@@ -96,11 +96,13 @@ def load_encoder(cfg):
                         f'(owner/name) nor tiny:<family>')
     try:
       hf_cfg = AutoConfig.from_pretrained(name)
-    except OSError as e:
+    except (OSError, ValueError) as e:
       raise SaeJaxError(f'config.extract.model_name={name!r}: cannot load its config '
                         f'({str(e).splitlines()[0]})') from None
     family = family or family_of(hf_cfg.model_type)
-    model = AutoModel.from_pretrained(name, dtype=dtype)
+    # Straight onto the GPU when there is one (no full CPU copy of a 7B model first).
+    placement = {'device_map': device} if device.startswith('cuda') else {}
+    model = AutoModel.from_pretrained(name, dtype=dtype, **placement)
     processor = _load_processor(family, name)
   enc = encoder_class(family)(model, processor, **kw)
   if family in ('clip', 'siglip'):

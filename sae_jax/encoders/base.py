@@ -126,9 +126,23 @@ class Encoder(abc.ABC):
     """Width of the final embeddings (`embeds`), None for decoders."""
     return None
 
-  @abc.abstractmethod
   def encode(self, images=None, texts=None) -> EncoderOutput:
-    """Encode a batch: images only, texts only, or pairs."""
+    """Encode a batch: images only, texts only, or pairs (= forward(prepare(...)))."""
+    return self.forward(self.prepare(images, texts))
+
+  @abc.abstractmethod
+  def prepare(self, images=None, texts=None) -> Any:
+    """CPU side of `encode` (processor, tokenizer, assembly): host tensors for `forward`.
+
+    Extraction runs it in a background thread for batch i+1 while `forward` runs batch i."""
+
+  @abc.abstractmethod
+  def forward(self, prepared) -> EncoderOutput:
+    """Device side of `encode`: the model forward on `prepare`'s output."""
+
+  def _to_device(self, inputs: dict) -> dict:
+    return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+            for k, v in inputs.items()}
 
   def rows(self, out: EncoderOutput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Token rows of a batch for the activation shards: (rows [n,d] f32, types [n] u8, sample [n] int)."""
@@ -169,6 +183,9 @@ class DecoderEncoder(Encoder):
     self.pad_id = int(pad)
     self.image_token_id  # validates the config early
     self._tok_cache = {}
+    # Run the backbone (no LM head: no [B, T, vocab] logits) when given a ...ForConditionalGeneration.
+    is_cg = type(self.model).__name__.endswith('ForConditionalGeneration')
+    self.backbone = self.model.model if is_cg and hasattr(self.model, 'model') else self.model
 
   # ---- family hooks ------------------------------------------------------------------------------
   @property
@@ -204,7 +221,7 @@ class DecoderEncoder(Encoder):
     ids = self._tok_cache.get(text)
     if ids is None:
       ids = list(self.tokenizer(text, add_special_tokens=False)['input_ids'])
-      if len(self._tok_cache) < 256:
+      if len(self._tok_cache) < 64:  # template literals only
         self._tok_cache[text] = ids
     return ids
 
@@ -226,24 +243,27 @@ class DecoderEncoder(Encoder):
     if images is not None:
       img_ids, vision = self.image_segments(images)
     seqs, types = [], []
+    text_ids = None
+    if texts is not None:  # one batched tokenizer call; a template space before {text} joins the caption
+      j = [k for k, p in enumerate(parts) if p[0] == 'text'][0]
+      lead = parts[j - 1][1] if j > 0 and parts[j - 1][0] == 'literal' else ''
+      lead = lead[len(lead.rstrip()):]
+      text_ids = self.tokenizer([lead + t for t in texts], add_special_tokens=False)['input_ids']
     for i in range(n):
       ids = list(self.prefix_ids(images is not None))
       ty = [TOKEN_SPECIAL] * len(ids)
-      carry = ''
       for j, (kind, lit) in enumerate(parts):
         if kind == 'image':
           seg = [int(x) for x in img_ids[i]]
           ids += seg
           ty += [TOKEN_IMAGE if x == self.image_token_id else TOKEN_SPECIAL for x in seg]
         elif kind == 'text':
-          seg = self._tokenize(carry + texts[i])
-          carry = ''
+          seg = list(text_ids[i])
           ids += seg
           ty += self._typed(seg, TOKEN_TEXT)
         else:
           nxt = parts[j + 1][0] if j + 1 < len(parts) else None
-          if nxt == 'text' and lit != lit.rstrip():  # trailing space belongs to the caption's first word
-            carry = lit[len(lit.rstrip()):]
+          if nxt == 'text':  # its trailing whitespace went to the caption's first word
             lit = lit.rstrip()
           if lit:
             seg = self._tokenize(lit)
@@ -262,15 +282,23 @@ class DecoderEncoder(Encoder):
       token_types[i, sl] = torch.tensor(ty, dtype=torch.uint8)
     return input_ids, attn, token_types, vision
 
-  @torch.inference_mode()
-  def encode(self, images=None, texts=None) -> EncoderOutput:
+  def prepare(self, images=None, texts=None):
     input_ids, attn, token_types, vision = self.build(images, texts)
     inputs = dict(input_ids=input_ids, attention_mask=attn, **self.extra_inputs(input_ids, token_types))
     inputs.update(vision)
-    inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
-              for k, v in inputs.items()}
-    out = self.model(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
-    hidden = select_layer(out.hidden_states, self.layer, f'{self.name} ({type(self.model).__name__})')
+    return inputs, token_types
+
+  @torch.inference_mode()
+  def forward(self, prepared) -> EncoderOutput:
+    inputs, token_types = prepared
+    input_ids, attn = inputs['input_ids'], inputs['attention_mask']
+    inputs = self._to_device(inputs)
+    # The last layer is `last_hidden_state` (equal to hidden_states[-1]); asking for every layer's
+    # states only when another layer is wanted saves num_layers x [B, T, d] of memory.
+    last = self.layer in (-1, self.num_hidden_states() - 1)
+    out = self.backbone(**inputs, output_hidden_states=not last, use_cache=False, return_dict=True)
+    hidden = out.last_hidden_state if last else select_layer(
+        out.hidden_states, self.layer, f'{self.name} ({type(self.model).__name__})')
     return EncoderOutput(hidden=hidden, attention_mask=attn.to(self.device).bool(),
                          token_types=token_types.to(self.device), input_ids=input_ids)
 

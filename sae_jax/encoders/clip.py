@@ -38,27 +38,27 @@ class ContrastiveEncoder(base.Encoder):
     max_len = getattr(self.model.config.text_config, 'max_position_embeddings', None)
     return dict(tok(list(texts), return_tensors='pt', max_length=max_len, **self.text_padding))
 
-  def _to_device(self, inputs):
-    return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
-            for k, v in inputs.items()}
-
-  @torch.inference_mode()
-  def encode(self, images=None, texts=None) -> base.EncoderOutput:
+  def prepare(self, images=None, texts=None):
     if images is not None and texts is not None:
       raise base.SaeJaxError(f'{self.name}: a contrastive model encodes images and texts separately; '
                              f'composed (image,text) queries need a decoder model')
-    need_hidden = self.tokens or self.layer != -1
     if images is not None:
-      inputs = self._to_device(self.image_inputs(images))
+      return 'image', self.image_inputs(images)
+    return 'text', self.text_inputs(texts)
+
+  @torch.inference_mode()
+  def forward(self, prepared) -> base.EncoderOutput:
+    mode, inputs = prepared
+    inputs = self._to_device(inputs)
+    need_hidden = self.tokens or self.layer != -1
+    if mode == 'image':
       out = self.model.get_image_features(**inputs, output_hidden_states=need_hidden, return_dict=True)
-      n_tok = out.last_hidden_state.shape[1]
       mask = torch.ones(out.last_hidden_state.shape[:2], dtype=torch.bool, device=self.device)
       if 'pixel_attention_mask' in inputs:  # NaFlex (SigLIP2): padded patches
         mask = inputs['pixel_attention_mask'].bool()
       types = torch.full(mask.shape, TOKEN_IMAGE, dtype=torch.uint8, device=self.device)
       what = f'{self.name} vision tower'
     else:
-      inputs = self._to_device(self.text_inputs(texts))
       out = self.model.get_text_features(**inputs, output_hidden_states=need_hidden, return_dict=True)
       mask = inputs.get('attention_mask', torch.ones_like(inputs['input_ids'])).bool()
       types = torch.where(mask, TOKEN_TEXT, TOKEN_SPECIAL).to(torch.uint8)
@@ -73,8 +73,7 @@ class ContrastiveEncoder(base.Encoder):
   def rows(self, out):
     """One row per sample: its final embedding (what the paper's contrastive SAEs train on)."""
     rows = base.to_numpy(out.embeds)
-    kind = int(out.token_types[0, 0]) if out.token_types is not None else TOKEN_SPECIAL
-    types = torch.full((rows.shape[0],), TOKEN_IMAGE if kind == TOKEN_IMAGE else TOKEN_TEXT,
+    types = torch.full((rows.shape[0],), TOKEN_IMAGE if out.input_ids is None else TOKEN_TEXT,
                        dtype=torch.uint8).numpy()
     return rows, types, torch.arange(rows.shape[0]).numpy()
 

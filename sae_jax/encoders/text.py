@@ -25,13 +25,15 @@ class TextEncoder(base.Encoder):
   def d(self) -> int:
     return int(self.model.config.hidden_size)
 
-  @torch.inference_mode()
-  def encode(self, images=None, texts=None) -> base.EncoderOutput:
+  def prepare(self, images=None, texts=None):
     if images is not None:
       raise base.SaeJaxError(f'{self.name}: a text encoder cannot encode images')
-    batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                           return_tensors='pt')
-    inputs = {k: v.to(self.device) for k, v in batch.items()}
+    return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors='pt'))
+
+  @torch.inference_mode()
+  def forward(self, prepared) -> base.EncoderOutput:
+    inputs = {k: v.to(self.device) for k, v in prepared.items()}
     out = self.model(**inputs, output_hidden_states=self.layer != -1, return_dict=True)
     hidden = out.last_hidden_state
     if self.layer != -1:

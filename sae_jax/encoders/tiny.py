@@ -58,13 +58,14 @@ def build_qwen2_vl(scale=1, version='qwen2_vl'):
   from sae_jax.encoders.qwen_vl import make_processor
   tok, specials = _qwen_tokenizer()
   ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+  eos = ids['<|endoftext|>']
   common = dict(image_token_id=ids['<|image_pad|>'], video_token_id=ids['<|video_pad|>'],
                 vision_start_token_id=ids['<|vision_start|>'], vision_end_token_id=ids['<|vision_end|>'])
   if version == 'qwen3_vl':
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     patch = 16
     cfg = Qwen3VLConfig(
-        text_config=_text_cfg(len(tok), scale, head_dim=8 * scale,
+        text_config=_text_cfg(len(tok), scale, bos_token_id=eos, eos_token_id=eos, head_dim=8 * scale,
                               rope_scaling={'rope_type': 'default', 'mrope_section': [scale, scale, 2 * scale],
                                             'mrope_interleaved': True}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch,
@@ -76,7 +77,7 @@ def build_qwen2_vl(scale=1, version='qwen2_vl'):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     patch = 14
     cfg = Qwen2_5_VLConfig(
-        text_config=_text_cfg(len(tok), scale, rope_scaling={'type': 'mrope',
+        text_config=_text_cfg(len(tok), scale, bos_token_id=eos, eos_token_id=eos, rope_scaling={'type': 'mrope',
                                                              'mrope_section': [scale, scale, 2 * scale]}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32 * scale,
@@ -87,7 +88,7 @@ def build_qwen2_vl(scale=1, version='qwen2_vl'):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     patch = 14
     cfg = Qwen2VLConfig(
-        text_config=_text_cfg(len(tok), scale, rope_scaling={'type': 'mrope',
+        text_config=_text_cfg(len(tok), scale, bos_token_id=eos, eos_token_id=eos, rope_scaling={'type': 'mrope',
                                                              'mrope_section': [scale, scale, 2 * scale]}),
         vision_config=dict(depth=1, embed_dim=32, hidden_size=32 * scale, num_heads=2, mlp_ratio=2,
                            patch_size=patch, spatial_merge_size=2, temporal_patch_size=2),
@@ -152,7 +153,8 @@ def build_siglip(scale=1):
   tok = _simple_tokenizer(bos=None, eos='</s>', pad='</s>', unk='<unk>')
   cfg = SiglipConfig(
       text_config=_tower(scale, vocab_size=len(tok), max_position_embeddings=64,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id),
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.eos_token_id),
       vision_config=_tower(scale, image_size=64, patch_size=16))
   ip = SiglipImageProcessorPil(size={'height': 64, 'width': 64})
   torch.manual_seed(0)
@@ -165,7 +167,8 @@ def build_siglip2(scale=1):
   tok = _simple_tokenizer(bos='<bos>', eos='<eos>', pad='<pad>', unk='<unk>')
   cfg = Siglip2Config(
       text_config=_tower(scale, vocab_size=len(tok), max_position_embeddings=64,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id),
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id),
       vision_config=_tower(scale, patch_size=16, num_patches=16))
   ip = Siglip2ImageProcessorPil(patch_size=16, max_num_patches=16)
   torch.manual_seed(0)
