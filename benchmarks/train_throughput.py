@@ -190,13 +190,29 @@ def _gemm_benchmarks(batch: int, d: int, c: int, x_np):
 def main() -> None:
   args = _parse()
   _maybe_reexec(args)
+  sizes = args.sizes.split(",")
+  if len(sizes) > 1:
+    # One process per size: with trimming off glibc never returns freed memory, and all the
+    # implementations of both sizes in one process exceeded 12 GB (OOM-killed on a 23 GB VM).
+    import subprocess
+    argv, rest = sys.argv[1:], []
+    while argv:
+      a = argv.pop(0)
+      if a == "--sizes":
+        argv.pop(0)
+      elif not a.startswith("--sizes="):
+        rest.append(a)
+    for size in sizes:
+      subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", f"--sizes={size}", *rest],
+                     check=True)
+    return
   import numpy as np
   import torch
   import jax
   threads = args.threads or os.cpu_count()
   torch.set_num_threads(threads)
   allocator = {k: os.environ.get(k, "(unset)") for k in TUNED_MALLOC}
-  for size in args.sizes.split(","):
+  for size in sizes:
     d, c = (int(v) for v in size.lower().split("x"))
     rng = np.random.default_rng(0)
     # Anisotropic, non-centred rows (like residual-stream activations), fixed across steps.

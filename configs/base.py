@@ -118,7 +118,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   retrieval.synthetic_seed = 1
 
   config.extract = extract = ml_collections.ConfigDict()  # experiments.extract (sae_jax/extract.py)
-  extract.model = ""
   extract.model_name = ""       # hub id, local directory, or "tiny:<family>" (offline random weights)
   extract.family = ""           # "" = infer from the model config; clip|siglip|qwen_vl|paligemma|chameleon|text
   extract.layer = -1            # hidden_states index (-1 = last layer)
@@ -136,7 +135,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   extract.mbeir_image_root = ""  # mbeir: root the jsonl image paths are relative to
   extract.max_images = 0        # 0 = all
   extract.pairing = "all"       # pooled rows: "all" (one per image-caption pair) | "first" (first caption)
-  extract.pooling = ("mean",)   # mean | last | mean_no_image | mean_no_prompt | embed (contrastive)
+  extract.pooling = ("mean",)   # mean | last_token | mean_no_image | mean_no_prompt | embed (contrastive)
   extract.templates = ml_collections.ConfigDict({  # decoder prompts; {image} / {text} placeholders
       "image": "{image} Summarize the above image in one word:",
       "text": "{text} Summarize the above sentence in one word:",

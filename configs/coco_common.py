@@ -29,11 +29,12 @@ def apply(config, arg, *, model_name, tiny_family, d, c, decoder=True, batch_siz
     ex.dataset = "parquet"
   ex.batch_size = batch_size
   if decoder:
-    ex.pooling = ("mean", "last", "mean_no_image", "mean_no_prompt")
+    ex.pooling = ("mean", "last_token", "mean_no_image", "mean_no_prompt")
   else:
     ex.pooling = ("embed",)
     config.retrieval.variants = ("embed",)
     config.retrieval.base_variant = "embed"
+    config.analysis.variant = "embed"
   config.sae.d = d
   config.sae.c = c
   config.sae.k = 50

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import time
 from typing import Any, NamedTuple, Optional
@@ -202,9 +201,10 @@ class Encoder:
     return np.concatenate(vs), np.concatenate(is_)
 
 
-def encode_pairs(pairs: Pairs, loaded: checkpoint.LoadedSAE, acfg: Any, acc: metrics.ConceptAccumulator
-                 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], dict]:
-  """Sparse codes of both sides, streamed into `acc` chunk by chunk; returns the codes too."""
+def encode_pairs(pairs: Pairs, loaded: checkpoint.LoadedSAE, acfg: Any, acc: metrics.ConceptAccumulator,
+                 keep_codes: bool = True) -> tuple[Any, Any, dict]:
+  """Sparse codes of both sides, streamed into `acc` chunk by chunk; returns the codes too
+  (None, None when not `keep_codes`: then nothing of size N beyond the embeddings is held)."""
   spec = _spec_of(loaded)
   mode = str(_opt(acfg, "codes", "encode_pooled"))
   if mode not in CODES_MODES:
@@ -218,8 +218,9 @@ def encode_pairs(pairs: Pairs, loaded: checkpoint.LoadedSAE, acfg: Any, acc: met
     for s in range(0, pairs.image.shape[0], block):
       img, txt = enc(pairs.image[s:s + block]), enc(pairs.text[s:s + block])
       acc.update(img, txt)
-      out["image"].append(img)
-      out["text"].append(txt)
+      if keep_codes:
+        out["image"].append(img)
+        out["text"].append(txt)
   else:
     if pairs.source != "synthetic":
       raise SaeJaxError("config.analysis.codes='pool_token_codes' needs token-level activations per "
@@ -242,9 +243,12 @@ def encode_pairs(pairs: Pairs, loaded: checkpoint.LoadedSAE, acfg: Any, acc: met
         seg = np.repeat(np.arange(x.shape[0]), tokens)
         sides.append(pool_token_codes(v, i, seg, x.shape[0], c, width))
       acc.update(*sides)
-      out["image"].append(sides[0])
-      out["text"].append(sides[1])
+      if keep_codes:
+        out["image"].append(sides[0])
+        out["text"].append(sides[1])
   cat = lambda parts: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+  if not keep_codes:
+    return None, None, info
   return cat(out["image"]), cat(out["text"]), info
 
 
@@ -375,12 +379,14 @@ def analyze(config: Any, workdir: str, loaded: checkpoint.LoadedSAE, sae_dir: st
   check_pairs(pairs, d, sae_dir)
   acc = metrics.ConceptAccumulator(D, block_size=int(_opt(acfg, "block_size", 4096)),
                                    compute_dtype=compute_dtype)
-  image, text, code_info = encode_pairs(pairs, loaded, acfg, acc)
+  need_b = top_pairs > 0 or reduction == "max"
+  save_codes = bool(_opt(acfg, "save_codes", False))
+  image, text, code_info = encode_pairs(pairs, loaded, acfg, acc, keep_codes=need_b or save_codes)
   cm = metrics.concept_metrics(acc.sums(), reverse_modality=reverse)
   t_metrics = time.time() - t0
 
   bridge = None
-  if top_pairs > 0 or reduction == "max":
+  if need_b:
     mesh = None
     model_axis = int(_opt(_opt(config, "mesh", {}), "model", 1))
     if model_axis > 1:
@@ -407,7 +413,10 @@ def analyze(config: Any, workdir: str, loaded: checkpoint.LoadedSAE, sae_dir: st
   if bridge is not None:
     arrays["bridge_max"] = bridge.max_score
   np.savez(os.path.join(out_dir, "concepts.npz"), **arrays)
-  if bool(_opt(acfg, "save_codes", False)):
+  codes_path = os.path.join(out_dir, "codes.npz")
+  if not save_codes and os.path.exists(codes_path):  # stale codes of an earlier run
+    os.remove(codes_path)
+  if save_codes:
     np.savez(os.path.join(out_dir, "codes.npz"), image_values=image[0], image_indices=image[1],
              text_values=text[0], text_indices=text[1], sample_ids=pairs.sample_ids,
              codes_mode=np.array(code_info["codes"]))
@@ -419,8 +428,11 @@ def analyze(config: Any, workdir: str, loaded: checkpoint.LoadedSAE, sae_dir: st
             for p in compare.split(",") if p.strip() and os.path.normpath(p.strip()) != os.path.normpath(workdir)]
   runs = [this] + others
   write_table1(out_dir, runs, fraction, reduction)
+  pairs_csv = os.path.join(out_dir, "top_bridge_pairs.csv")
   if bridge is not None and top_pairs > 0:
-    write_pairs_csv(os.path.join(out_dir, "top_bridge_pairs.csv"), bridge, D, cm.modality_score)
+    write_pairs_csv(pairs_csv, bridge, D, cm.modality_score)
+  elif os.path.exists(pairs_csv):  # left by an earlier run: it would not match these concepts
+    os.remove(pairs_csv)
   plots.plot_modality_kde(runs, os.path.join(out_dir, "fig_modality_kde.png"), reverse=reverse)
   plots.plot_cumulative_energy(runs, os.path.join(out_dir, "fig_cumulative_energy.png"), fraction)
 

@@ -49,7 +49,7 @@ TOKEN_TYPES = shards_lib.TOKEN_TYPES
 # Shard `sample_ids`: the image id for rows of image inputs, CAPTION_ID_OFFSET + caption id for rows
 # of caption inputs (COCO image and caption ids overlap, so they need disjoint ranges).
 CAPTION_ID_OFFSET = 1 << 40
-_POOL_VARIANTS = ('mean', 'last', 'mean_no_image', 'mean_no_prompt', 'embed')
+_POOL_VARIANTS = ('mean', 'last_token', 'mean_no_image', 'mean_no_prompt', 'embed')
 
 
 def _as_tuple(v):
@@ -371,8 +371,8 @@ class Extractor:
     src = self.source
     workers = max(1, int(self.ex.num_workers))
     # On a GPU the CPU side of batch i+1 overlaps the forward of batch i (one prep thread). On a CPU
-    # the forward already uses every core; a second thread driving torch/numpy only adds contention
-    # (measured: 2x the CPU time per item for CLIP), so the prep runs inline there.
+    # the forward already uses every core; a second thread driving torch/numpy only added contention
+    # in our CPU measurements (more CPU time per item, no gain), so the prep runs inline there.
     overlap = self.encoder.device.type != 'cpu'
     with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
          (concurrent.futures.ThreadPoolExecutor(1) if overlap else _Deferred()) as prep:

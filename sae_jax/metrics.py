@@ -152,9 +152,10 @@ def _block_sums(D: jax.Array, iv: jax.Array, ii: jax.Array, tv: jax.Array, ti: j
 class ConceptAccumulator:
   """Streams matched code pairs through `update` in any number of chunks; `sums()` at the end.
 
-  Memory is O(block_size * k * d / ...) for the jitted block and O(c) for the sums: independent
-  of the number of pairs. `compute_dtype="bfloat16"` gathers a bf16 copy of D (half the memory
-  traffic, float32 accumulation); float32 is exact to rounding.
+  Memory is O(workers * block_size * k) for the blocks in flight (plus micro_size * 2k * d for the
+  gathered rows) and O(c) for the sums: independent of the number of pairs.
+  `compute_dtype="bfloat16"` gathers a bf16 copy of D (float32 accumulation; no faster under
+  XLA:CPU here, meant for accelerators); float32 is exact to rounding.
   """
 
   def __init__(self, dictionary: Any, *, block_size: int = 4096, micro_size: int = 4,
@@ -309,18 +310,20 @@ class BridgeResult(NamedTuple):
     return np.maximum(self.row_max, self.col_max)
 
 
-def _tile_entries(iv, ii, c_pad, tile, block):
-  """Image-code entries (pair n, local row, value) bucketed by concept tile: [n_tiles, L] each."""
+def _tile_entries(iv, ii, slot_of, c_pad, tile, block):
+  """Image-code entries (pair n, row in tile, value) bucketed by tile: [n_tiles, L] each.
+
+  `slot_of[i]` is concept i's row in the tiled (permuted, padded) dictionary."""
   n, k = iv.shape
   rows = np.repeat(np.arange(n, dtype=np.int32), k)
-  conc = ii.reshape(-1)
+  slot = slot_of[ii.reshape(-1)]
   vals = iv.reshape(-1)
   keep = vals != 0
-  rows, conc, vals = rows[keep], conc[keep], vals[keep]
-  order = np.argsort(conc, kind="stable")
-  rows, conc, vals = rows[order], conc[order], vals[order]
+  rows, slot, vals = rows[keep], slot[keep], vals[keep]
+  order = np.argsort(slot, kind="stable")
+  rows, slot, vals = rows[order], slot[order], vals[order]
   n_tiles = c_pad // tile
-  bounds = np.searchsorted(conc, np.arange(n_tiles + 1) * tile)
+  bounds = np.searchsorted(slot, np.arange(n_tiles + 1) * tile)
   counts = np.diff(bounds)
   length = max(block, int(math.ceil(max(int(counts.max()), 1) / block) * block))
   e_row = np.zeros((n_tiles, length), np.int32)
@@ -329,28 +332,45 @@ def _tile_entries(iv, ii, c_pad, tile, block):
   for t in range(n_tiles):
     s, e = bounds[t], bounds[t + 1]
     e_row[t, :e - s] = rows[s:e]
-    e_loc[t, :e - s] = conc[s:e] - t * tile
+    e_loc[t, :e - s] = slot[s:e] - t * tile
     e_val[t, :e - s] = vals[s:e]
   return e_row, e_loc, e_val
 
 
-def _merge_top(vals, ii, jj, cand_v, cand_i, cand_j, k):
-  allv = jnp.concatenate([vals, cand_v])
+def _balanced_slots(iv, ii, c, n_tiles, tile):
+  """Concepts dealt to tiles round-robin by decreasing firing count, so a few very frequent
+  concepts (real codes are long-tailed) do not make one tile's entry list, which sets the padded
+  length of all of them, much longer than the rest. Returns (slot_of [c], concept_of_slot [c_pad],
+  c for padding)."""
+  counts = np.bincount(ii.reshape(-1)[iv.reshape(-1) != 0], minlength=c)
+  order = np.argsort(-counts, kind="stable")
+  r = np.arange(c)
+  slots = (r % n_tiles) * tile + r // n_tiles
+  slot_of = np.empty(c, np.int64)
+  slot_of[order] = slots
+  concept_of_slot = np.full(n_tiles * tile, c, np.int64)
+  concept_of_slot[slots] = order
+  return slot_of, concept_of_slot
+
+
+def _merge_top(carry, cand, k):
+  """Running top-k of (value, i, j, cooc) tuples: the best k of the carried and the new ones."""
+  allv = jnp.concatenate([carry[0], cand[0]])
   best, pos = jax.lax.top_k(allv, k)
-  return best, jnp.concatenate([ii, cand_i])[pos], jnp.concatenate([jj, cand_j])[pos]
+  return (best,) + tuple(jnp.concatenate([a, b])[pos] for a, b in zip(carry[1:], cand[1:]))
 
 
-def _bridge_local(D_tiles, tile_ids, e_row, e_loc, e_val, D_all, tv, ti, *, c, n_pairs, top_k,
+def _bridge_local(D_tiles, row_ids, e_row, e_loc, e_val, D_all, tv, ti, *, c, n_pairs, top_k,
                   entry_block, dtype):
-  """Tiles given to one device: [T, tile, d] rows of D, their entries; returns running results."""
-  n_local, tile, _ = D_tiles.shape
-  kt = tv.shape[1]
+  """Tiles given to one device: [T, tile, d] rows of D, their concept ids [T, tile] (c = padding)
+  and image entries; returns the running top-K, column maxima and the rows' maxima."""
+  tile = D_tiles.shape[1]
   K = top_k
   D_all_c = D_all.astype(dtype)
 
   def one_tile(carry, xs):
-    top_v, top_i, top_j, col_max = carry
-    Dt, tid, rows, loc, val = xs
+    top, col_max = carry
+    Dt, grow, rows, loc, val = xs
     nb = rows.shape[0] // entry_block
     split = lambda x: x.reshape(nb, entry_block)
 
@@ -365,7 +385,6 @@ def _bridge_local(D_tiles, tile_ids, e_row, e_loc, e_val, D_all, tv, ti, *, c, n
     C = C.reshape(tile, c) / n_pairs                              # mean_pairs z_iota,i z_tau,j
     G = jnp.matmul(Dt.astype(dtype), D_all_c.T, preferred_element_type=jnp.float32)
     B = C * G
-    grow = tid * tile + jnp.arange(tile)
     valid_row = grow < c
     neg = jnp.float32(-jnp.inf)
     Bv = jnp.where(valid_row[:, None], B, neg)
@@ -375,18 +394,17 @@ def _bridge_local(D_tiles, tile_ids, e_row, e_loc, e_val, D_all, tv, ti, *, c, n
     cand = jnp.where((C != 0) & valid_row[:, None], B, neg)
     kk = min(K, c)
     rv, rj = jax.lax.top_k(cand, kk)                              # [tile, kk]
+    rc = jnp.take_along_axis(C, rj, axis=1)
     tv2, pos = jax.lax.top_k(rv.reshape(-1), min(K, tile * kk))
-    ci = grow[pos // kk]
-    cj = rj.reshape(-1)[pos]
-    top_v, top_i, top_j = _merge_top(top_v, top_i, top_j, tv2, ci.astype(jnp.int32),
-                                     cj.astype(jnp.int32), K)
-    return (top_v, top_i, top_j, col_max), row_max
+    new = (tv2, grow[pos // kk].astype(jnp.int32), rj.reshape(-1)[pos].astype(jnp.int32),
+           rc.reshape(-1)[pos])
+    return (_merge_top(top, new, K), col_max), row_max
 
-  init = (jnp.full((K,), -jnp.inf, jnp.float32), jnp.zeros((K,), jnp.int32),
-          jnp.zeros((K,), jnp.int32), jnp.full((c,), -jnp.inf, jnp.float32))
-  (top_v, top_i, top_j, col_max), row_max = jax.lax.scan(
-      one_tile, init, (D_tiles, tile_ids, e_row, e_loc, e_val))
-  return top_v[None], top_i[None], top_j[None], col_max[None], row_max
+  top0 = (jnp.full((K,), -jnp.inf, jnp.float32), jnp.zeros((K,), jnp.int32),
+          jnp.zeros((K,), jnp.int32), jnp.zeros((K,), jnp.float32))
+  ((top_v, top_i, top_j, top_c), col_max), row_max = jax.lax.scan(
+      one_tile, (top0, jnp.full((c,), -jnp.inf, jnp.float32)), (D_tiles, row_ids, e_row, e_loc, e_val))
+  return top_v[None], top_i[None], top_j[None], top_c[None], col_max[None], row_max
 
 
 def bridge_blockwise(dictionary: Any, image: Any, text: Any, *, top_k: int = 100, tile: int = 1024,
@@ -397,7 +415,9 @@ def bridge_blockwise(dictionary: Any, image: Any, text: Any, *, top_k: int = 100
   Per tile: the co-occurrence rows C[I, :] = mean_pairs z_iota,I z_tau^T from the image entries
   whose concept falls in the tile (bucketed once on the host, O(N k)), scattered with their pair's
   text code (O(N k^2) over all tiles), times the Gram rows D[I] D^T (the only O(c^2 d) part);
-  then the row/column maxima and a running top-K of pairs (i, j) with C_ij != 0. With a `mesh`,
+  then the row/column maxima and a running top-K of pairs (i, j) with C_ij != 0. Concepts are
+  dealt to tiles by decreasing firing count (`_balanced_slots`) so tiles carry similar numbers of
+  entries on long-tailed codes. With a `mesh`,
   tiles are split over its "model" axis (shard_map); the per-device top-K candidates are merged by
   a second top-K, which gives the same pairs as one device.
   """
@@ -413,11 +433,13 @@ def bridge_blockwise(dictionary: Any, image: Any, text: Any, *, top_k: int = 100
   m = 1 if mesh is None else int(mesh.shape[MODEL_AXIS])
   n_tiles = int(math.ceil(math.ceil(c / tile) / m) * m)
   c_pad = n_tiles * tile
+  slot_of, concept_of_slot = _balanced_slots(iv, ii, c, n_tiles, tile)
   D_pad = np.zeros((c_pad, d), np.float32)
-  D_pad[:c] = D
-  e_row, e_loc, e_val = _tile_entries(iv, ii, c_pad, tile, entry_block)
+  D_pad[slot_of] = D
+  e_row, e_loc, e_val = _tile_entries(iv, ii, slot_of, c_pad, tile, entry_block)
   K = int(top_k)
-  args = (D_pad.reshape(n_tiles, tile, d), np.arange(n_tiles, dtype=np.int32), e_row, e_loc, e_val,
+  args = (D_pad.reshape(n_tiles, tile, d), concept_of_slot.reshape(n_tiles, tile).astype(np.int32),
+          e_row, e_loc, e_val,
           D, tv, ti)
   kw = dict(c=c, n_pairs=float(n_pairs), top_k=K, entry_block=entry_block,
             dtype=_DTYPES[compute_dtype])
@@ -427,19 +449,19 @@ def bridge_blockwise(dictionary: Any, image: Any, text: Any, *, top_k: int = 100
   else:
     tiled = P(MODEL_AXIS)
     fn = jax.shard_map(local, mesh=mesh, in_specs=(tiled,) * 5 + (P(),) * 3,
-                       out_specs=(tiled,) * 5, check_vma=False)
+                       out_specs=(tiled,) * 6, check_vma=False)
     out = jax.jit(fn)(*args)
-  top_v, top_i, top_j, col_max, row_max = (np.asarray(x) for x in jax.device_get(out))
+  top_v, top_i, top_j, top_c, col_max, row_max = (np.asarray(x) for x in jax.device_get(out))
   # Second stage of the two-stage top-k: merge the per-device candidates.
-  v, i, j = top_v.reshape(-1), top_i.reshape(-1), top_j.reshape(-1)
+  v, i, j, co = top_v.reshape(-1), top_i.reshape(-1), top_j.reshape(-1), top_c.reshape(-1)
   order = np.lexsort((j, i, -v))[:K]
-  v, i, j = v[order], i[order], j[order]
+  v, i, j, co = v[order], i[order], j[order], co[order]
   keep = np.isfinite(v)
-  v, i, j = v[keep].astype(np.float64), i[keep].astype(np.int64), j[keep].astype(np.int64)
-  G = np.einsum("nd,nd->n", D[i].astype(np.float64), D[j].astype(np.float64))
-  with np.errstate(invalid="ignore", divide="ignore"):
-    cooc = np.where(G != 0, v / np.where(G != 0, G, 1.0), np.nan)
-  return BridgeResult(i, j, v, cooc, row_max.reshape(-1)[:c].astype(np.float64),
+  v, i, j, cooc = (v[keep].astype(np.float64), i[keep].astype(np.int64), j[keep].astype(np.int64),
+                   co[keep].astype(np.float64))
+  row_max_c = np.empty(c, np.float64)
+  row_max_c[concept_of_slot[concept_of_slot < c]] = row_max.reshape(-1)[concept_of_slot < c]
+  return BridgeResult(i, j, v, cooc, row_max_c,
                       col_max.max(axis=0).astype(np.float64))
 
 

@@ -207,8 +207,11 @@ def load_attribution(config, workdir, inputs: Inputs):
   if mode not in ('auto', 'concepts', 'sae'):
     raise SaeJaxError(f'config.retrieval.attribution={mode!r}: expected "auto", "concepts" or "sae"')
   sae_workdir = _get(rcfg, 'sae_workdir', '') or workdir
-  concepts = os.path.join(sae_workdir, 'analysis', 'concepts.npz')
-  if mode in ('auto', 'concepts') and os.path.exists(concepts):
+  # The analysis stage writes <workdir>/analysis/ (its SAE may live elsewhere); look there first.
+  found = [p for p in dict.fromkeys(os.path.join(w, 'analysis', 'concepts.npz')
+                                    for w in (workdir, sae_workdir)) if os.path.exists(p)]
+  concepts = found[0] if found else os.path.join(workdir, 'analysis', 'concepts.npz')
+  if mode in ('auto', 'concepts') and found:
     with np.load(concepts, allow_pickle=False) as z:
       if 'attribution' not in z.files or 'D' not in z.files:
         raise SaeJaxError(f'{concepts}: expected arrays "attribution" and "D", got {z.files}')

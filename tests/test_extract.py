@@ -101,6 +101,26 @@ def test_clip_end_to_end_pooled_and_shards(clip_run):
 
 
 @needs_fixture
+def test_pairing_first_keeps_each_images_first_caption(clip_run, tmp_path):
+  wd, _ = clip_run
+  summary = _run("clip", tmp_path, pairing="first", write_shards=False)
+  assert summary["counts"]["pairs"] == 11 and summary["counts"]["captions"] == 55
+  z = np.load(tmp_path / "activations" / "pooled_embed.npz")
+  zall = np.load(wd / "activations" / "pooled_embed.npz")
+  src = _source()
+  first = {}
+  for c in src.captions:
+    first.setdefault(c.image_id, c.caption_id)
+  assert sorted(z["caption_ids"].tolist()) == sorted(first.values())
+  assert len(set(z["image_ids"].tolist())) == 11
+  for r in range(11):
+    j = int(np.nonzero(zall["caption_ids"] == z["caption_ids"][r])[0][0])
+    np.testing.assert_allclose(z["text"][r], zall["text"][j], atol=1e-6)
+    np.testing.assert_allclose(z["image"][r], zall["image"][j], atol=1e-6)
+  assert not (tmp_path / "activations" / "shards").exists()
+
+
+@needs_fixture
 def test_qwen2vl_end_to_end_pooled_variants_and_token_shards(qwen_run):
   wd, summary = qwen_run
   src = _source()
@@ -120,7 +140,7 @@ def test_qwen2vl_end_to_end_pooled_variants_and_token_shards(qwen_run):
   mine = ids == extract.CAPTION_ID_OFFSET + c.caption_id
   np.testing.assert_array_equal(types[mine], out_t.token_types[0].numpy())
   np.testing.assert_allclose(rows[mine], base.to_numpy(out_t.hidden[0]), atol=1e-4)
-  for v in ("mean", "last", "mean_no_image", "mean_no_prompt"):
+  for v in ("mean", "last_token", "mean_no_image", "mean_no_prompt"):
     z = np.load(os.path.join(wd, "activations", f"pooled_{v}.npz"))
     assert z["image"].shape == z["text"].shape == (55, 32) and z["image_unique"].shape == (11, 32)
     r = int(np.nonzero(z["caption_ids"] == c.caption_id)[0][0])
@@ -183,7 +203,7 @@ def test_resume_after_crash_gives_the_same_shards(qwen_run, tmp_path):
   np.testing.assert_array_equal(ids, rids)
   np.testing.assert_array_equal(types, rtypes)
   np.testing.assert_allclose(rows, rrows, atol=1e-5)
-  for v in ("mean", "last"):
+  for v in ("mean", "last_token"):
     a, b = np.load(act / f"pooled_{v}.npz"), np.load(ref_wd / "activations" / f"pooled_{v}.npz")
     np.testing.assert_allclose(a["text"], b["text"], atol=1e-5)
     np.testing.assert_array_equal(a["caption_ids"], b["caption_ids"])
@@ -359,7 +379,7 @@ def test_mbeir_queries_pool_qrels_and_extraction(tmp_path):
   q = mbeir.MBeirQueries(str(root / "q.jsonl"), str(root))
   assert len(q) == 6 and q[4]["modality"] == "image,text" and q[4]["text"] == "make it night"
   cfg = _config("qwen2_vl", dataset="mbeir", mbeir_queries=str(root / "q.jsonl"),
-                mbeir_pool=str(root / "pool.jsonl"), mbeir_image_root=str(root), pooling=("mean", "last"))
+                mbeir_pool=str(root / "pool.jsonl"), mbeir_image_root=str(root), pooling=("mean", "last_token"))
   enc = _encoder("qwen2_vl")
   summary = mbeir.run_mbeir_extraction(cfg, str(tmp_path / "wd"), encoder=enc)
   assert summary["counts"] == {"queries": 5, "pool": 5} and summary["skipped"] == {"queries": 1, "pool": 0}

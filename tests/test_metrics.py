@@ -248,3 +248,20 @@ def test_bridge_sharded_over_model_axis_equals_unsharded():
   np.testing.assert_allclose(one[3], ref["max"], rtol=1e-5, atol=1e-6)
   cand = np.where(ref["cooc"] != 0, ref["B"], -np.inf).reshape(-1)
   np.testing.assert_allclose(one[0], np.sort(cand)[::-1][:12], rtol=1e-5, atol=1e-6)
+
+
+def test_bridge_blockwise_long_tailed_codes():
+  """A few concepts fire in every row (as on real codes): tiles are balanced, results exact."""
+  # Draws use concepts 0..61 only (silent=2), so forcing 62 and 63 keeps each row's indices distinct.
+  D, (iv, ii), (tv, ti) = random_problem(n=60, c=64, d=10, k=6, silent=2, seed=7)
+  ii[:, 1], ii[:, 2] = 63, 62          # two hot concepts, in every image row
+  ti[:, 1] = 63
+  ref = dense_reference(D, (iv, ii), (tv, ti))
+  slot_of, concept_of_slot = metrics._balanced_slots(iv, ii, 64, 4, 16)
+  assert slot_of[63] // 16 != slot_of[62] // 16                      # hot concepts split up
+  assert sorted(concept_of_slot.tolist()) == list(range(64))
+  res = metrics.bridge_blockwise(D, (iv, ii), (tv, ti), top_k=10, tile=16, entry_block=8)
+  np.testing.assert_allclose(res.max_score, ref["max"], rtol=1e-5, atol=1e-6)
+  cand = np.where(ref["cooc"] != 0, ref["B"], -np.inf).reshape(-1)
+  np.testing.assert_allclose(res.pairs_value, np.sort(cand)[::-1][:10], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(res.pairs_cooc, ref["cooc"][res.pairs_i, res.pairs_j], rtol=1e-5)

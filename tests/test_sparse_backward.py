@@ -66,9 +66,9 @@ def _rel(a, b):
 @pytest.mark.parametrize("with_dead", [False, True])
 def test_loss_and_grads_match_autodiff(preset, decoder, with_dead, monkeypatch):
   # Blocks of 32 rows, so the blocked encoder forward (GEMM + ReLU + top-k per block) is tested.
-  monkeypatch.setattr(sae_lib, "_ENCODER_BLOCK_BYTES", 32 * 4 * C)
+  monkeypatch.setattr(sae_lib, "_ENCODER_BLOCK_ROWS", 32)
   monkeypatch.setattr(sae_lib, "_MIN_BLOCK_ROWS", 32)
-  assert sae_lib._encoder_block_rows(B, C) == 32
+  assert sae_lib._encoder_block_rows(B) == 32
   spec, params, x = _setup(preset)
   spec = dataclasses.replace(spec, decoder=decoder)
   valid = jnp.asarray(np.arange(B) % 7 != 3)  # some rows masked out

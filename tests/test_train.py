@@ -168,7 +168,7 @@ def test_nonfinite_rows_error_or_skip(tmp_path, monkeypatch):
     b[3, 5] = np.nan
     b[10] = np.inf
     return b
-  monkeypatch.setattr(pipeline, "batch_fn", lambda config: poisoned)
+  monkeypatch.setattr(pipeline, "batch_fn", lambda config, *process: poisoned)
   with pytest.raises(SaeJaxError, match=r"batch 0: 2 row\(s\) contain NaN/Inf \(first at row 3\)"):
     train.train_and_evaluate(_bad_config(tmp_path), str(tmp_path / "a"))
   assert not (tmp_path / "a" / "checkpoints" / "3").exists()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Optional
 
 from absl import logging
 import numpy as np

