@@ -18,7 +18,9 @@ CORE = [
 ]
 # torch is pinned: 2.13.0 resolves to the CPU wheel on our machines (unpinned pulls a CUDA build).
 EXTRACT = ["torch==2.13.0", "transformers>=5.24.0", "pillow>=10.0", "tokenizers>=0.21", "safetensors>=0.4",
-           "pyarrow>=15.0"]
+           "pyarrow>=15.0",      # the lmms-lab/COCO-Caption parquet layout
+           "tqdm>=4.66"]         # progress bar on a terminal
+GPU = ["accelerate>=1.0"]        # loading HF weights straight onto the GPU (device_map)
 TEST = EXTRACT + [
     "pytest>=8.0",
     "scikit-learn>=1.5",
@@ -37,5 +39,5 @@ setup(
     packages=find_packages(include=["sae_jax", "sae_jax.*", "experiments", "configs"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"extract": EXTRACT, "test": TEST, "bench": BENCH},
+    extras_require={"extract": EXTRACT, "gpu": EXTRACT + GPU, "test": TEST, "bench": BENCH},
 )

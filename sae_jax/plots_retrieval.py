@@ -45,6 +45,8 @@ def fig_masking(results: Mapping, path: str, tasks: Sequence[str] | None = None,
   if not tasks:
     axes[0][0].text(0.5, 0.5, 'no masking variants evaluated', ha='center', va='center')
     axes[0][0].set_axis_off()
+  fig.suptitle('Retrieval with token positions masked before mean pooling (paper Figure 4): '
+               'Base / w/o image / w/o prompt', fontsize=10)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   fig.savefig(path, dpi=120)
@@ -63,7 +65,8 @@ def fig_rank_sweep(sweep: Mapping, path: str, title: str = ''):
       ax.axhline(val, ls='--', lw=0.8, color='gray', label='oracle' if j == 0 else None)
   ax.set_xlabel('removal rank r')
   ax.set_ylabel('Recall (%)')
-  ax.set_title(title, fontsize=9)
+  ax.set_title('Removing the top right singular vectors of the high-attribution atoms (Eq. 8-10)\n'
+               + title, fontsize=9)
   ax.legend(fontsize=8)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)

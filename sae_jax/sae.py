@@ -412,21 +412,31 @@ def loss_fn(params: Params, x: jax.Array, spec: SAESpec, valid: Optional[jax.Arr
   loss = mse + spec.l1_coef * l1
   aux = jnp.zeros((), jnp.float32)
   if spec.aux_k > 0 and dead is not None:
-    # AuxK (Gao et al. 2024): the top aux_k dead latents reconstruct the residual. Computed (and
-    # its encoder GEMM repeated) only when some latent is dead; otherwise it is 0, as before.
-    e = jax.lax.stop_gradient(err)
-
-    def aux_loss(operands):
-      p, e = operands
-      aux_values, aux_indices = topk_encode(x, shift, p["W_enc"], p["b_enc"], dead, spec.aux_k,
-                                            dtype, top_k)
-      e_hat = sparse_decode(aux_values, aux_indices, p["D"])
-      e_var = jnp.sum(w[:, None] * (e - e.mean(0)) ** 2)
-      return jnp.sum(w[:, None] * (e - e_hat) ** 2) / jnp.maximum(e_var, 1e-12)
-
-    aux = jax.lax.cond(jnp.any(dead), aux_loss, lambda _: jnp.zeros((), jnp.float32), (params, e))
+    # Computed only when some latent is dead (0 otherwise). The train step differentiates it
+    # separately, outside the cond (see `aux_loss_fn`).
+    aux = jax.lax.cond(jnp.any(dead), lambda ops: aux_loss_fn(ops[0], x, ops[1], spec, valid, dead, top_k),
+                       lambda _: jnp.zeros((), jnp.float32), (params, err))
     loss = loss + spec.aux_coef * aux
   return loss, LossOutput(loss, mse, l1, aux, SparseCode(values, indices), x_hat)
+
+
+def aux_loss_fn(params: Params, x: jax.Array, err: jax.Array, spec: SAESpec, valid: Optional[jax.Array],
+                dead: jax.Array, top_k: TopKFn = _top_k) -> jax.Array:
+  """AuxK (Gao et al. 2024), unscaled: the top aux_k dead latents reconstruct the residual `err`
+  (x - x_hat of the main loss, a constant here), normalised by its variance.
+
+  Differentiating through a lax.cond makes XLA copy the branch's residuals (W_enc and D among
+  them) out of the forward cond and write zeros when it is not taken: at d=2048, c=16384 that
+  cost ~1 s per step. So the train step takes grad(aux_loss_fn) inside a cond instead.
+  """
+  shift = params["b_dec"] if spec.pre_bias else None
+  w = jnp.ones(x.shape[:1], jnp.float32) if valid is None else valid.astype(jnp.float32)
+  e = jax.lax.stop_gradient(err)
+  aux_values, aux_indices = topk_encode(x, shift, params["W_enc"], params["b_enc"], dead, spec.aux_k,
+                                        _dtype(spec), top_k)
+  e_hat = sparse_decode(aux_values, aux_indices, params["D"])
+  e_var = jnp.sum(w[:, None] * (e - e.mean(0)) ** 2)
+  return jnp.sum(w[:, None] * (e - e_hat) ** 2) / jnp.maximum(e_var, 1e-12)
 
 
 def explained_variance(x: jax.Array, x_hat: jax.Array, valid: Optional[jax.Array] = None

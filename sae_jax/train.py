@@ -94,7 +94,20 @@ def make_train_step(spec: sae_lib.SAESpec, optimizer: optax.GradientTransformati
       params = {**params, "D": sae_lib.normalize_rows(params["D"])}
     dead = state["tokens_since_fired"] >= spec.dead_tokens
     grad_fn = jax.value_and_grad(sae_lib.loss_fn, has_aux=True)
-    (_, out), grads = grad_fn(params, batch, spec, valid, dead, top_k)
+    if spec.aux_k > 0:
+      # = grad of loss_fn(..., dead): the AuxK term is differentiated inside the cond that skips
+      # it when no latent is dead, not through it (see sae.aux_loss_fn for why).
+      (_, out), grads = grad_fn(params, batch, spec, valid, None, top_k)
+
+      def add_aux(grads):
+        aux, aux_grads = jax.value_and_grad(sae_lib.aux_loss_fn)(
+            params, batch, batch - out.x_hat, spec, valid, dead, top_k)
+        return aux, jax.tree.map(lambda g, a: g + spec.aux_coef * a, grads, aux_grads)
+
+      aux, grads = jax.lax.cond(jnp.any(dead), add_aux, lambda g: (jnp.zeros((), jnp.float32), g), grads)
+      out = out._replace(loss=out.loss + spec.aux_coef * aux, aux=aux)
+    else:
+      (_, out), grads = grad_fn(params, batch, spec, valid, dead, top_k)
     if spec.decoder_norm == "unit_grad":
       grads = {**grads, "D": remove_parallel_component(grads["D"], params["D"])}
     grad_norm = optax.tree.norm(grads)

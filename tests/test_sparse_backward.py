@@ -122,3 +122,30 @@ def test_encoder_and_decoder_input_gradients():
   g = jax.grad(lambda v: jnp.sum(sae_lib.sparse_decode(v, code.indices, params["D"]) ** 2))(code.values)
   g_ref = jax.grad(lambda v: jnp.sum(jnp.einsum("bk,bkd->bd", v, params["D"][code.indices]) ** 2))(code.values)
   assert _rel(g, g_ref) < 1e-5
+
+
+def test_train_step_with_dead_latents_matches_loss_fn_gradient():
+  """The step differentiates AuxK separately (inside its cond); the update must equal Adam on
+  grad(loss_fn) with the parallel component removed, and report the same loss and aux."""
+  import optax
+  from sae_jax import train as train_lib
+  spec, params, x = _setup("modern", seed=4)
+  spec = dataclasses.replace(spec, dead_tokens=100)
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(8e-4))
+  valid = jnp.asarray(np.arange(B) % 5 != 0)
+  state = train_lib.init_state(params, optimizer)
+  since = np.where(np.arange(C) % 4 == 0, 1000, 0).astype(np.int32)
+  state = {**state, "tokens_since_fired": jnp.asarray(since)}
+  new_state, metrics = jax.jit(train_lib.make_train_step(spec, optimizer))(state, x, valid)
+
+  dead = jnp.asarray(since >= 100)
+  (loss, out), g = jax.value_and_grad(sae_lib.loss_fn, has_aux=True)(params, x, spec, valid, dead)
+  g = {**g, "D": train_lib.remove_parallel_component(g["D"], params["D"])}
+  updates, _ = optimizer.update(g, optimizer.init(params), params)
+  ref = optax.apply_updates(params, updates)
+  ref = {**ref, "D": sae_lib.normalize_rows(ref["D"])}
+  assert float(out.aux) > 0
+  np.testing.assert_allclose(float(metrics["aux_loss"]), float(out.aux), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+  for name in ref:
+    assert _rel(new_state["params"][name], ref[name]) < 1e-5, name
