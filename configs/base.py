@@ -101,6 +101,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   retrieval.ks = (1, 5, 10)
   retrieval.max_queries = 0     # first N queries per task (paper: 3000); 0 = all
   retrieval.base_variant = "mean"  # the variant removal / whitening are applied to
+  retrieval.mbeir_task = "auto"  # task of an M-BEIR extraction in activations/ ("auto": from modalities)
   retrieval.exclude_reference = True  # CIRR: drop each query's own reference image
   retrieval.removal = True
   retrieval.attribution = "auto"  # "auto" (analysis/concepts.npz, else the SAE) | "concepts" | "sae"

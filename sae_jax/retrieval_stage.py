@@ -109,6 +109,7 @@ def _pooled_inputs(rcfg, workdir) -> Inputs:
         variants[v] = {k: z[k] for k in z.files}
     except (OSError, ValueError) as e:
       raise SaeJaxError(f'{path}: cannot read pooled embeddings ({e})') from e
+  _add_mbeir_tasks(rcfg, pooled_dir, variants)
   if not variants:
     raise SaeJaxError(
         f'{pooled_dir}: no pooled_<variant>.npz for config.retrieval.variants='
@@ -121,12 +122,30 @@ def _pooled_inputs(rcfg, workdir) -> Inputs:
   return Inputs('pooled', variants, fit, None, f'{pooled_dir}: variants {sorted(variants)}')
 
 
+def _add_mbeir_tasks(rcfg, pooled_dir, variants: dict) -> None:
+  """Adds the task of an M-BEIR extraction (mbeir_{queries,pool}_pooled_<v>.npz + qrels) per variant."""
+  qrels_path = os.path.join(pooled_dir, 'mbeir_qrels.json')
+  if not os.path.exists(qrels_path):
+    return
+  with open(qrels_path) as f:
+    qrels = json.load(f)
+  for v in _as_tuple(_get(rcfg, 'variants', ('mean',))):
+    paths = [os.path.join(pooled_dir, f'mbeir_{n}_pooled_{v}.npz') for n in ('queries', 'pool')]
+    if not all(os.path.exists(p) for p in paths):
+      continue
+    with np.load(paths[0], allow_pickle=False) as q, np.load(paths[1], allow_pickle=False) as c:
+      arrays = T.mbeir_task_arrays({k: q[k] for k in q.files}, {k: c[k] for k in c.files}, qrels,
+                                   task=_get(rcfg, 'mbeir_task', 'auto'), source=paths[0])
+    variants.setdefault(v, {}).update(arrays)
+
+
 def load_inputs(config, workdir) -> Inputs:
   rcfg = config.retrieval
   source = _get(rcfg, 'source', 'auto')
   if source == 'auto':
     has_pooled = os.path.isdir(_pooled_dir(rcfg, workdir)) and any(
-        f.startswith('pooled_') and f.endswith('.npz') for f in os.listdir(_pooled_dir(rcfg, workdir)))
+        (f.startswith('pooled_') or f.startswith('mbeir_')) and f.endswith('.npz')
+        for f in os.listdir(_pooled_dir(rcfg, workdir)))
     source = 'pooled' if has_pooled or config.data.source != 'synthetic' else 'synthetic'
   if source == 'synthetic':
     return _synthetic_inputs(config, rcfg)

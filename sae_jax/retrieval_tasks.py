@@ -165,3 +165,52 @@ def build_task(name: str, arrays: Mapping[str, np.ndarray], source: str = '') ->
     ids = arrays.get('image_ids', arrays.get('sample_ids'))
     return paired_task(name, arrays['image'], arrays['text'], ids)
   return None
+
+
+# ------------------------------------------------------------------------------- M-BEIR files
+
+_MODALITY = {'image': 'image', 'text': 'text', 'image,text': 'image+text'}
+
+
+def mbeir_task_arrays(queries: Mapping[str, np.ndarray], pool: Mapping[str, np.ndarray],
+                      qrels: Mapping[str, list], task: str = 'auto', source: str = 'mbeir') -> dict:
+  """Explicit `<task>__*` arrays from the M-BEIR extraction output (`sae_jax.data.mbeir`).
+
+  `queries` / `pool` are the arrays of `mbeir_{queries,pool}_pooled_<variant>.npz` (`embeddings`,
+  `ids`, `modality`, `image_paths`), `qrels` maps a query id to its positive candidate ids. The task
+  is inferred from the query and candidate modalities unless named. Queries whose positives all
+  fell out of the pool (missing images) are dropped, as they cannot be scored. For CIRR-style tasks
+  the candidate holding the query's own image (same path) is excluded.
+  """
+  q_mod = sorted({_MODALITY[str(m)] for m in queries['modality']})
+  c_mod = sorted({_MODALITY[str(m)] for m in pool['modality']})
+  if task == 'auto':
+    found = [t.name for t in TASKS.values() if [t.query] == q_mod and [t.candidate] == c_mod]
+    if not found:
+      raise SaeJaxError(f'{source}: queries of modality {q_mod} against candidates {c_mod} match no task '
+                        f'in {sorted(TASKS)}; set config.retrieval.mbeir_task')
+    task = found[0]
+  spec = get_task(task)
+  position = {str(did): j for j, did in enumerate(pool['ids'])}
+  keep, indptr, indices = [], [0], []
+  for i, qid in enumerate(queries['ids']):
+    pos = sorted({position[str(d)] for d in qrels.get(str(qid), []) if str(d) in position})
+    if pos:
+      keep.append(i)
+      indices.extend(pos)
+      indptr.append(len(indices))
+  if not keep:
+    raise SaeJaxError(f'{source}: no query has a positive candidate in the pool (qrels vs pool ids)')
+  keep = np.asarray(keep)
+  out = {f'{task}__queries': np.asarray(queries['embeddings'], np.float32)[keep],
+         f'{task}__candidates': np.asarray(pool['embeddings'], np.float32),
+         f'{task}__positives_indptr': np.asarray(indptr, np.int64),
+         f'{task}__positives_indices': np.asarray(indices, np.int64)}
+  if spec.exclude_reference and 'image_paths' in queries and 'image_paths' in pool:
+    by_path = {}
+    for j, (p, m) in enumerate(zip(pool['image_paths'], pool['modality'])):
+      if p and str(m) == 'image':
+        by_path.setdefault(str(p), j)
+    out[f'{task}__exclude'] = np.asarray(
+        [by_path.get(str(queries['image_paths'][i]), -1) for i in keep], np.int64)
+  return out

@@ -10,7 +10,7 @@ elements are dicts {'id', 'text', 'image' (coco.ImageRef or None), 'modality'}.
 
 `run_mbeir_extraction(config, workdir)` encodes queries and candidates with `config.extract` and writes
 `<workdir>/activations/mbeir_{queries,pool}_pooled_<variant>.npz` with `embeddings` [N, d], `ids` [N]
-(str), `modality` [N] (str), plus `mbeir_qrels.json` ({qid: [positive dids]}). Records whose image is
+(str), `modality` [N] (str), `image_paths` [N] (str, '' for text records), plus `mbeir_qrels.json` ({qid: [positive dids]}). Records whose image is
 missing or corrupt are skipped and counted (`skipped` in `mbeir_summary.json`).
 """
 
@@ -158,11 +158,14 @@ def run_mbeir_extraction(config, workdir: str, encoder=None) -> dict:
     arrays, kept = encode_records(encoder, src.records, variants, int(ex.batch_size), float(ex.log_every_s))
     ids = np.array([r['id'] for r, k in zip(src.records, kept) if k])
     mods = np.array([r['modality'] for r, k in zip(src.records, kept) if k])
+    # Image paths let retrieval find a CIRR query's own reference image among the candidates.
+    paths = np.array([r['image'].path if r['image'] is not None else '' for r, k in zip(src.records, kept)
+                      if k])
     for v, emb in arrays.items():
       if emb is None:
         raise SaeJaxError(f'{path}: no record could be encoded (all images missing or corrupt)')
       _atomic_savez(os.path.join(act, f'mbeir_{name}_pooled_{v}.npz'), embeddings=emb, ids=ids,
-                    modality=mods, variant=np.array(v))
+                    modality=mods, image_paths=paths, variant=np.array(v))
     summary['skipped'][name] = int((~kept).sum())
     summary['counts'][name] = int(kept.sum())
   if qrels:
