@@ -20,7 +20,9 @@ def _mbeir_arrays(rng, d=16, n_q=30, n_c=50):
   ref = rng.integers(0, n_c, n_q)
   # The query embedding sits next to its own reference image: without the exclusion that
   # reference wins rank 1, the CIRR failure mode the convention removes.
-  queries = {"embeddings": pool["embeddings"][ref] + 0.01 * rng.standard_normal((n_q, d)).astype(np.float32),
+  target = (ref + 1 + np.arange(n_q) % 3) % n_c
+  mix = 0.65 * pool["embeddings"][ref] + 0.35 * pool["embeddings"][target]
+  queries = {"embeddings": mix + 0.01 * rng.standard_normal((n_q, d)).astype(np.float32),
              "ids": np.array([f"7:{i}" for i in range(n_q)]),
              "modality": np.array(["image,text"] * n_q),
              "image_paths": np.array([f"img/{j}.jpg" for j in ref])}
@@ -72,7 +74,7 @@ def test_stage_reads_mbeir_files_and_matches_reference(tmp_path):
   # Without the exclusion each query finds its own reference image first.
   no_ex = R.recall_reference(q @ c.T, arrays["image_text_to_image__positives_indptr"],
                              arrays["image_text_to_image__positives_indices"], (1,))
-  assert no_ex["R@1"] < want["R@1"]
+  assert no_ex["R@1"] < 20 < want["R@1"]
   assert got["n_queries"] == 29 and got["settings"]["exclude_reference"] is True
 
 
