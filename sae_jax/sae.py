@@ -73,10 +73,10 @@ _CHOICES = {
 def default_decoder(platform: Optional[str] = None) -> str:
   """The decoder for "auto", picked by measurement (benchmarks/train_throughput.py).
 
-  On the 2-core CPU (XLA:CPU, d=768/c=7168 and d=2048/c=16384, bf16 and fp32) the sparse decoder
-  (k gathered rows per sample, loops over the k columns) beat a dense z @ D with NN-layout bf16
-  GEMMs: the dense one adds three B*c*d GEMMs per step. On accelerators the gather also costs
-  B*k*d instead of B*c*d FLOPs.
+  On the 2-core CPU (XLA:CPU, bf16, d=768, c=7168, B=4096) the sparse decoder (k gathered rows
+  per sample, loops over the k columns) took 0.58 s/step against 1.03 s for a dense z @ D with
+  NN-layout bf16 GEMMs, which adds three B*c*d GEMMs per step (more still at larger c). Not yet
+  measured on accelerators, where dense GEMMs are cheap and scatters are not: measure there.
   """
   del platform
   return "gather"
