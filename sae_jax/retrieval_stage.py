@@ -176,47 +176,16 @@ def encode_pairs(params, k: int, image, text, batch_size: int = 4096):
   return out[0], out[1]
 
 
-def _attribution_from_codes(D, code_i, code_t) -> np.ndarray:
-  """A_i = mean_pairs(z_ι,i <d_i, x̂_τ> + z_τ,i <d_i, x̂_ι>) with k dot products per row."""
-  D = jnp.asarray(D, jnp.float32)
-  (vi, ii), (vt, it) = code_i, code_t
-
-  @jax.jit
-  def chunk(vi, ii, vt, it):
-    hi = jnp.einsum('nk,nkd->nd', vi, D[ii])   # x̂ without b_dec
-    ht = jnp.einsum('nk,nkd->nd', vt, D[it])
-    ai = vi * jnp.einsum('nkd,nd->nk', D[ii], ht)
-    at = vt * jnp.einsum('nkd,nd->nk', D[it], hi)
-    out = jnp.zeros((D.shape[0],), jnp.float32).at[ii.reshape(-1)].add(ai.reshape(-1))
-    return out.at[it.reshape(-1)].add(at.reshape(-1))
-
-  total = np.zeros((D.shape[0],), np.float64)
-  n = vi.shape[0]
-  for s in range(0, n, 4096):
-    sl = slice(s, s + 4096)
-    total += np.asarray(chunk(vi[sl], ii[sl], vt[sl], it[sl]), np.float64)
-  return total / n
-
-
-def attribution_from_sae(params, k: int, image, text, batch_size: int = 4096,
-                         use_metrics: bool = True) -> np.ndarray:
+def attribution_from_sae(params, k: int, image, text, batch_size: int = 4096) -> np.ndarray:
   """Attribution (paper Eq. 6) of each concept over matched pairs, from an SAE.
 
-  A_i = mean_pairs(z_ι,i <d_i, x̂_τ> + z_τ,i <d_i, x̂_ι>), x̂ without b_dec (design.md §3).
-  Uses `sae_jax.metrics.compute_concept_metrics` (the analysis stage's implementation) when it is
-  importable, else a small local version; both avoid the c x c matrix.
+  A_i = mean_pairs(z_ι,i <d_i, x̂_τ> + z_τ,i <d_i, x̂_ι>), x̂ without b_dec (design.md §3), by the
+  analysis stage's streaming implementation (no c x c matrix).
   """
+  from sae_jax import metrics
   code_i, code_t = encode_pairs(params, k, image, text, batch_size)
   D = np.asarray(params['D'], np.float32)
-  if use_metrics:
-    try:
-      from sae_jax import metrics
-      fn = metrics.compute_concept_metrics
-    except (ImportError, AttributeError):
-      fn = None
-    if fn is not None:
-      return np.asarray(fn(D, code_i, code_t).attribution, np.float64)
-  return _attribution_from_codes(D, code_i, code_t)
+  return np.asarray(metrics.compute_concept_metrics(D, code_i, code_t).attribution, np.float64)
 
 
 def load_attribution(config, workdir, inputs: Inputs):

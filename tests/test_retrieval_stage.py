@@ -40,17 +40,15 @@ def _i2t_r1(src_pairs, fn=None):
   return S.evaluate_task(data, (1, 5, 10))
 
 
-def test_attribution_fallback_matches_dense_reference():
+def test_attribution_from_sae_matches_dense_reference():
   src = synthetic.PlantedSource(synthetic.default_synthetic_config())
   pairs = src.paired(300, seed=3)
   params = _perfect_sae(src)
   ref = _dense_attribution(params, 11, pairs.image, pairs.text)
-  for use_metrics in (True, False):   # the metrics module's implementation and the local one
-    a = S.attribution_from_sae(params, 11, pairs.image, pairs.text, batch_size=128,
-                               use_metrics=use_metrics)
-    np.testing.assert_allclose(a, ref, rtol=2e-4, atol=2e-4)
-    # Identity 3 of design.md: sum_i A_i = 2 mean <x̂_ι, x̂_τ>.
-    assert a.sum() == pytest.approx(float(ref.sum()), rel=1e-4)
+  a = S.attribution_from_sae(params, 11, pairs.image, pairs.text, batch_size=128)
+  np.testing.assert_allclose(a, ref, rtol=2e-4, atol=2e-4)
+  # Identity 3 of design.md: sum_i A_i = 2 mean <x̂_ι, x̂_τ>.
+  assert a.sum() == pytest.approx(float(ref.sum()), rel=1e-4)
 
 
 def test_planted_removal_raises_r1_and_reaches_oracle_gain():
