@@ -174,9 +174,7 @@ def test_pooled_missing_is_one_line(tmp_path):
 
 def test_run_retrieval_synthetic_with_trained_sae(tmp_path):
   """Trains the tiny synthetic SAE, then the stage computes the attribution from it."""
-  train = pytest.importorskip('sae_jax.train')
-  if not hasattr(train, 'train_and_evaluate'):
-    pytest.skip('sae_jax.train.train_and_evaluate not available')
+  from sae_jax import train
   from configs import synthetic as syn_cfg
   config = syn_cfg.get_config('tiny,modern')
   config.train.num_steps = 300          # ~15 s here; the 60-step tiny run is far from converged
