@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

@@ -1,9 +1,7 @@
 """Activation shards, the global shuffle, and grain iterator resumption."""
 
-import json
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 

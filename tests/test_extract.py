@@ -399,7 +399,6 @@ def test_mbeir_queries_pool_qrels_and_extraction(tmp_path):
 
 @needs_fixture
 def test_online_batches_are_real_activations_deterministic_and_resumable(qwen_run):
-  import grain
   from sae_jax.data import pipeline
   wd, _ = qwen_run
   cfg = _config("qwen2_vl")

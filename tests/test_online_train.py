@@ -1,7 +1,6 @@
 """Training with the encoder inside the input pipeline (data.source="online") resumes exactly."""
 
 import numpy as np
-import pytest
 
 from configs import qwen2vl_coco
 from sae_jax import train

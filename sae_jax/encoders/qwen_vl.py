@@ -6,8 +6,6 @@ prod(image_grid_thw) / merge_size**2, produced by the processor itself. transfor
 `mm_token_type_ids` (1 on image tokens), which we pass.
 """
 
-import torch
-
 from sae_jax.encoders import base
 
 
