@@ -170,9 +170,7 @@ def import_overcomplete(pt_path: str, workdir: str, k: int, config: Optional[Any
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
     json.dump({**json.loads(config.to_json()), "sae_spec": dataclasses.asdict(spec),
                "imported_from": os.path.abspath(pt_path)}, f, indent=1)
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                 "meta": ocp.JsonCheckpointHandler()})
+  manager = make_manager(workdir)
   manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave({"step": 0, "imported_from": pt_path})))
   manager.wait_until_finished()

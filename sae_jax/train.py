@@ -10,6 +10,7 @@ The state is a plain dict so that sharding rules (by leaf name) and orbax see it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -35,7 +36,7 @@ RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.checkpoint_ever
                     "train.async_checkpoint", "train.allow_config_change", "train.tensorboard",
                     "mesh.data", "mesh.model", "mesh.multihost", "mesh.coordinator_address",
                     "mesh.num_processes", "mesh.process_id", "data.prefetch", "analysis", "retrieval",
-                    "extract", "sae.decoder")
+                    "extract", "sae.decoder", "sae_spec.decoder")
 
 
 def make_optimizer(optim_cfg: Any, num_steps: int) -> optax.GradientTransformation:
@@ -68,13 +69,10 @@ def init_state(params: sae_lib.Params, optimizer: optax.GradientTransformation) 
 def abstract_state(spec: sae_lib.SAESpec, config: Any) -> State:
   """Shapes and dtypes of the train state (no computation)."""
   optimizer = make_optimizer(config.optim, int(config.train.num_steps))
-  return jax.eval_shape(lambda: init_state(sae_lib.init_params(jax.random.key(0),
-                                                               _no_data_spec(spec)), optimizer))
-
-
-def _no_data_spec(spec: sae_lib.SAESpec) -> sae_lib.SAESpec:
-  import dataclasses
-  return dataclasses.replace(spec, b_dec_init="zeros")
+  # b_dec_init="zeros": shapes do not depend on the data sample a real init would use.
+  shape_spec = dataclasses.replace(spec, b_dec_init="zeros")
+  return jax.eval_shape(lambda: init_state(sae_lib.init_params(jax.random.key(0), shape_spec),
+                                           optimizer))
 
 
 def remove_parallel_component(grad_D: jax.Array, D: jax.Array) -> jax.Array:
@@ -164,7 +162,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _resolved_config_dict(config: Any, spec: sae_lib.SAESpec) -> dict:
-  import dataclasses
   d = json.loads(config.to_json())
   d["sae_spec"] = dataclasses.asdict(spec)
   return d
@@ -177,8 +174,7 @@ def _check_workdir_config(workdir: str, new: dict, allow_change: bool) -> None:
   with open(path) as f:
     old = json.load(f)
   old_flat, new_flat = _flatten(old), _flatten(new)
-  ignored = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS) or \
-      k.startswith("sae_spec.decoder")
+  ignored = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)
   diff = sorted(k for k in set(old_flat) | set(new_flat)
                 if not ignored(k) and old_flat.get(k) != new_flat.get(k))
   if diff and not allow_change:
