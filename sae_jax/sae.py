@@ -435,7 +435,8 @@ def aux_loss_fn(params: Params, x: jax.Array, err: jax.Array, spec: SAESpec, val
   aux_values, aux_indices = topk_encode(x, shift, params["W_enc"], params["b_enc"], dead, spec.aux_k,
                                         _dtype(spec), top_k)
   e_hat = sparse_decode(aux_values, aux_indices, params["D"])
-  e_var = jnp.sum(w[:, None] * (e - e.mean(0)) ** 2)
+  e_mean = jnp.sum(w[:, None] * e, axis=0) / jnp.maximum(w.sum(), 1.0)  # masked rows excluded
+  e_var = jnp.sum(w[:, None] * (e - e_mean) ** 2)
   return jnp.sum(w[:, None] * (e - e_hat) ** 2) / jnp.maximum(e_var, 1e-12)
 
 

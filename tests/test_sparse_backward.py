@@ -33,7 +33,8 @@ def _reference_loss(params, x, spec, valid, dead=None):
     av, ai = jax.lax.top_k(jnp.where(dead[None, :], acts, 0.0), spec.aux_k)
     e = jax.lax.stop_gradient(err)
     e_hat = jnp.einsum("bk,bkd->bd", av, params["D"][ai])
-    e_var = jnp.sum(w[:, None] * (e - e.mean(0)) ** 2)
+    e_mean = jnp.sum(w[:, None] * e, axis=0) / n  # over the valid rows only
+    e_var = jnp.sum(w[:, None] * (e - e_mean) ** 2)
     aux = jnp.sum(w[:, None] * (e - e_hat) ** 2) / jnp.maximum(e_var, 1e-12)
     loss = loss + spec.aux_coef * jnp.where(jnp.any(dead), aux, 0.0)
   return loss
