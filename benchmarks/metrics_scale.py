@@ -41,7 +41,7 @@ def make_problem(c: int, d: int, k: int, n: int, seed: int = 0):
   for s in range(0, c, 1024):  # in place, without a second c x d temporary
     block = rng.standard_normal((min(1024, c - s), d), dtype=np.float32)
     block /= np.linalg.norm(block, axis=1, keepdims=True)
-    D[s:s + block.shape[0]] = block
+    D[s : s + block.shape[0]] = block
 
   def codes():
     idx = rng.integers(0, c, (n, k), dtype=np.int32)
@@ -59,6 +59,7 @@ def make_problem(c: int, d: int, k: int, n: int, seed: int = 0):
 
 def run_sparse(D, image, text, compute_dtype: str) -> dict:
   from sae_jax import metrics
+
   cm = metrics.compute_concept_metrics(D, image, text, compute_dtype=compute_dtype)
   scores = {r: cm.bridge_score(r) for r in ("diag", "row", "col", "sym")}
   row = metrics.table1(cm.energy, cm.attribution, scores["diag"], 0.01)
@@ -68,6 +69,7 @@ def run_sparse(D, image, text, compute_dtype: str) -> dict:
 def run_dense(D, image, text) -> dict:
   """The formulas as written, with dense codes and explicit M and B (float32 NumPy/BLAS)."""
   from sae_jax import metrics
+
   c = D.shape[0]
   n = image[0].shape[0]
 
@@ -86,8 +88,12 @@ def run_dense(D, image, text) -> dict:
   B = (zi.T @ zt / n) * M
   diag, rows, cols = np.diag(B).copy(), B.sum(1), B.sum(0)
   row = metrics.table1(energy, A, diag, 0.01)
-  return {"table1": row, "n_silent": int(np.isnan(ms).sum()), "checksum_attr": float(A.sum()),
-          "sym_minus_attr": float(np.abs(rows + cols - A).max())}
+  return {
+    "table1": row,
+    "n_silent": int(np.isnan(ms).sum()),
+    "checksum_attr": float(A.sum()),
+    "sym_minus_attr": float(np.abs(rows + cols - A).max()),
+  }
 
 
 def worker(args) -> None:
@@ -99,10 +105,15 @@ def worker(args) -> None:
     out = run_sparse(D, image, text, args.compute_dtype)
   elif args.measure == "bridge":
     from sae_jax import metrics
-    res = metrics.bridge_blockwise(D, image, text, top_k=100, tile=args.tile,
-                                   compute_dtype=args.compute_dtype)
-    out = {"top_pair": [int(res.pairs_i[0]), int(res.pairs_j[0]), float(res.pairs_value[0])],
-           "tile": args.tile, "max_reduction_mean": float(res.max_score.mean())}
+
+    res = metrics.bridge_blockwise(
+      D, image, text, top_k=100, tile=args.tile, compute_dtype=args.compute_dtype
+    )
+    out = {
+      "top_pair": [int(res.pairs_i[0]), int(res.pairs_j[0]), float(res.pairs_value[0])],
+      "tile": args.tile,
+      "max_reduction_mean": float(res.max_score.mean()),
+    }
   else:
     out = run_dense(D, image, text)
   wall = time.perf_counter() - t0
@@ -114,13 +125,28 @@ def worker(args) -> None:
     t1 = time.perf_counter()
     run_sparse(D, image, text, args.compute_dtype)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    warm = {"warm_wall_s": round(time.perf_counter() - t1, 3),
-            "warm_cpu_s": round((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), 3)}
-  print(json.dumps({
-      "measure": args.measure, "c": args.c, "d": args.d, "k": args.k, "n": args.n,
-      "compute_dtype": args.compute_dtype if args.measure != "dense" else "float32",
-      "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "peak_rss_gib": round(_rss_gib(), 3),
-      "inputs_rss_gib": round(inputs, 3), **warm, **out}))
+    warm = {
+      "warm_wall_s": round(time.perf_counter() - t1, 3),
+      "warm_cpu_s": round((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), 3),
+    }
+  print(
+    json.dumps(
+      {
+        "measure": args.measure,
+        "c": args.c,
+        "d": args.d,
+        "k": args.k,
+        "n": args.n,
+        "compute_dtype": args.compute_dtype if args.measure != "dense" else "float32",
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        "peak_rss_gib": round(_rss_gib(), 3),
+        "inputs_rss_gib": round(inputs, 3),
+        **warm,
+        **out,
+      }
+    )
+  )
 
 
 def dense_cost(c: int, d: int, n: int) -> tuple[float, float]:
@@ -131,8 +157,13 @@ def dense_cost(c: int, d: int, n: int) -> tuple[float, float]:
 def spawn(**kw) -> dict:
   cmd = [sys.executable, "-m", "benchmarks.metrics_scale", "--worker"] + [f"--{k}={v}" for k, v in kw.items()]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = subprocess.run(
+    cmd,
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   if out.returncode != 0:
     raise SystemExit(f"worker {kw} failed:\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -141,8 +172,12 @@ def spawn(**kw) -> dict:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-  p.add_argument("--measure", default="all", choices=("all", "sparse", "dense", "bridge"),
-                 help="bridge: blockwise B (top-100 pairs + the `max` reduction), not in `all`")
+  p.add_argument(
+    "--measure",
+    default="all",
+    choices=("all", "sparse", "dense", "bridge"),
+    help="bridge: blockwise B (top-100 pairs + the `max` reduction), not in `all`",
+  )
   p.add_argument("--tile", type=int, default=1024, help="concept rows per B tile (--measure=bridge)")
   p.add_argument("--c", type=int, default=32768)
   p.add_argument("--d", type=int, default=4096)
@@ -158,34 +193,64 @@ def main() -> None:
   if args.worker:
     return worker(args)
   if args.measure != "all":
-    print(json.dumps(spawn(measure=args.measure, c=args.c, d=args.d, k=args.k, n=args.n, seed=args.seed,
-                           compute_dtype=args.compute_dtype, tile=args.tile)))
+    print(
+      json.dumps(
+        spawn(
+          measure=args.measure,
+          c=args.c,
+          d=args.d,
+          k=args.k,
+          n=args.n,
+          seed=args.seed,
+          compute_dtype=args.compute_dtype,
+          tile=args.tile,
+        )
+      )
+    )
     return
   load = os.getloadavg()[0]
   print(json.dumps({"measure": "host", "cpus": os.cpu_count(), "loadavg_1m": round(load, 2)}), flush=True)
-  full = spawn(measure="sparse", c=args.c, d=args.d, k=args.k, n=args.n, seed=args.seed,
-               compute_dtype="float32")
+  full = spawn(
+    measure="sparse", c=args.c, d=args.d, k=args.k, n=args.n, seed=args.seed, compute_dtype="float32"
+  )
   print(json.dumps(full), flush=True)
   if args.also_bf16:
-    print(json.dumps(spawn(measure="sparse", c=args.c, d=args.d, k=args.k, n=args.n, seed=args.seed,
-                           compute_dtype="bfloat16")), flush=True)
+    print(
+      json.dumps(
+        spawn(
+          measure="sparse", c=args.c, d=args.d, k=args.k, n=args.n, seed=args.seed, compute_dtype="bfloat16"
+        )
+      ),
+      flush=True,
+    )
   ec, ed, en = (int(x) for x in args.equal.split(","))
   cc, cd, cn = (int(x) for x in args.check.split(","))
-  sp_eq = spawn(measure="sparse", c=ec, d=ed, k=args.k, n=en, seed=args.seed, compute_dtype="float32",
-                warm=1)
+  sp_eq = spawn(measure="sparse", c=ec, d=ed, k=args.k, n=en, seed=args.seed, compute_dtype="float32", warm=1)
   print(json.dumps(sp_eq), flush=True)
   de_eq = spawn(measure="dense", c=ec, d=ed, k=args.k, n=en, seed=args.seed)
   print(json.dumps(de_eq), flush=True)
-  same = {key: abs(sp_eq["table1"][key] - de_eq["table1"][key]) < 1e-12
-          for key in ("J(S_E,S_A)", "J(S_E,S_B)", "J(S_A,S_B)", "triple_overlap")}
-  print(json.dumps({"measure": "ratio_equal_size", "c": ec, "d": ed, "n": en,
-                    "dense_over_sparse_wall": round(de_eq["wall_s"] / sp_eq["wall_s"], 2),
-                    "dense_over_sparse_cpu": round(de_eq["cpu_s"] / sp_eq["cpu_s"], 2),
-                    "dense_over_sparse_wall_warm_jit": round(de_eq["wall_s"] / sp_eq["warm_wall_s"], 2),
-                    "dense_over_sparse_peak_rss": round(de_eq["peak_rss_gib"] / sp_eq["peak_rss_gib"], 2),
-                    "table1_identical": all(same.values()),
-                    "attribution_sum_rel_diff": abs(sp_eq["checksum_attr"] - de_eq["checksum_attr"])
-                    / abs(de_eq["checksum_attr"])}), flush=True)
+  same = {
+    key: abs(sp_eq["table1"][key] - de_eq["table1"][key]) < 1e-12
+    for key in ("J(S_E,S_A)", "J(S_E,S_B)", "J(S_A,S_B)", "triple_overlap")
+  }
+  print(
+    json.dumps(
+      {
+        "measure": "ratio_equal_size",
+        "c": ec,
+        "d": ed,
+        "n": en,
+        "dense_over_sparse_wall": round(de_eq["wall_s"] / sp_eq["wall_s"], 2),
+        "dense_over_sparse_cpu": round(de_eq["cpu_s"] / sp_eq["cpu_s"], 2),
+        "dense_over_sparse_wall_warm_jit": round(de_eq["wall_s"] / sp_eq["warm_wall_s"], 2),
+        "dense_over_sparse_peak_rss": round(de_eq["peak_rss_gib"] / sp_eq["peak_rss_gib"], 2),
+        "table1_identical": all(same.values()),
+        "attribution_sum_rel_diff": abs(sp_eq["checksum_attr"] - de_eq["checksum_attr"])
+        / abs(de_eq["checksum_attr"]),
+      }
+    ),
+    flush=True,
+  )
   de_ck = spawn(measure="dense", c=cc, d=cd, k=args.k, n=cn, seed=args.seed)
   print(json.dumps(de_ck), flush=True)
   f_eq, b_eq = dense_cost(ec, ed, en)
@@ -193,14 +258,30 @@ def main() -> None:
   f_full, b_full = dense_cost(args.c, args.d, args.n)
   predicted_ck = de_eq["wall_s"] * f_ck / f_eq
   dense_full = de_eq["wall_s"] * f_full / f_eq
-  print(json.dumps({
-      "measure": "dense_extrapolated_to_full", "c": args.c, "d": args.d, "n": args.n,
-      "scaling_check": {"c": cc, "d": cd, "n": cn, "measured_s": de_ck["wall_s"],
-                        "predicted_s": round(predicted_ck, 3)},
-      "dense_wall_s": round(dense_full, 1), "dense_arrays_gib": round(b_full / 2**30, 1),
-      "sparse_wall_s": full["wall_s"], "sparse_peak_rss_gib": full["peak_rss_gib"],
-      "dense_over_sparse_wall": round(dense_full / full["wall_s"], 1),
-      "loadavg_1m_end": round(os.getloadavg()[0], 2)}), flush=True)
+  print(
+    json.dumps(
+      {
+        "measure": "dense_extrapolated_to_full",
+        "c": args.c,
+        "d": args.d,
+        "n": args.n,
+        "scaling_check": {
+          "c": cc,
+          "d": cd,
+          "n": cn,
+          "measured_s": de_ck["wall_s"],
+          "predicted_s": round(predicted_ck, 3),
+        },
+        "dense_wall_s": round(dense_full, 1),
+        "dense_arrays_gib": round(b_full / 2**30, 1),
+        "sparse_wall_s": full["wall_s"],
+        "sparse_peak_rss_gib": full["peak_rss_gib"],
+        "dense_over_sparse_wall": round(dense_full / full["wall_s"], 1),
+        "loadavg_1m_end": round(os.getloadavg()[0], 2),
+      }
+    ),
+    flush=True,
+  )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
   python -m benchmarks.train_throughput --malloc=default      # glibc's default allocator settings
 
 Implementations (all one full step: forward, backward, optimizer, per-step bookkeeping):
-  sae_jax/<preset>/<dtype>[/<decoder>]  the real jitted step of `sae_jax.train.jit_train_step` (clip, Adam, renorm
+  sae_jax/<preset>/<dtype>[/<decoder>]  the real jitted step of `sae_jax.training.step.jit_train_step` (clip, Adam, renorm
                             or parallel-gradient removal, dead-latent counters, metrics), donated state.
   overcomplete              overcomplete==0.3.0 TopKSAE with the authors' recipe: MSE + 0.01 mean|z|,
                             clip_grad_norm_(1.0), torch Adam(8e-4), float32 (their training dtype).
@@ -35,6 +35,9 @@ import sys
 import time
 import types
 
+from sae_jax.training import state as state_lib
+from sae_jax.training import step as step_lib
+
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
@@ -45,8 +48,11 @@ def _parse():
   p.add_argument("--batch", type=int, default=4096)
   p.add_argument("--reps", type=int, default=5, help="timed steps per implementation and size")
   p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--impls", default="sae_jax/modern/bfloat16,sae_jax/paper/bfloat16,sae_jax/paper/float32,"
-                                    "overcomplete,overcomplete_bf16,sparsify")
+  p.add_argument(
+    "--impls",
+    default="sae_jax/modern/bfloat16,sae_jax/paper/bfloat16,sae_jax/paper/float32,"
+    "overcomplete,overcomplete_bf16,sparsify",
+  )
   p.add_argument("--decoder", default="auto", help="sae_jax decoder: auto | dense | gather")
   p.add_argument("--malloc", default="tuned", choices=("tuned", "default"))
   p.add_argument("--threads", type=int, default=0, help="torch threads (0 = os.cpu_count())")
@@ -74,26 +80,27 @@ def _bare_package(name: str):
 
 # ------------------------------------------------------------------------------ implementations
 
+
 def _sae_jax(preset: str, dtype: str, decoder: str, d: int, c: int, k: int, x_np):
   import jax
   import jax.numpy as jnp
+
   from configs import base
   from sae_jax import sae as sae_lib
   from sae_jax import sharding as shard_lib
-  from sae_jax import train as train_lib
 
   config = base.get_config()
   config.sae.preset, config.sae.d, config.sae.c, config.sae.k = preset, d, c, k
   config.sae.compute_dtype, config.sae.decoder = dtype, decoder
   config.data.batch_size = x_np.shape[0]
   spec = sae_lib.spec_from_config(config.sae)
-  optimizer = train_lib.make_optimizer(config.optim, int(config.train.num_steps))
+  optimizer = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
   mesh = shard_lib.make_mesh(config.mesh, jax.devices()[:1])
-  abstract = train_lib.abstract_state(spec, config)
+  abstract = state_lib.abstract_state(spec, config)
   shardings = shard_lib.state_shardings(abstract, mesh)
-  step = train_lib.jit_train_step(spec, optimizer, mesh, shardings)
+  step = step_lib.jit_train_step(spec, optimizer, mesh, shardings)
   params = sae_lib.init_params(jax.random.key(0), spec, x_np[:2048] if spec.pre_bias else None)
-  holder = {"state": jax.device_put(train_lib.init_state(params, optimizer), shardings)}
+  holder = {"state": jax.device_put(state_lib.init_state(params, optimizer), shardings)}
   batch = jax.device_put(jnp.asarray(x_np), shard_lib.batch_sharding(mesh))
   valid = jnp.ones((x_np.shape[0],), jnp.bool_)
 
@@ -106,9 +113,11 @@ def _sae_jax(preset: str, dtype: str, decoder: str, d: int, c: int, k: int, x_np
 
 def _overcomplete(d: int, c: int, k: int, x_np, bf16: bool):
   import torch
+
   if _bare_package("overcomplete") is None:
     return None
   from overcomplete.sae.topk_sae import TopKSAE
+
   torch.manual_seed(0)
   model = TopKSAE(d, c, top_k=k)
   model.train()
@@ -130,10 +139,12 @@ def _overcomplete(d: int, c: int, k: int, x_np, bf16: bool):
 
 def _sparsify(d: int, c: int, k: int, x_np):
   import torch
+
   if _bare_package("sparsify") is None:
     return None
   try:
     import contextlib
+
     with contextlib.redirect_stdout(sys.stderr):  # it prints "Triton not installed ..."
       from sparsify.config import SparseCoderConfig
       from sparsify.sparse_coder import SparseCoder
@@ -172,20 +183,22 @@ def _gemm_benchmarks(batch: int, d: int, c: int, x_np):
   import jax.numpy as jnp
   import numpy as np
   import torch
+
   rng = np.random.default_rng(1)
   w_np = rng.standard_normal((d, c), dtype=np.float32) / np.sqrt(d)
   out = {}
   for name, dt in (("jax/float32", jnp.float32), ("jax/bfloat16", jnp.bfloat16)):
     a, b = jnp.asarray(x_np, dt), jnp.asarray(w_np, dt)
     f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
-    out[name] = (lambda f=f, a=a, b=b: f(a, b).block_until_ready())
+    out[name] = lambda f=f, a=a, b=b: f(a, b).block_until_ready()
   for name, dt in (("torch/float32", torch.float32), ("torch/bfloat16", torch.bfloat16)):
     a, b = torch.from_numpy(x_np).to(dt), torch.from_numpy(w_np).to(dt)
-    out[name] = (lambda a=a, b=b: torch.mm(a, b))
+    out[name] = lambda a=a, b=b: torch.mm(a, b)
   return out
 
 
 # ------------------------------------------------------------------------------------- main
+
 
 def main() -> None:
   args = _parse()
@@ -195,6 +208,7 @@ def main() -> None:
     # One process per size: with trimming off glibc never returns freed memory, and all the
     # implementations of both sizes in one process exceeded 12 GB (OOM-killed on a 23 GB VM).
     import subprocess
+
     argv, rest = sys.argv[1:], []
     while argv:
       a = argv.pop(0)
@@ -203,12 +217,14 @@ def main() -> None:
       elif not a.startswith("--sizes="):
         rest.append(a)
     for size in sizes:
-      subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", f"--sizes={size}", *rest],
-                     check=True)
+      subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_throughput", f"--sizes={size}", *rest], check=True
+      )
     return
+  import jax
   import numpy as np
   import torch
-  import jax
+
   threads = args.threads or os.cpu_count()
   torch.set_num_threads(threads)
   allocator = {k: os.environ.get(k, "(unset)") for k in TUNED_MALLOC}
@@ -246,7 +262,7 @@ def main() -> None:
     gemm_times = {name: [] for name in gemms}
     order = list(impls)
     for rep in range(args.reps):
-      rotated = order[rep % len(order):] + order[:rep % len(order)]
+      rotated = order[rep % len(order) :] + order[: rep % len(order)]
       for name in rotated:
         t0 = time.perf_counter()
         impls[name][0]()
@@ -255,8 +271,11 @@ def main() -> None:
         t0 = time.perf_counter()
         fn()
         gemm_times[name].append(time.perf_counter() - t0)
-      print(f"# {size} rep {rep}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in rotated),
-            file=sys.stderr, flush=True)
+      print(
+        f"# {size} rep {rep}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in rotated),
+        file=sys.stderr,
+        flush=True,
+      )
     load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     gemm_flops = 2.0 * args.batch * d * c
     gemm_rate = {n: gemm_flops / float(np.median(t)) for n, t in gemm_times.items()}
@@ -268,18 +287,38 @@ def main() -> None:
       rate = gemm_rate[f"{info['framework']}/{dtype_key}"]
       floor_s = 4.0 * args.batch * d * c / rate
       record = {
-          "impl": name, "d": d, "c": c, "k": args.k, "batch": args.batch, **info,
-          "median_tokens_per_s": round(tok_s, 1), "median_step_s": round(medians[name], 4),
-          "step_s": [round(t, 4) for t in times[name]],
-          "ratio_to_overcomplete": round(ref / medians[name], 3) if ref else None,
-          "gemm_gflops": round(rate / 1e9, 1), "flop_floor_s": round(floor_s, 4),
-          "fraction_of_floor": round(floor_s / medians[name], 3),
-          "allocator": allocator, "torch_threads": threads, "loadavg_1min_start_end": load,
-          "jax": jax.__version__, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+        "impl": name,
+        "d": d,
+        "c": c,
+        "k": args.k,
+        "batch": args.batch,
+        **info,
+        "median_tokens_per_s": round(tok_s, 1),
+        "median_step_s": round(medians[name], 4),
+        "step_s": [round(t, 4) for t in times[name]],
+        "ratio_to_overcomplete": round(ref / medians[name], 3) if ref else None,
+        "gemm_gflops": round(rate / 1e9, 1),
+        "flop_floor_s": round(floor_s, 4),
+        "fraction_of_floor": round(floor_s / medians[name], 3),
+        "allocator": allocator,
+        "torch_threads": threads,
+        "loadavg_1min_start_end": load,
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
       }
       print(json.dumps(record), flush=True)
-    print(json.dumps({"gemm_gflops": {n: round(r / 1e9, 1) for n, r in gemm_rate.items()},
-                      "d": d, "c": c, "batch": args.batch}), flush=True)
+    print(
+      json.dumps(
+        {
+          "gemm_gflops": {n: round(r / 1e9, 1) for n, r in gemm_rate.items()},
+          "d": d,
+          "c": c,
+          "batch": args.batch,
+        }
+      ),
+      flush=True,
+    )
     del impls, gemms
 
 

@@ -17,19 +17,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.sae = sae = ml_collections.ConfigDict()
-  sae.preset = "paper"          # "paper" (Overcomplete TopKSAE, the authors' recipe) | "modern"
-  sae.d = 64                    # activation width; must equal the data's
-  sae.c = 512                   # dictionary size (concepts)
-  sae.k = 16                    # active concepts per row
-  sae.decoder = "auto"          # "dense" (z @ D) | "gather" (sum of k rows) | "auto" (per platform)
+  sae.preset = "paper"  # "paper" (Overcomplete TopKSAE, the authors' recipe) | "modern"
+  sae.d = 64  # activation width; must equal the data's
+  sae.c = 512  # dictionary size (concepts)
+  sae.k = 16  # active concepts per row
+  sae.decoder = "auto"  # "dense" (z @ D) | "gather" (sum of k rows) | "auto" (per platform)
   sae.compute_dtype = "float32"  # "float32" | "bfloat16" (bf16 matmuls, fp32 params and Adam)
-  sae.pre_bias = "auto"         # "yes" | "no": subtract b_dec before encoding, add it after decoding
-  sae.b_dec_init = "auto"       # "zeros" | "mean" | "geometric_median" (of the first batches)
-  sae.enc_init = "auto"         # "uniform" (torch Linear default) | "tied" (W_enc = D^T)
-  sae.decoder_norm = "auto"     # "renorm" (rows renormalised before each step) | "unit_grad"
-  sae.l1_coef = -1.0            # paper 0.01 on mean|z|; modern 0
-  sae.aux_k = -1                # AuxK latents; modern d/2, paper 0 (off)
-  sae.aux_coef = -1.0           # modern 1/32
+  sae.pre_bias = "auto"  # "yes" | "no": subtract b_dec before encoding, add it after decoding
+  sae.b_dec_init = "auto"  # "zeros" | "mean" | "geometric_median" (of the first batches)
+  sae.enc_init = "auto"  # "uniform" (torch Linear default) | "tied" (W_enc = D^T)
+  sae.decoder_norm = "auto"  # "renorm" (rows renormalised before each step) | "unit_grad"
+  sae.l1_coef = -1.0  # paper 0.01 on mean|z|; modern 0
+  sae.aux_k = -1  # AuxK latents; modern d/2, paper 0 (off)
+  sae.aux_coef = -1.0  # modern 1/32
   sae.dead_tokens = 10_000_000  # a latent is dead after this many tokens without firing
 
   config.optim = optim = ml_collections.ConfigDict()
@@ -37,17 +37,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   optim.b1 = 0.9
   optim.b2 = 0.999
   optim.eps = 1e-8
-  optim.clip_norm = 1.0         # global gradient norm clip; <= 0 disables
+  optim.clip_norm = 1.0  # global gradient norm clip; <= 0 disables
   optim.warmup_steps = 0
-  optim.decay = "constant"      # "constant" | "cosine" (to 0 at train.num_steps)
+  optim.decay = "constant"  # "constant" | "cosine" (to 0 at train.num_steps)
 
   config.data = data = ml_collections.ConfigDict()
-  data.source = "synthetic"     # "synthetic" | "shards" | "online"
+  data.source = "synthetic"  # "synthetic" | "shards" | "online"
   data.batch_size = 1024
-  data.shard_dir = ""           # for source="shards": directory written by experiments.extract
+  data.shard_dir = ""  # for source="shards": directory written by experiments.extract
   data.shuffle_seed = 0
-  data.nonfinite = "error"      # NaN/Inf rows: "error" stops the run, "skip" masks and counts them
-  data.prefetch = 2             # batches prepared ahead by grain
+  data.nonfinite = "error"  # NaN/Inf rows: "error" stops the run, "skip" masks and counts them
+  data.prefetch = 2  # batches prepared ahead by grain
   data.synthetic = default_synthetic_config()
 
   config.train = train = ml_collections.ConfigDict()
@@ -56,100 +56,110 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   train.checkpoint_every = 500
   train.max_to_keep = 3
   train.async_checkpoint = True
-  train.init_rows = 8192        # rows used for data-dependent init (b_dec mean / geometric median)
+  train.init_rows = 8192  # rows used for data-dependent init (b_dec mean / geometric median)
   train.allow_config_change = False  # resume a workdir whose config.json differs
   train.tensorboard = True
 
   config.mesh = mesh = ml_collections.ConfigDict()
-  mesh.data = -1                # devices on the batch axis; -1 = all devices / mesh.model
-  mesh.model = 1                # devices on the dictionary axis
-  mesh.multihost = False        # call jax.distributed.initialize (TPU pods / SLURM set the rest)
+  mesh.data = -1  # devices on the batch axis; -1 = all devices / mesh.model
+  mesh.model = 1  # devices on the dictionary axis
+  mesh.multihost = False  # call jax.distributed.initialize (TPU pods / SLURM set the rest)
   mesh.coordinator_address = ""
   mesh.num_processes = 0
   mesh.process_id = -1
 
   config.analysis = analysis = ml_collections.ConfigDict()
-  analysis.sae_workdir = ""     # SAE to analyse; "" = this workdir
-  analysis.sae_step = -1        # checkpoint step; -1 = newest
-  analysis.source = "auto"      # "auto" (pooled file if present, else synthetic) | "pooled" | "synthetic"
+  analysis.sae_workdir = ""  # SAE to analyse; "" = this workdir
+  analysis.sae_step = -1  # checkpoint step; -1 = newest
+  analysis.source = "auto"  # "auto" (pooled file if present, else synthetic) | "pooled" | "synthetic"
   analysis.embeddings_path = ""  # "" = <workdir or sae_workdir>/activations/pooled_<variant>.npz
-  analysis.variant = "mean"     # pooling variant of the pooled file
-  analysis.num_pairs = 4096     # synthetic source: matched pairs drawn
+  analysis.variant = "mean"  # pooling variant of the pooled file
+  analysis.num_pairs = 4096  # synthetic source: matched pairs drawn
   analysis.pair_seed = 1
   analysis.codes = "encode_pooled"  # "encode_pooled" (paper App. B) | "pool_token_codes"
-  analysis.tokens_per_sample = 8    # pool_token_codes on the synthetic source
+  analysis.tokens_per_sample = 8  # pool_token_codes on the synthetic source
   analysis.token_noise = 0.05
   analysis.bridge_reduction = "diag"  # diag | row | col | sym (= attribution) | max (needs blockwise B)
-  analysis.modality_reverse = False   # False: 1 = text-only (paper); True: 1 = image-only
+  analysis.modality_reverse = False  # False: 1 = text-only (paper); True: 1 = image-only
   analysis.top_fraction = 0.01  # top sets S_E, S_A, S_B: ceil(fraction * c) concepts
-  analysis.top_pairs = 100      # top bridge pairs (blockwise B); 0 = skip B
-  analysis.bridge_tile = 1024   # concept rows per B tile
-  analysis.block_size = 4096    # pairs per streamed block
+  analysis.top_pairs = 100  # top bridge pairs (blockwise B); 0 = skip B
+  analysis.bridge_tile = 1024  # concept rows per B tile
+  analysis.block_size = 4096  # pairs per streamed block
   analysis.compute_dtype = "float32"  # "bfloat16": gather/GEMM in bf16, float32 sums
   analysis.save_codes = False
   analysis.compare_workdirs = ""  # comma-separated workdirs (with analysis/) shown side by side
-  analysis.run_name = ""        # label in tables and figures; "" = workdir basename
+  analysis.run_name = ""  # label in tables and figures; "" = workdir basename
   analysis.match_threshold = 0.8  # synthetic: cosine for matching learned to planted concepts
 
   config.retrieval = retrieval = ml_collections.ConfigDict()
   retrieval.sae_workdir = ""
-  retrieval.source = "auto"     # "auto" (pooled files if present, else synthetic) | "pooled" | "synthetic"
-  retrieval.pooled_dir = ""     # "" = <workdir>/activations (pooled_<variant>.npz)
+  retrieval.source = "auto"  # "auto" (pooled files if present, else synthetic) | "pooled" | "synthetic"
+  retrieval.pooled_dir = ""  # "" = <workdir>/activations (pooled_<variant>.npz)
   retrieval.variants = ("mean", "last_token", "mean_no_image", "mean_no_prompt")
-  retrieval.tasks = ("image_to_text", "text_to_image", "image_to_image", "image_text_to_image",
-                     "image_text_to_image_text")   # tasks the inputs cannot provide are skipped
+  retrieval.tasks = (
+    "image_to_text",
+    "text_to_image",
+    "image_to_image",
+    "image_text_to_image",
+    "image_text_to_image_text",
+  )  # tasks the inputs cannot provide are skipped
   retrieval.ks = (1, 5, 10)
-  retrieval.max_queries = 0     # first N queries per task (paper: 3000); 0 = all
+  retrieval.max_queries = 0  # first N queries per task (paper: 3000); 0 = all
   retrieval.base_variant = "mean"  # the variant removal / whitening are applied to
   retrieval.mbeir_task = "auto"  # task of an M-BEIR extraction in activations/ ("auto": from modalities)
   retrieval.exclude_reference = True  # CIRR: drop each query's own reference image
   retrieval.removal = True
   retrieval.attribution = "auto"  # "auto" (analysis/concepts.npz, else the SAE) | "concepts" | "sae"
   retrieval.removal_fraction = 0.01  # top fraction of concepts by attribution (paper: 1%)
-  retrieval.removal_rank = -1   # r right singular vectors removed; -1 = all selected atoms
+  retrieval.removal_rank = -1  # r right singular vectors removed; -1 = all selected atoms
   retrieval.sweep_task = "image_to_text"
   retrieval.sweep_ranks = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-  retrieval.whitening = True    # shrinkage-whitening baseline on the base variant
+  retrieval.whitening = True  # shrinkage-whitening baseline on the base variant
   retrieval.whitening_alpha = 0.1
   retrieval.save_embeddings = False
-  retrieval.block_size = 8192   # candidates per GEMM block of the exact top-K search
+  retrieval.block_size = 8192  # candidates per GEMM block of the exact top-K search
   retrieval.query_block_size = 1024
-  retrieval.synthetic_pairs = 2000      # source="synthetic": evaluation pairs
+  retrieval.synthetic_pairs = 2000  # source="synthetic": evaluation pairs
   retrieval.synthetic_fit_pairs = 2000  # separate pairs the attribution is computed on
   retrieval.synthetic_seed = 1
 
   config.extract = extract = ml_collections.ConfigDict()  # experiments.extract (sae_jax/extract.py)
-  extract.model_name = ""       # hub id, local directory, or "tiny:<family>" (offline random weights)
-  extract.family = ""           # "" = infer from the model config; clip|siglip|qwen_vl|paligemma|chameleon|text
-  extract.layer = -1            # hidden_states index (-1 = last layer)
-  extract.device = "auto"       # "auto" (cuda if available) | "cpu" | "cuda:0"
-  extract.dtype = "auto"        # "auto" (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-  extract.tiny_scale = 1        # width multiplier of tiny:<family> models
-  extract.dataset = "coco"      # "coco" (official JSON) | "karpathy" | "parquet" | "mbeir"
-  extract.captions_json = ""    # coco: captions_<split>.json
-  extract.image_dir = ""        # coco/karpathy: image directory
-  extract.karpathy_json = ""    # karpathy: dataset_coco.json
+  extract.model_name = ""  # hub id, local directory, or "tiny:<family>" (offline random weights)
+  extract.family = ""  # "" = infer from the model config; clip|siglip|qwen_vl|paligemma|chameleon|text
+  extract.layer = -1  # hidden_states index (-1 = last layer)
+  extract.device = "auto"  # "auto" (cuda if available) | "cpu" | "cuda:0"
+  extract.dtype = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+  extract.tiny_scale = 1  # width multiplier of tiny:<family> models
+  extract.dataset = "coco"  # "coco" (official JSON) | "karpathy" | "parquet" | "mbeir"
+  extract.captions_json = ""  # coco: captions_<split>.json
+  extract.image_dir = ""  # coco/karpathy: image directory
+  extract.karpathy_json = ""  # karpathy: dataset_coco.json
   extract.karpathy_split = "test"
-  extract.parquet_files = ""    # parquet: glob of lmms-lab/COCO-Caption style files
-  extract.mbeir_queries = ""    # mbeir: query jsonl
-  extract.mbeir_pool = ""       # mbeir: candidate pool jsonl
+  extract.parquet_files = ""  # parquet: glob of lmms-lab/COCO-Caption style files
+  extract.mbeir_queries = ""  # mbeir: query jsonl
+  extract.mbeir_pool = ""  # mbeir: candidate pool jsonl
   extract.mbeir_image_root = ""  # mbeir: root the jsonl image paths are relative to
-  extract.max_images = 0        # 0 = all
-  extract.pairing = "all"       # pooled rows: "all" (one per image-caption pair) | "first" (first caption)
-  extract.pooling = ("mean",)   # mean | last_token | mean_no_image | mean_no_prompt | embed (contrastive)
-  extract.templates = ml_collections.ConfigDict({  # decoder prompts; {image} / {text} placeholders
+  extract.max_images = 0  # 0 = all
+  extract.pairing = "all"  # pooled rows: "all" (one per image-caption pair) | "first" (first caption)
+  extract.pooling = ("mean",)  # mean | last_token | mean_no_image | mean_no_prompt | embed (contrastive)
+  extract.templates = ml_collections.ConfigDict(
+    {  # decoder prompts; {image} / {text} placeholders
       "image": "{image} Summarize the above image in one word:",
       "text": "{text} Summarize the above sentence in one word:",
-      "pair": "{image} {text} Summarize the above image and sentence in one word:"})
+      "pair": "{image} {text} Summarize the above image and sentence in one word:",
+    }
+  )
   extract.contrastive_tokens = False  # clip/siglip: also return tower token states (for mean/last)
-  extract.write_shards = True   # token-level training shards under <workdir>/activations/shards
+  extract.write_shards = True  # token-level training shards under <workdir>/activations/shards
   extract.shard_token_types = ("special", "image", "text", "prompt")  # which token rows to keep
   extract.shard_dtype = "float32"
   extract.rows_per_shard = 65536
-  extract.batch_size = 8        # samples per forward pass
-  extract.chunk_size = 256      # samples per resumable unit (part file)
-  extract.num_workers = 4       # image decoding threads
-  extract.log_every_s = 10.0    # progress line period
+  extract.batch_size = 8  # samples per forward pass
+  extract.chunk_size = 256  # samples per resumable unit (part file)
+  extract.num_workers = 4  # image decoding threads
+  extract.log_every_s = 10.0  # progress line period
   extract.online_buffer_batches = 8  # data.source="online": shuffle window, in SAE batches
+  extract.online_window_items = 0  # data.source="online": samples encoded per window; 0 = sized from
+  # online_buffer_batches and a probe of rows per sample
 
   return config

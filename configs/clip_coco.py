@@ -10,11 +10,19 @@ Arg words (comma separated): "tiny" = local tiny random clip model on the 11-ima
 other COCO layouts; "online" trains with the encoder inside the input pipeline.
 """
 
-from configs import base
-from configs import coco_common
+from configs import base, coco_common
 
 
 def get_config(arg: str = ""):
   config = base.get_config()
-  return coco_common.apply(config, arg, model_name="openai/clip-vit-base-patch32", tiny_family="clip", d=512, c=7168,
-                           decoder=False, batch_size=64)
+  return coco_common.apply(
+    config,
+    arg,
+    __file__,
+    model_name="openai/clip-vit-base-patch32",
+    tiny_family="clip",
+    d=512,
+    c=7168,
+    decoder=False,
+    batch_size=64,
+  )

@@ -8,13 +8,19 @@ COCO layouts), "online" (train with the encoder inside the input pipeline).
 
 import os
 
+from sae_jax import config_utils
+
 COCO_ROOT = os.environ.get("COCO_ROOT", "data/coco")
-FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                       "data", "coco-val2017-mini")
+FIXTURE = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "coco-val2017-mini"
+)
 
 
-def apply(config, arg, *, model_name, tiny_family, d, c, decoder=True, batch_size=8):
-  words = {w for w in (arg or "").split(",") if w}
+WORDS = ("tiny", "karpathy", "parquet", "online")
+
+
+def apply(config, arg, preset_file, *, model_name, tiny_family, d, c, decoder=True, batch_size=8):
+  words = config_utils.parse_arg(arg, WORDS, f"configs/{os.path.basename(preset_file)}")
   ex = config.extract
   ex.model_name = model_name
   ex.dataset = "coco"

@@ -10,11 +10,19 @@ Arg words (comma separated): "tiny" = local tiny random paligemma model on the 1
 other COCO layouts; "online" trains with the encoder inside the input pipeline.
 """
 
-from configs import base
-from configs import coco_common
+from configs import base, coco_common
 
 
 def get_config(arg: str = ""):
   config = base.get_config()
-  return coco_common.apply(config, arg, model_name="google/paligemma2-3b-mix-224", tiny_family="paligemma", d=2304, c=20736,
-                           decoder=True, batch_size=16)
+  return coco_common.apply(
+    config,
+    arg,
+    __file__,
+    model_name="google/paligemma2-3b-mix-224",
+    tiny_family="paligemma",
+    d=2304,
+    c=20736,
+    decoder=True,
+    batch_size=16,
+  )

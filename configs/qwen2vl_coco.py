@@ -10,11 +10,19 @@ Arg words (comma separated): "tiny" = local tiny random qwen2_vl model on the 11
 other COCO layouts; "online" trains with the encoder inside the input pipeline.
 """
 
-from configs import base
-from configs import coco_common
+from configs import base, coco_common
 
 
 def get_config(arg: str = ""):
   config = base.get_config()
-  return coco_common.apply(config, arg, model_name="Qwen/Qwen2-VL-7B-Instruct", tiny_family="qwen2_vl", d=3584, c=32768,
-                           decoder=True, batch_size=8)
+  return coco_common.apply(
+    config,
+    arg,
+    __file__,
+    model_name="Qwen/Qwen2-VL-7B-Instruct",
+    tiny_family="qwen2_vl",
+    d=3584,
+    c=32768,
+    decoder=True,
+    batch_size=8,
+  )

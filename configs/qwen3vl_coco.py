@@ -10,11 +10,19 @@ Arg words (comma separated): "tiny" = local tiny random qwen3_vl model on the 11
 other COCO layouts; "online" trains with the encoder inside the input pipeline.
 """
 
-from configs import base
-from configs import coco_common
+from configs import base, coco_common
 
 
 def get_config(arg: str = ""):
   config = base.get_config()
-  return coco_common.apply(config, arg, model_name="Qwen/Qwen3-VL-8B-Instruct", tiny_family="qwen3_vl", d=4096, c=32768,
-                           decoder=True, batch_size=8)
+  return coco_common.apply(
+    config,
+    arg,
+    __file__,
+    model_name="Qwen/Qwen3-VL-8B-Instruct",
+    tiny_family="qwen3_vl",
+    d=4096,
+    c=32768,
+    decoder=True,
+    batch_size=8,
+  )

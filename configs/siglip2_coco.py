@@ -10,11 +10,19 @@ Arg words (comma separated): "tiny" = local tiny random siglip2 model on the 11-
 other COCO layouts; "online" trains with the encoder inside the input pipeline.
 """
 
-from configs import base
-from configs import coco_common
+from configs import base, coco_common
 
 
 def get_config(arg: str = ""):
   config = base.get_config()
-  return coco_common.apply(config, arg, model_name="google/siglip2-base-patch16-512", tiny_family="siglip2", d=768, c=7168,
-                           decoder=False, batch_size=32)
+  return coco_common.apply(
+    config,
+    arg,
+    __file__,
+    model_name="google/siglip2-base-patch16-512",
+    tiny_family="siglip2",
+    d=768,
+    c=7168,
+    decoder=False,
+    batch_size=32,
+  )

@@ -11,10 +11,14 @@ converges 5x faster with it (mean max cosine to the planted atoms 0.95 after 600
 """
 
 from configs import base
+from sae_jax import config_utils
+from sae_jax.errors import SaeJaxError
 
 
 def get_config(arg: str = ""):
-  words = {w for w in (arg or "").split(",") if w}
+  words = config_utils.parse_arg(arg, ("modern", "paper", "tiny"), "configs/synthetic.py")
+  if {"modern", "paper"} <= words:
+    raise SaeJaxError("--config=configs/synthetic.py: pick one of 'modern' and 'paper'")
   config = base.get_config()
   config.sae.preset = "paper" if "paper" in words else "modern"
   config.optim.lr = 4e-3

@@ -4,7 +4,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
-from sae_jax import analysis
+from sae_jax.stages import analyze
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; writes <workdir>/analysis/.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
@@ -12,7 +12,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  common.run_main(argv, lambda: analysis.run_analysis(_CONFIG.value, _WORKDIR.value))
+  common.run_main(argv, lambda: analyze.run_analysis(_CONFIG.value, _WORKDIR.value))
 
 
 if __name__ == "__main__":

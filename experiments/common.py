@@ -12,6 +12,10 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError) as e:
+    marker = "SaeJaxError: "
+    if marker in str(e):  # config_flags wraps a config file's own error in its traceback text
+      print(f"error: {str(e).rsplit(marker, 1)[1].strip().splitlines()[0]}", file=sys.stderr)
+      sys.exit(2)
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if isinstance(e, (AttributeError, KeyError)) or "has no attribute" in message:
       # ml_collections raises a raw AttributeError for `--config.<typo>`: name the flag.

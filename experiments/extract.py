@@ -4,7 +4,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
-from sae_jax import extract
+from sae_jax.stages import extract
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; writes <workdir>/activations/.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*_coco.py file.", lock_config=True)

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sae_jax import sharding
 from sae_jax.errors import SaeJaxError
 
 DEFAULT_BLOCK_SIZE = 8192
@@ -65,29 +66,32 @@ def l2_normalize(x, eps: float = 1e-12):
 
 
 def _check_2d(name: str, x) -> None:
-  if getattr(x, 'ndim', None) != 2:
-    raise SaeJaxError(f'{name}: expected a 2-D array [rows, d], got shape {getattr(x, "shape", None)}')
+  if getattr(x, "ndim", None) != 2:
+    raise SaeJaxError(f"{name}: expected a 2-D array [rows, d], got shape {getattr(x, 'shape', None)}")
 
 
 def check_search_inputs(queries, candidates, k: int, exclude=None) -> None:
   """Raises SaeJaxError (one line) when the search cannot be exact and well defined."""
-  _check_2d('queries', queries)
-  _check_2d('candidates', candidates)
+  _check_2d("queries", queries)
+  _check_2d("candidates", candidates)
   if queries.shape[1] != candidates.shape[1]:
     raise SaeJaxError(
-        f'queries have width {queries.shape[1]} but candidates have width {candidates.shape[1]}; '
-        'both must be embeddings of the same space')
+      f"queries have width {queries.shape[1]} but candidates have width {candidates.shape[1]}; "
+      "both must be embeddings of the same space"
+    )
   if not isinstance(k, (int, np.integer)) or k < 1:
-    raise SaeJaxError(f'k: expected a positive integer, got {k!r}')
+    raise SaeJaxError(f"k: expected a positive integer, got {k!r}")
   pool = candidates.shape[0] - (1 if exclude is not None else 0)
   if k > pool:
     raise SaeJaxError(
-        f'k={k} is larger than the candidate pool ({candidates.shape[0]} candidates'
-        f'{", one excluded per query" if exclude is not None else ""})')
+      f"k={k} is larger than the candidate pool ({candidates.shape[0]} candidates"
+      f"{', one excluded per query' if exclude is not None else ''})"
+    )
   if exclude is not None and np.shape(exclude) != (queries.shape[0],):
     raise SaeJaxError(
-        f'exclude: expected one candidate index (or -1) per query, shape ({queries.shape[0]},), '
-        f'got {np.shape(exclude)}')
+      f"exclude: expected one candidate index (or -1) per query, shape ({queries.shape[0]},), "
+      f"got {np.shape(exclude)}"
+    )
 
 
 def check_positives(indptr, indices, n_queries: int, n_candidates: int) -> None:
@@ -96,19 +100,21 @@ def check_positives(indptr, indices, n_queries: int, n_candidates: int) -> None:
   indices = np.asarray(indices)
   if indptr.shape != (n_queries + 1,):
     raise SaeJaxError(
-        f'positives_indptr: expected shape ({n_queries + 1},) for {n_queries} queries, '
-        f'got {indptr.shape}')
+      f"positives_indptr: expected shape ({n_queries + 1},) for {n_queries} queries, got {indptr.shape}"
+    )
   if indptr[0] != 0 or indptr[-1] != indices.shape[0] or np.any(np.diff(indptr) < 0):
-    raise SaeJaxError('positives_indptr: expected non-decreasing offsets from 0 to len(positives_indices)')
+    raise SaeJaxError("positives_indptr: expected non-decreasing offsets from 0 to len(positives_indices)")
   empty = np.flatnonzero(np.diff(indptr) == 0)
   if empty.size:
     raise SaeJaxError(
-        f'query {int(empty[0])} has no positives ({empty.size} such queries); every query needs '
-        'at least one positive candidate')
+      f"query {int(empty[0])} has no positives ({empty.size} such queries); every query needs "
+      "at least one positive candidate"
+    )
   if indices.size and (indices.min() < 0 or indices.max() >= n_candidates):
     raise SaeJaxError(
-        f'positives_indices: values must lie in [0, {n_candidates}), got range '
-        f'[{int(indices.min())}, {int(indices.max())}]')
+      f"positives_indices: values must lie in [0, {n_candidates}), got range "
+      f"[{int(indices.min())}, {int(indices.max())}]"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,8 +142,9 @@ def _block_topk(q, cblk, base_id, k, group, n_valid, exclude):
   """Exact top-k of one candidate block. q [nq, d], cblk [B, d]; ids are base_id + row."""
   nq = q.shape[0]
   b = cblk.shape[0]
-  s = lax.dot_general(q, cblk, (((1,), (1,)), ((), ())),
-                      precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  s = lax.dot_general(
+    q, cblk, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+  )
   ids = base_id + jnp.arange(b, dtype=jnp.int32)
 
   def masked(scores, cand_ids):
@@ -157,8 +164,7 @@ def _block_topk(q, cblk, base_id, k, group, n_valid, exclude):
     top_i = jnp.take_along_axis(jnp.broadcast_to(ids[None, :], (nq, b)), pos, axis=1)
     if kk < k:  # pad so every block returns k entries
       top_s = jnp.concatenate([top_s, jnp.full((nq, k - kk), -jnp.inf, top_s.dtype)], axis=1)
-      top_i = jnp.concatenate([top_i, jnp.full((nq, k - kk), jnp.iinfo(jnp.int32).max, jnp.int32)],
-                              axis=1)
+      top_i = jnp.concatenate([top_i, jnp.full((nq, k - kk), jnp.iinfo(jnp.int32).max, jnp.int32)], axis=1)
     return top_s, top_i
   n_groups = b // g
   # Group maxima over masked scores (the mask is fused into the reduction).
@@ -168,7 +174,7 @@ def _block_topk(q, cblk, base_id, k, group, n_valid, exclude):
   gsel = jnp.sort(gsel, axis=1)  # keep index order so ties resolve to the lower id
   s3 = s.reshape(nq, n_groups, g)
   cand_s = jnp.take_along_axis(s3, gsel[:, :, None], axis=1).reshape(nq, kg * g)
-  cand_i = (base_id + gsel[:, :, None] * g + jnp.arange(g, dtype=jnp.int32)[None, None, :])
+  cand_i = base_id + gsel[:, :, None] * g + jnp.arange(g, dtype=jnp.int32)[None, None, :]
   cand_i = cand_i.reshape(nq, kg * g)
   cand_s = masked(cand_s, cand_i)
   top_s, pos = lax.top_k(cand_s, k)
@@ -181,8 +187,7 @@ def _search_local(q, c, k, block, group, id_offset, n_valid, exclude):
   nc = c.shape[0]
   block = max(1, min(block, nc))
   nb, rem = divmod(nc, block)
-  init = (jnp.full((nq, k), -jnp.inf, jnp.float32),
-          jnp.full((nq, k), jnp.iinfo(jnp.int32).max, jnp.int32))
+  init = (jnp.full((nq, k), -jnp.inf, jnp.float32), jnp.full((nq, k), jnp.iinfo(jnp.int32).max, jnp.int32))
 
   def body(j, carry):
     start = j * block
@@ -215,7 +220,7 @@ def _search_queries(q, c, k, block, query_block, group, id_offset, n_valid, excl
   return s.reshape(nq, k), i.reshape(nq, k)
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'block', 'query_block', 'group', 'n_valid'))
+@functools.partial(jax.jit, static_argnames=("k", "block", "query_block", "group", "n_valid"))
 def _search_jit(q, c, exclude, *, k, block, query_block, group, n_valid):
   return _search_queries(q, c, k, block, query_block, group, 0, n_valid, exclude)
 
@@ -226,8 +231,11 @@ def _pad_rows(x, multiple, value=0):
   if not pad:
     return x
   widths = [(0, pad)] + [(0, 0)] * (x.ndim - 1)
-  return np.pad(np.asarray(x), widths, constant_values=value) if isinstance(x, np.ndarray) \
-      else jnp.pad(x, widths, constant_values=value)
+  return (
+    np.pad(np.asarray(x), widths, constant_values=value)
+    if isinstance(x, np.ndarray)
+    else jnp.pad(x, widths, constant_values=value)
+  )
 
 
 def _sharded_search(q, c, exclude, k, block, query_block, group, mesh, data_axis, model_axis):
@@ -259,20 +267,32 @@ def _sharded_search(q, c, exclude, k, block, query_block, group, mesh, data_axis
   cspec = P(model_axis, None)
   out = (P(data_axis, None), P(data_axis, None))
   if exclude is None:
-    fn = jax.shard_map(lambda a, b: local(a, b), mesh=mesh, in_specs=(qspec, cspec),
-                       out_specs=out, check_vma=False)
+    fn = jax.shard_map(
+      lambda a, b: local(a, b), mesh=mesh, in_specs=(qspec, cspec), out_specs=out, check_vma=False
+    )
     s, i = jax.jit(fn)(q, c)
   else:
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(qspec, cspec, P(data_axis)), out_specs=out,
-                       check_vma=False)
+    fn = jax.shard_map(
+      local, mesh=mesh, in_specs=(qspec, cspec, P(data_axis)), out_specs=out, check_vma=False
+    )
     s, i = jax.jit(fn)(q, c, exclude)
   return s[:nq], i[:nq]
 
 
-def topk_search(queries, candidates, k: int, *, exclude=None, block_size: int = DEFAULT_BLOCK_SIZE,
-                query_block_size: int = DEFAULT_QUERY_BLOCK_SIZE, group_size: int = DEFAULT_GROUP_SIZE,
-                mesh: Optional[jax.sharding.Mesh] = None, data_axis: Optional[str] = 'data',
-                model_axis: Optional[str] = 'model', normalize: bool = True):
+def topk_search(
+  queries,
+  candidates,
+  k: int,
+  *,
+  exclude=None,
+  block_size: int = DEFAULT_BLOCK_SIZE,
+  query_block_size: int = DEFAULT_QUERY_BLOCK_SIZE,
+  group_size: int = DEFAULT_GROUP_SIZE,
+  mesh: Optional[jax.sharding.Mesh] = None,
+  data_axis: Optional[str] = sharding.DATA,
+  model_axis: Optional[str] = sharding.MODEL,
+  normalize: bool = True,
+):
   """Exact top-k candidates per query by inner product (cosine when `normalize`).
 
   Args:
@@ -300,8 +320,9 @@ def topk_search(queries, candidates, k: int, *, exclude=None, block_size: int = 
     axes = mesh.axis_names
     data_axis = data_axis if data_axis in axes else None
     model_axis = model_axis if model_axis in axes else None
-    return _sharded_search(q, c, exclude, k, block_size, query_block_size, group_size, mesh,
-                           data_axis, model_axis)
+    return _sharded_search(
+      q, c, exclude, k, block_size, query_block_size, group_size, mesh, data_axis, model_axis
+    )
   # Query blocks are dispatched from Python: one compiled program for every block (same shapes),
   # and JAX's async dispatch keeps the blocks back to back.
   nq = q.shape[0]
@@ -310,10 +331,18 @@ def topk_search(queries, candidates, k: int, *, exclude=None, block_size: int = 
   ep = None if exclude is None else _pad_rows(exclude, qbs, value=-1)
   outs = []
   for start in range(0, qp.shape[0], qbs):
-    outs.append(_search_jit(qp[start:start + qbs], c,
-                            None if ep is None else ep[start:start + qbs], k=int(k),
-                            block=int(block_size), query_block=qbs, group=int(group_size),
-                            n_valid=None))
+    outs.append(
+      _search_jit(
+        qp[start : start + qbs],
+        c,
+        None if ep is None else ep[start : start + qbs],
+        k=int(k),
+        block=int(block_size),
+        query_block=qbs,
+        group=int(group_size),
+        n_valid=None,
+      )
+    )
   s = jnp.concatenate([o[0] for o in outs], axis=0) if len(outs) > 1 else outs[0][0]
   i = jnp.concatenate([o[1] for o in outs], axis=0) if len(outs) > 1 else outs[0][1]
   return s[:nq], i[:nq]
@@ -330,7 +359,7 @@ def topk_reference(queries, candidates, k: int, exclude=None, normalize: bool = 
     ex = np.asarray(exclude)
     rows = np.flatnonzero(ex >= 0)
     s[rows, ex[rows]] = -np.inf
-  ids = np.argsort(-s, axis=1, kind='stable')[:, :k]
+  ids = np.argsort(-s, axis=1, kind="stable")[:, :k]
   return np.take_along_axis(s, ids, axis=1), ids.astype(np.int32)
 
 
@@ -349,7 +378,7 @@ def first_hit_rank(topk_ids, indptr, indices):
   indptr = jnp.asarray(indptr, jnp.int32)
   indices = jnp.asarray(indices, jnp.int32)
   n_pos = indices.shape[0]
-  owner = jnp.searchsorted(indptr, jnp.arange(n_pos, dtype=jnp.int32), side='right') - 1
+  owner = jnp.searchsorted(indptr, jnp.arange(n_pos, dtype=jnp.int32), side="right") - 1
   match = topk_ids[owner] == indices[:, None]  # [P, K]
   rank = jnp.where(jnp.any(match, axis=1), jnp.argmax(match, axis=1), kk)
   return jax.ops.segment_min(rank, owner, num_segments=nq, indices_are_sorted=True)
@@ -361,9 +390,9 @@ def recall_at_k(topk_ids, indptr, indices, ks: Sequence[int] = (1, 5, 10)) -> di
   check_positives(indptr, indices, topk_ids.shape[0], np.iinfo(np.int32).max)
   for kk in ks:
     if kk > topk_ids.shape[1]:
-      raise SaeJaxError(f'Recall@{kk} needs at least {kk} retrieved ids per query, got {topk_ids.shape[1]}')
+      raise SaeJaxError(f"Recall@{kk} needs at least {kk} retrieved ids per query, got {topk_ids.shape[1]}")
   rank = np.asarray(jax.jit(first_hit_rank)(topk_ids, indptr, indices))
-  return {f'R@{kk}': float(100.0 * np.mean(rank < kk)) for kk in ks}
+  return {f"R@{kk}": float(100.0 * np.mean(rank < kk)) for kk in ks}
 
 
 def recall_reference(scores_full, indptr, indices, ks=(1, 5, 10), exclude=None) -> dict:
@@ -373,14 +402,14 @@ def recall_reference(scores_full, indptr, indices, ks=(1, 5, 10), exclude=None) 
     ex = np.asarray(exclude)
     rows = np.flatnonzero(ex >= 0)
     s[rows, ex[rows]] = -np.inf
-  order = np.argsort(-s, axis=1, kind='stable')
+  order = np.argsort(-s, axis=1, kind="stable")
   out = {}
   for kk in ks:
     hits = 0
     for qi in range(s.shape[0]):
-      pos = set(np.asarray(indices)[indptr[qi]:indptr[qi + 1]].tolist())
+      pos = set(np.asarray(indices)[indptr[qi] : indptr[qi + 1]].tolist())
       hits += bool(pos & set(order[qi, :kk].tolist()))
-    out[f'R@{kk}'] = 100.0 * hits / s.shape[0]
+    out[f"R@{kk}"] = 100.0 * hits / s.shape[0]
   return out
 
 
@@ -403,6 +432,7 @@ class Projector:
   kind 'removal':   h -> normalise(h - (h @ basis) @ basis.T)      basis [d, r] orthonormal.
   kind 'whitening': h -> normalise((h - mean) @ matrix)           matrix [d, d] symmetric.
   """
+
   kind: str
   basis: Optional[np.ndarray] = None
   mean: Optional[np.ndarray] = None
@@ -415,38 +445,45 @@ class Projector:
 
   def transform(self, h):
     h = np.asarray(h, np.float32)
-    _check_2d('embeddings', h)
+    _check_2d("embeddings", h)
     if h.shape[1] != self.d:
-      raise SaeJaxError(f'embeddings have width {h.shape[1]} but the {self.kind} projector was fitted '
-                        f'on width {self.d}')
+      raise SaeJaxError(
+        f"embeddings have width {h.shape[1]} but the {self.kind} projector was fitted on width {self.d}"
+      )
     return np.asarray(_apply_projector(self.kind, jnp.asarray(h), self.basis, self.mean, self.matrix))
 
   __call__ = transform
 
   def save(self, path: str) -> None:
-    arrays = {k: v for k, v in (('basis', self.basis), ('mean', self.mean), ('matrix', self.matrix))
-              if v is not None}
-    tmp = path + '.tmp.npz'
+    arrays = {
+      k: v for k, v in (("basis", self.basis), ("mean", self.mean), ("matrix", self.matrix)) if v is not None
+    }
+    tmp = path + ".tmp.npz"
     np.savez(tmp, kind=np.asarray(self.kind), info=np.asarray(json.dumps(self.info)), **arrays)
     os.replace(tmp, path)
 
   @classmethod
-  def load(cls, path: str) -> 'Projector':
+  def load(cls, path: str) -> "Projector":
     if not os.path.exists(path):
-      raise SaeJaxError(f'{path}: no projector file there')
+      raise SaeJaxError(f"{path}: no projector file there")
     with np.load(path, allow_pickle=False) as z:
-      if 'kind' not in z.files:
+      if "kind" not in z.files:
         raise SaeJaxError(f'{path}: not a projector file (no "kind" entry)')
       get = lambda key: np.asarray(z[key], np.float32) if key in z.files else None
-      return cls(kind=str(z['kind']), basis=get('basis'), mean=get('mean'), matrix=get('matrix'),
-                 info=json.loads(str(z['info'])) if 'info' in z.files else {})
+      return cls(
+        kind=str(z["kind"]),
+        basis=get("basis"),
+        mean=get("mean"),
+        matrix=get("matrix"),
+        info=json.loads(str(z["info"])) if "info" in z.files else {},
+      )
 
 
-@functools.partial(jax.jit, static_argnames=('kind',))
+@functools.partial(jax.jit, static_argnames=("kind",))
 def _apply_projector(kind, h, basis, mean, matrix):
-  if kind == 'removal':
+  if kind == "removal":
     out = h - (h @ basis) @ basis.T
-  elif kind == 'whitening':
+  elif kind == "whitening":
     out = (h - mean) @ matrix
   else:
     raise SaeJaxError(f'projector kind: expected "removal" or "whitening", got {kind!r}')
@@ -456,7 +493,7 @@ def _apply_projector(kind, h, basis, mean, matrix):
 def n_top(fraction: float, c: int) -> int:
   """Size of a top-fraction set: ceil(fraction * c), at least 1 (as sae_jax.metrics)."""
   if not 0.0 < fraction <= 1.0:
-    raise SaeJaxError(f'retrieval.removal_fraction: expected a value in (0, 1], got {fraction}')
+    raise SaeJaxError(f"retrieval.removal_fraction: expected a value in (0, 1], got {fraction}")
   return max(1, int(math.ceil(fraction * c - 1e-9)))
 
 
@@ -471,14 +508,15 @@ def top_fraction(scores, fraction: float) -> np.ndarray:
 def removal_basis(atoms, rank: int) -> np.ndarray:
   """Top-`rank` right singular vectors of `atoms` [m, d] (Eq. 8), as [d, rank] orthonormal."""
   atoms = np.asarray(atoms, np.float64)
-  _check_2d('atoms', atoms)
+  _check_2d("atoms", atoms)
   m, d = atoms.shape
   if not isinstance(rank, (int, np.integer)) or rank < 1:
-    raise SaeJaxError(f'retrieval.removal_rank: expected a positive integer, got {rank!r}')
+    raise SaeJaxError(f"retrieval.removal_rank: expected a positive integer, got {rank!r}")
   if rank > min(m, d):
     raise SaeJaxError(
-        f'retrieval.removal_rank={rank} is larger than the number of selected atoms ({m}) '
-        f'or the width ({d}); raise retrieval.removal_fraction or lower the rank')
+      f"retrieval.removal_rank={rank} is larger than the number of selected atoms ({m}) "
+      f"or the width ({d}); raise retrieval.removal_fraction or lower the rank"
+    )
   _, _, vt = np.linalg.svd(atoms, full_matrices=False)
   return vt[:rank].T.astype(np.float32)
 
@@ -486,34 +524,45 @@ def removal_basis(atoms, rank: int) -> np.ndarray:
 def fit_removal(dictionary, scores, rank: int, fraction: float = 0.01) -> Projector:
   """Removal projector (paper Eq. 8-10) from the top-`fraction` concepts by `scores`."""
   dictionary = np.asarray(dictionary, np.float32)
-  _check_2d('D', dictionary)
+  _check_2d("D", dictionary)
   scores = np.asarray(scores)
   if scores.shape != (dictionary.shape[0],):
-    raise SaeJaxError(f'attribution: expected one score per dictionary row ({dictionary.shape[0]},), '
-                      f'got {scores.shape}')
+    raise SaeJaxError(
+      f"attribution: expected one score per dictionary row ({dictionary.shape[0]},), got {scores.shape}"
+    )
   sel = top_fraction(scores, fraction)
   basis = removal_basis(dictionary[sel], rank)
-  return Projector('removal', basis=basis,
-                   info={'rank': int(rank), 'fraction': float(fraction), 'n_atoms': int(sel.size),
-                         'atoms': [int(a) for a in sel[:4096]]})
+  return Projector(
+    "removal",
+    basis=basis,
+    info={
+      "rank": int(rank),
+      "fraction": float(fraction),
+      "n_atoms": int(sel.size),
+      "atoms": [int(a) for a in sel[:4096]],
+    },
+  )
 
 
 def subspace_projector(vectors, rank: Optional[int] = None) -> Projector:
   """Removal projector for the span of arbitrary `vectors` [m, d] (e.g. an oracle subspace)."""
   vectors = np.asarray(vectors, np.float32)
-  _check_2d('vectors', vectors)
+  _check_2d("vectors", vectors)
   if rank is None:
     rank = int(np.linalg.matrix_rank(vectors.astype(np.float64)))
-  return Projector('removal', basis=removal_basis(vectors, rank),
-                   info={'rank': int(rank), 'n_atoms': int(vectors.shape[0]), 'source': 'vectors'})
+  return Projector(
+    "removal",
+    basis=removal_basis(vectors, rank),
+    info={"rank": int(rank), "n_atoms": int(vectors.shape[0]), "source": "vectors"},
+  )
 
 
 def fit_whitening(embeddings, alpha: float = 0.1, center: bool = True) -> Projector:
   """Shrinkage whitening: Σ̂ = (1-α)Σ + α·tr(Σ)/d·I, W = Σ̂^(-1/2) (symmetric, via eigh)."""
   x = np.asarray(embeddings, np.float64)
-  _check_2d('embeddings', x)
+  _check_2d("embeddings", x)
   if not 0.0 <= alpha <= 1.0:
-    raise SaeJaxError(f'retrieval.whitening_alpha: expected a value in [0, 1], got {alpha}')
+    raise SaeJaxError(f"retrieval.whitening_alpha: expected a value in [0, 1], got {alpha}")
   n, d = x.shape
   mean = x.mean(axis=0) if center else np.zeros(d)
   xc = x - mean
@@ -522,11 +571,16 @@ def fit_whitening(embeddings, alpha: float = 0.1, center: bool = True) -> Projec
   evals, evecs = np.linalg.eigh(shrunk)
   if evals.min() <= 0:
     raise SaeJaxError(
-        f'whitening: the shrunk covariance is singular (min eigenvalue {evals.min():.3g}); use '
-        'retrieval.whitening_alpha > 0 or more embeddings')
+      f"whitening: the shrunk covariance is singular (min eigenvalue {evals.min():.3g}); use "
+      "retrieval.whitening_alpha > 0 or more embeddings"
+    )
   w = (evecs / np.sqrt(evals)) @ evecs.T
-  return Projector('whitening', mean=mean.astype(np.float32), matrix=w.astype(np.float32),
-                   info={'alpha': float(alpha), 'center': bool(center), 'n_fit': int(n)})
+  return Projector(
+    "whitening",
+    mean=mean.astype(np.float32),
+    matrix=w.astype(np.float32),
+    info={"alpha": float(alpha), "center": bool(center), "n_fit": int(n)},
+  )
 
 
 def project(h, basis):

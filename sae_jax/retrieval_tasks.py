@@ -36,43 +36,44 @@ from sae_jax.errors import SaeJaxError
 class TaskSpec:
   name: str
   mbeir_task: int
-  query: str            # modality of the query: "image", "text", "image+text"
-  candidate: str        # modality of the candidates
-  dataset: str          # the dataset the paper uses for it
+  query: str  # modality of the query: "image", "text", "image+text"
+  candidate: str  # modality of the candidates
+  dataset: str  # the dataset the paper uses for it
   exclude_reference: bool = False  # drop each query's own reference candidate (CIRR)
 
   @property
   def label(self) -> str:
-    fmt = lambda m: {'image': 'q_i', 'text': 'q_t', 'image+text': '(q_i,q_t)'}[m]
-    cand = lambda m: {'image': 'c_i', 'text': 'c_t', 'image+text': '(c_i,c_t)'}[m]
-    return f'{self.dataset} {fmt(self.query)}->{cand(self.candidate)}'
+    fmt = lambda m: {"image": "q_i", "text": "q_t", "image+text": "(q_i,q_t)"}[m]
+    cand = lambda m: {"image": "c_i", "text": "c_t", "image+text": "(c_i,c_t)"}[m]
+    return f"{self.dataset} {fmt(self.query)}->{cand(self.candidate)}"
 
 
 TASKS: dict[str, TaskSpec] = {
-    'image_to_text': TaskSpec('image_to_text', 3, 'image', 'text', 'MSCOCO'),
-    'text_to_image': TaskSpec('text_to_image', 1, 'text', 'image', 'MSCOCO'),
-    'image_to_image': TaskSpec('image_to_image', 4, 'image', 'image', 'NIGHTS'),
-    'image_text_to_image': TaskSpec('image_text_to_image', 7, 'image+text', 'image', 'CIRR',
-                                    exclude_reference=True),
-    'image_text_to_image_text': TaskSpec('image_text_to_image_text', 8, 'image+text', 'image+text',
-                                         'OVEN'),
+  "image_to_text": TaskSpec("image_to_text", 3, "image", "text", "MSCOCO"),
+  "text_to_image": TaskSpec("text_to_image", 1, "text", "image", "MSCOCO"),
+  "image_to_image": TaskSpec("image_to_image", 4, "image", "image", "NIGHTS"),
+  "image_text_to_image": TaskSpec(
+    "image_text_to_image", 7, "image+text", "image", "CIRR", exclude_reference=True
+  ),
+  "image_text_to_image_text": TaskSpec("image_text_to_image_text", 8, "image+text", "image+text", "OVEN"),
 }
-PAIRED_TASKS = ('image_to_text', 'text_to_image')
-EXPLICIT_KEYS = ('queries', 'candidates', 'positives_indptr', 'positives_indices')
+PAIRED_TASKS = ("image_to_text", "text_to_image")
+EXPLICIT_KEYS = ("queries", "candidates", "positives_indptr", "positives_indices")
 
 
 def get_task(name: str) -> TaskSpec:
   if name not in TASKS:
-    raise SaeJaxError(f'config.retrieval.tasks: unknown task {name!r}; expected one of {sorted(TASKS)}')
+    raise SaeJaxError(f"config.retrieval.tasks: unknown task {name!r}; expected one of {sorted(TASKS)}")
   return TASKS[name]
 
 
 @dataclasses.dataclass
 class TaskData:
   """Everything one Recall@K evaluation needs; positives are CSR over candidate ids."""
-  queries: np.ndarray            # [Nq, d]
-  candidates: np.ndarray         # [Nc, d]
-  positives_indptr: np.ndarray   # [Nq + 1] int64
+
+  queries: np.ndarray  # [Nq, d]
+  candidates: np.ndarray  # [Nc, d]
+  positives_indptr: np.ndarray  # [Nq + 1] int64
   positives_indices: np.ndarray  # [P] int64
   exclude: Optional[np.ndarray] = None  # [Nq] int64, -1 = none
 
@@ -84,17 +85,21 @@ class TaskData:
   def n_candidates(self) -> int:
     return int(self.candidates.shape[0])
 
-  def subset(self, max_queries: int) -> 'TaskData':
+  def subset(self, max_queries: int) -> "TaskData":
     """The first `max_queries` queries (deterministic; all candidates kept). 0 = all."""
     if not max_queries or max_queries >= self.n_queries:
       return self
     m = int(max_queries)
     end = int(self.positives_indptr[m])
-    return TaskData(self.queries[:m], self.candidates, self.positives_indptr[:m + 1].copy(),
-                    self.positives_indices[:end].copy(),
-                    None if self.exclude is None else self.exclude[:m].copy())
+    return TaskData(
+      self.queries[:m],
+      self.candidates,
+      self.positives_indptr[: m + 1].copy(),
+      self.positives_indices[:end].copy(),
+      None if self.exclude is None else self.exclude[:m].copy(),
+    )
 
-  def map(self, fn) -> 'TaskData':
+  def map(self, fn) -> "TaskData":
     """The same task with `fn` applied to queries and candidates (e.g. a projector)."""
     return dataclasses.replace(self, queries=fn(self.queries), candidates=fn(self.candidates))
 
@@ -103,77 +108,89 @@ def csr_from_groups(query_groups: np.ndarray, candidate_groups: np.ndarray):
   """Positives of each query = the candidates with the same group id. Returns (indptr, indices)."""
   query_groups = np.asarray(query_groups)
   candidate_groups = np.asarray(candidate_groups)
-  order = np.argsort(candidate_groups, kind='stable')
+  order = np.argsort(candidate_groups, kind="stable")
   sorted_groups = candidate_groups[order]
-  lo = np.searchsorted(sorted_groups, query_groups, side='left')
-  hi = np.searchsorted(sorted_groups, query_groups, side='right')
+  lo = np.searchsorted(sorted_groups, query_groups, side="left")
+  hi = np.searchsorted(sorted_groups, query_groups, side="right")
   counts = hi - lo
   indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
   indices = np.concatenate([order[a:b] for a, b in zip(lo, hi)]) if len(lo) else np.zeros(0)
   return indptr, np.asarray(indices, np.int64)
 
 
-def paired_task(name: str, image: np.ndarray, text: np.ndarray,
-                image_ids: Optional[np.ndarray] = None) -> TaskData:
+def paired_task(
+  name: str, image: np.ndarray, text: np.ndarray, image_ids: Optional[np.ndarray] = None
+) -> TaskData:
   """image_to_text or text_to_image from matched rows; rows with equal image id share one image."""
   image = np.asarray(image, np.float32)
   text = np.asarray(text, np.float32)
   if image.ndim != 2 or text.ndim != 2 or image.shape[0] != text.shape[0]:
-    raise SaeJaxError(f'paired embeddings: expected image [N, d] and text [N, d] with the same N, '
-                      f'got {image.shape} and {text.shape}')
+    raise SaeJaxError(
+      f"paired embeddings: expected image [N, d] and text [N, d] with the same N, "
+      f"got {image.shape} and {text.shape}"
+    )
   n = image.shape[0]
   ids = np.arange(n) if image_ids is None else np.asarray(image_ids)
   if ids.shape != (n,):
-    raise SaeJaxError(f'image_ids / sample_ids: expected shape ({n},), got {ids.shape}')
+    raise SaeJaxError(f"image_ids / sample_ids: expected shape ({n},), got {ids.shape}")
   uniq, first = np.unique(ids, return_index=True)
-  first = np.sort(first)           # unique images in order of first appearance
+  first = np.sort(first)  # unique images in order of first appearance
   img_ids = ids[first]
-  if name == 'image_to_text':
+  if name == "image_to_text":
     indptr, indices = csr_from_groups(img_ids, ids)
     return TaskData(image[first], text, indptr, indices)
-  if name == 'text_to_image':
+  if name == "text_to_image":
     indptr, indices = csr_from_groups(ids, img_ids)
     return TaskData(text, image[first], indptr, indices)
-  raise SaeJaxError(f'task {name!r} cannot be built from paired image/text embeddings; '
-                    f'write explicit "{name}__queries" etc. arrays instead')
+  raise SaeJaxError(
+    f"task {name!r} cannot be built from paired image/text embeddings; "
+    f'write explicit "{name}__queries" etc. arrays instead'
+  )
 
 
 def has_explicit(arrays: Mapping[str, np.ndarray], name: str) -> bool:
-  return all(f'{name}__{k}' in arrays for k in EXPLICIT_KEYS)
+  return all(f"{name}__{k}" in arrays for k in EXPLICIT_KEYS)
 
 
-def explicit_task(arrays: Mapping[str, np.ndarray], name: str, source: str = '') -> TaskData:
+def explicit_task(arrays: Mapping[str, np.ndarray], name: str, source: str = "") -> TaskData:
   """A task stored as `<name>__queries` etc. (or bare `queries` etc. when name is '')."""
-  pre = f'{name}__' if name else ''
+  pre = f"{name}__" if name else ""
   missing = [pre + k for k in EXPLICIT_KEYS if pre + k not in arrays]
   if missing:
-    raise SaeJaxError(f'{source or "embeddings"}: missing {", ".join(missing)} for task {name!r}')
-  ex = arrays.get(pre + 'exclude')
-  return TaskData(np.asarray(arrays[pre + 'queries'], np.float32),
-                  np.asarray(arrays[pre + 'candidates'], np.float32),
-                  np.asarray(arrays[pre + 'positives_indptr'], np.int64),
-                  np.asarray(arrays[pre + 'positives_indices'], np.int64),
-                  None if ex is None else np.asarray(ex, np.int64))
+    raise SaeJaxError(f"{source or 'embeddings'}: missing {', '.join(missing)} for task {name!r}")
+  ex = arrays.get(pre + "exclude")
+  return TaskData(
+    np.asarray(arrays[pre + "queries"], np.float32),
+    np.asarray(arrays[pre + "candidates"], np.float32),
+    np.asarray(arrays[pre + "positives_indptr"], np.int64),
+    np.asarray(arrays[pre + "positives_indices"], np.int64),
+    None if ex is None else np.asarray(ex, np.int64),
+  )
 
 
-def build_task(name: str, arrays: Mapping[str, np.ndarray], source: str = '') -> Optional[TaskData]:
+def build_task(name: str, arrays: Mapping[str, np.ndarray], source: str = "") -> Optional[TaskData]:
   """The task from one variant's arrays, or None when the arrays cannot provide it."""
   get_task(name)
   if has_explicit(arrays, name):
     return explicit_task(arrays, name, source)
-  if name in PAIRED_TASKS and 'image' in arrays and 'text' in arrays:
-    ids = arrays.get('image_ids', arrays.get('sample_ids'))
-    return paired_task(name, arrays['image'], arrays['text'], ids)
+  if name in PAIRED_TASKS and "image" in arrays and "text" in arrays:
+    ids = arrays.get("image_ids", arrays.get("sample_ids"))
+    return paired_task(name, arrays["image"], arrays["text"], ids)
   return None
 
 
 # ------------------------------------------------------------------------------- M-BEIR files
 
-_MODALITY = {'image': 'image', 'text': 'text', 'image,text': 'image+text'}
+_MODALITY = {"image": "image", "text": "text", "image,text": "image+text"}
 
 
-def mbeir_task_arrays(queries: Mapping[str, np.ndarray], pool: Mapping[str, np.ndarray],
-                      qrels: Mapping[str, list], task: str = 'auto', source: str = 'mbeir') -> dict:
+def mbeir_task_arrays(
+  queries: Mapping[str, np.ndarray],
+  pool: Mapping[str, np.ndarray],
+  qrels: Mapping[str, list],
+  task: str = "auto",
+  source: str = "mbeir",
+) -> dict:
   """Explicit `<task>__*` arrays from the M-BEIR extraction output (`sae_jax.data.mbeir`).
 
   `queries` / `pool` are the arrays of `mbeir_{queries,pool}_pooled_<variant>.npz` (`embeddings`,
@@ -182,35 +199,40 @@ def mbeir_task_arrays(queries: Mapping[str, np.ndarray], pool: Mapping[str, np.n
   fell out of the pool (missing images) are dropped, as they cannot be scored. For CIRR-style tasks
   the candidate holding the query's own image (same path) is excluded.
   """
-  q_mod = sorted({_MODALITY[str(m)] for m in queries['modality']})
-  c_mod = sorted({_MODALITY[str(m)] for m in pool['modality']})
-  if task == 'auto':
+  q_mod = sorted({_MODALITY[str(m)] for m in queries["modality"]})
+  c_mod = sorted({_MODALITY[str(m)] for m in pool["modality"]})
+  if task == "auto":
     found = [t.name for t in TASKS.values() if [t.query] == q_mod and [t.candidate] == c_mod]
     if not found:
-      raise SaeJaxError(f'{source}: queries of modality {q_mod} against candidates {c_mod} match no task '
-                        f'in {sorted(TASKS)}; set config.retrieval.mbeir_task')
+      raise SaeJaxError(
+        f"{source}: queries of modality {q_mod} against candidates {c_mod} match no task "
+        f"in {sorted(TASKS)}; set config.retrieval.mbeir_task"
+      )
     task = found[0]
   spec = get_task(task)
-  position = {str(did): j for j, did in enumerate(pool['ids'])}
+  position = {str(did): j for j, did in enumerate(pool["ids"])}
   keep, indptr, indices = [], [0], []
-  for i, qid in enumerate(queries['ids']):
+  for i, qid in enumerate(queries["ids"]):
     pos = sorted({position[str(d)] for d in qrels.get(str(qid), []) if str(d) in position})
     if pos:
       keep.append(i)
       indices.extend(pos)
       indptr.append(len(indices))
   if not keep:
-    raise SaeJaxError(f'{source}: no query has a positive candidate in the pool (qrels vs pool ids)')
+    raise SaeJaxError(f"{source}: no query has a positive candidate in the pool (qrels vs pool ids)")
   keep = np.asarray(keep)
-  out = {f'{task}__queries': np.asarray(queries['embeddings'], np.float32)[keep],
-         f'{task}__candidates': np.asarray(pool['embeddings'], np.float32),
-         f'{task}__positives_indptr': np.asarray(indptr, np.int64),
-         f'{task}__positives_indices': np.asarray(indices, np.int64)}
-  if spec.exclude_reference and 'image_paths' in queries and 'image_paths' in pool:
+  out = {
+    f"{task}__queries": np.asarray(queries["embeddings"], np.float32)[keep],
+    f"{task}__candidates": np.asarray(pool["embeddings"], np.float32),
+    f"{task}__positives_indptr": np.asarray(indptr, np.int64),
+    f"{task}__positives_indices": np.asarray(indices, np.int64),
+  }
+  if spec.exclude_reference and "image_paths" in queries and "image_paths" in pool:
     by_path = {}
-    for j, (p, m) in enumerate(zip(pool['image_paths'], pool['modality'])):
-      if p and str(m) == 'image':
+    for j, (p, m) in enumerate(zip(pool["image_paths"], pool["modality"])):
+      if p and str(m) == "image":
         by_path.setdefault(str(p), j)
-    out[f'{task}__exclude'] = np.asarray(
-        [by_path.get(str(queries['image_paths'][i]), -1) for i in keep], np.int64)
+    out[f"{task}__exclude"] = np.asarray(
+      [by_path.get(str(queries["image_paths"][i]), -1) for i in keep], np.int64
+    )
   return out

@@ -2,7 +2,7 @@
 
     z = TopK_k(ReLU((x - b_dec) W_enc + b_enc)),    x_hat = z D + b_dec
 
-D is [c, d] with one unit-norm concept per row. Two presets (design.md section 3):
+D is [c, d] with one unit-norm concept per row. Two presets:
 - `paper`: Overcomplete's TopKSAE as the authors trained it: Linear encoder with bias, no decoder
   bias, rows of D renormalised (a projection, outside the gradient) before every step, loss
   mean((x - x_hat)^2) + 0.01 * mean|z|.
@@ -16,9 +16,8 @@ stages address them by name. `TopKSAE` wraps the same functions as a Flax module
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import chex
 import flax.linen as nn
@@ -26,14 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sae_jax import kernels
 from sae_jax.errors import SaeJaxError
 
 Params = dict[str, jax.Array]
-TopKFn = Callable[[jax.Array, int], tuple[jax.Array, jax.Array]]
+TopKFn = kernels.TopKFn
 
 
 class SparseCode(NamedTuple):
   """k active concepts per row: `values` float32 [N, k] (>= 0), `indices` int32 [N, k]."""
+
   values: jax.Array
   indices: jax.Array
 
@@ -41,6 +42,7 @@ class SparseCode(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class SAESpec:
   """Resolved, hashable SAE settings (a static argument of the jitted functions)."""
+
   d: int
   c: int
   k: int
@@ -58,26 +60,36 @@ class SAESpec:
 
 
 _PRESETS = {
-    "paper": dict(pre_bias=False, b_dec_init="zeros", enc_init="uniform", decoder_norm="renorm",
-                  l1_coef=0.01, aux_k=0, aux_coef=0.0),
-    "modern": dict(pre_bias=True, b_dec_init="geometric_median", enc_init="tied",
-                   decoder_norm="unit_grad", l1_coef=0.0, aux_k=None, aux_coef=1 / 32),
+  "paper": dict(
+    pre_bias=False,
+    b_dec_init="zeros",
+    enc_init="uniform",
+    decoder_norm="renorm",
+    l1_coef=0.01,
+    aux_k=0,
+    aux_coef=0.0,
+  ),
+  "modern": dict(
+    pre_bias=True,
+    b_dec_init="geometric_median",
+    enc_init="tied",
+    decoder_norm="unit_grad",
+    l1_coef=0.0,
+    aux_k=None,
+    aux_coef=1 / 32,
+  ),
 }
 _CHOICES = {
-    "decoder": ("dense", "gather"), "compute_dtype": ("float32", "bfloat16"),
-    "b_dec_init": ("zeros", "mean", "geometric_median"), "enc_init": ("uniform", "tied"),
-    "decoder_norm": ("renorm", "unit_grad"),
+  "decoder": ("dense", "gather"),
+  "compute_dtype": ("float32", "bfloat16"),
+  "b_dec_init": ("zeros", "mean", "geometric_median"),
+  "enc_init": ("uniform", "tied"),
+  "decoder_norm": ("renorm", "unit_grad"),
 }
 
 
 def default_decoder(platform: Optional[str] = None) -> str:
-  """The decoder for "auto", picked by measurement (benchmarks/train_throughput.py).
-
-  On the 2-core CPU (XLA:CPU, bf16, d=768, c=7168, B=4096) the sparse decoder (k gathered rows
-  per sample, loops over the k columns) took 0.58 s/step against 1.03 s for a dense z @ D with
-  NN-layout bf16 GEMMs, which adds three B*c*d GEMMs per step (more still at larger c). Not yet
-  measured on accelerators, where dense GEMMs are cheap and scatters are not: measure there.
-  """
+  """The decoder for "auto", picked by measurement (figures in benchmarks/README.md)."""
   del platform
   return "gather"
 
@@ -116,6 +128,7 @@ def spec_from_config(sae_cfg: Any, platform: Optional[str] = None) -> SAESpec:
 
 
 # ----------------------------------------------------------------------------------- init
+
 
 def normalize_rows(D: jax.Array, eps: float = 1e-8) -> jax.Array:
   """Overcomplete's `normalize_l2`: D / (||D_i|| + 1e-8)."""
@@ -164,186 +177,16 @@ def init_params(rng: jax.Array, spec: SAESpec, data_sample: Optional[np.ndarray]
 
 # ----------------------------------------------------------------------------------- math
 
+
 def _dtype(spec: SAESpec):
   return jnp.bfloat16 if spec.compute_dtype == "bfloat16" else jnp.float32
-
-
-def matmul(a: jax.Array, b: jax.Array, dtype) -> jax.Array:
-  """a @ b with operands in `dtype` and a float32 result (bf16 only pays off with f32 output)."""
-  return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def pre_activations(params: Params, x: jax.Array, spec: SAESpec) -> jax.Array:
   """ReLU((x - b_dec) W_enc + b_enc), [N, c] float32."""
   if spec.pre_bias:
     x = x - params["b_dec"]
-  return jax.nn.relu(matmul(x, params["W_enc"], _dtype(spec)) + params["b_enc"])
-
-
-def local_top_k(acts: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """lax.top_k over the last axis, for arrays that are not sharded (one device). `topk_encode`
-  recognises it and then fuses the encoder GEMM, ReLU and top-k per block of rows."""
-  return jax.lax.top_k(acts, k)
-
-
-_top_k = local_top_k
-# Rows per encoder block: a block's [rows, c] float32 activations are consumed by top_k from
-# cache instead of a B x c array going through memory. Measured on the 2-core CPU (B=4096):
-# 512-row blocks took 15-25% off the encoder forward at d=768, c=7168 (vs 1024, 2048, unblocked);
-# at d=2048, c=16384 blocks of 256-1024 rows were within noise of each other, ~10% under unblocked.
-_ENCODER_BLOCK_ROWS = 512
-_MIN_BLOCK_ROWS = 64
-
-
-# ------------------------------------------------------------------------- sparse kernels
-# A Top-K step touches only B*k of the B*c codes (design.md section 5). Plain autodiff of
-# lax.top_k scatters the cotangent into a dense [B, c] array and then pays a dense, transposed
-# (slow path on XLA:CPU) B*c*d GEMM for dW_enc; a gather decoder written as one einsum
-# materialises the B x k x d gathered rows (629 MB at d=768, k=50, B=4096). The loops below visit
-# the k active columns one at a time, so each temporary is [B, d] and is reused across iterations.
-
-def _gather_weighted_sum(weights: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
-  """out[b] = sum_j weights[b, j] * table[indices[b, j]]:  [B, k], [B, k], [n, d] -> [B, d]."""
-  w_t, i_t = weights.T, indices.T  # one contiguous column per iteration
-
-  def body(j, acc):
-    return acc + w_t[j][:, None] * jnp.take(table, i_t[j], axis=0)
-
-  init = jnp.zeros((weights.shape[0], table.shape[1]), jnp.float32)
-  return jax.lax.fori_loop(0, weights.shape[1], body, init)
-
-
-def _gather_dot(rows: jax.Array, indices: jax.Array, table: jax.Array, chunk: int = 128) -> jax.Array:
-  """out[b, j] = <rows[b], table[indices[b, j]]>:  [B, d], [B, k], [n, d] -> [B, k].
-
-  Row chunks keep the gathered block at [chunk, k, d] (a per-column loop of row dots ran slower).
-  """
-  (n_rows, d), k = rows.shape, indices.shape[1]
-  chunk = math.gcd(n_rows, chunk)
-  blocks = (rows.reshape(-1, chunk, d), indices.reshape(-1, chunk, k))
-  out = jax.lax.map(lambda a: jnp.einsum("bd,bkd->bk", a[0], jnp.take(table, a[1], axis=0)), blocks)
-  return out.reshape(n_rows, k)
-
-
-def _scatter_weighted_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, n: int) -> jax.Array:
-  """out[i] = sum over (b, j) with indices[b, j] = i of weights[b, j] * rows[b]:  -> [n, d]."""
-  w_t, i_t = weights.T, indices.T
-
-  def body(j, acc):
-    return acc.at[i_t[j]].add(w_t[j][:, None] * rows)
-
-  init = jnp.zeros((n, rows.shape[1]), jnp.float32)
-  return jax.lax.fori_loop(0, weights.shape[1], body, init)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def topk_encode(x: jax.Array, shift: Optional[jax.Array], W_enc: jax.Array, b_enc: jax.Array,
-                mask: Optional[jax.Array], k: int, dtype: Any, top_k: TopKFn = _top_k
-                ) -> tuple[jax.Array, jax.Array]:
-  """TopK_k(mask * ReLU((x - shift) W_enc + b_enc)) -> (values [N, k], indices [N, k] int32).
-
-  The same function as `top_k(pre_activations(...))`, with a backward pass that only touches the
-  k selected latents per row: dW_enc and db_enc are scatter-adds of B*k rows (no dense [B, c]
-  cotangent, no B*c*d GEMM). `mask` [c] (or None) restricts the choice, e.g. to dead latents.
-  """
-  return _topk_encode_fwd(x, shift, W_enc, b_enc, mask, k, dtype, top_k)[0]
-
-
-def _encoder_block_rows(n_rows: int) -> int:
-  """The largest power of two <= _ENCODER_BLOCK_ROWS dividing n_rows (n_rows if it is < 64)."""
-  block = 1
-  while block * 2 <= _ENCODER_BLOCK_ROWS and n_rows % (block * 2) == 0:
-    block *= 2
-  return block if block >= _MIN_BLOCK_ROWS else n_rows
-
-
-def _topk_encode_fwd(x, shift, W_enc, b_enc, mask, k, dtype, top_k):
-  xc = x if shift is None else x - shift
-  W = W_enc.astype(dtype)  # cast once, outside the row blocks
-
-  def block(xb):
-    acts = jax.nn.relu(jnp.matmul(xb.astype(dtype), W, preferred_element_type=jnp.float32) + b_enc)
-    if mask is not None:
-      acts = jnp.where(mask, acts, 0.0)
-    return top_k(acts, k)
-
-  n_rows = xc.shape[0]
-  rows = _encoder_block_rows(n_rows)
-  if top_k is local_top_k and rows < n_rows and jax.default_backend() == "cpu":
-    # Unsharded, on CPU: loop over row blocks. (A sharded top_k needs the whole [B, c] array;
-    # accelerators want the one large GEMM.)
-    values, indices = jax.lax.map(block, xc.reshape(n_rows // rows, rows, xc.shape[1]))
-    values, indices = values.reshape(n_rows, k), indices.reshape(n_rows, k)
-  else:
-    values, indices = block(xc)
-  indices = indices.astype(jnp.int32)
-  return (values, indices), (xc, shift, W_enc, values, indices, mask)
-
-
-def _topk_encode_bwd(k, dtype, top_k, residuals, cotangents):
-  xc, shift, W_enc, values, indices, mask = residuals
-  dvalues, _ = cotangents
-  # ReLU'(pre) at the selected entries (0 where the value is 0: non-positive or masked out).
-  g = jnp.where(values > 0, dvalues, 0.0)
-  c = W_enc.shape[1]
-  dW_enc = _scatter_weighted_rows(g, indices, xc, c).T
-  db_enc = jnp.zeros((c,), jnp.float32).at[indices.reshape(-1)].add(g.reshape(-1))
-  # d/dx; XLA drops it when the input needs no gradient (training differentiates params only).
-  dx = _gather_weighted_sum(g, indices, W_enc.T)
-  # d/dshift = -sum_b dx[b] = -W_enc db_enc, without the [B, d] gather.
-  dshift = None if shift is None else -(W_enc @ db_enc)
-  dmask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
-  return dx, dshift, dW_enc, db_enc, dmask
-
-
-topk_encode.defvjp(_topk_encode_fwd, _topk_encode_bwd)
-
-
-@jax.custom_vjp
-def sparse_decode(values: jax.Array, indices: jax.Array, D: jax.Array) -> jax.Array:
-  """sum_j values[:, j] * D[indices[:, j]] ([N, d], no bias); backward costs N*k*d, not N*c*d."""
-  return _gather_weighted_sum(values, indices, D)
-
-
-def _sparse_decode_fwd(values, indices, D):
-  return _gather_weighted_sum(values, indices, D), (values, indices, D)
-
-
-def _sparse_decode_bwd(residuals, g):
-  values, indices, D = residuals
-  dindices = jnp.zeros(indices.shape, jax.dtypes.float0)
-  return _gather_dot(g, indices, D), dindices, _scatter_weighted_rows(values, indices, g, D.shape[0])
-
-
-sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
-
-
-def _transpose(a: jax.Array) -> jax.Array:
-  # A materialised transpose: XLA:CPU runs only plain row-major (NN) dots on its fast GEMM kernel
-  # and would otherwise fold the transpose into a slow transposed dot (design.md section 5).
-  return jax.lax.optimization_barrier(a.T)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def nn_matmul(a: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
-  """`matmul(a, b, dtype)` whose backward runs NN dots on `dtype` operands (bf16 cotangents
-  with bf16 compute; JAX's own VJP would upcast them to float32 and use transposed dots)."""
-  return matmul(a, b, dtype)
-
-
-def _nn_matmul_fwd(a, b, dtype):
-  return matmul(a, b, dtype), (a.astype(dtype), b.astype(dtype))
-
-
-def _nn_matmul_bwd(dtype, residuals, g):
-  a, b = residuals
-  g = g.astype(dtype)
-  da = jnp.matmul(g, _transpose(b), preferred_element_type=jnp.float32)        # [M, K]
-  db = jnp.matmul(_transpose(g), a, preferred_element_type=jnp.float32).T      # ([N, M] @ [M, K]).T
-  return da, db
-
-
-nn_matmul.defvjp(_nn_matmul_fwd, _nn_matmul_bwd)
+  return jax.nn.relu(kernels.matmul(x, params["W_enc"], _dtype(spec)) + params["b_enc"])
 
 
 def dense_codes(code: SparseCode, c: int) -> jax.Array:
@@ -352,8 +195,9 @@ def dense_codes(code: SparseCode, c: int) -> jax.Array:
   return jnp.zeros((n, c), code.values.dtype).at[jnp.arange(n)[:, None], code.indices].add(code.values)
 
 
-def encode(params: Params, x: jax.Array, k: int, spec: Optional[SAESpec] = None,
-           top_k: TopKFn = _top_k) -> SparseCode:
+def encode(
+  params: Params, x: jax.Array, k: int, spec: Optional[SAESpec] = None, top_k: TopKFn = kernels.local_top_k
+) -> SparseCode:
   """Sparse codes of rows x [N, d]."""
   chex.assert_rank(x, 2)
   d, c = params["W_enc"].shape
@@ -368,7 +212,7 @@ def encode(params: Params, x: jax.Array, k: int, spec: Optional[SAESpec] = None,
 def decode(params: Params, code: SparseCode, with_bias: bool = True) -> jax.Array:
   """sum_j values[:, j] * D[indices[:, j]] (+ b_dec), [N, d]."""
   chex.assert_equal_shape([code.values, code.indices])
-  x_hat = sparse_decode(code.values.astype(jnp.float32), code.indices.astype(jnp.int32), params["D"])
+  x_hat = kernels.sparse_decode(code.values.astype(jnp.float32), code.indices.astype(jnp.int32), params["D"])
   return x_hat + params["b_dec"] if with_bias else x_hat
 
 
@@ -385,12 +229,18 @@ def _decode_for_training(D: jax.Array, values: jax.Array, indices: jax.Array, sp
   if spec.decoder == "dense":
     # z D as one GEMM over the dense codes (k nonzeros per row); backward: two NN GEMMs.
     z = dense_codes(SparseCode(values, indices), spec.c)
-    return nn_matmul(z, D, _dtype(spec))
-  return sparse_decode(values, indices, D)
+    return kernels.nn_matmul(z, D, _dtype(spec))
+  return kernels.sparse_decode(values, indices, D)
 
 
-def loss_fn(params: Params, x: jax.Array, spec: SAESpec, valid: Optional[jax.Array] = None,
-            dead: Optional[jax.Array] = None, top_k: TopKFn = _top_k) -> tuple[jax.Array, LossOutput]:
+def loss_fn(
+  params: Params,
+  x: jax.Array,
+  spec: SAESpec,
+  valid: Optional[jax.Array] = None,
+  dead: Optional[jax.Array] = None,
+  top_k: TopKFn = kernels.local_top_k,
+) -> tuple[jax.Array, LossOutput]:
   """Training loss on a batch x [B, d]; `valid` [B] masks skipped rows, `dead` [c] marks dead latents.
 
   The decoder is either dense (z D as one GEMM) or sparse (k gathered rows per sample); the encoder
@@ -399,14 +249,16 @@ def loss_fn(params: Params, x: jax.Array, spec: SAESpec, valid: Optional[jax.Arr
   B = x.shape[0]
   dtype = _dtype(spec)
   shift = params["b_dec"] if spec.pre_bias else None
-  values, indices = topk_encode(x, shift, params["W_enc"], params["b_enc"], None, spec.k, dtype, top_k)
+  values, indices = kernels.topk_encode(
+    x, shift, params["W_enc"], params["b_enc"], None, spec.k, dtype, top_k
+  )
   x_hat = _decode_for_training(params["D"], values, indices, spec)
   if spec.pre_bias:
     x_hat = x_hat + params["b_dec"]
   w = jnp.ones((B,), jnp.float32) if valid is None else valid.astype(jnp.float32)
   n_valid = jnp.maximum(w.sum(), 1.0)
   err = x - x_hat
-  mse = jnp.sum(w[:, None] * err ** 2) / (n_valid * spec.d)
+  mse = jnp.sum(w[:, None] * err**2) / (n_valid * spec.d)
   # mean|z| over the dense [B, c] codes, as Overcomplete's z.abs().mean(); values are >= 0.
   l1 = jnp.sum(w[:, None] * values) / (n_valid * spec.c)
   loss = mse + spec.l1_coef * l1
@@ -414,14 +266,25 @@ def loss_fn(params: Params, x: jax.Array, spec: SAESpec, valid: Optional[jax.Arr
   if spec.aux_k > 0 and dead is not None:
     # Computed only when some latent is dead (0 otherwise). The train step differentiates it
     # separately, outside the cond (see `aux_loss_fn`).
-    aux = jax.lax.cond(jnp.any(dead), lambda ops: aux_loss_fn(ops[0], x, ops[1], spec, valid, dead, top_k),
-                       lambda _: jnp.zeros((), jnp.float32), (params, err))
+    aux = jax.lax.cond(
+      jnp.any(dead),
+      lambda ops: aux_loss_fn(ops[0], x, ops[1], spec, valid, dead, top_k),
+      lambda _: jnp.zeros((), jnp.float32),
+      (params, err),
+    )
     loss = loss + spec.aux_coef * aux
   return loss, LossOutput(loss, mse, l1, aux, SparseCode(values, indices), x_hat)
 
 
-def aux_loss_fn(params: Params, x: jax.Array, err: jax.Array, spec: SAESpec, valid: Optional[jax.Array],
-                dead: jax.Array, top_k: TopKFn = _top_k) -> jax.Array:
+def aux_loss_fn(
+  params: Params,
+  x: jax.Array,
+  err: jax.Array,
+  spec: SAESpec,
+  valid: Optional[jax.Array],
+  dead: jax.Array,
+  top_k: TopKFn = kernels.local_top_k,
+) -> jax.Array:
   """AuxK (Gao et al. 2024), unscaled: the top aux_k dead latents reconstruct the residual `err`
   (x - x_hat of the main loss, a constant here), normalised by its variance.
 
@@ -432,16 +295,18 @@ def aux_loss_fn(params: Params, x: jax.Array, err: jax.Array, spec: SAESpec, val
   shift = params["b_dec"] if spec.pre_bias else None
   w = jnp.ones(x.shape[:1], jnp.float32) if valid is None else valid.astype(jnp.float32)
   e = jax.lax.stop_gradient(err)
-  aux_values, aux_indices = topk_encode(x, shift, params["W_enc"], params["b_enc"], dead, spec.aux_k,
-                                        _dtype(spec), top_k)
-  e_hat = sparse_decode(aux_values, aux_indices, params["D"])
+  aux_values, aux_indices = kernels.topk_encode(
+    x, shift, params["W_enc"], params["b_enc"], dead, spec.aux_k, _dtype(spec), top_k
+  )
+  e_hat = kernels.sparse_decode(aux_values, aux_indices, params["D"])
   e_mean = jnp.sum(w[:, None] * e, axis=0) / jnp.maximum(w.sum(), 1.0)  # masked rows excluded
   e_var = jnp.sum(w[:, None] * (e - e_mean) ** 2)
   return jnp.sum(w[:, None] * (e - e_hat) ** 2) / jnp.maximum(e_var, 1e-12)
 
 
-def explained_variance(x: jax.Array, x_hat: jax.Array, valid: Optional[jax.Array] = None
-                       ) -> dict[str, jax.Array]:
+def explained_variance(
+  x: jax.Array, x_hat: jax.Array, valid: Optional[jax.Array] = None
+) -> dict[str, jax.Array]:
   """Both R^2 conventions: per-dimension FVU, and Overcomplete's scalar r2_score."""
   w = jnp.ones(x.shape[:1], jnp.float32) if valid is None else valid.astype(jnp.float32)
   n = jnp.maximum(w.sum(), 1.0)
@@ -457,16 +322,17 @@ def explained_variance(x: jax.Array, x_hat: jax.Array, valid: Optional[jax.Array
 
 class TopKSAE(nn.Module):
   """Flax module over the same functions, for use inside larger Flax models."""
+
   spec: SAESpec
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[SparseCode, jax.Array]:
     s = self.spec
     params = {
-        "W_enc": self.param("W_enc", nn.initializers.lecun_normal(), (s.d, s.c)),
-        "b_enc": self.param("b_enc", nn.initializers.zeros, (s.c,)),
-        "D": self.param("D", lambda k, shape: normalize_rows(jax.random.normal(k, shape)), (s.c, s.d)),
-        "b_dec": self.param("b_dec", nn.initializers.zeros, (s.d,)),
+      "W_enc": self.param("W_enc", nn.initializers.lecun_normal(), (s.d, s.c)),
+      "b_enc": self.param("b_enc", nn.initializers.zeros, (s.c,)),
+      "D": self.param("D", lambda k, shape: normalize_rows(jax.random.normal(k, shape)), (s.c, s.d)),
+      "b_dec": self.param("b_dec", nn.initializers.zeros, (s.d,)),
     }
     code = encode(params, x, s.k, s)
     return code, decode({**params, "D": normalize_rows(params["D"])}, code, with_bias=s.pre_bias)

@@ -11,7 +11,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sae_jax.errors import SaeJaxError
 
@@ -19,11 +20,11 @@ DATA, MODEL = "data", "model"
 
 # leaf name -> spec; leaves not named here (step counters, scalars) are replicated.
 PARTITION_RULES: dict[str, P] = {
-    "W_enc": P(None, MODEL),          # [d, c]
-    "b_enc": P(MODEL),                # [c]
-    "D": P(MODEL, None),              # [c, d]
-    "b_dec": P(),                     # [d]
-    "tokens_since_fired": P(MODEL),   # [c]
+  "W_enc": P(None, MODEL),  # [d, c]
+  "b_enc": P(MODEL),  # [c]
+  "D": P(MODEL, None),  # [c, d]
+  "b_dec": P(),  # [d]
+  "tokens_since_fired": P(MODEL),  # [c]
 }
 BATCH_SPEC = P(DATA, None)
 
@@ -34,8 +35,11 @@ def maybe_initialize_distributed(mesh_cfg: Any) -> None:
     return
   kwargs = {}
   if mesh_cfg.coordinator_address:
-    kwargs = dict(coordinator_address=mesh_cfg.coordinator_address,
-                  num_processes=int(mesh_cfg.num_processes), process_id=int(mesh_cfg.process_id))
+    kwargs = dict(
+      coordinator_address=mesh_cfg.coordinator_address,
+      num_processes=int(mesh_cfg.num_processes),
+      process_id=int(mesh_cfg.process_id),
+    )
   try:
     jax.distributed.initialize(**kwargs)
   except RuntimeError as e:
@@ -54,11 +58,12 @@ def make_mesh(mesh_cfg: Any, devices=None) -> Mesh:
   if data == -1:
     data = n // model
   if data * model != n:
-    raise SaeJaxError(f"config.mesh.data={mesh_cfg.data} x config.mesh.model={model} = {data * model}, "
-                      f"but {n} devices are visible")
+    raise SaeJaxError(
+      f"config.mesh.data={mesh_cfg.data} x config.mesh.model={model} = {data * model}, "
+      f"but {n} devices are visible"
+    )
   # Auto axis types: lax.top_k over an Explicit-sharded axis fails in this jax (design.md).
-  return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto,) * 2,
-                       devices=devices)
+  return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
 def _leaf_name(path) -> str:
@@ -84,10 +89,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, BATCH_SPEC)
 
 
+def rows_sharding(mesh: Mesh) -> NamedSharding:
+  """A per-row vector of the batch (the `valid` mask): split like the batch rows."""
+  return NamedSharding(mesh, P(DATA))
+
+
 def check_divisible(mesh: Mesh, batch_size: int, c: int) -> None:
   if batch_size % mesh.shape[DATA]:
-    raise SaeJaxError(f"config.data.batch_size={batch_size} is not divisible by mesh data axis "
-                      f"{mesh.shape[DATA]}")
+    raise SaeJaxError(
+      f"config.data.batch_size={batch_size} is not divisible by mesh data axis {mesh.shape[DATA]}"
+    )
   if c % mesh.shape[MODEL]:
     raise SaeJaxError(f"config.sae.c={c} is not divisible by mesh model axis {mesh.shape[MODEL]}")
 
@@ -111,6 +122,9 @@ def sharded_top_k(mesh: Mesh):
       i = jax.lax.all_gather(i, MODEL, axis=1, tiled=True)
       v2, j = jax.lax.top_k(v, k)
       return v2, jax.numpy.take_along_axis(i, j, axis=1)
-    return jax.shard_map(local, mesh=mesh, in_specs=P(DATA, MODEL), out_specs=(P(DATA, None),) * 2,
-                         check_vma=False)(acts)
+
+    return jax.shard_map(
+      local, mesh=mesh, in_specs=P(DATA, MODEL), out_specs=(P(DATA, None),) * 2, check_vma=False
+    )(acts)
+
   return top_k

@@ -11,10 +11,13 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from configs import synthetic
-from sae_jax import analysis, checkpoint, metrics
+from sae_jax import metrics
 from sae_jax import sae as sae_lib
+from sae_jax import workdir as workdir_lib
 from sae_jax.data.synthetic import PlantedSource
 from sae_jax.errors import SaeJaxError
+from sae_jax.stages import analyze
+from sae_jax.training import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,30 +40,38 @@ def small_config():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  from sae_jax import train
   workdir = str(tmp_path_factory.mktemp("sae"))
   config = small_config()
-  train.train_and_evaluate(config, workdir)
-  summary = analysis.run_analysis(config, workdir)
+  trainer.train_and_evaluate(config, workdir)
+  summary = analyze.run_analysis(config, workdir)
   return config, workdir, summary
 
 
 def dense(values, indices, c):
   z = np.zeros((values.shape[0], c))
-  np.add.at(z, (np.repeat(np.arange(values.shape[0]), values.shape[1]), indices.reshape(-1)),
-            values.reshape(-1))
+  np.add.at(
+    z, (np.repeat(np.arange(values.shape[0]), values.shape[1]), indices.reshape(-1)), values.reshape(-1)
+  )
   return z
 
 
 def test_outputs_match_dense_recomputation(trained):
   config, workdir, summary = trained
   out = os.path.join(workdir, "analysis")
-  for name in ("concepts.npz", "codes.npz", "table1.json", "table1.md", "top_bridge_pairs.csv",
-               "fig_modality_kde.png", "fig_cumulative_energy.png", "summary.json"):
+  for name in (
+    "concepts.npz",
+    "codes.npz",
+    "table1.json",
+    "table1.md",
+    "top_bridge_pairs.csv",
+    "fig_modality_kde.png",
+    "fig_cumulative_energy.png",
+    "summary.json",
+  ):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
   conc = np.load(os.path.join(out, "concepts.npz"))
   codes = np.load(os.path.join(out, "codes.npz"))
-  loaded = checkpoint.load_sae(workdir)
+  loaded = workdir_lib.load_sae(workdir)
   D = loaded.params["D"].astype(np.float64)
   c = D.shape[0]
   np.testing.assert_allclose(conc["D"], loaded.params["D"])
@@ -69,10 +80,12 @@ def test_outputs_match_dense_recomputation(trained):
   assert codes["image_values"].shape == (2000, loaded.k) == codes["text_indices"].shape
   # The codes are the SAE's codes of the pooled (here: per-sample) embeddings.
   pairs = PlantedSource(config.data.synthetic).paired(2000, seed=config.analysis.pair_seed)
-  direct = sae_lib.encode({k: np.asarray(v) for k, v in loaded.params.items()}, pairs.image[:64],
-                          loaded.k, analysis._spec_of(loaded))
-  np.testing.assert_allclose(np.sort(codes["image_values"][:64], 1),
-                             np.sort(np.asarray(direct.values), 1), rtol=1e-5, atol=1e-6)
+  direct = sae_lib.encode(
+    {k: np.asarray(v) for k, v in loaded.params.items()}, pairs.image[:64], loaded.k, loaded.spec
+  )
+  np.testing.assert_allclose(
+    np.sort(codes["image_values"][:64], 1), np.sort(np.asarray(direct.values), 1), rtol=1e-5, atol=1e-6
+  )
   # Every stored metric against the dense formulas on the stored codes.
   zi = dense(codes["image_values"], codes["image_indices"], c)
   zt = dense(codes["text_values"], codes["text_indices"], c)
@@ -119,9 +132,9 @@ def test_planted_structure_is_recovered(trained):
     assert a.sum() >= 3 and b.sum() >= 3, (lo, hi, a.sum(), b.sum())
     return roc_auc_score(np.r_[np.zeros(a.sum()), np.ones(b.sum())], np.r_[ms[a], ms[b]])
 
-  assert auc(0, 1) >= 0.95   # image-only below text-only
-  assert auc(0, 2) >= 0.95   # image-only below shared
-  assert auc(2, 1) >= 0.95   # shared below text-only
+  assert auc(0, 1) >= 0.95  # image-only below text-only
+  assert auc(0, 2) >= 0.95  # image-only below shared
+  assert auc(2, 1) >= 0.95  # shared below text-only
   syn = summary["synthetic"]
   assert syn["auc_image_vs_text"] == pytest.approx(auc(0, 1))
   # The top-1% energy set is made of the planted distractors (their span: the SAE may learn
@@ -142,10 +155,10 @@ def test_pool_token_codes_mode_and_compare_runs(trained, tmp_path):
   config.analysis.compare_workdirs = workdir
   config.analysis.run_name = "token-pooled"
   other = str(tmp_path / "tokens")
-  summary = analysis.run_analysis(config, other)
+  summary = analyze.run_analysis(config, other)
   assert summary["codes"] == "pool_token_codes" and summary["tokens_per_sample"] == 3
   codes = np.load(os.path.join(other, "analysis", "codes.npz"))
-  assert codes["image_values"].shape == (500, 3 * 12)      # union of 3 tokens' top-12
+  assert codes["image_values"].shape == (500, 3 * 12)  # union of 3 tokens' top-12
   assert str(np.load(os.path.join(other, "analysis", "concepts.npz"))["codes_mode"]) == "pool_token_codes"
   md = open(os.path.join(other, "analysis", "table1.md")).read()
   assert "| token-pooled |" in md and f"| {os.path.basename(workdir)} |" in md
@@ -158,13 +171,13 @@ def test_pool_token_codes_equals_dense_mean():
   seg = np.array([0, 0, 1, 3, 3, 3, 4])
   idx = np.stack([rng.choice(c, k, replace=False) for _ in seg]).astype(np.int32)
   val = rng.uniform(0.1, 1, (seg.size, k)).astype(np.float32)
-  v, i = analysis.pool_token_codes(val, idx, seg, n, c)
+  v, i = analyze.pool_token_codes(val, idx, seg, n, c)
   want = np.zeros((n, c))
   for r, s in enumerate(seg):
     want[s, idx[r]] += val[r] / np.sum(seg == s)
   np.testing.assert_allclose(dense(v, i, c), want, rtol=1e-6)
   assert v.shape[1] == (want > 0).sum(1).max() and np.all(v[2] == 0)  # widest union; sample 2: no tokens
-  assert np.all(np.diff(v[3][v[3] > 0]) <= 0)     # sorted by value
+  assert np.all(np.diff(v[3][v[3] > 0]) <= 0)  # sorted by value
 
 
 def test_pooled_file_source_and_bad_inputs(trained, tmp_path):
@@ -181,7 +194,7 @@ def test_pooled_file_source_and_bad_inputs(trained, tmp_path):
     cfg.analysis.top_pairs = 0
     cfg.analysis.save_codes = False
     cfg.analysis.bridge_reduction = reduction
-    return analysis.run_analysis(cfg, str(tmp_path / name))
+    return analyze.run_analysis(cfg, str(tmp_path / name))
 
   s = run_with(pairs.image, pairs.text, "ok", reduction="max")
   assert s["source"] == "pooled" and s["n_pairs"] == 300 and s["embeddings_path"].endswith("ok.npz")
@@ -191,9 +204,11 @@ def test_pooled_file_source_and_bad_inputs(trained, tmp_path):
   np.testing.assert_array_equal(conc["bridge_score"], conc["bridge_max"])
   assert not np.allclose(conc["bridge_score"], conc["bridge_diag"])
   assert not os.path.exists(str(tmp_path / "ok" / "analysis" / "top_bridge_pairs.csv"))
-  cases = [((pairs.image, pairs.text[:299]), "299 text rows"),
-           ((pairs.image[:, :-1], pairs.text[:, :-1]), "width 63 but the SAE"),
-           ((pairs.image[:0], pairs.text[:0]), "no image/text pairs")]
+  cases = [
+    ((pairs.image, pairs.text[:299]), "299 text rows"),
+    ((pairs.image[:, :-1], pairs.text[:, :-1]), "width 63 but the SAE"),
+    ((pairs.image[:0], pairs.text[:0]), "no image/text pairs"),
+  ]
   for j, ((img, txt), needle) in enumerate(cases):
     with pytest.raises(SaeJaxError) as err:
       run_with(img, txt, f"bad{j}")
@@ -204,14 +219,25 @@ def test_pooled_file_source_and_bad_inputs(trained, tmp_path):
   (bare / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
   for path, needle in ((bare, "no checkpoint found"), (tmp_path / "empty", "config.json is missing")):
     with pytest.raises(SaeJaxError) as err:
-      analysis.run_analysis(small_config(), str(path))
+      analyze.run_analysis(small_config(), str(path))
     assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
 def test_cli_reports_missing_checkpoint_in_one_line(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "experiments.analyze", "--config=configs/synthetic.py:tiny",
-                        f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.analyze",
+      "--config=configs/synthetic.py:tiny",
+      f"--workdir={tmp_path}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert out.returncode == 1
-  lines = [l for l in out.stderr.strip().splitlines() if l.startswith("error:")]
+  lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("error:")]
   assert len(lines) == 1 and str(tmp_path) in lines[0], out.stderr[-2000:]

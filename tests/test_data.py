@@ -18,8 +18,11 @@ def _write(directory, n=1000, d=16, rows_per_shard=300, seed=0):
   rows[:, 0] = np.arange(n)  # row id in column 0, to check the shuffle
   w = ShardWriter(str(directory), d=d, rows_per_shard=rows_per_shard, metadata={"model": "test"})
   for start in range(0, n, 128):
-    w.add(rows[start:start + 128], token_types=np.full(len(rows[start:start + 128]), 2),
-          sample_ids=np.arange(start, min(start + 128, n)))
+    w.add(
+      rows[start : start + 128],
+      token_types=np.full(len(rows[start : start + 128]), 2),
+      sample_ids=np.arange(start, min(start + 128, n)),
+    )
   index = w.close()
   return rows, index
 
@@ -105,7 +108,7 @@ def test_planted_source_labels_and_statistics():
   fire_rate = img_on[:, kind("distractor")].mean()
   assert abs(fire_rate - cfg.distractor_prob) < 0.02
   energy = (p.image_codes + p.text_codes).mean(0)
-  top = np.argsort(-energy)[:cfg.n_distractor]
+  top = np.argsort(-energy)[: cfg.n_distractor]
   assert set(src.kinds[top]) == {KINDS.index("distractor")}
   resid = p.image - p.image_codes @ src.dictionary
   assert abs(resid.std() - cfg.noise_std) < 0.002

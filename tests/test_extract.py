@@ -12,11 +12,13 @@ import shutil
 import numpy as np
 import pytest
 
-from sae_jax import extract
 from sae_jax.data import coco, mbeir, online
 from sae_jax.data import shards as shards_lib
 from sae_jax.encoders import base, pooling
 from sae_jax.errors import SaeJaxError
+from sae_jax.stages import extract as extract_stage
+from sae_jax.stages import extract_mbeir
+from sae_jax.training import trainer
 
 COCO_MINI = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-val2017-mini"
 needs_fixture = pytest.mark.skipif(not COCO_MINI.exists(), reason="coco-val2017-mini fixture is absent")
@@ -29,6 +31,7 @@ def fixture_captions():
 
 def _config(model, **extract_overrides):
   from configs import clip_coco, qwen2vl_coco
+
   cfg = {"clip": clip_coco, "qwen2_vl": qwen2vl_coco}[model].get_config("tiny")
   for k, v in extract_overrides.items():
     setattr(cfg.extract, k, v)
@@ -38,12 +41,13 @@ def _config(model, **extract_overrides):
 @functools.lru_cache(maxsize=None)
 def _encoder(model):
   from sae_jax import encoders
+
   return encoders.load_encoder(_config(model).extract)
 
 
 def _run(model, workdir, encoder=None, source=None, **overrides):
   cfg = _config(model, **overrides)
-  return extract.Extractor(cfg, str(workdir), encoder=encoder or _encoder(model), source=source).run()
+  return extract_stage.Extractor(cfg, str(workdir), encoder=encoder or _encoder(model), source=source).run()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,9 @@ def _source():
 def _shards(wd):
   d = os.path.join(wd, "activations", "shards")
   index = shards_lib.read_index(d)
-  load = lambda suffix: np.concatenate([np.load(os.path.join(d, s["name"] + suffix)) for s in index["shards"]])
+  load = lambda suffix: np.concatenate(
+    [np.load(os.path.join(d, s["name"] + suffix)) for s in index["shards"]]
+  )
   return index, load(".npy"), load(".token_types.npy"), load(".sample_ids.npy")
 
 
@@ -77,8 +83,15 @@ def _shards(wd):
 def test_clip_end_to_end_pooled_and_shards(clip_run):
   wd, summary = clip_run
   src = _source()
-  assert summary["counts"] == {"images": 11, "captions": 55, "pairs": 55, "skipped_missing": 0,
-                               "skipped_corrupt": 0, "shard_rows": 66, "shards": 1}
+  assert summary["counts"] == {
+    "images": 11,
+    "captions": 55,
+    "pairs": 55,
+    "skipped_missing": 0,
+    "skipped_corrupt": 0,
+    "shard_rows": 66,
+    "shards": 1,
+  }
   z = np.load(os.path.join(wd, "activations", "pooled_embed.npz"))
   enc = _encoder("clip")
   assert z["image"].shape == z["text"].shape == (55, enc.d) and z["image_unique"].shape == (11, enc.d)
@@ -96,7 +109,7 @@ def test_clip_end_to_end_pooled_and_shards(clip_run):
   assert index["d"] == enc.d and index["total_rows"] == 66
   assert (types == pooling.TOKEN_IMAGE).sum() == 11 and (types == pooling.TOKEN_TEXT).sum() == 55
   # shard rows are the same embeddings as the pooled ones (CLIP SAEs train on final embeddings)
-  j = int(np.nonzero(ids == extract.CAPTION_ID_OFFSET + int(z["caption_ids"][3]))[0][0])
+  j = int(np.nonzero(ids == extract_stage.CAPTION_ID_OFFSET + int(z["caption_ids"][3]))[0][0])
   np.testing.assert_allclose(rows[j], z["text"][3], atol=1e-6)
 
 
@@ -137,14 +150,16 @@ def test_qwen2vl_end_to_end_pooled_variants_and_token_shards(qwen_run):
   np.testing.assert_allclose(rows[mine], base.to_numpy(out.hidden[0]), atol=1e-4)
   c = src.captions[7]
   out_t = enc.encode(texts=[c.text])
-  mine = ids == extract.CAPTION_ID_OFFSET + c.caption_id
+  mine = ids == extract_stage.CAPTION_ID_OFFSET + c.caption_id
   np.testing.assert_array_equal(types[mine], out_t.token_types[0].numpy())
   np.testing.assert_allclose(rows[mine], base.to_numpy(out_t.hidden[0]), atol=1e-4)
   for v in ("mean", "last_token", "mean_no_image", "mean_no_prompt"):
     z = np.load(os.path.join(wd, "activations", f"pooled_{v}.npz"))
     assert z["image"].shape == z["text"].shape == (55, 32) and z["image_unique"].shape == (11, 32)
     r = int(np.nonzero(z["caption_ids"] == c.caption_id)[0][0])
-    ref = pooling.pool(v, base.to_numpy(out_t.hidden), out_t.attention_mask.numpy(), out_t.token_types.numpy())
+    ref = pooling.pool(
+      v, base.to_numpy(out_t.hidden), out_t.attention_mask.numpy(), out_t.token_types.numpy()
+    )
     np.testing.assert_allclose(z["text"][r], ref[0], atol=1e-4)
     ri = int(np.nonzero(z["image_unique_ids"] == img0.image_id)[0][0])
     ref = pooling.pool(v, base.to_numpy(out.hidden), out.attention_mask.numpy(), out.token_types.numpy())
@@ -211,7 +226,6 @@ def test_resume_after_crash_gives_the_same_shards(qwen_run, tmp_path):
 
 @needs_fixture
 def test_train_from_shards_then_resume(qwen_run, tmp_path):
-  from sae_jax import train
   wd, _ = qwen_run
   cfg = _config("qwen2_vl")
   cfg.data.source = "shards"
@@ -221,15 +235,15 @@ def test_train_from_shards_then_resume(qwen_run, tmp_path):
   cfg.train.log_every = 2
   cfg.train.tensorboard = False
   cfg.train.async_checkpoint = False
-  train.train_and_evaluate(cfg, str(tmp_path))
+  trainer.train_and_evaluate(cfg, str(tmp_path))
   cfg.train.num_steps = 6
-  train.train_and_evaluate(cfg, str(tmp_path))
+  trainer.train_and_evaluate(cfg, str(tmp_path))
   with open(tmp_path / "metrics.jsonl") as f:
-    steps = [json.loads(l)["step"] for l in f if l.strip()]
+    steps = [json.loads(ln)["step"] for ln in f if ln.strip()]
   assert steps[-1] == 6 and 2 in steps
   cfg.sae.d = 48
   with pytest.raises(SaeJaxError, match="config.sae.d=48 .* width 32"):
-    train.train_and_evaluate(cfg, str(tmp_path / "other"))
+    trainer.train_and_evaluate(cfg, str(tmp_path / "other"))
 
 
 def _copy_fixture(tmp_path):
@@ -249,11 +263,9 @@ def _write_json(path, obj):
 @needs_fixture
 def test_missing_and_corrupt_images_are_skipped_and_counted(tmp_path):
   root = _copy_fixture(tmp_path)
-  with open(root / "captions.json") as f:
-    d = json.load(f)
   (root / "images" / "000000000139.jpg").unlink()
   with open(root / "images" / "000000000285.jpg", "r+b") as f:
-    data = f.read()
+    f.read()
     f.seek(0)
     f.truncate()
     f.write(b"\xff\xd8\xff\xe0" + b"not a jpeg" * 10)
@@ -270,11 +282,14 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tmp_path):
 
 
 @needs_fixture
-@pytest.mark.parametrize("defect,pattern", [
+@pytest.mark.parametrize(
+  "defect,pattern",
+  [
     ("no_captions", r"image 139 \(000000000139.jpg\) has no captions"),
     ("empty_caption", r"caption \d+ of image \d+ is empty"),
     ("unknown_image", r"caption \d+ refers to image id 999999"),
-])
+  ],
+)
 def test_bad_caption_files_are_one_clear_line(tmp_path, defect, pattern):
   root = _copy_fixture(tmp_path)
   with open(root / "captions.json") as f:
@@ -295,7 +310,7 @@ def test_bad_caption_files_are_one_clear_line(tmp_path, defect, pattern):
 def test_layer_out_of_range_fails_before_writing(tmp_path):
   cfg = _config("qwen2_vl", layer=7)
   with pytest.raises(SaeJaxError, match=r"config.extract.layer=7 is out of range .*2 layers"):
-    extract.run_extraction(cfg, str(tmp_path))
+    extract_stage.run_extraction(cfg, str(tmp_path))
   assert not (tmp_path / "activations").exists()
 
 
@@ -316,14 +331,29 @@ def test_karpathy_json_source_matches_official_json(tmp_path):
   images = []
   for im in src.images:
     caps = [c for c in src.captions if c.image_id == im.image_id]
-    images.append({"filepath": "", "filename": os.path.basename(im.path), "cocoid": im.image_id,
-                   "split": "test", "sentences": [{"raw": c.text, "sentid": c.caption_id} for c in caps]})
-  images.append({"filepath": "", "filename": "x.jpg", "cocoid": 5, "split": "train",
-                 "sentences": [{"raw": "other split", "sentid": 1}]})
+    images.append(
+      {
+        "filepath": "",
+        "filename": os.path.basename(im.path),
+        "cocoid": im.image_id,
+        "split": "test",
+        "sentences": [{"raw": c.text, "sentid": c.caption_id} for c in caps],
+      }
+    )
+  images.append(
+    {
+      "filepath": "",
+      "filename": "x.jpg",
+      "cocoid": 5,
+      "split": "train",
+      "sentences": [{"raw": "other split", "sentid": 1}],
+    }
+  )
   _write_json(tmp_path / "k.json", {"images": images, "dataset": "coco"})
   k = coco.KarpathyJson(str(tmp_path / "k.json"), str(COCO_MINI / "images"), split="test")
-  assert [(c.caption_id, c.image_id, c.text) for c in k.captions] == \
-         [(c.caption_id, c.image_id, c.text) for c in src.captions]
+  assert [(c.caption_id, c.image_id, c.text) for c in k.captions] == [
+    (c.caption_id, c.image_id, c.text) for c in src.captions
+  ]
   assert [im.path for im in k.images] == [im.path for im in src.images]
   assert k[3]["caption"] == src[3]["caption"]
 
@@ -345,8 +375,9 @@ def test_parquet_source_lmms_lab_layout(tmp_path):
   p = coco.CocoParquet(str(tmp_path / "*.parquet"))
   assert [im.image_id for im in p.images] == [im.image_id for im in src.images]
   assert [c.text for c in p.captions] == [c.text for c in src.captions]
-  np.testing.assert_array_equal(np.asarray(coco.load_image(p.images[5])),
-                                np.asarray(coco.load_image(src.images[5])))
+  np.testing.assert_array_equal(
+    np.asarray(coco.load_image(p.images[5])), np.asarray(coco.load_image(src.images[5]))
+  )
 
 
 @needs_fixture
@@ -360,16 +391,45 @@ def test_mbeir_queries_pool_qrels_and_extraction(tmp_path):
   queries, pool = [], []
   for j, im in enumerate(src.images[:4]):
     name = "img/" + os.path.basename(im.path)
-    queries.append({"qid": f"3:{j}", "query_txt": None, "query_img_path": name, "query_modality": "image",
-                    "pos_cand_list": [f"9:{j}"], "task_id": 3})
+    queries.append(
+      {
+        "qid": f"3:{j}",
+        "query_txt": None,
+        "query_img_path": name,
+        "query_modality": "image",
+        "pos_cand_list": [f"9:{j}"],
+        "task_id": 3,
+      }
+    )
     pool.append({"did": f"9:{j}", "txt": caps[im.image_id][0].text, "img_path": None, "modality": "text"})
-  queries.append({"qid": "7:0", "query_txt": "make it night", "query_img_path": "img/" +
-                  os.path.basename(src.images[0].path), "query_modality": "image,text",
-                  "pos_cand_list": ["9:5"], "task_id": 7})
-  queries.append({"qid": "7:1", "query_txt": "gone", "query_img_path": "img/missing.jpg",
-                  "query_modality": "image,text", "pos_cand_list": ["9:5"], "task_id": 7})
-  pool.append({"did": "9:5", "txt": None, "img_path": "img/" + os.path.basename(src.images[1].path),
-               "modality": "image"})
+  queries.append(
+    {
+      "qid": "7:0",
+      "query_txt": "make it night",
+      "query_img_path": "img/" + os.path.basename(src.images[0].path),
+      "query_modality": "image,text",
+      "pos_cand_list": ["9:5"],
+      "task_id": 7,
+    }
+  )
+  queries.append(
+    {
+      "qid": "7:1",
+      "query_txt": "gone",
+      "query_img_path": "img/missing.jpg",
+      "query_modality": "image,text",
+      "pos_cand_list": ["9:5"],
+      "task_id": 7,
+    }
+  )
+  pool.append(
+    {
+      "did": "9:5",
+      "txt": None,
+      "img_path": "img/" + os.path.basename(src.images[1].path),
+      "modality": "image",
+    }
+  )
   for name, recs in (("q.jsonl", queries), ("pool.jsonl", pool)):
     with open(root / name, "w") as f:
       f.write("\n".join(json.dumps(r) for r in recs) + "\n")
@@ -378,10 +438,16 @@ def test_mbeir_queries_pool_qrels_and_extraction(tmp_path):
   assert mbeir.read_qrels(str(root / "qrels.txt")) == {"3:0": ["9:0"], "3:1": ["9:1"]}
   q = mbeir.MBeirQueries(str(root / "q.jsonl"), str(root))
   assert len(q) == 6 and q[4]["modality"] == "image,text" and q[4]["text"] == "make it night"
-  cfg = _config("qwen2_vl", dataset="mbeir", mbeir_queries=str(root / "q.jsonl"),
-                mbeir_pool=str(root / "pool.jsonl"), mbeir_image_root=str(root), pooling=("mean", "last_token"))
+  cfg = _config(
+    "qwen2_vl",
+    dataset="mbeir",
+    mbeir_queries=str(root / "q.jsonl"),
+    mbeir_pool=str(root / "pool.jsonl"),
+    mbeir_image_root=str(root),
+    pooling=("mean", "last_token"),
+  )
   enc = _encoder("qwen2_vl")
-  summary = mbeir.run_mbeir_extraction(cfg, str(tmp_path / "wd"), encoder=enc)
+  summary = extract_mbeir.run_mbeir_extraction(cfg, str(tmp_path / "wd"), encoder=enc)
   assert summary["counts"] == {"queries": 5, "pool": 5} and summary["skipped"] == {"queries": 1, "pool": 0}
   z = np.load(tmp_path / "wd" / "activations" / "mbeir_queries_pooled_mean.npz")
   assert z["ids"].tolist() == ["3:0", "3:1", "3:2", "3:3", "7:0"]
@@ -400,6 +466,7 @@ def test_mbeir_queries_pool_qrels_and_extraction(tmp_path):
 @needs_fixture
 def test_online_batches_are_real_activations_deterministic_and_resumable(qwen_run):
   from sae_jax.data import pipeline
+
   wd, _ = qwen_run
   cfg = _config("qwen2_vl")
   cfg.data.source = "online"

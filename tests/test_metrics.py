@@ -58,10 +58,23 @@ def dense_reference(D, image, text):
   A = (zi * (zt @ M) + zt * (zi @ M)).mean(0)
   B = (zi.T @ zt / n) * M
   cooc = zi.T @ zt / n
-  return dict(zi=zi, zt=zt, M=M, B=B, cooc=cooc, energy=energy, energy_image=e_img,
-              energy_text=e_txt, modality=ms, attribution=A, diag=np.diag(B), row=B.sum(1),
-              col=B.sum(0), max=np.maximum(B.max(1), B.max(0)),
-              pair_dot=np.mean(np.sum((zi @ D) * (zt @ D), axis=1)))
+  return dict(
+    zi=zi,
+    zt=zt,
+    M=M,
+    B=B,
+    cooc=cooc,
+    energy=energy,
+    energy_image=e_img,
+    energy_text=e_txt,
+    modality=ms,
+    attribution=A,
+    diag=np.diag(B),
+    row=B.sum(1),
+    col=B.sum(0),
+    max=np.maximum(B.max(1), B.max(0)),
+    pair_dot=np.mean(np.sum((zi @ D) * (zt @ D), axis=1)),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +122,12 @@ def test_identities(problem):
   D, image, text, ref, got = problem
   # 1: (M z)_i = <d_i, x_hat> without the decoder bias.
   zt = ref["zt"]
-  np.testing.assert_allclose(zt @ ref["M"], (zt @ D.astype(np.float64)) @ D.T.astype(np.float64),
-                             rtol=1e-10, atol=1e-10)
+  np.testing.assert_allclose(
+    zt @ ref["M"], (zt @ D.astype(np.float64)) @ D.T.astype(np.float64), rtol=1e-10, atol=1e-10
+  )
   # 2: the symmetric reduction of B is the attribution (computed without B).
   np.testing.assert_allclose(got.bridge_score("sym"), got.attribution, rtol=1e-12, atol=0)
-  np.testing.assert_allclose(got.bridge_score("sym"), ref["B"].sum(1) + ref["B"].sum(0), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(got.bridge_score("sym"), ref["B"].sum(1) + ref["B"].sum(0), rtol=1e-5, atol=1e-6)
   # 3: sum_ij B_ij = mean <x_hat_iota, x_hat_tau>, sum_i A_i = twice that.
   np.testing.assert_allclose(ref["B"].sum(), got.mean_pair_dot, rtol=1e-5)
   np.testing.assert_allclose(got.attribution.sum(), 2 * got.mean_pair_dot, rtol=1e-5)
@@ -159,18 +172,18 @@ def test_bridge_blockwise_matches_dense(problem):
 
 def test_top_sets_jaccard_table1():
   scores = np.array([0.5, 3.0, np.nan, 2.0, 3.0, -1.0, 0.0, 1.0, 2.5, 0.1])
-  assert metrics.top_fraction_set(scores, 0.3).tolist() == [1, 4, 8]        # ceil(3.0) = 3
-  assert metrics.top_fraction_set(scores, 0.21).tolist() == [1, 4, 8]       # ceil(2.1) = 3
-  assert metrics.top_fraction_set(scores, 0.4).tolist() == [1, 3, 4, 8]     # 2.0 beats 1.0, NaN last
+  assert metrics.top_fraction_set(scores, 0.3).tolist() == [1, 4, 8]  # ceil(3.0) = 3
+  assert metrics.top_fraction_set(scores, 0.21).tolist() == [1, 4, 8]  # ceil(2.1) = 3
+  assert metrics.top_fraction_set(scores, 0.4).tolist() == [1, 3, 4, 8]  # 2.0 beats 1.0, NaN last
   assert metrics.top_fraction_set(scores, 1.0)[-1] == 9 and len(metrics.top_fraction_set(scores, 1.0)) == 10
-  assert metrics.top_fraction_set(scores, 0.2).tolist() == [1, 4]           # exact: no float creep
+  assert metrics.top_fraction_set(scores, 0.2).tolist() == [1, 4]  # exact: no float creep
   assert metrics.top_fraction_set(np.arange(32768.0), 0.01).shape == (328,)  # ceil(327.68)
   assert metrics.jaccard([1, 2, 3], [2, 3, 4, 5]) == pytest.approx(2 / 5)
   assert metrics.triple_overlap([1, 2, 3], [2, 3, 4], [3, 4, 5]) == pytest.approx(1 / 5)
   e = np.array([9, 8, 7, 6, 5, 4, 3, 2, 1, 0], float)
   a = np.array([9, 0, 7, 6, 0, 0, 0, 0, 0, 8], float)
   b = np.array([0, 8, 7, 0, 5, 0, 0, 0, 0, 9], float)
-  row = metrics.table1(e, a, b, fraction=0.3)   # S_E={0,1,2} S_A={0,2,9} S_B={1,2,9}
+  row = metrics.table1(e, a, b, fraction=0.3)  # S_E={0,1,2} S_A={0,2,9} S_B={1,2,9}
   assert row["J(S_E,S_A)"] == pytest.approx(2 / 4)
   assert row["J(S_E,S_B)"] == pytest.approx(2 / 4)
   assert row["J(S_A,S_B)"] == pytest.approx(2 / 4)
@@ -186,20 +199,25 @@ def test_table1_on_metrics_matches_dense_sets(problem):
   assert row["J(S_E,S_A)"] == pytest.approx(len(sets[0] & sets[1]) / len(sets[0] | sets[1]))
   assert row["J(S_A,S_B)"] == pytest.approx(len(sets[1] & sets[2]) / len(sets[1] | sets[2]))
   assert row["triple_overlap"] == pytest.approx(
-      len(sets[0] & sets[1] & sets[2]) / len(sets[0] | sets[1] | sets[2]))
+    len(sets[0] & sets[1] & sets[2]) / len(sets[0] | sets[1] | sets[2])
+  )
 
 
 def test_bad_input_one_line_errors():
   D, (iv, ii), (tv, ti) = random_problem(n=10)
   cases = [
-      (lambda: metrics.compute_concept_metrics(D, (iv, ii), (tv[:7], ti[:7])), "matched pairs"),
-      (lambda: metrics.compute_concept_metrics(D, (iv[:0], ii[:0]), (tv[:0], ti[:0])), "empty"),
-      (lambda: metrics.compute_concept_metrics(D[:20], (iv, ii), (tv, ti)), "c=20"),
-      (lambda: metrics.compute_concept_metrics(D, (iv, ii[:, :3]), (tv, ti)), "must both be [N, k]"),
-      (lambda: metrics.bridge_blockwise(D, (iv, ii), (tv[:3], ti[:3])), "matched pairs"),
-      (lambda: metrics.table1(np.ones(3), np.ones(3), np.ones(3), fraction=0.0), "0 < fraction"),
-      (lambda: metrics.ConceptMetrics.bridge_score(
-          metrics.compute_concept_metrics(D, (iv, ii), (tv, ti)), "median"), "expected one of"),
+    (lambda: metrics.compute_concept_metrics(D, (iv, ii), (tv[:7], ti[:7])), "matched pairs"),
+    (lambda: metrics.compute_concept_metrics(D, (iv[:0], ii[:0]), (tv[:0], ti[:0])), "empty"),
+    (lambda: metrics.compute_concept_metrics(D[:20], (iv, ii), (tv, ti)), "c=20"),
+    (lambda: metrics.compute_concept_metrics(D, (iv, ii[:, :3]), (tv, ti)), "must both be [N, k]"),
+    (lambda: metrics.bridge_blockwise(D, (iv, ii), (tv[:3], ti[:3])), "matched pairs"),
+    (lambda: metrics.table1(np.ones(3), np.ones(3), np.ones(3), fraction=0.0), "0 < fraction"),
+    (
+      lambda: metrics.ConceptMetrics.bridge_score(
+        metrics.compute_concept_metrics(D, (iv, ii), (tv, ti)), "median"
+      ),
+      "expected one of",
+    ),
   ]
   for fn, needle in cases:
     with pytest.raises(SaeJaxError) as err:
@@ -234,8 +252,14 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 def test_bridge_sharded_over_model_axis_equals_unsharded():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT.format(root=ROOT)], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-c", SHARDED_SCRIPT.format(root=ROOT)],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   res = json.loads(out.stdout.strip().splitlines()[-1])
   one, many = res["one"], res["many"]
@@ -254,11 +278,11 @@ def test_bridge_blockwise_long_tailed_codes():
   """A few concepts fire in every row (as on real codes): tiles are balanced, results exact."""
   # Draws use concepts 0..61 only (silent=2), so forcing 62 and 63 keeps each row's indices distinct.
   D, (iv, ii), (tv, ti) = random_problem(n=60, c=64, d=10, k=6, silent=2, seed=7)
-  ii[:, 1], ii[:, 2] = 63, 62          # two hot concepts, in every image row
+  ii[:, 1], ii[:, 2] = 63, 62  # two hot concepts, in every image row
   ti[:, 1] = 63
   ref = dense_reference(D, (iv, ii), (tv, ti))
   slot_of, concept_of_slot = metrics._balanced_slots(iv, ii, 64, 4, 16)
-  assert slot_of[63] // 16 != slot_of[62] // 16                      # hot concepts split up
+  assert slot_of[63] // 16 != slot_of[62] // 16  # hot concepts split up
   assert sorted(concept_of_slot.tolist()) == list(range(64))
   res = metrics.bridge_blockwise(D, (iv, ii), (tv, ti), top_k=10, tile=16, entry_block=8)
   np.testing.assert_allclose(res.max_score, ref["max"], rtol=1e-5, atol=1e-6)

@@ -3,7 +3,7 @@
 import numpy as np
 
 from configs import qwen2vl_coco
-from sae_jax import train
+from sae_jax.training import trainer
 from tests.helpers.run_training import final_state
 
 
@@ -19,11 +19,14 @@ def _config(num_steps):
 
 
 def test_online_training_resumes_exactly(tmp_path, coco_mini):
-  train.train_and_evaluate(_config(8), str(tmp_path / "straight"))
-  train.train_and_evaluate(_config(4), str(tmp_path / "resumed"))
-  summary = train.train_and_evaluate(_config(8), str(tmp_path / "resumed"))  # resumes at step 4
+  trainer.train_and_evaluate(_config(8), str(tmp_path / "straight"))
+  trainer.train_and_evaluate(_config(4), str(tmp_path / "resumed"))
+  summary = trainer.train_and_evaluate(_config(8), str(tmp_path / "resumed"))  # resumes at step 4
   assert summary["step"] == 8
-  a, b = final_state(str(tmp_path / "straight"), _config(8)), final_state(str(tmp_path / "resumed"), _config(8))
+  a, b = (
+    final_state(str(tmp_path / "straight"), _config(8)),
+    final_state(str(tmp_path / "resumed"), _config(8)),
+  )
   assert set(a) == set(b)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -15,18 +15,17 @@ import importlib.util
 import sys
 import types
 
-import numpy as np
-import pytest
-
-torch = pytest.importorskip("torch")
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
 
 from configs import base
 from sae_jax import sae as sae_lib
 from sae_jax import sharding as shard_lib
-from sae_jax import train as train_lib
+from sae_jax.training import state as state_lib
+from sae_jax.training import step as step_lib
 
 D_IN, C, K, BATCH = 64, 512, 16, 256
 
@@ -40,6 +39,7 @@ def _overcomplete_topk_sae():
     package.__path__ = list(spec.submodule_search_locations)
     sys.modules["overcomplete"] = package
   from overcomplete.sae.topk_sae import TopKSAE
+
   return TopKSAE
 
 
@@ -72,17 +72,20 @@ def _torch_model(seed: int = 0):
 def _params_from_torch(model) -> dict:
   lin = model.encoder.final_block[0]
   return {
-      "W_enc": jnp.asarray(lin.weight.detach().numpy().T.copy()),
-      "b_enc": jnp.asarray(lin.bias.detach().numpy().copy()),
-      "D": jnp.asarray(model.dictionary._weights.detach().numpy().copy()),
-      "b_dec": jnp.zeros((D_IN,), jnp.float32),
+    "W_enc": jnp.asarray(lin.weight.detach().numpy().T.copy()),
+    "b_enc": jnp.asarray(lin.bias.detach().numpy().copy()),
+    "D": jnp.asarray(model.dictionary._weights.detach().numpy().copy()),
+    "b_dec": jnp.zeros((D_IN,), jnp.float32),
   }
 
 
 def _torch_params(model) -> dict:
   lin = model.encoder.final_block[0]
-  return {"W_enc": lin.weight.detach().numpy().T, "b_enc": lin.bias.detach().numpy(),
-          "D": model.dictionary._weights.detach().numpy()}
+  return {
+    "W_enc": lin.weight.detach().numpy().T,
+    "b_enc": lin.bias.detach().numpy(),
+    "D": model.dictionary._weights.detach().numpy(),
+  }
 
 
 def _torch_loss(model, x):
@@ -107,10 +110,10 @@ def _rel(a, b) -> float:
 
 def _jax_step(config):
   spec = sae_lib.spec_from_config(config.sae)
-  optimizer = train_lib.make_optimizer(config.optim, int(config.train.num_steps))
+  optimizer = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
   mesh = shard_lib.make_mesh(config.mesh, jax.devices()[:1])
-  abstract = train_lib.abstract_state(spec, config)
-  step = train_lib.jit_train_step(spec, optimizer, mesh, shard_lib.state_shardings(abstract, mesh))
+  abstract = state_lib.abstract_state(spec, config)
+  step = step_lib.jit_train_step(spec, optimizer, mesh, shard_lib.state_shardings(abstract, mesh))
   return spec, optimizer, step
 
 
@@ -138,12 +141,16 @@ def test_forward_codes_reconstruction_loss_and_grads(decoder):
   # encode()/decode() (the inference API) give the same codes and reconstruction.
   code = sae_lib.encode(params, jnp.asarray(x), K)
   np.testing.assert_allclose(np.asarray(sae_lib.dense_codes(code, C)), z_ref, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(sae_lib.decode(params, code)), x_hat_t.detach().numpy(),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(sae_lib.decode(params, code)), x_hat_t.detach().numpy(), rtol=1e-5, atol=1e-5
+  )
   # Gradients w.r.t. the renormalised dictionary leaf and the encoder, before clipping.
   lin = model.encoder.final_block[0]
-  for name, ref in (("W_enc", lin.weight.grad.numpy().T), ("b_enc", lin.bias.grad.numpy()),
-                    ("D", model.dictionary._weights.grad.numpy())):
+  for name, ref in (
+    ("W_enc", lin.weight.grad.numpy().T),
+    ("b_enc", lin.bias.grad.numpy()),
+    ("D", model.dictionary._weights.grad.numpy()),
+  ):
     assert np.linalg.norm(ref) > 0
     assert _rel(grads[name], ref) < 1e-5, name
 
@@ -158,7 +165,7 @@ def test_one_optimizer_step_matches(decoder):
 
   config = _config(decoder)
   spec, optimizer, step = _jax_step(config)
-  state = train_lib.init_state(params0, optimizer)
+  state = state_lib.init_state(params0, optimizer)
   before = {k: np.asarray(v).copy() for k, v in state["params"].items()}
   state, metrics = step(state, jnp.asarray(x), jnp.ones((BATCH,), jnp.bool_))
   assert float(metrics["grad_norm"]) > 1.0  # the clip is active, so it is tested too
@@ -179,7 +186,7 @@ def test_loss_curves_agree_over_20_steps():
   batches = _batches(20, seed=2)
   config = _config("auto")
   spec, optimizer, step = _jax_step(config)
-  state = train_lib.init_state(params0, optimizer)
+  state = state_lib.init_state(params0, optimizer)
   ones = jnp.ones((BATCH,), jnp.bool_)
   ours, theirs = [], []
   for b in batches:

@@ -8,8 +8,7 @@ import textwrap
 
 import pytest
 
-from sae_jax.training.program_stats import (Collective, ProgramStats, flops_with_trip_counts,
-                                            parse_hlo)
+from sae_jax.training.program_stats import Collective, ProgramStats, flops_with_trip_counts, parse_hlo
 
 # A while loop (known_trip_count 7) whose body all-reduces f32[128,64] and runs a fusion holding a
 # scatter; the entry all-gathers bf16[4,16]. Operands bare, as current XLA prints them.
@@ -91,8 +90,9 @@ def test_parse_hlo_hand_written_loop():
   json.dumps(summary)
   assert summary["collectives"] == 2 and summary["collectives_in_loops"] == 1
   assert summary["collective_bytes_per_step"] == 7 * 128 * 64 * 4 + 4 * 16 * 2
-  assert summary["collectives_by_op"]["all-reduce"] == dict(count=1, in_loops=1, bytes=32768,
-                                                            bytes_per_step=7 * 32768)
+  assert summary["collectives_by_op"]["all-reduce"] == dict(
+    count=1, in_loops=1, bytes=32768, bytes_per_step=7 * 32768
+  )
   assert summary["scatters_in_loops"] == 1 and summary["trip_counts"] == [7]
   assert summary["trip_counts_known"]
 
@@ -173,18 +173,17 @@ backend_config={"known_trip_count":{"n":"5"}}
 def test_parse_hlo_async_pairs_nested_and_unknown_loops():
   stats = parse_hlo(HLO_ASYNC)
   by_op = {c.op: c for c in stats.collectives}
-  assert sorted(by_op) == ["all-gather", "all-reduce", "all-to-all", "collective-permute",
-                           "reduce-scatter"]
+  assert sorted(by_op) == ["all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter"]
   assert stats.count("all-reduce") == 2 and stats.count("all-reduce-start") == 2
   in_loop = [c for c in stats.collectives if c.op == "all-reduce" and c.in_loop]
   assert len(in_loop) == 1 and in_loop[0].bytes == 8 * 16 * 4 and in_loop[0].trip_count == 5
-  assert by_op["reduce-scatter"].bytes == 4 * 16 * 4         # the done's result, not the start's tuple
+  assert by_op["reduce-scatter"].bytes == 4 * 16 * 4  # the done's result, not the start's tuple
   assert by_op["all-gather"].bytes == 8 * 16 * 4
   cp = by_op["collective-permute"]
   assert (cp.computation, cp.in_loop, cp.trip_count, cp.trip_count_known) == ("inner_body", True, 5, False)
   assert by_op["reduce-scatter"].trip_count_known
   entry_ar = next(c for c in stats.collectives if c.op == "all-reduce" and not c.in_loop)
-  assert entry_ar.bytes == 4 + 2 * 4                          # tuple result, summed
+  assert entry_ar.bytes == 4 + 2 * 4  # tuple result, summed
   assert (by_op["all-to-all"].computation, by_op["all-to-all"].in_loop) == ("branch_a", False)
   assert sorted(stats.while_loops) == [("inner_body", -1), ("outer_body", 5)]
   assert not stats.to_json()["trip_counts_known"]
@@ -246,10 +245,15 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def device_stats():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-  proc = subprocess.run([sys.executable, "-c", _DEVICE_CODE], env=env, capture_output=True, text=True,
-                        timeout=120, cwd=root)
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+  }
+  proc = subprocess.run(
+    [sys.executable, "-c", _DEVICE_CODE], env=env, capture_output=True, text=True, timeout=120, cwd=root
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -258,8 +262,10 @@ def test_gspmd_scatter_loop_all_reduces_inside_the_loop(device_stats):
   assert device_stats["devices"] == 8
   s = device_stats["gspmd"]
   assert s["collectives_in_loops"] >= 1
-  assert any(op == "all-reduce" and in_loop and trips == device_stats["steps"]
-             for op, in_loop, trips in device_stats["gspmd_loops"])
+  assert any(
+    op == "all-reduce" and in_loop and trips == device_stats["steps"]
+    for op, in_loop, trips in device_stats["gspmd_loops"]
+  )
   assert s["scatters_in_loops"] >= 1 and s["trip_counts"] == [device_stats["steps"]]
   assert s["collective_bytes_per_step"] >= device_stats["steps"] * device_stats["acc_bytes"]
 
@@ -275,4 +281,4 @@ def test_shard_map_psum_after_the_loop(device_stats):
 def test_flops_count_the_loop_body_trip_count_times(device_stats):
   one_body = 2 * 32 * 64 * 64
   assert device_stats["mm_flops"] == 10 * one_body
-  assert device_stats["mm_cost_flops"] < 2 * one_body   # cost_analysis counts the body once
+  assert device_stats["mm_cost_flops"] < 2 * one_body  # cost_analysis counts the body once

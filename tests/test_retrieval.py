@@ -36,22 +36,23 @@ def _np_recall(q, c, indptr, indices, ks, exclude=None):
     for i in range(q.shape[0]):
       cand = [j for j in range(c.shape[0]) if exclude is None or j != exclude[i]]
       ranked = sorted(cand, key=lambda j: (-s[i, j], j))[:k]
-      hits += bool(set(ranked) & set(indices[indptr[i]:indptr[i + 1]].tolist()))
-    out[f'R@{k}'] = 100.0 * hits / q.shape[0]
+      hits += bool(set(ranked) & set(indices[indptr[i] : indptr[i + 1]].tolist()))
+    out[f"R@{k}"] = 100.0 * hits / q.shape[0]
   return out
 
 
-@pytest.mark.parametrize('block,group,qblock', [(64, 8, 16), (100, 4, 7), (1000, 32, 64), (37, 32, 64)])
+@pytest.mark.parametrize("block,group,qblock", [(64, 8, 16), (100, 4, 7), (1000, 32, 64), (37, 32, 64)])
 def test_topk_ties_match_stable_reference(block, group, qblock):
   rng = np.random.default_rng(block)
   q = _int_data(rng, 45, 12)
   c = _int_data(rng, 700, 12)
-  c[300:700:9] = c[11]          # many exact duplicates of candidate 11, scattered over blocks
+  c[300:700:9] = c[11]  # many exact duplicates of candidate 11, scattered over blocks
   c[650] = c[3]
   exclude = rng.integers(-1, 700, 45)
   for ex in (None, exclude):
-    s, i = R.topk_search(q, c, 10, exclude=ex, block_size=block, group_size=group,
-                         query_block_size=qblock, normalize=False)
+    s, i = R.topk_search(
+      q, c, 10, exclude=ex, block_size=block, group_size=group, query_block_size=qblock, normalize=False
+    )
     rs, ri = R.topk_reference(q, c, 10, exclude=ex, normalize=False)
     np.testing.assert_array_equal(np.asarray(i), ri)
     np.testing.assert_array_equal(np.asarray(s), rs)
@@ -69,31 +70,32 @@ def test_recall_matches_numpy_reference_multi_positive_with_ties():
   # so R@1 depends on the tie-breaking rule (lower id wins -> miss at rank 1).
   for i in range(0, nq, 3):
     p = indices[indptr[i]]
-    lower = [j for j in range(p) if j not in indices[indptr[i]:indptr[i + 1]]]
+    lower = [j for j in range(p) if j not in indices[indptr[i] : indptr[i + 1]]]
     if lower:
       c[lower[0]] = c[p]
       q[i] = c[p] * 3
   exclude = rng.integers(-1, nc, nq)
   for ex in (None, exclude):
-    rec, ids = R.evaluate(q, c, indptr, indices, ks=(1, 5, 10), exclude=ex, normalize=False,
-                          block_size=64, group_size=8)
+    rec, ids = R.evaluate(
+      q, c, indptr, indices, ks=(1, 5, 10), exclude=ex, normalize=False, block_size=64, group_size=8
+    )
     ref = _np_recall(q, c, indptr, indices, (1, 5, 10), ex)
     assert rec == pytest.approx(ref, abs=1e-9)
     assert R.recall_reference(q @ c.T, indptr, indices, (1, 5, 10), ex) == pytest.approx(ref)
-  assert 0 < rec['R@1'] < rec['R@10'] <= 100
+  assert 0 < rec["R@1"] < rec["R@10"] <= 100
 
 
 def test_recall_multi_positive_counts_hit_once():
   ids = np.array([[5, 1, 2], [0, 9, 8], [3, 4, 7]])
   indptr = np.array([0, 2, 3, 6])
-  indices = np.array([2, 1, 7, 6, 5, 4])   # q0: {2,1} (ranks 1,2); q1: {7} (miss); q2: {6,5,4}
+  indices = np.array([2, 1, 7, 6, 5, 4])  # q0: {2,1} (ranks 1,2); q1: {7} (miss); q2: {6,5,4}
   rec = R.recall_at_k(ids, indptr, indices, ks=(1, 2, 3))
-  assert rec == pytest.approx({'R@1': 0.0, 'R@2': 200 / 3, 'R@3': 200 / 3})
+  assert rec == pytest.approx({"R@1": 0.0, "R@2": 200 / 3, "R@3": 200 / 3})
   np.testing.assert_array_equal(np.asarray(R.first_hit_rank(ids, indptr, indices)), [1, 3, 1])
 
 
 def test_topk_equals_faiss_flat_ip():
-  faiss = pytest.importorskip('faiss')
+  faiss = pytest.importorskip("faiss")
   rng = np.random.default_rng(2)
   q = R.l2_normalize(rng.standard_normal((300, 64)).astype(np.float32))
   c = R.l2_normalize(rng.standard_normal((5000, 64)).astype(np.float32))
@@ -108,7 +110,7 @@ def test_topk_equals_faiss_flat_ip():
   np.testing.assert_array_equal(np.asarray(i2), fi)
 
 
-SHARDED = textwrap.dedent('''
+SHARDED = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, numpy as np
@@ -129,16 +131,20 @@ SHARDED = textwrap.dedent('''
         assert np.array_equal(np.asarray(i), ri), (shape, e is None)
         assert np.array_equal(np.asarray(s), rs), (shape, e is None)
     print("SHARDED-OK")
-''')
+""")
 
 
 def test_sharded_8_devices_equals_unblocked():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  out = subprocess.run([sys.executable, '-c', SHARDED], env=env, capture_output=True, text=True,
-                       timeout=300, cwd=REPO)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300, cwd=REPO
+  )
   assert out.returncode == 0, out.stderr[-3000:]
-  assert 'SHARDED-OK' in out.stdout
+  assert "SHARDED-OK" in out.stdout
 
 
 def test_removal_orthogonal_unit_norm_and_matches_svd():
@@ -146,9 +152,9 @@ def test_removal_orthogonal_unit_norm_and_matches_svd():
   c_, d = 200, 32
   D = R.l2_normalize(rng.standard_normal((c_, d))).astype(np.float32)
   scores = rng.standard_normal(c_)
-  proj = R.fit_removal(D, scores, rank=3, fraction=0.05)   # ceil(0.05*200) = 10 atoms
+  proj = R.fit_removal(D, scores, rank=3, fraction=0.05)  # ceil(0.05*200) = 10 atoms
   top = np.argsort(-scores)[:10]
-  assert sorted(proj.info['atoms']) == sorted(top.tolist())
+  assert sorted(proj.info["atoms"]) == sorted(top.tolist())
   _, _, vt = np.linalg.svd(D[top].astype(np.float64))
   ref_p = vt[:3].T @ vt[:3]
   np.testing.assert_allclose(proj.basis @ proj.basis.T, ref_p, atol=1e-5)
@@ -163,11 +169,15 @@ def test_removal_orthogonal_unit_norm_and_matches_svd():
 
 def test_projector_save_load_fit_one_transform_another(tmp_path):
   rng = np.random.default_rng(4)
-  fit_set = rng.standard_normal((500, 16)).astype(np.float32) @ rng.standard_normal((16, 16)).astype(np.float32)
+  fit_set = rng.standard_normal((500, 16)).astype(np.float32) @ rng.standard_normal((16, 16)).astype(
+    np.float32
+  )
   other = rng.standard_normal((30, 16)).astype(np.float32)
-  for proj in (R.fit_whitening(fit_set, alpha=0.1),
-               R.fit_removal(R.l2_normalize(fit_set[:40]), rng.standard_normal(40), 2, 0.25)):
-    path = str(tmp_path / f'{proj.kind}.npz')
+  for proj in (
+    R.fit_whitening(fit_set, alpha=0.1),
+    R.fit_removal(R.l2_normalize(fit_set[:40]), rng.standard_normal(40), 2, 0.25),
+  ):
+    path = str(tmp_path / f"{proj.kind}.npz")
     proj.save(path)
     back = R.Projector.load(path)
     assert back.kind == proj.kind and back.info == proj.info
@@ -195,7 +205,7 @@ def test_shrinkage_whitening_matches_formula():
 
 def _one_line(excinfo, *words):
   msg = str(excinfo.value)
-  assert '\n' not in msg and msg, msg
+  assert "\n" not in msg and msg, msg
   for w in words:
     assert w in msg, msg
 
@@ -206,23 +216,23 @@ def test_bad_inputs_raise_one_clear_line():
   c = rng.standard_normal((20, 8)).astype(np.float32)
   with pytest.raises(SaeJaxError) as e:
     R.topk_search(q, c[:, :6], 5)
-  _one_line(e, 'width 8', 'width 6')
+  _one_line(e, "width 8", "width 6")
   with pytest.raises(SaeJaxError) as e:
     R.topk_search(q, c, 21)
-  _one_line(e, 'k=21', '20 candidates')
-  with pytest.raises(SaeJaxError) as e:   # with exclusion the pool is one smaller
+  _one_line(e, "k=21", "20 candidates")
+  with pytest.raises(SaeJaxError) as e:  # with exclusion the pool is one smaller
     R.topk_search(q, c, 20, exclude=np.zeros(4, np.int64))
-  _one_line(e, 'k=20')
+  _one_line(e, "k=20")
   with pytest.raises(SaeJaxError) as e:
     R.evaluate(q, c, np.array([0, 1, 1, 2, 3]), np.array([0, 1, 2]), ks=(1,))
-  _one_line(e, 'query 1 has no positives')
+  _one_line(e, "query 1 has no positives")
   D = R.l2_normalize(rng.standard_normal((100, 8)).astype(np.float32))
   with pytest.raises(SaeJaxError) as e:
     R.fit_removal(D, rng.standard_normal(100), rank=3, fraction=0.01)  # 1 atom selected
-  _one_line(e, 'removal_rank=3', 'selected atoms (1)')
+  _one_line(e, "removal_rank=3", "selected atoms (1)")
   with pytest.raises(SaeJaxError):
     R.fit_removal(D, rng.standard_normal(99), rank=1)
   with pytest.raises(SaeJaxError) as e:
     R.fit_removal(D, rng.standard_normal(100), rank=1).transform(q[:, :5])
-  _one_line(e, 'width 5')
+  _one_line(e, "width 5")
   assert issubclass(SaeJaxError, ValueError)

@@ -7,37 +7,44 @@ import numpy as np
 import pytest
 
 from sae_jax import retrieval as R
-from sae_jax import retrieval_stage as S
 from sae_jax import retrieval_tasks as T
 from sae_jax.data import synthetic
 from sae_jax.errors import SaeJaxError
+from sae_jax.stages import retrieve
+from sae_jax.training import trainer
 
 
 def _perfect_sae(src):
   """The planted dictionary itself as an SAE: W_enc = D^T, no biases."""
   D = src.dictionary.astype(np.float32)
-  return {'W_enc': D.T.copy(), 'b_enc': np.zeros(D.shape[0], np.float32), 'D': D,
-          'b_dec': np.zeros(D.shape[1], np.float32)}
+  return {
+    "W_enc": D.T.copy(),
+    "b_enc": np.zeros(D.shape[0], np.float32),
+    "D": D,
+    "b_dec": np.zeros(D.shape[1], np.float32),
+  }
 
 
 def _dense_attribution(params, k, image, text):
   """Independent reference: dense codes, M = D D^T, A = mean(z_i * (M z_t) + z_t * (M z_i))."""
+
   def codes(x):
-    pre = np.maximum(x @ params['W_enc'] + params['b_enc'], 0)
+    pre = np.maximum(x @ params["W_enc"] + params["b_enc"], 0)
     z = np.zeros_like(pre)
-    idx = np.argsort(-pre, axis=1, kind='stable')[:, :k]
+    idx = np.argsort(-pre, axis=1, kind="stable")[:, :k]
     np.put_along_axis(z, idx, np.take_along_axis(pre, idx, 1), 1)
     return z.astype(np.float64)
+
   zi, zt = codes(image), codes(text)
-  M = params['D'].astype(np.float64) @ params['D'].astype(np.float64).T
+  M = params["D"].astype(np.float64) @ params["D"].astype(np.float64).T
   return np.mean(zi * (zt @ M) + zt * (zi @ M), axis=0)
 
 
 def _i2t_r1(src_pairs, fn=None):
-  data = T.paired_task('image_to_text', src_pairs.image, src_pairs.text)
+  data = T.paired_task("image_to_text", src_pairs.image, src_pairs.text)
   if fn is not None:
     data = data.map(fn)
-  return S.evaluate_task(data, (1, 5, 10))
+  return retrieve.evaluate_task(data, (1, 5, 10))
 
 
 def test_attribution_from_sae_matches_dense_reference():
@@ -45,7 +52,7 @@ def test_attribution_from_sae_matches_dense_reference():
   pairs = src.paired(300, seed=3)
   params = _perfect_sae(src)
   ref = _dense_attribution(params, 11, pairs.image, pairs.text)
-  a = S.attribution_from_sae(params, 11, pairs.image, pairs.text, batch_size=128)
+  a = retrieve.attribution_from_sae(params, 11, pairs.image, pairs.text, batch_size=128)
   np.testing.assert_allclose(a, ref, rtol=2e-4, atol=2e-4)
   # Identity 3 of design.md: sum_i A_i = 2 mean <x̂_ι, x̂_τ>.
   assert a.sum() == pytest.approx(float(ref.sum()), rel=1e-4)
@@ -56,145 +63,158 @@ def test_planted_removal_raises_r1_and_reaches_oracle_gain():
   fit = src.paired(2000, seed=11)
   ev = src.paired(1500, seed=12)
   params = _perfect_sae(src)
-  scores = S.attribution_from_sae(params, 11, fit.image, fit.text)
+  scores = retrieve.attribution_from_sae(params, 11, fit.image, fit.text)
   kinds = np.asarray(src.kinds)
-  distractor = synthetic.KINDS.index('distractor')
+  distractor = synthetic.KINDS.index("distractor")
   n_d = int(np.sum(kinds == distractor))
   frac = n_d / len(kinds)
   # The attribution ranks the planted distractors first.
   assert set(np.argsort(-scores)[:n_d]) == set(np.flatnonzero(kinds == distractor))
-  removal = R.fit_removal(params['D'], scores, rank=n_d, fraction=frac)
+  removal = R.fit_removal(params["D"], scores, rank=n_d, fraction=frac)
   oracle = R.subspace_projector(src.dictionary[kinds == distractor])
-  base = _i2t_r1(ev)['R@1']
-  rem = _i2t_r1(ev, removal.transform)['R@1']
-  orc = _i2t_r1(ev, oracle.transform)['R@1']
+  base = _i2t_r1(ev)["R@1"]
+  rem = _i2t_r1(ev, removal.transform)["R@1"]
+  orc = _i2t_r1(ev, oracle.transform)["R@1"]
   assert orc > base + 5, (base, orc)
   assert rem > base + 5, (base, rem)
   assert rem - base >= 0.9 * (orc - base), (base, rem, orc)
   # Removing random concepts instead does not help.
-  rand = R.fit_removal(params['D'], np.random.default_rng(0).random(len(kinds)), rank=n_d, fraction=frac)
-  assert _i2t_r1(ev, rand.transform)['R@1'] < base + 0.5 * (rem - base)
+  rand = R.fit_removal(params["D"], np.random.default_rng(0).random(len(kinds)), rank=n_d, fraction=frac)
+  assert _i2t_r1(ev, rand.transform)["R@1"] < base + 0.5 * (rem - base)
 
 
 def _pooled(tmp, name, image, text, **extra):
   os.makedirs(tmp, exist_ok=True)
-  np.savez(os.path.join(tmp, f'pooled_{name}.npz'), image=image, text=text,
-           sample_ids=np.arange(image.shape[0]), **extra)
+  np.savez(
+    os.path.join(tmp, f"pooled_{name}.npz"),
+    image=image,
+    text=text,
+    sample_ids=np.arange(image.shape[0]),
+    **extra,
+  )
 
 
 def test_run_retrieval_on_pooled_files(tmp_path):
   from configs import base as base_cfg
+
   rng = np.random.default_rng(0)
   src = synthetic.PlantedSource(synthetic.default_synthetic_config())
   pairs = src.paired(400, seed=5)
-  act = tmp_path / 'activations'
+  act = tmp_path / "activations"
   # 2 captions per image in 'mean' (image_ids repeat): multi-positive image->text queries.
   img = np.repeat(pairs.image[:200], 2, axis=0)
   txt = np.concatenate([pairs.text[:200, None], pairs.text[200:400, None]], axis=1).reshape(400, -1)
   image_ids = np.repeat(np.arange(200), 2)
   # An explicit CIRR-like task with the query's reference image excluded.
   cq = pairs.image[:50] + 0.5 * pairs.text[:50]
-  cirr = dict(image_text_to_image__queries=cq, image_text_to_image__candidates=pairs.image[:300],
-              image_text_to_image__positives_indptr=np.arange(51),
-              image_text_to_image__positives_indices=np.arange(50) + 100,
-              image_text_to_image__exclude=np.arange(50))
-  _pooled(act, 'mean', img, txt, image_ids=image_ids, **cirr)
-  _pooled(act, 'last_token', img + rng.normal(0, 2.0, img.shape).astype(np.float32), txt,
-          image_ids=image_ids)
-  _pooled(act, 'mean_no_image', img, txt, image_ids=image_ids, **cirr)
+  cirr = dict(
+    image_text_to_image__queries=cq,
+    image_text_to_image__candidates=pairs.image[:300],
+    image_text_to_image__positives_indptr=np.arange(51),
+    image_text_to_image__positives_indices=np.arange(50) + 100,
+    image_text_to_image__exclude=np.arange(50),
+  )
+  _pooled(act, "mean", img, txt, image_ids=image_ids, **cirr)
+  _pooled(act, "last_token", img + rng.normal(0, 2.0, img.shape).astype(np.float32), txt, image_ids=image_ids)
+  _pooled(act, "mean_no_image", img, txt, image_ids=image_ids, **cirr)
   # Attribution from the analysis stage: distractors scored highest.
   kinds = np.asarray(src.kinds)
-  attribution = np.where(kinds == synthetic.KINDS.index('distractor'), 10.0, rng.random(len(kinds)))
-  os.makedirs(tmp_path / 'analysis')
-  np.savez(tmp_path / 'analysis' / 'concepts.npz', attribution=attribution, D=src.dictionary)
+  attribution = np.where(kinds == synthetic.KINDS.index("distractor"), 10.0, rng.random(len(kinds)))
+  os.makedirs(tmp_path / "analysis")
+  np.savez(tmp_path / "analysis" / "concepts.npz", attribution=attribution, D=src.dictionary)
 
   config = base_cfg.get_config()
   r = config.retrieval
-  r.source = 'pooled'
-  r.variants = ('mean', 'last_token', 'mean_no_image', 'mean_no_prompt')
-  r.tasks = ('image_to_text', 'text_to_image', 'image_text_to_image')
-  r.removal_fraction = 0.04     # ceil(0.04 * 124) = 5 atoms
+  r.source = "pooled"
+  r.variants = ("mean", "last_token", "mean_no_image", "mean_no_prompt")
+  r.tasks = ("image_to_text", "text_to_image", "image_text_to_image")
+  r.removal_fraction = 0.04  # ceil(0.04 * 124) = 5 atoms
   r.removal_rank = 4
   r.sweep_ranks = (1, 2, 4, 8)
   r.save_embeddings = True
-  results = S.run_retrieval(config, str(tmp_path))
-  out = tmp_path / 'retrieval'
-  on_disk = json.loads((out / 'results.json').read_text())
+  results = retrieve.run_retrieval(config, str(tmp_path))
+  out = tmp_path / "retrieval"
+  on_disk = json.loads((out / "results.json").read_text())
   assert on_disk == json.loads(json.dumps(results))
-  assert set(on_disk['image_to_text']) == {'mean', 'last_token', 'mean_no_image', 'mean+removal',
-                                           'mean+whitening'}
-  assert set(on_disk['image_text_to_image']) == {'mean', 'mean_no_image', 'mean+removal',
-                                                 'mean+whitening'}
-  i2t = on_disk['image_to_text']['mean']
-  assert (i2t['n_queries'], i2t['n_candidates']) == (200, 400)
-  assert on_disk['text_to_image']['mean']['n_queries'] == 400
-  s = on_disk['image_to_text']['mean+removal']['settings']
-  assert (s['removal_rank'], s['removal_fraction'], s['n_atoms'], s['transform']) == (4, 0.04, 5, 'removal')
-  assert on_disk['image_text_to_image']['mean']['settings']['exclude_reference'] is True
-  assert on_disk['image_to_text']['last_token']['settings']['pooling'] == 'last_token'
-  assert on_disk['image_to_text']['mean_no_image']['settings']['mask'] == 'no_image'
+  assert set(on_disk["image_to_text"]) == {
+    "mean",
+    "last_token",
+    "mean_no_image",
+    "mean+removal",
+    "mean+whitening",
+  }
+  assert set(on_disk["image_text_to_image"]) == {"mean", "mean_no_image", "mean+removal", "mean+whitening"}
+  i2t = on_disk["image_to_text"]["mean"]
+  assert (i2t["n_queries"], i2t["n_candidates"]) == (200, 400)
+  assert on_disk["text_to_image"]["mean"]["n_queries"] == 400
+  s = on_disk["image_to_text"]["mean+removal"]["settings"]
+  assert (s["removal_rank"], s["removal_fraction"], s["n_atoms"], s["transform"]) == (4, 0.04, 5, "removal")
+  assert on_disk["image_text_to_image"]["mean"]["settings"]["exclude_reference"] is True
+  assert on_disk["image_to_text"]["last_token"]["settings"]["pooling"] == "last_token"
+  assert on_disk["image_to_text"]["mean_no_image"]["settings"]["mask"] == "no_image"
   # Every number can be recomputed from the saved embeddings with an independent reference.
   for task, by_var in on_disk.items():
     for variant, rec in by_var.items():
-      with np.load(out / f'embeddings_{task}_{variant}.npz') as z:
-        q, c = z['queries'], z['candidates']
+      with np.load(out / f"embeddings_{task}_{variant}.npz") as z:
+        q, c = z["queries"], z["candidates"]
         np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
-        ex = z['exclude'] if 'exclude' in z.files else None
-        ref = R.recall_reference(q @ c.T, z['positives_indptr'], z['positives_indices'], (1, 5, 10), ex)
-      for k in ('R@1', 'R@5', 'R@10'):
+        ex = z["exclude"] if "exclude" in z.files else None
+        ref = R.recall_reference(q @ c.T, z["positives_indptr"], z["positives_indices"], (1, 5, 10), ex)
+      for k in ("R@1", "R@5", "R@10"):
         assert rec[k] == pytest.approx(ref[k]), (task, variant, k)
   # Removal of the planted distractors helps; the noisy last-token variant is worse.
-  assert on_disk['image_to_text']['mean+removal']['R@1'] > i2t['R@1'] + 5
-  assert on_disk['image_to_text']['last_token']['R@1'] < i2t['R@1']
-  t2 = (out / 'table2.md').read_text()
-  assert 'Removal' in t2 and f"{on_disk['image_to_text']['mean+removal']['R@1']:.2f}" in t2
-  t3 = (out / 'table3.md').read_text()
-  assert 'Last token' in t3 and f"{on_disk['image_to_text']['last_token']['R@10']:.2f}" in t3
-  assert (out / 'fig_masking.png').stat().st_size > 1000
-  sweep = json.loads((out / 'rank_sweep.json').read_text())
-  assert sweep['ranks'] == [0, 1, 2, 4, 5]        # ranks above n_atoms=5 dropped, r=5 added
-  assert sweep['metrics']['R@1'][0] == pytest.approx(i2t['R@1'])
-  assert sweep['metrics']['R@1'][3] == pytest.approx(on_disk['image_to_text']['mean+removal']['R@1'])
-  assert (out / 'rank_sweep.png').exists()
+  assert on_disk["image_to_text"]["mean+removal"]["R@1"] > i2t["R@1"] + 5
+  assert on_disk["image_to_text"]["last_token"]["R@1"] < i2t["R@1"]
+  t2 = (out / "table2.md").read_text()
+  assert "Removal" in t2 and f"{on_disk['image_to_text']['mean+removal']['R@1']:.2f}" in t2
+  t3 = (out / "table3.md").read_text()
+  assert "Last token" in t3 and f"{on_disk['image_to_text']['last_token']['R@10']:.2f}" in t3
+  assert (out / "fig_masking.png").stat().st_size > 1000
+  sweep = json.loads((out / "rank_sweep.json").read_text())
+  assert sweep["ranks"] == [0, 1, 2, 4, 5]  # ranks above n_atoms=5 dropped, r=5 added
+  assert sweep["metrics"]["R@1"][0] == pytest.approx(i2t["R@1"])
+  assert sweep["metrics"]["R@1"][3] == pytest.approx(on_disk["image_to_text"]["mean+removal"]["R@1"])
+  assert (out / "rank_sweep.png").exists()
   # The saved projector reproduces the scored removal embeddings.
-  proj = R.Projector.load(str(out / 'removal_projector.npz'))
-  with np.load(out / 'embeddings_image_to_text_mean+removal.npz') as z:
-    q_rem = z['queries']
+  proj = R.Projector.load(str(out / "removal_projector.npz"))
+  with np.load(out / "embeddings_image_to_text_mean+removal.npz") as z:
+    q_rem = z["queries"]
   np.testing.assert_allclose(proj.transform(pairs.image[:200]), q_rem, atol=1e-5)
 
 
 def test_pooled_missing_is_one_line(tmp_path):
   from configs import base as base_cfg
+
   config = base_cfg.get_config()
-  config.retrieval.source = 'pooled'
+  config.retrieval.source = "pooled"
   with pytest.raises(SaeJaxError) as e:
-    S.run_retrieval(config, str(tmp_path))
-  assert '\n' not in str(e.value) and 'pooled_<variant>.npz' in str(e.value)
+    retrieve.run_retrieval(config, str(tmp_path))
+  assert "\n" not in str(e.value) and "pooled_<variant>.npz" in str(e.value)
 
 
 def test_run_retrieval_synthetic_with_trained_sae(tmp_path):
   """Trains the tiny synthetic SAE, then the stage computes the attribution from it."""
-  from sae_jax import train
   from configs import synthetic as syn_cfg
-  config = syn_cfg.get_config('tiny,modern')
-  config.train.num_steps = 300          # ~15 s here; the 60-step tiny run is far from converged
+
+  config = syn_cfg.get_config("tiny,modern")
+  config.train.num_steps = 300  # ~15 s here; the 60-step tiny run is far from converged
   config.train.checkpoint_every = 300
   config.train.log_every = 300
   config.data.batch_size = 1024
-  train.train_and_evaluate(config, str(tmp_path))
+  trainer.train_and_evaluate(config, str(tmp_path))
   r = config.retrieval
-  r.source = 'synthetic'
+  r.source = "synthetic"
   r.synthetic_pairs = 1500
   r.synthetic_fit_pairs = 2000
   # 1% of c=256 is 3 atoms, fewer than the 4 planted distractors: take ceil(0.015 * 256) = 4.
   r.removal_fraction = 0.015
-  r.removal_rank = -1                   # all selected atoms
+  r.removal_rank = -1  # all selected atoms
   r.sweep_ranks = (1, 2, 4)
-  r.tasks = ('image_to_text',)
-  res = S.run_retrieval(config, str(tmp_path))['image_to_text']
-  base, rem, orc = (res[v]['R@1'] for v in ('mean', 'mean+removal', 'mean+oracle_removal'))
-  assert res['mean+removal']['settings']['attribution_source'].startswith(str(tmp_path))
-  assert res['mean+removal']['settings']['removal_rank'] == 4
+  r.tasks = ("image_to_text",)
+  res = retrieve.run_retrieval(config, str(tmp_path))["image_to_text"]
+  base, rem, orc = (res[v]["R@1"] for v in ("mean", "mean+removal", "mean+oracle_removal"))
+  assert res["mean+removal"]["settings"]["attribution_source"].startswith(str(tmp_path))
+  assert res["mean+removal"]["settings"]["removal_rank"] == 4
   assert rem > base + 5, (base, rem, orc)
   assert rem - base >= 0.9 * (orc - base), (base, rem, orc)
 
@@ -205,10 +225,10 @@ def test_nonfinite_embeddings_are_one_line():
   txt = rng.standard_normal((20, 8)).astype(np.float32)
   txt[3, 2] = np.nan
   with pytest.raises(SaeJaxError) as e:
-    S.evaluate_task(T.paired_task('image_to_text', img, txt), (1, 5))
-  assert '\n' not in str(e.value) and 'candidates: 1 rows hold NaN' in str(e.value)
+    retrieve.evaluate_task(T.paired_task("image_to_text", img, txt), (1, 5))
+  assert "\n" not in str(e.value) and "candidates: 1 rows hold NaN" in str(e.value)
   # image ids shared by two rows: one image query with two caption positives.
-  data = T.paired_task('image_to_text', img, np.nan_to_num(txt), image_ids=np.arange(20) // 2)
+  data = T.paired_task("image_to_text", img, np.nan_to_num(txt), image_ids=np.arange(20) // 2)
   assert data.n_queries == 10 and data.n_candidates == 20
   np.testing.assert_array_equal(data.positives_indptr, np.arange(0, 21, 2))
   np.testing.assert_array_equal(data.positives_indices, np.arange(20))

@@ -9,8 +9,8 @@ import pytest
 
 from configs import base
 from sae_jax import sae as sae_lib
-from sae_jax import train as train_lib
 from sae_jax.errors import SaeJaxError
+from sae_jax.training import step as step_lib
 
 
 def _np_forward(params, x, spec, dead=None):
@@ -126,7 +126,7 @@ def test_unit_grad_removes_parallel_component():
   rng = np.random.default_rng(2)
   D = np.asarray(sae_lib.normalize_rows(jnp.asarray(rng.standard_normal((10, 6)), jnp.float32)))
   g = rng.standard_normal((10, 6)).astype(np.float32)
-  out = np.asarray(train_lib.remove_parallel_component(jnp.asarray(g), jnp.asarray(D)))
+  out = np.asarray(step_lib.remove_parallel_component(jnp.asarray(g), jnp.asarray(D)))
   np.testing.assert_allclose(np.sum(out * D, axis=1), 0, atol=1e-6)
   np.testing.assert_allclose(out, g - np.sum(g * D, 1, keepdims=True) * D, rtol=1e-5, atol=1e-6)
 
@@ -152,13 +152,16 @@ def test_modern_init_is_tied_and_centred():
   np.testing.assert_allclose(p["b_dec"], sae_lib.geometric_median(x), rtol=1e-5)
 
 
-@pytest.mark.parametrize("field,value,message", [
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
     ("preset", "fancy", "config.sae.preset='fancy'"),
     ("k", 0, "config.sae.k=0"),
     ("decoder", "sparse", "config.sae.decoder='sparse'"),
     ("compute_dtype", "fp8", "config.sae.compute_dtype='fp8'"),
     ("aux_k", 10_000, "config.sae.aux_k=10000"),
-])
+  ],
+)
 def test_bad_sae_fields(field, value, message):
   cfg = base.get_config()
   cfg.sae[field] = value
@@ -175,5 +178,6 @@ def test_flax_module_matches_functions():
   p = dict(variables["params"])
   code_ref = sae_lib.encode(p, x, 4, spec)
   np.testing.assert_array_equal(code.indices, code_ref.indices)
-  np.testing.assert_allclose(x_hat, sae_lib.decode({**p, "D": sae_lib.normalize_rows(p["D"])}, code_ref),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    x_hat, sae_lib.decode({**p, "D": sae_lib.normalize_rows(p["D"])}, code_ref), rtol=1e-6
+  )

@@ -10,7 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sae_jax import kernels
 from sae_jax import sae as sae_lib
+from sae_jax.training import state as state_lib
+from sae_jax.training import step as step_lib
 
 D_IN, C, K, B = 32, 256, 8, 128
 
@@ -28,7 +31,9 @@ def _reference_loss(params, x, spec, valid, dead=None):
   w = valid.astype(jnp.float32)
   n = jnp.maximum(w.sum(), 1.0)
   err = x - x_hat
-  loss = jnp.sum(w[:, None] * err ** 2) / (n * spec.d) + spec.l1_coef * jnp.sum(w[:, None] * values) / (n * spec.c)
+  loss = jnp.sum(w[:, None] * err**2) / (n * spec.d) + spec.l1_coef * jnp.sum(w[:, None] * values) / (
+    n * spec.c
+  )
   if spec.aux_k > 0:
     av, ai = jax.lax.top_k(jnp.where(dead[None, :], acts, 0.0), spec.aux_k)
     e = jax.lax.stop_gradient(err)
@@ -45,15 +50,26 @@ def _setup(preset, seed=0):
   x = (rng.normal(size=(B, D_IN)) * np.exp(rng.normal(size=D_IN) * 0.3) + 0.5).astype(np.float32)
   spec = sae_lib.SAESpec(d=D_IN, c=C, k=K, preset=preset)
   if preset == "modern":
-    spec = dataclasses.replace(spec, pre_bias=True, b_dec_init="mean", enc_init="tied",
-                               decoder_norm="unit_grad", l1_coef=0.0, aux_k=D_IN // 2, aux_coef=1 / 32)
+    spec = dataclasses.replace(
+      spec,
+      pre_bias=True,
+      b_dec_init="mean",
+      enc_init="tied",
+      decoder_norm="unit_grad",
+      l1_coef=0.0,
+      aux_k=D_IN // 2,
+      aux_coef=1 / 32,
+    )
   else:
     spec = dataclasses.replace(spec, l1_coef=0.01)
   params = sae_lib.init_params(jax.random.key(seed), spec, x)
   # Non-trivial biases and a non-unit dictionary so every gradient term is exercised.
-  params = {**params, "b_enc": jnp.asarray(rng.normal(size=C).astype(np.float32) * 0.05),
-            "b_dec": params["b_dec"] + 0.1 if spec.pre_bias else params["b_dec"],
-            "D": params["D"] * jnp.asarray(rng.uniform(0.5, 1.5, size=(C, 1)).astype(np.float32))}
+  params = {
+    **params,
+    "b_enc": jnp.asarray(rng.normal(size=C).astype(np.float32) * 0.05),
+    "b_dec": params["b_dec"] + 0.1 if spec.pre_bias else params["b_dec"],
+    "D": params["D"] * jnp.asarray(rng.uniform(0.5, 1.5, size=(C, 1)).astype(np.float32)),
+  }
   return spec, params, jnp.asarray(x)
 
 
@@ -67,15 +83,16 @@ def _rel(a, b):
 @pytest.mark.parametrize("with_dead", [False, True])
 def test_loss_and_grads_match_autodiff(preset, decoder, with_dead, monkeypatch):
   # Blocks of 32 rows, so the blocked encoder forward (GEMM + ReLU + top-k per block) is tested.
-  monkeypatch.setattr(sae_lib, "_ENCODER_BLOCK_ROWS", 32)
-  monkeypatch.setattr(sae_lib, "_MIN_BLOCK_ROWS", 32)
-  assert sae_lib._encoder_block_rows(B) == 32
+  monkeypatch.setattr(kernels, "_ENCODER_BLOCK_ROWS", 32)
+  monkeypatch.setattr(kernels, "_MIN_BLOCK_ROWS", 32)
+  assert kernels._encoder_block_rows(B) == 32
   spec, params, x = _setup(preset)
   spec = dataclasses.replace(spec, decoder=decoder)
   valid = jnp.asarray(np.arange(B) % 7 != 3)  # some rows masked out
   dead = jnp.asarray(np.arange(C) % 3 == 0) if with_dead else jnp.zeros((C,), bool)
   (loss, out), grads = jax.jit(jax.value_and_grad(sae_lib.loss_fn, has_aux=True), static_argnums=2)(
-      params, x, spec, valid, dead)
+    params, x, spec, valid, dead
+  )
   ref_loss, ref_grads = jax.value_and_grad(_reference_loss)(params, x, spec, valid, dead)
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
   if spec.aux_k > 0:
@@ -110,7 +127,7 @@ def test_encoder_and_decoder_input_gradients():
   probe = jnp.asarray(np.random.default_rng(3).normal(size=(B, K)).astype(np.float32))
 
   def ours(x, shift):
-    v, _ = sae_lib.topk_encode(x, shift, params["W_enc"], params["b_enc"], None, K, jnp.float32)
+    v, _ = kernels.topk_encode(x, shift, params["W_enc"], params["b_enc"], None, K, jnp.float32)
     return jnp.sum(v * probe)
 
   def ref(x, shift):
@@ -120,8 +137,10 @@ def test_encoder_and_decoder_input_gradients():
   for a, b in zip(jax.grad(ours, (0, 1))(x, shift), jax.grad(ref, (0, 1))(x, shift)):
     assert _rel(a, b) < 1e-5
   code = sae_lib.encode(params, x, K)
-  g = jax.grad(lambda v: jnp.sum(sae_lib.sparse_decode(v, code.indices, params["D"]) ** 2))(code.values)
-  g_ref = jax.grad(lambda v: jnp.sum(jnp.einsum("bk,bkd->bd", v, params["D"][code.indices]) ** 2))(code.values)
+  g = jax.grad(lambda v: jnp.sum(kernels.sparse_decode(v, code.indices, params["D"]) ** 2))(code.values)
+  g_ref = jax.grad(lambda v: jnp.sum(jnp.einsum("bk,bkd->bd", v, params["D"][code.indices]) ** 2))(
+    code.values
+  )
   assert _rel(g, g_ref) < 1e-5
 
 
@@ -129,19 +148,19 @@ def test_train_step_with_dead_latents_matches_loss_fn_gradient():
   """The step differentiates AuxK separately (inside its cond); the update must equal Adam on
   grad(loss_fn) with the parallel component removed, and report the same loss and aux."""
   import optax
-  from sae_jax import train as train_lib
+
   spec, params, x = _setup("modern", seed=4)
   spec = dataclasses.replace(spec, dead_tokens=100)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(8e-4))
   valid = jnp.asarray(np.arange(B) % 5 != 0)
-  state = train_lib.init_state(params, optimizer)
+  state = state_lib.init_state(params, optimizer)
   since = np.where(np.arange(C) % 4 == 0, 1000, 0).astype(np.int32)
   state = {**state, "tokens_since_fired": jnp.asarray(since)}
-  new_state, metrics = jax.jit(train_lib.make_train_step(spec, optimizer))(state, x, valid)
+  new_state, metrics = jax.jit(step_lib.make_train_step(spec, optimizer))(state, x, valid)
 
   dead = jnp.asarray(since >= 100)
   (loss, out), g = jax.value_and_grad(sae_lib.loss_fn, has_aux=True)(params, x, spec, valid, dead)
-  g = {**g, "D": train_lib.remove_parallel_component(g["D"], params["D"])}
+  g = {**g, "D": step_lib.remove_parallel_component(g["D"], params["D"])}
   updates, _ = optimizer.update(g, optimizer.init(params), params)
   ref = optax.apply_updates(params, updates)
   ref = {**ref, "D": sae_lib.normalize_rows(ref["D"])}

@@ -32,8 +32,8 @@ class ImageLoadError(SaeJaxError):
 @dataclasses.dataclass(frozen=True)
 class ImageRef:
   image_id: int
-  path: str = ''                        # file on disk, or a label for in-memory images
-  data: Optional[bytes] = None          # encoded bytes (parquet); None for files
+  path: str = ""  # file on disk, or a label for in-memory images
+  data: Optional[bytes] = None  # encoded bytes (parquet); None for files
   loader: Optional[object] = dataclasses.field(default=None, compare=False)  # () -> bytes, lazy
 
 
@@ -47,6 +47,7 @@ class Caption:
 def load_image(ref: ImageRef):
   """RGB PIL image; ImageLoadError (one line) if missing or corrupt."""
   from PIL import Image
+
   try:
     if ref.data is not None or ref.loader is not None:
       data = ref.data if ref.data is not None else ref.loader()
@@ -54,47 +55,58 @@ def load_image(ref: ImageRef):
     else:
       img = Image.open(ref.path)
     img.load()
-    return img.convert('RGB')
+    return img.convert("RGB")
   except FileNotFoundError:
-    raise ImageLoadError(f'image {ref.image_id}: file {ref.path} is missing') from None
+    raise ImageLoadError(f"image {ref.image_id}: file {ref.path} is missing") from None
   except Exception as e:  # PIL raises OSError/SyntaxError/ValueError... for bad data
-    raise ImageLoadError(f'image {ref.image_id}: {ref.path or "<bytes>"} is corrupt or not an image '
-                         f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
+    raise ImageLoadError(
+      f"image {ref.image_id}: {ref.path or '<bytes>'} is corrupt or not an image "
+      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    ) from None
 
 
 class PairedCaptions:
   """Base class: `images` (ImageRef list), `captions` (Caption list), random access over pairs."""
 
-  def __init__(self, images: Sequence[ImageRef], captions: Sequence[Caption], where: str,
-               skipped_missing: int = 0, max_images: int = 0):
+  def __init__(
+    self,
+    images: Sequence[ImageRef],
+    captions: Sequence[Caption],
+    where: str,
+    skipped_missing: int = 0,
+    max_images: int = 0,
+  ):
     self.where = where
     caps_of = {}
     ids = set()
     for im in images:
       if im.image_id in ids:
-        raise SaeJaxError(f'{where}: image id {im.image_id} appears twice')
+        raise SaeJaxError(f"{where}: image id {im.image_id} appears twice")
       ids.add(im.image_id)
       caps_of[im.image_id] = []
     for c in captions:
       if not isinstance(c.text, str) or not c.text.strip():
-        raise SaeJaxError(f'{where}: caption {c.caption_id} of image {c.image_id} is empty')
+        raise SaeJaxError(f"{where}: caption {c.caption_id} of image {c.image_id} is empty")
       if c.image_id not in caps_of:
         if c.image_id in self._missing_ids:
           continue  # its image file is missing: dropped with the image
-        raise SaeJaxError(f'{where}: caption {c.caption_id} refers to image id {c.image_id}, '
-                          f'which is not in the image list')
+        raise SaeJaxError(
+          f"{where}: caption {c.caption_id} refers to image id {c.image_id}, which is not in the image list"
+        )
       caps_of[c.image_id].append(c)
     for im in images:
       if not caps_of[im.image_id]:
-        raise SaeJaxError(f'{where}: image {im.image_id} ({os.path.basename(im.path)}) has no captions; '
-                          f'every image needs at least one')
+        raise SaeJaxError(
+          f"{where}: image {im.image_id} ({os.path.basename(im.path)}) has no captions; "
+          f"every image needs at least one"
+        )
     if max_images:
       images = list(images)[:max_images]
     self.images = list(images)
     self.captions = [c for im in self.images for c in caps_of[im.image_id]]
-    self.skipped = {'missing': int(skipped_missing)}
+    self.skipped = {"missing": int(skipped_missing)}
     if not self.images:
-      raise SaeJaxError(f'{where}: no usable image ({skipped_missing} image files missing)')
+      raise SaeJaxError(f"{where}: no usable image ({skipped_missing} image files missing)")
 
   _missing_ids: frozenset = frozenset()
 
@@ -103,28 +115,34 @@ class PairedCaptions:
 
   def __getitem__(self, i: int) -> dict:
     c = self.captions[i]
-    return {'image_id': c.image_id, 'caption_id': c.caption_id, 'caption': c.text,
-            'image': self.image_by_id[c.image_id]}
+    return {
+      "image_id": c.image_id,
+      "caption_id": c.caption_id,
+      "caption": c.text,
+      "image": self.image_by_id[c.image_id],
+    }
 
   @property
   def image_by_id(self) -> dict:
-    if not hasattr(self, '_by_id'):
+    if not hasattr(self, "_by_id"):
       self._by_id = {im.image_id: im for im in self.images}
     return self._by_id
 
   def __repr__(self):
-    return (f'{type(self).__name__}({self.where}: {len(self.images)} images, {len(self.captions)} '
-            f'captions, skipped {self.skipped})')
+    return (
+      f"{type(self).__name__}({self.where}: {len(self.images)} images, {len(self.captions)} "
+      f"captions, skipped {self.skipped})"
+    )
 
 
 def _read_json(path: str, what: str):
   if not os.path.exists(path):
-    raise SaeJaxError(f'{what}: {path} does not exist')
+    raise SaeJaxError(f"{what}: {path} does not exist")
   try:
     with open(path) as f:
       return json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise SaeJaxError(f'{what}: {path} is not valid JSON ({e})') from None
+    raise SaeJaxError(f"{what}: {path} is not valid JSON ({e})") from None
 
 
 def _existing(refs):
@@ -141,18 +159,19 @@ class CocoCaptionsJson(PairedCaptions):
   """Official COCO captions JSON (`images`, `annotations`) + an image directory."""
 
   def __init__(self, captions_json: str, image_dir: str, max_images: int = 0):
-    where = f'config.extract.captions_json={captions_json}'
-    d = _read_json(captions_json, 'config.extract.captions_json')
-    if not isinstance(d, dict) or 'images' not in d or 'annotations' not in d:
-      raise SaeJaxError(f'{where}: expected the official COCO captions schema with "images" and '
-                        f'"annotations"')
+    where = f"config.extract.captions_json={captions_json}"
+    d = _read_json(captions_json, "config.extract.captions_json")
+    if not isinstance(d, dict) or "images" not in d or "annotations" not in d:
+      raise SaeJaxError(
+        f'{where}: expected the official COCO captions schema with "images" and "annotations"'
+      )
     if not os.path.isdir(image_dir):
-      raise SaeJaxError(f'config.extract.image_dir={image_dir}: not a directory')
+      raise SaeJaxError(f"config.extract.image_dir={image_dir}: not a directory")
     try:
-      refs = [ImageRef(int(im['id']), os.path.join(image_dir, im['file_name'])) for im in d['images']]
-      caps = [Caption(int(a['id']), int(a['image_id']), a['caption']) for a in d['annotations']]
+      refs = [ImageRef(int(im["id"]), os.path.join(image_dir, im["file_name"])) for im in d["images"]]
+      caps = [Caption(int(a["id"]), int(a["image_id"]), a["caption"]) for a in d["annotations"]]
     except (KeyError, TypeError, ValueError) as e:
-      raise SaeJaxError(f'{where}: malformed image or annotation record ({type(e).__name__}: {e})') from None
+      raise SaeJaxError(f"{where}: malformed image or annotation record ({type(e).__name__}: {e})") from None
     refs, missing = _existing(refs)
     self._missing_ids = frozenset(missing)
     super().__init__(refs, caps, where, skipped_missing=len(missing), max_images=max_images)
@@ -161,28 +180,28 @@ class CocoCaptionsJson(PairedCaptions):
 class KarpathyJson(PairedCaptions):
   """Karpathy split JSON (`images[*].{filepath, filename, cocoid|imgid, split, sentences[*].raw}`)."""
 
-  def __init__(self, karpathy_json: str, image_dir: str, split: str = 'test', max_images: int = 0):
-    where = f'config.extract.karpathy_json={karpathy_json}'
-    d = _read_json(karpathy_json, 'config.extract.karpathy_json')
-    if not isinstance(d, dict) or 'images' not in d:
+  def __init__(self, karpathy_json: str, image_dir: str, split: str = "test", max_images: int = 0):
+    where = f"config.extract.karpathy_json={karpathy_json}"
+    d = _read_json(karpathy_json, "config.extract.karpathy_json")
+    if not isinstance(d, dict) or "images" not in d:
       raise SaeJaxError(f'{where}: expected a Karpathy split file with an "images" list')
     refs, caps = [], []
     try:
-      for im in d['images']:
-        if split and im.get('split') != split:
+      for im in d["images"]:
+        if split and im.get("split") != split:
           continue
-        iid = int(im.get('cocoid', im.get('imgid')))
-        path = os.path.join(image_dir, im.get('filepath', ''), im['filename'])
+        iid = int(im.get("cocoid", im.get("imgid")))
+        path = os.path.join(image_dir, im.get("filepath", ""), im["filename"])
         if not os.path.exists(path):  # flat image dir
-          flat = os.path.join(image_dir, im['filename'])
+          flat = os.path.join(image_dir, im["filename"])
           path = flat if os.path.exists(flat) else path
         refs.append(ImageRef(iid, path))
-        for j, s in enumerate(im['sentences']):
-          caps.append(Caption(int(s.get('sentid', iid * 100 + j)), iid, s.get('raw', '')))
+        for j, s in enumerate(im["sentences"]):
+          caps.append(Caption(int(s.get("sentid", iid * 100 + j)), iid, s.get("raw", "")))
     except (KeyError, TypeError, ValueError) as e:
-      raise SaeJaxError(f'{where}: malformed image record ({type(e).__name__}: {e})') from None
+      raise SaeJaxError(f"{where}: malformed image record ({type(e).__name__}: {e})") from None
     if not refs:
-      raise SaeJaxError(f'{where}: no image in split {split!r}')
+      raise SaeJaxError(f"{where}: no image in split {split!r}")
     refs, missing = _existing(refs)
     self._missing_ids = frozenset(missing)
     super().__init__(refs, caps, where, skipped_missing=len(missing), max_images=max_images)
@@ -198,10 +217,11 @@ class _RowGroupCache:
   def get(self, group, row):
     if group != self._group:
       import pyarrow.parquet as pq
-      table = pq.ParquetFile(self.path).read_row_group(group, columns=['image'])
-      self._group, self._data = group, table.column('image').to_pylist()
+
+      table = pq.ParquetFile(self.path).read_row_group(group, columns=["image"])
+      self._group, self._data = group, table.column("image").to_pylist()
     v = self._data[row]
-    return v['bytes'] if isinstance(v, dict) else v
+    return v["bytes"] if isinstance(v, dict) else v
 
 
 class CocoParquet(PairedCaptions):
@@ -213,34 +233,38 @@ class CocoParquet(PairedCaptions):
     try:
       import pyarrow.parquet as pq
     except ImportError:
-      raise SaeJaxError('config.extract.parquet_files: reading parquet needs pyarrow '
-                        '(pip install "sae-jax[extract]")') from None
+      raise SaeJaxError(
+        'config.extract.parquet_files: reading parquet needs pyarrow (pip install "sae-jax[extract]")'
+      ) from None
     paths = sorted(glob.glob(files)) if isinstance(files, str) else list(files)
-    where = f'config.extract.parquet_files={files}'
+    where = f"config.extract.parquet_files={files}"
     if not paths:
-      raise SaeJaxError(f'{where}: no file matches')
+      raise SaeJaxError(f"{where}: no file matches")
     refs, caps = [], []
     row_base = 0
     for path in paths:
       try:
         pf = pq.ParquetFile(path)
       except Exception as e:  # pylint: disable=broad-except
-        raise SaeJaxError(f'{where}: {path} is not a parquet file ({e})') from None
+        raise SaeJaxError(f"{where}: {path} is not a parquet file ({e})") from None
       names = pf.schema_arrow.names
-      for col in ('image', 'answer'):
+      for col in ("image", "answer"):
         if col not in names:
-          raise SaeJaxError(f'{where}: {path} has no column {col!r} (columns: {names}); expected the '
-                            f'lmms-lab/COCO-Caption layout')
-      meta_cols = [c for c in ('id', 'file_name', 'question_id', 'answer') if c in names]
+          raise SaeJaxError(
+            f"{where}: {path} has no column {col!r} (columns: {names}); expected the "
+            f"lmms-lab/COCO-Caption layout"
+          )
+      meta_cols = [c for c in ("id", "file_name", "question_id", "answer") if c in names]
       cache = _RowGroupCache(path)
       for g in range(pf.num_row_groups):
         t = pf.read_row_group(g, columns=meta_cols).to_pydict()
-        for r in range(len(t['answer'])):
-          iid = int(t['id'][r]) if 'id' in t and str(t['id'][r]).isdigit() else row_base
-          label = t.get('file_name', t.get('question_id', [None] * (r + 1)))[r] or f'row {row_base}'
-          refs.append(ImageRef(iid, f'{os.path.basename(path)}:{label}',
-                               loader=(lambda c=cache, g=g, r=r: c.get(g, r))))
-          answers = t['answer'][r] or []
+        for r in range(len(t["answer"])):
+          iid = int(t["id"][r]) if "id" in t and str(t["id"][r]).isdigit() else row_base
+          label = t.get("file_name", t.get("question_id", [None] * (r + 1)))[r] or f"row {row_base}"
+          refs.append(
+            ImageRef(iid, f"{os.path.basename(path)}:{label}", loader=(lambda c=cache, g=g, r=r: c.get(g, r)))
+          )
+          answers = t["answer"][r] or []
           if isinstance(answers, str):
             answers = [answers]
           for j, a in enumerate(answers):
@@ -252,12 +276,11 @@ class CocoParquet(PairedCaptions):
 def open_paired(ex) -> PairedCaptions:
   """The paired source named by `config.extract.dataset`."""
   ds = ex.dataset
-  mx = int(ex.get('max_images', 0) or 0)
-  if ds == 'coco':
+  mx = int(ex.max_images)
+  if ds == "coco":
     return CocoCaptionsJson(ex.captions_json, ex.image_dir, max_images=mx)
-  if ds == 'karpathy':
-    return KarpathyJson(ex.karpathy_json, ex.image_dir, split=ex.get('karpathy_split', 'test'),
-                        max_images=mx)
-  if ds == 'parquet':
+  if ds == "karpathy":
+    return KarpathyJson(ex.karpathy_json, ex.image_dir, split=ex.karpathy_split, max_images=mx)
+  if ds == "parquet":
     return CocoParquet(ex.parquet_files, max_images=mx)
-  raise SaeJaxError(f'config.extract.dataset={ds!r}: expected coco, karpathy, parquet or mbeir')
+  raise SaeJaxError(f"config.extract.dataset={ds!r}: expected coco, karpathy, parquet or mbeir")

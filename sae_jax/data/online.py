@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 from sae_jax.data import coco
 from sae_jax.data import shards as shards_lib
@@ -32,45 +32,52 @@ class OnlineBatches:
 
   def __init__(self, config, encoder=None, source=None):
     from sae_jax import encoders
+
     ex, data = config.extract, config.data
     self.batch_size = int(data.batch_size)
-    self.k = max(1, int(ex.get('online_buffer_batches', 8)))
-    self.seed = int(data.get('shuffle_seed', 0))
+    self.batches_per_window = max(1, int(ex.online_buffer_batches))
+    self.seed = int(data.shuffle_seed)
     self.encoder_batch = max(1, int(ex.batch_size))
     self.source = source if source is not None else coco.open_paired(ex)
     self.encoder = encoder if encoder is not None else encoders.load_encoder(ex)
     self.d = int(self.encoder.d)
-    keep = tuple(ex.get('shard_token_types', shards_lib.TOKEN_TYPES))
+    keep = tuple(ex.shard_token_types)
     self.keep_types = np.array([shards_lib.TOKEN_TYPES.index(t) for t in keep], np.uint8)
-    self.items = [('image', r) for r in self.source.images] + [('text', c) for c in self.source.captions]
+    self.items = [("image", r) for r in self.source.images] + [("text", c) for c in self.source.captions]
     self.skipped_corrupt = 0
-    n_win = int(ex.get('online_window_items', 0) or 0)
+    n_win = int(ex.online_window_items)
     if n_win <= 0:
       probe = self._encode([self.items[i] for i in self._order(0)[:16]])[0]
       per_item = max(probe.shape[0] / min(16, len(self.items)), 1e-9)
-      n_win = math.ceil(1.2 * self.k * self.batch_size / per_item)
+      n_win = math.ceil(1.2 * self.batches_per_window * self.batch_size / per_item)
     self.items_per_window = max(1, min(n_win, len(self.items)))
     self.windows_per_epoch = math.ceil(len(self.items) / self.items_per_window)
     self._cache: tuple[int, Optional[np.ndarray]] = (-1, None)
-    logging.info('online: %d samples, %d per window, %d batches of %d per window, d=%d',
-                 len(self.items), self.items_per_window, self.k, self.batch_size, self.d)
+    logging.info(
+      "online: %d samples, %d per window, %d batches of %d per window, d=%d",
+      len(self.items),
+      self.items_per_window,
+      self.batches_per_window,
+      self.batch_size,
+      self.d,
+    )
 
   def _order(self, epoch: int) -> np.ndarray:
     return np.random.default_rng([self.seed, epoch, 11]).permutation(len(self.items))
 
   def _encode(self, items) -> tuple[np.ndarray, np.ndarray]:
     rows, types = [], []
-    for kind in ('image', 'text'):
+    for kind in ("image", "text"):
       group = [x for k, x in items if k == kind]
       for s in range(0, len(group), self.encoder_batch):
-        part = group[s:s + self.encoder_batch]
-        if kind == 'image':
+        part = group[s : s + self.encoder_batch]
+        if kind == "image":
           imgs = []
           for ref in part:
             try:
               imgs.append(coco.load_image(ref))
             except coco.ImageLoadError as e:
-              logging.warning('online: skipping %s', e)
+              logging.warning("online: skipping %s", e)
               self.skipped_corrupt += 1
           if not imgs:
             continue
@@ -90,20 +97,20 @@ class OnlineBatches:
     if self._cache[0] == w:
       return self._cache[1]
     epoch, j = divmod(int(w), self.windows_per_epoch)
-    idx = self._order(epoch)[j * self.items_per_window:(j + 1) * self.items_per_window]
+    idx = self._order(epoch)[j * self.items_per_window : (j + 1) * self.items_per_window]
     rows, _ = self._encode([self.items[i] for i in idx])
     if rows.shape[0] == 0:
-      raise SaeJaxError(f'online: window {w} produced no activation rows (all images unreadable?)')
-    need = self.k * self.batch_size
+      raise SaeJaxError(f"online: window {w} produced no activation rows (all images unreadable?)")
+    need = self.batches_per_window * self.batch_size
     rng = np.random.default_rng([self.seed, int(w), 13])
     picks = [rng.permutation(rows.shape[0]) for _ in range(math.ceil(need / rows.shape[0]))]
     order = np.concatenate(picks)[:need]
-    batches = rows[order].reshape(self.k, self.batch_size, self.d)
+    batches = rows[order].reshape(self.batches_per_window, self.batch_size, self.d)
     self._cache = (int(w), batches)
     return batches
 
   def __call__(self, i: int) -> np.ndarray:
-    w, k = divmod(int(i), self.k)
+    w, k = divmod(int(i), self.batches_per_window)
     return self.window(w)[k]
 
 

@@ -65,8 +65,9 @@ def feistel_permutation(positions: np.ndarray, n: int, seed, rounds: int = 4) ->
 class ShardBatches:
   """Random access to batch i of the shuffled stream over an activation store."""
 
-  def __init__(self, directory: str, batch_size: int, seed: int, process_index: int = 0,
-               process_count: int = 1):
+  def __init__(
+    self, directory: str, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+  ):
     self.store = shards_lib.ActivationStore(directory)
     self.batch_size = batch_size
     self.seed = seed
@@ -75,8 +76,10 @@ class ShardBatches:
     self.local_offset = process_index * self.local_size
     self.batches_per_epoch = len(self.store) // batch_size
     if self.batches_per_epoch == 0:
-      raise SaeJaxError(f"config.data.shard_dir={directory}: {len(self.store)} rows, fewer than one "
-                        f"batch of config.data.batch_size={batch_size}")
+      raise SaeJaxError(
+        f"config.data.shard_dir={directory}: {len(self.store)} rows, fewer than one "
+        f"batch of config.data.batch_size={batch_size}"
+      )
 
   def __call__(self, i: int) -> np.ndarray:
     epoch, j = divmod(int(i), self.batches_per_epoch)
@@ -95,18 +98,19 @@ def batch_fn(config: Any, process_index: int = 0, process_count: int = 1) -> Cal
   per = bs // process_count
   if data.source == "synthetic":
     source = PlantedSource(data.synthetic)
-    return lambda i: source.training_batch(i, bs)[process_index * per:(process_index + 1) * per]
+    return lambda i: source.training_batch(i, bs)[process_index * per : (process_index + 1) * per]
   if data.source == "shards":
     if not data.shard_dir:
       raise SaeJaxError("config.data.source='shards' needs config.data.shard_dir")
     return ShardBatches(data.shard_dir, bs, int(data.shuffle_seed), process_index, process_count)
   if data.source == "online":
     from sae_jax.data import online  # needs torch/transformers (the `extract` extra)
+
     batches = online.online_batch_fn(config)
     if process_count == 1:
       return batches
     # Every process encodes the same window (a pure function of the batch index) and keeps its rows.
-    return lambda i: batches(i)[process_index * per:(process_index + 1) * per]
+    return lambda i: batches(i)[process_index * per : (process_index + 1) * per]
   raise SaeJaxError(f"config.data.source={data.source!r}: expected 'synthetic', 'shards' or 'online'")
 
 
@@ -136,8 +140,10 @@ def check_batch(batch: np.ndarray, d: int, policy: str, where: str) -> tuple[np.
     return batch, np.ones(batch.shape[0], np.float32)
   bad = int((~finite).sum())
   if policy == "error":
-    raise SaeJaxError(f"{where}: {bad} row(s) contain NaN/Inf (first at row {int(np.argmin(finite))}); "
-                      "set config.data.nonfinite='skip' to mask and count them")
+    raise SaeJaxError(
+      f"{where}: {bad} row(s) contain NaN/Inf (first at row {int(np.argmin(finite))}); "
+      "set config.data.nonfinite='skip' to mask and count them"
+    )
   if policy != "skip":
     raise SaeJaxError(f"config.data.nonfinite={policy!r}: expected 'error' or 'skip'")
   return np.where(finite[:, None], batch, 0.0).astype(batch.dtype), finite.astype(np.float32)

@@ -32,6 +32,7 @@ _DTYPES = ("float32", "float16", "bfloat16")
 def _np_dtype(name: str) -> np.dtype:
   if name == "bfloat16":
     import ml_dtypes  # shipped with jax
+
     return np.dtype(ml_dtypes.bfloat16)
   return np.dtype(name)
 
@@ -58,8 +59,14 @@ def shard_name(i: int) -> str:
 class ShardWriter:
   """Appends rows and cuts them into shards of `rows_per_shard` rows (the last may be shorter)."""
 
-  def __init__(self, directory: str, d: int, dtype: str = "float32", rows_per_shard: int = 65536,
-               metadata: Optional[dict] = None):
+  def __init__(
+    self,
+    directory: str,
+    d: int,
+    dtype: str = "float32",
+    rows_per_shard: int = 65536,
+    metadata: Optional[dict] = None,
+  ):
     if dtype not in _DTYPES:
       raise SaeJaxError(f"ShardWriter dtype={dtype!r}: expected one of {_DTYPES}")
     self.directory = directory
@@ -72,8 +79,9 @@ class ShardWriter:
       index = read_index(directory, allow_empty=True)
       if index["d"] != self.d or index["dtype"] != dtype:
         raise SaeJaxError(
-            f"{index_path}: existing shards have d={index['d']} dtype={index['dtype']}, "
-            f"this writer has d={self.d} dtype={dtype}; use a new directory")
+          f"{index_path}: existing shards have d={index['d']} dtype={index['dtype']}, "
+          f"this writer has d={self.d} dtype={dtype}; use a new directory"
+        )
       self._shards = list(index["shards"])
       self.metadata = dict(index.get("metadata", {}))
       self.metadata.update(metadata or {})
@@ -92,8 +100,9 @@ class ShardWriter:
   def total_rows(self) -> int:
     return sum(s["rows"] for s in self._shards)
 
-  def add(self, rows: np.ndarray, token_types: Optional[np.ndarray] = None,
-          sample_ids: Optional[np.ndarray] = None) -> None:
+  def add(
+    self, rows: np.ndarray, token_types: Optional[np.ndarray] = None, sample_ids: Optional[np.ndarray] = None
+  ) -> None:
     rows = np.asarray(rows)
     if rows.ndim != 2 or rows.shape[1] != self.d:
       raise SaeJaxError(f"ShardWriter.add: rows have shape {rows.shape}, expected [n, {self.d}]")
@@ -103,9 +112,13 @@ class ShardWriter:
     for name, extra in (("token_types", token_types), ("sample_ids", sample_ids)):
       if extra is not None and np.shape(extra) != (n,):
         raise SaeJaxError(f"ShardWriter.add: {name} has shape {np.shape(extra)}, expected [{n}]")
-    self._buffers.append((rows.astype(_np_dtype(self.dtype)),
-                          None if token_types is None else np.asarray(token_types, np.uint8),
-                          None if sample_ids is None else np.asarray(sample_ids, np.int64)))
+    self._buffers.append(
+      (
+        rows.astype(_np_dtype(self.dtype)),
+        None if token_types is None else np.asarray(token_types, np.uint8),
+        None if sample_ids is None else np.asarray(sample_ids, np.int64),
+      )
+    )
     self._buffered += n
     while self._buffered >= self.rows_per_shard:
       self._flush(self.rows_per_shard)
@@ -121,10 +134,13 @@ class ShardWriter:
       parts = [b[pos] for b in self._buffers]
       if any(p is None for p in parts):
         if not all(p is None for p in parts):
-          raise SaeJaxError(f"ShardWriter: some add() calls gave {('rows', 'token_types', 'sample_ids')[pos]}, "
-                            "others did not; give it always or never")
+          raise SaeJaxError(
+            f"ShardWriter: some add() calls gave {('rows', 'token_types', 'sample_ids')[pos]}, "
+            "others did not; give it always or never"
+          )
         return None
       return np.concatenate(parts)
+
     rows, types, ids = take(0), take(1), take(2)
     name = shard_name(len(self._shards))
     base = os.path.join(self.directory, name)
@@ -134,17 +150,26 @@ class ShardWriter:
     if ids is not None:
       _atomic_save_npy(base + ".sample_ids.npy", ids[:n])
     _atomic_save_npy(base + ".npy", rows[:n])
-    self._shards.append({"name": name, "rows": int(n), "token_types": types is not None,
-                         "sample_ids": ids is not None})
+    self._shards.append(
+      {"name": name, "rows": int(n), "token_types": types is not None, "sample_ids": ids is not None}
+    )
     rest = (rows[n:], None if types is None else types[n:], None if ids is None else ids[n:])
     self._buffers = [rest] if len(rest[0]) else []
     self._buffered = len(rest[0])
     self._write_index()
 
   def _write_index(self) -> None:
-    _atomic_write_json(os.path.join(self.directory, INDEX_FILE), {
-        "format": FORMAT, "d": self.d, "dtype": self.dtype, "total_rows": self.total_rows,
-        "shards": self._shards, "metadata": self.metadata})
+    _atomic_write_json(
+      os.path.join(self.directory, INDEX_FILE),
+      {
+        "format": FORMAT,
+        "d": self.d,
+        "dtype": self.dtype,
+        "total_rows": self.total_rows,
+        "shards": self._shards,
+        "metadata": self.metadata,
+      },
+    )
 
 
 def read_index(directory: str, allow_empty: bool = False) -> dict:
@@ -153,8 +178,10 @@ def read_index(directory: str, allow_empty: bool = False) -> dict:
   if not os.path.isdir(directory):
     raise SaeJaxError(f"activation shards: directory {directory} does not exist")
   if not os.path.exists(path):
-    raise SaeJaxError(f"activation shards: {path} is missing (not a shard directory, or extraction "
-                      "has not finished a shard yet)")
+    raise SaeJaxError(
+      f"activation shards: {path} is missing (not a shard directory, or extraction "
+      "has not finished a shard yet)"
+    )
   try:
     with open(path) as f:
       index = json.load(f)
@@ -176,7 +203,9 @@ def read_index(directory: str, allow_empty: bool = False) -> dict:
     except ValueError as e:
       raise SaeJaxError(f"activation shards: {f} is truncated or not an .npy file ({e})") from None
     if arr.shape != (s["rows"], index["d"]):
-      raise SaeJaxError(f"activation shards: {f} has shape {arr.shape}, index says ({s['rows']}, {index['d']})")
+      raise SaeJaxError(
+        f"activation shards: {f} has shape {arr.shape}, index says ({s['rows']}, {index['d']})"
+      )
   index["total_rows"] = sum(s["rows"] for s in index["shards"])
   return index
 
@@ -191,8 +220,9 @@ class ActivationStore:
     self.index = read_index(self.directory)
     self.d = int(self.index["d"])
     self.dtype = self.index["dtype"]
-    self._arrays = [np.load(os.path.join(self.directory, s["name"] + ".npy"), mmap_mode="r")
-                    for s in self.index["shards"]]
+    self._arrays = [
+      np.load(os.path.join(self.directory, s["name"] + ".npy"), mmap_mode="r") for s in self.index["shards"]
+    ]
     self._starts = np.cumsum([0] + [a.shape[0] for a in self._arrays])
     self.total_rows = int(self._starts[-1])
 

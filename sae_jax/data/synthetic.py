@@ -29,15 +29,15 @@ IMAGE, TEXT, SHARED, DISTRACTOR = range(4)
 
 def default_synthetic_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.d = 64                  # activation width
-  c.n_image = 24            # image-only concepts
-  c.n_text = 48             # text-only concepts
-  c.n_shared = 48           # concepts active in both rows of a pair
-  c.n_distractor = 4        # high-energy, pair-independent concepts
-  c.active_image = 2        # image-only concepts per image row
-  c.active_text = 4         # text-only concepts per text row
-  c.active_shared = 3       # shared concepts per pair
-  c.distractor_prob = 0.9   # probability a distractor fires in a row
+  c.d = 64  # activation width
+  c.n_image = 24  # image-only concepts
+  c.n_text = 48  # text-only concepts
+  c.n_shared = 48  # concepts active in both rows of a pair
+  c.n_distractor = 4  # high-energy, pair-independent concepts
+  c.active_image = 2  # image-only concepts per image row
+  c.active_text = 4  # text-only concepts per text row
+  c.active_shared = 3  # shared concepts per pair
+  c.distractor_prob = 0.9  # probability a distractor fires in a row
   c.distractor_scale = 3.0  # distractor magnitude relative to content concepts
   c.noise_std = 0.02
   c.seed = 0
@@ -45,10 +45,10 @@ def default_synthetic_config() -> ml_collections.ConfigDict:
 
 
 class PairedSample(NamedTuple):
-  image: np.ndarray        # [n, d]
-  text: np.ndarray         # [n, d]
+  image: np.ndarray  # [n, d]
+  text: np.ndarray  # [n, d]
   image_codes: np.ndarray  # [n, n_concepts] ground-truth coefficients
-  text_codes: np.ndarray   # [n, n_concepts]
+  text_codes: np.ndarray  # [n, n_concepts]
 
 
 class PlantedSource:
@@ -59,11 +59,15 @@ class PlantedSource:
     for field in ("d", "n_image", "n_text", "n_shared", "n_distractor"):
       if int(getattr(cfg, field)) < (1 if field == "d" else 0):
         raise SaeJaxError(f"config.data.synthetic.{field}={getattr(cfg, field)}: must be positive")
-    for active, pool in (("active_image", "n_image"), ("active_text", "n_text"),
-                         ("active_shared", "n_shared")):
+    for active, pool in (
+      ("active_image", "n_image"),
+      ("active_text", "n_text"),
+      ("active_shared", "n_shared"),
+    ):
       if int(getattr(cfg, active)) > int(getattr(cfg, pool)):
-        raise SaeJaxError(f"config.data.synthetic.{active}={getattr(cfg, active)} exceeds "
-                          f"{pool}={getattr(cfg, pool)}")
+        raise SaeJaxError(
+          f"config.data.synthetic.{active}={getattr(cfg, active)} exceeds {pool}={getattr(cfg, pool)}"
+        )
     counts = [int(cfg.n_image), int(cfg.n_text), int(cfg.n_shared), int(cfg.n_distractor)]
     self.kinds = np.repeat(np.arange(4, dtype=np.int8), counts)
     self.n_concepts = int(sum(counts))
@@ -95,8 +99,10 @@ class PlantedSource:
       base = rng.uniform(0.5, 1.5, r.shape[0]).astype(np.float32)
       img_codes[r, c] = base * rng.uniform(0.8, 1.2, r.shape[0])
       txt_codes[r, c] = base * rng.uniform(0.8, 1.2, r.shape[0])
-    for codes, kind, active in ((img_codes, IMAGE, int(cfg.active_image)),
-                                (txt_codes, TEXT, int(cfg.active_text))):
+    for codes, kind, active in (
+      (img_codes, IMAGE, int(cfg.active_image)),
+      (txt_codes, TEXT, int(cfg.active_text)),
+    ):
       sel = self._choose(rng, n, kind, active)
       if sel is not None:
         codes[sel] = rng.uniform(0.5, 1.5, sel[0].shape[0])

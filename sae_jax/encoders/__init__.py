@@ -14,29 +14,38 @@ from sae_jax.errors import SaeJaxError
 
 # model_type (HF config) -> family module/class
 _FAMILY_OF_MODEL_TYPE = {
-    'clip': 'clip', 'siglip': 'siglip', 'siglip2': 'siglip',
-    'qwen2_vl': 'qwen_vl', 'qwen2_5_vl': 'qwen_vl', 'qwen3_vl': 'qwen_vl',
-    'paligemma': 'paligemma', 'chameleon': 'chameleon',
-    'bert': 'text', 'roberta': 'text', 'xlm-roberta': 'text', 'mpnet': 'text', 'distilbert': 'text',
+  "clip": "clip",
+  "siglip": "siglip",
+  "siglip2": "siglip",
+  "qwen2_vl": "qwen_vl",
+  "qwen2_5_vl": "qwen_vl",
+  "qwen3_vl": "qwen_vl",
+  "paligemma": "paligemma",
+  "chameleon": "chameleon",
+  "bert": "text",
+  "roberta": "text",
+  "xlm-roberta": "text",
+  "mpnet": "text",
+  "distilbert": "text",
 }
-FAMILIES = ('clip', 'siglip', 'qwen_vl', 'paligemma', 'chameleon', 'text')
+FAMILIES = ("clip", "siglip", "qwen_vl", "paligemma", "chameleon", "text")
 
 
 def encoder_class(family: str):
-  if family == 'clip':
+  if family == "clip":
     from sae_jax.encoders.clip import ClipEncoder as cls
-  elif family == 'siglip':
+  elif family == "siglip":
     from sae_jax.encoders.siglip import SiglipEncoder as cls
-  elif family == 'qwen_vl':
+  elif family == "qwen_vl":
     from sae_jax.encoders.qwen_vl import QwenVLEncoder as cls
-  elif family == 'paligemma':
+  elif family == "paligemma":
     from sae_jax.encoders.paligemma import PaliGemmaEncoder as cls
-  elif family == 'chameleon':
+  elif family == "chameleon":
     from sae_jax.encoders.chameleon import ChameleonEncoder as cls
-  elif family == 'text':
+  elif family == "text":
     from sae_jax.encoders.text import TextEncoder as cls
   else:
-    raise SaeJaxError(f'config.extract.family={family!r}: expected one of {FAMILIES} (or empty to infer)')
+    raise SaeJaxError(f"config.extract.family={family!r}: expected one of {FAMILIES} (or empty to infer)")
   return cls
 
 
@@ -44,67 +53,82 @@ def family_of(model_type: str) -> str:
   try:
     return _FAMILY_OF_MODEL_TYPE[model_type]
   except KeyError:
-    raise SaeJaxError(f'model_type {model_type!r} is not supported; supported: '
-                      f'{sorted(_FAMILY_OF_MODEL_TYPE)} (set config.extract.family to force one)') from None
+    raise SaeJaxError(
+      f"model_type {model_type!r} is not supported; supported: "
+      f"{sorted(_FAMILY_OF_MODEL_TYPE)} (set config.extract.family to force one)"
+    ) from None
 
 
 def resolve_device(device: str) -> str:
   import torch
-  if device in (None, '', 'auto'):
-    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+  if device in (None, "", "auto"):
+    return "cuda" if torch.cuda.is_available() else "cpu"
   return device
 
 
 def _load_processor(family, name):
   from transformers import AutoProcessor, AutoTokenizer
-  if family == 'text':
+
+  if family == "text":
     return AutoTokenizer.from_pretrained(name)
-  if family == 'qwen_vl':  # the stock processor needs torchvision for its video processor
+  if family == "qwen_vl":  # the stock processor needs torchvision for its video processor
+    import transformers
     from transformers import AutoConfig
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
     from sae_jax.encoders.qwen_vl import make_processor
-    import transformers
+
     try:
       return AutoProcessor.from_pretrained(name)
     except Exception:  # pylint: disable=broad-except
       mt = AutoConfig.from_pretrained(name).model_type
-      proc_cls = {'qwen2_vl': transformers.Qwen2VLProcessor, 'qwen2_5_vl': transformers.Qwen2_5_VLProcessor,
-                  'qwen3_vl': transformers.Qwen3VLProcessor}[mt]
-      return make_processor(proc_cls, Qwen2VLImageProcessorPil.from_pretrained(name),
-                            AutoTokenizer.from_pretrained(name))
+      proc_cls = {
+        "qwen2_vl": transformers.Qwen2VLProcessor,
+        "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
+        "qwen3_vl": transformers.Qwen3VLProcessor,
+      }[mt]
+      return make_processor(
+        proc_cls, Qwen2VLImageProcessorPil.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+      )
   return AutoProcessor.from_pretrained(name)
 
 
 def load_encoder(cfg):
   """Encoder for `config.extract` (see module docstring)."""
-  import torch
   from sae_jax.encoders import base
+
   name = cfg.model_name
-  device = resolve_device(cfg.get('device', 'auto'))
-  dtype = base.torch_dtype(cfg.get('dtype', 'auto'), device)
-  templates = dict(cfg.get('templates', None) or {})
-  family = cfg.get('family', '') or ''
-  kw = dict(layer=int(cfg.get('layer', -1)), device=device, dtype=dtype, templates=templates, name=name)
-  if name.startswith('tiny:'):
+  device = resolve_device(cfg.device)
+  dtype = base.torch_dtype(cfg.dtype, device)
+  templates = dict(cfg.templates)
+  family = cfg.family
+  kw = dict(layer=int(cfg.layer), device=device, dtype=dtype, templates=templates, name=name)
+  if name.startswith("tiny:"):
     from sae_jax.encoders import tiny
-    model, processor = tiny.build(name[len('tiny:'):], scale=int(cfg.get('tiny_scale', 1)))
+
+    model, processor = tiny.build(name[len("tiny:") :], scale=int(cfg.tiny_scale))
     family = family or family_of(model.config.model_type)
   else:
     from transformers import AutoConfig, AutoModel
-    if not (os.path.isdir(name) or (name.count('/') == 1 and not name.startswith(('/', '.')))):
-      raise SaeJaxError(f'config.extract.model_name={name!r}: not a local directory nor a hub id '
-                        f'(owner/name) nor tiny:<family>')
+
+    if not (os.path.isdir(name) or (name.count("/") == 1 and not name.startswith(("/", ".")))):
+      raise SaeJaxError(
+        f"config.extract.model_name={name!r}: not a local directory nor a hub id "
+        f"(owner/name) nor tiny:<family>"
+      )
     try:
       hf_cfg = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
-      raise SaeJaxError(f'config.extract.model_name={name!r}: cannot load its config '
-                        f'({str(e).splitlines()[0]})') from None
+      raise SaeJaxError(
+        f"config.extract.model_name={name!r}: cannot load its config ({str(e).splitlines()[0]})"
+      ) from None
     family = family or family_of(hf_cfg.model_type)
     # Straight onto the GPU when there is one (no full CPU copy of a 7B model first).
-    placement = {'device_map': device} if device.startswith('cuda') else {}
+    placement = {"device_map": device} if device.startswith("cuda") else {}
     model = AutoModel.from_pretrained(name, dtype=dtype, **placement)
     processor = _load_processor(family, name)
   enc = encoder_class(family)(model, processor, **kw)
-  if family in ('clip', 'siglip'):
-    enc.tokens = bool(cfg.get('contrastive_tokens', False))
+  if family in ("clip", "siglip"):
+    enc.tokens = bool(cfg.contrastive_tokens)
   return enc

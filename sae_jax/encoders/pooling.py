@@ -2,7 +2,7 @@
 
 All functions are pure: they take `hidden` [B, T, d], an attention mask [B, T] (True/1 on real tokens,
 False/0 on padding) and, for the masking ablations, per-token types [B, T] (see
-`sae_jax.encoders.base.TOKEN_TYPES`), and return [B, d] float32. They accept NumPy or JAX arrays and
+`sae_jax.data.shards.TOKEN_TYPES`), and return [B, d] float32. They accept NumPy or JAX arrays and
 are jit-able with JAX inputs; NumPy inputs are computed in NumPy (no per-shape compilation, which is
 what extraction uses on its variable-length batches). Left and right padding are both handled: nothing assumes where the pad tokens are.
 
@@ -17,17 +17,21 @@ A sample with no token left after masking pools to the zero vector (never NaN).
 
 import numpy as np
 
+from sae_jax.data.shards import TOKEN_TYPES
 
-TOKEN_SPECIAL, TOKEN_IMAGE, TOKEN_TEXT, TOKEN_PROMPT = 0, 1, 2, 3
+TOKEN_SPECIAL, TOKEN_IMAGE, TOKEN_TEXT, TOKEN_PROMPT = (
+  TOKEN_TYPES.index(t) for t in ("special", "image", "text", "prompt")
+)
 
-VARIANTS = ('mean', 'last_token', 'mean_no_image', 'mean_no_prompt')
+VARIANTS = ("mean", "last_token", "mean_no_image", "mean_no_prompt")
 
 
 def _xp(*arrays):
   """jax.numpy if any input is a jax array (or a tracer), else NumPy."""
   for a in arrays:
-    if a is not None and type(a).__module__.startswith(('jax', 'jaxlib')):
+    if a is not None and type(a).__module__.startswith(("jax", "jaxlib")):
       import jax.numpy as jnp
+
       return jnp
   return np
 
@@ -37,7 +41,7 @@ def masked_mean(hidden, mask):
   xp = _xp(hidden, mask)
   hidden = xp.asarray(hidden, xp.float32)
   m = xp.asarray(mask).astype(xp.float32)
-  total = xp.einsum('btd,bt->bd', hidden, m)
+  total = xp.einsum("btd,bt->bd", hidden, m)
   count = xp.maximum(m.sum(axis=1, keepdims=True), 1.0)
   return total / count
 
@@ -79,14 +83,16 @@ def mean_pool_without_prompt(hidden, attention_mask, token_types):
 
 def pool(variant, hidden, attention_mask, token_types=None):
   """Dispatch by variant name (see module docstring)."""
-  if variant == 'mean':
+  if variant == "mean":
     return mean_pool(hidden, attention_mask)
-  if variant == 'last_token':
+  if variant == "last_token":
     return last_token_pool(hidden, attention_mask)
-  if variant == 'mean_no_image':
+  if variant == "mean_no_image":
     return mean_pool_without_image(hidden, attention_mask, token_types)
-  if variant == 'mean_no_prompt':
+  if variant == "mean_no_prompt":
     return mean_pool_without_prompt(hidden, attention_mask, token_types)
   from sae_jax.errors import SaeJaxError
-  raise SaeJaxError(f'config.extract.pooling: unknown variant {variant!r}; expected one of '
-                    f'{VARIANTS + ("embed",)}')
+
+  raise SaeJaxError(
+    f"config.extract.pooling: unknown variant {variant!r}; expected one of {VARIANTS + ('embed',)}"
+  )

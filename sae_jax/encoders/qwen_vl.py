@@ -13,7 +13,6 @@ def make_processor(processor_cls, image_processor, tokenizer, chat_template=None
   """Build a Qwen-VL processor without a video processor (which needs torchvision)."""
 
   class _NoVideo(processor_cls):  # the stock __init__ requires a video processor class lookup
-
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
       super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
@@ -22,11 +21,11 @@ def make_processor(processor_cls, image_processor, tokenizer, chat_template=None
 
 
 class QwenVLEncoder(base.DecoderEncoder):
-  family = 'qwen_vl'
+  family = "qwen_vl"
 
   @property
   def image_token_id(self) -> int:
-    return base.config_token_id(self.model.config, 'image_token_id')
+    return base.config_token_id(self.model.config, "image_token_id")
 
   def _marker(self, name, default):
     tok = self.processor.tokenizer
@@ -34,15 +33,21 @@ class QwenVLEncoder(base.DecoderEncoder):
 
   def extra_special_ids(self):
     cfg = self.model.config
-    return [getattr(cfg, n) for n in ('vision_start_token_id', 'vision_end_token_id', 'image_token_id',
-                                      'video_token_id') if isinstance(getattr(cfg, n, None), int)]
+    return [
+      getattr(cfg, n)
+      for n in ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id")
+      if isinstance(getattr(cfg, n, None), int)
+    ]
 
   def image_segments(self, images):
-    placeholder = (self._marker('vision_start_token', '<|vision_start|>') +
-                   self._marker('image_token', '<|image_pad|>') +
-                   self._marker('vision_end_token', '<|vision_end|>'))
-    return base.processor_image_segments(self.processor, images, placeholder,
-                                         ('pixel_values', 'image_grid_thw'))
+    placeholder = (
+      self._marker("vision_start_token", "<|vision_start|>")
+      + self._marker("image_token", "<|image_pad|>")
+      + self._marker("vision_end_token", "<|vision_end|>")
+    )
+    return base.processor_image_segments(
+      self.processor, images, placeholder, ("pixel_values", "image_grid_thw")
+    )
 
   def extra_inputs(self, input_ids, token_types):
-    return {'mm_token_type_ids': (input_ids == self.image_token_id).long()}
+    return {"mm_token_type_ids": (input_ids == self.image_token_id).long()}

@@ -8,8 +8,8 @@ from sae_jax.encoders.clip import ContrastiveEncoder, _model_inputs
 
 
 class SiglipEncoder(ContrastiveEncoder):
-  family = 'siglip'
-  text_padding = dict(padding='max_length', truncation=True)
+  family = "siglip"
+  text_padding = dict(padding="max_length", truncation=True)
 
   @property
   def d_embed(self) -> int:
@@ -17,5 +17,5 @@ class SiglipEncoder(ContrastiveEncoder):
 
   def text_inputs(self, texts):
     tok = self.processor.tokenizer
-    max_len = int(getattr(self.model.config.text_config, 'max_position_embeddings', 64))
-    return _model_inputs(tok, tok(list(texts), return_tensors='pt', max_length=max_len, **self.text_padding))
+    max_len = int(getattr(self.model.config.text_config, "max_position_embeddings", 64))
+    return _model_inputs(tok, tok(list(texts), return_tensors="pt", max_length=max_len, **self.text_padding))

@@ -38,13 +38,31 @@ import math
 import re
 from typing import Any, Optional
 
-COLLECTIVE_OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
-                  "ragged-all-to-all", "collective-broadcast")
+COLLECTIVE_OPS = (
+  "all-reduce",
+  "all-gather",
+  "reduce-scatter",
+  "all-to-all",
+  "collective-permute",
+  "ragged-all-to-all",
+  "collective-broadcast",
+)
 _COLLECTIVE_SET = frozenset(COLLECTIVE_OPS)
 
 # Attributes whose value names called computations (a single `%name` or a `{%a, %b}` list).
-_CALL_ATTRS = ("to_apply", "calls", "body", "condition", "branch_computations", "called_computations",
-               "true_computation", "false_computation", "select", "scatter", "comparator")
+_CALL_ATTRS = (
+  "to_apply",
+  "calls",
+  "body",
+  "condition",
+  "branch_computations",
+  "called_computations",
+  "true_computation",
+  "false_computation",
+  "select",
+  "scatter",
+  "comparator",
+)
 _CALL_RE = re.compile(r"(?:^|[\s,])(" + "|".join(_CALL_ATTRS) + r")=(\{[^}]*\}|%?[\w.\-]+)")
 _NAME_RE = re.compile(r"%?([\w.\-]+)")
 _QUOTED_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -56,24 +74,27 @@ _INT_LIST_RE = r"=\{([\d,\s]*)\}"
 
 # ------------------------------------------------------------------------------ results
 
+
 @dataclasses.dataclass
 class Collective:
   """One collective of the program (an async start/done pair counts once)."""
-  op: str              # base name, one of COLLECTIVE_OPS ("all-reduce-start" -> "all-reduce")
-  computation: str     # HLO computation holding it
-  bytes: int           # bytes of its result (summed over tuple elements), per device
-  in_loop: bool        # inside a while body/condition, transitively
-  trip_count: int      # times it runs per call of the program (product of enclosing trip counts)
+
+  op: str  # base name, one of COLLECTIVE_OPS ("all-reduce-start" -> "all-reduce")
+  computation: str  # HLO computation holding it
+  bytes: int  # bytes of its result (summed over tuple elements), per device
+  in_loop: bool  # inside a while body/condition, transitively
+  trip_count: int  # times it runs per call of the program (product of enclosing trip counts)
   trip_count_known: bool = True  # False if an enclosing while loop had no known_trip_count
-  name: str = ""       # instruction name, e.g. "all-reduce.5"
+  name: str = ""  # instruction name, e.g. "all-reduce.5"
 
 
 @dataclasses.dataclass
 class ProgramStats:
   """What `parse_hlo` found in one HLO module."""
+
   collectives: list[Collective]
   scatters: list[tuple[str, tuple[int, ...], bool]]  # (computation, operand shape, in_loop)
-  while_loops: list[tuple[str, int]]                  # (body computation, trip count or -1)
+  while_loops: list[tuple[str, int]]  # (body computation, trip count or -1)
 
   def collectives_in_loops(self) -> list[Collective]:
     """The collectives that run inside a while loop."""
@@ -97,21 +118,22 @@ class ProgramStats:
       entry["bytes"] += c.bytes
       entry["bytes_per_step"] += c.bytes * c.trip_count
     return dict(
-        collectives=len(self.collectives),
-        collectives_in_loops=len(self.collectives_in_loops()),
-        collective_bytes=sum(c.bytes for c in self.collectives),
-        collective_bytes_per_step=self.collective_bytes_per_step(),
-        collectives_by_op=by_op,
-        scatters=len(self.scatters),
-        scatters_in_loops=sum(in_loop for _, _, in_loop in self.scatters),
-        while_loops=len(self.while_loops),
-        trip_counts=[n for _, n in self.while_loops],
-        trip_counts_known=all(c.trip_count_known for c in self.collectives)
-        and all(n >= 0 for _, n in self.while_loops),
+      collectives=len(self.collectives),
+      collectives_in_loops=len(self.collectives_in_loops()),
+      collective_bytes=sum(c.bytes for c in self.collectives),
+      collective_bytes_per_step=self.collective_bytes_per_step(),
+      collectives_by_op=by_op,
+      scatters=len(self.scatters),
+      scatters_in_loops=sum(in_loop for _, _, in_loop in self.scatters),
+      while_loops=len(self.while_loops),
+      trip_counts=[n for _, n in self.while_loops],
+      trip_counts_known=all(c.trip_count_known for c in self.collectives)
+      and all(n >= 0 for _, n in self.while_loops),
     )
 
 
 # ------------------------------------------------------------------------------ shapes
+
 
 def _dtype_bits(dtype: str) -> Optional[int]:
   """Bits per element of an HLO element type; None for names that are not element types."""
@@ -145,13 +167,14 @@ def _first_dims(type_str: str) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------ parsing
 
+
 @dataclasses.dataclass
 class _Instr:
   name: str
   type_str: str
   opcode: str
-  operands: list[str]   # raw operand texts ("%x" or "f32[2]{0} %x")
-  attrs: str            # everything after the operand list
+  operands: list[str]  # raw operand texts ("%x" or "f32[2]{0} %x")
+  attrs: str  # everything after the operand list
   callees: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (attribute, computation)
   trip_count: Optional[int] = None
 
@@ -237,7 +260,7 @@ def _parse_instr(line: str) -> Optional[_Instr]:
   opcode = m.group(1)
   k = j + m.end() - 1
   end = _scan_balanced(s, k)
-  operands = _split_top(s[k + 1:end - 1])
+  operands = _split_top(s[k + 1 : end - 1])
   attrs = s[end:]
   instr = _Instr(name, type_str, opcode, operands, attrs)
   unquoted = _QUOTED_RE.sub('""', attrs)
@@ -258,14 +281,14 @@ def _parse_module(text: str) -> dict[str, _Computation]:
     if not line:
       continue
     if current is None:
-      if line[0].isdigit():      # FileNames / StackFrames tables: `1 {file_location_id=...}`
+      if line[0].isdigit():  # FileNames / StackFrames tables: `1 {file_location_id=...}`
         continue
       m = _HEADER_RE.match(line)
       if not m or not line.endswith("{") or line.startswith("HloModule"):
         continue
       current = _Computation(m.group(2), bool(m.group(1)))
-      if line[m.end():].startswith("("):      # (name: type, ...) -> result type {
-        params = line[m.end():_scan_balanced(line, m.end())][1:-1]
+      if line[m.end() :].startswith("("):  # (name: type, ...) -> result type {
+        params = line[m.end() : _scan_balanced(line, m.end())][1:-1]
         for param in _split_top(params):
           pname, _, ptype = param.partition(":")
           current.types[pname.strip().lstrip("%")] = ptype.strip()
@@ -290,7 +313,7 @@ def _operand(comp: _Computation, text: str) -> tuple[str, str]:
 
 @dataclasses.dataclass
 class _Reach:
-  count: dict[str, int]      # executions per program call
+  count: dict[str, int]  # executions per program call
   in_loop: dict[str, bool]
   known: dict[str, bool]
 
@@ -311,7 +334,7 @@ def _reachability(comps: dict[str, _Computation]) -> _Reach:
   roots = [n for n, c in comps.items() if c.is_entry] or [n for n in comps if n not in called]
   order, seen = [], set()
 
-  def visit(n: str) -> None:   # post-order DFS; the call graph of an HLO module is acyclic
+  def visit(n: str) -> None:  # post-order DFS; the call graph of an HLO module is acyclic
     seen.add(n)
     for callee, *_ in edges[n]:
       if callee not in seen:
@@ -326,7 +349,7 @@ def _reachability(comps: dict[str, _Computation]) -> _Reach:
   known = {n: True for n in comps}
   for r in roots:
     count[r] = 1
-  for n in reversed(order):       # callers before callees
+  for n in reversed(order):  # callers before callees
     for callee, factor, loop, k in edges[n]:
       count[callee] += count[n] * factor
       in_loop[callee] = in_loop[callee] or in_loop[n] or loop
@@ -337,7 +360,7 @@ def _reachability(comps: dict[str, _Computation]) -> _Reach:
 def _base_op(opcode: str) -> str:
   for suffix in ("-start", "-update", "-done"):
     if opcode.endswith(suffix):
-      return opcode[:-len(suffix)]
+      return opcode[: -len(suffix)]
   return opcode
 
 
@@ -363,7 +386,7 @@ def parse_hlo(text: str) -> ProgramStats:
   for comp in comps.values():
     where = async_parent.get(comp.name, comp.name)
     loop, trips, known = reach.in_loop[comp.name], max(reach.count[comp.name], 1), reach.known[comp.name]
-    pending: dict[str, Collective] = {}   # start/update name -> collective awaiting its done
+    pending: dict[str, Collective] = {}  # start/update name -> collective awaiting its done
     for instr in comp.instrs:
       op, base = instr.opcode, _base_op(instr.opcode)
       if op == "while":
@@ -416,6 +439,7 @@ def program_stats(compiled: Any) -> ProgramStats:
 
 # ------------------------------------------------------------------------------ FLOPs
 
+
 def _int_attr(attrs: str, key: str) -> list[int]:
   m = re.search(re.escape(key) + _INT_LIST_RE, attrs)
   return [int(x) for x in m.group(1).split(",") if x.strip()] if m else []
@@ -433,8 +457,9 @@ def _instr_flops(comp: _Computation, instr: _Instr) -> float:
   op = instr.opcode
   gemm = op == "custom-call" and re.search(r'custom_call_target="[^"]*(gemm|matmul)', instr.attrs)
   if op == "dot" or gemm:
-    contracting = (_int_attr(instr.attrs, "lhs_contracting_dims") if op == "dot"
-                   else _gemm_contracting(instr.attrs))
+    contracting = (
+      _int_attr(instr.attrs, "lhs_contracting_dims") if op == "dot" else _gemm_contracting(instr.attrs)
+    )
     if contracting is None or not instr.operands:
       return 0.0
     lhs = _first_dims(_operand(comp, instr.operands[0])[1])
@@ -464,9 +489,18 @@ def flops_with_trip_counts(compiled: Any) -> float:
   """
   comps = _parse_module(_hlo_text(compiled))
   reach = _reachability(comps)
-  return float(sum(reach.count[comp.name] * _instr_flops(comp, instr)
-                   for comp in comps.values() for instr in comp.instrs))
+  return float(
+    sum(
+      reach.count[comp.name] * _instr_flops(comp, instr) for comp in comps.values() for instr in comp.instrs
+    )
+  )
 
 
-__all__ = ["COLLECTIVE_OPS", "Collective", "ProgramStats", "parse_hlo", "program_stats",
-           "flops_with_trip_counts"]
+__all__ = [
+  "COLLECTIVE_OPS",
+  "Collective",
+  "ProgramStats",
+  "parse_hlo",
+  "program_stats",
+  "flops_with_trip_counts",
+]

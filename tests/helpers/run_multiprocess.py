@@ -1,13 +1,13 @@
 """One process of a multi-process run on this machine (coordinator on 127.0.0.1).
 
-  python -m tests.helpers.run_multiprocess WORKDIR PORT NUM_PROCESSES PROCESS_ID NUM_STEPS
+python -m tests.helpers.run_multiprocess WORKDIR PORT NUM_PROCESSES PROCESS_ID NUM_STEPS
 """
 
 import sys
 
 import jax
 
-from sae_jax import train
+from sae_jax.training import trainer
 from tests.helpers.run_training import tiny_config
 
 
@@ -18,7 +18,7 @@ def main(argv):
   config.mesh.coordinator_address = f"127.0.0.1:{port}"
   config.mesh.num_processes = n
   config.mesh.process_id = pid
-  train.train_and_evaluate(config, workdir)
+  trainer.train_and_evaluate(config, workdir)
   jax.distributed.shutdown()
 
 

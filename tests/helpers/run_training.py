@@ -11,7 +11,10 @@ import jax
 import numpy as np
 
 from configs import synthetic
-from sae_jax import checkpoint as ckpt_lib, sae as sae_lib, train
+from sae_jax import sae as sae_lib
+from sae_jax.training import checkpoint as ckpt_lib
+from sae_jax.training import state as state_lib
+from sae_jax.training import trainer
 
 
 def tiny_config(mesh_data=1, mesh_model=1, num_steps=10, preset="modern"):
@@ -33,8 +36,9 @@ def final_state(workdir, config):
   """The newest checkpoint's full train state as a flat dict of numpy arrays."""
   spec = sae_lib.spec_from_config(config.sae)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          train.abstract_state(spec, config))
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state_lib.abstract_state(spec, config)
+  )
   manager = ckpt_lib.make_manager(workdir)
   state, _ = ckpt_lib.restore(manager, manager.latest_step(), abstract)
   manager.close()
@@ -46,7 +50,7 @@ def main(argv):
   workdir, out, data, model, steps = argv[1], argv[2], int(argv[3]), int(argv[4]), int(argv[5])
   preset = argv[6] if len(argv) > 6 else "modern"
   config = tiny_config(data, model, steps, preset)
-  train.train_and_evaluate(config, workdir)
+  trainer.train_and_evaluate(config, workdir)
   np.savez(out, n_devices=len(jax.devices()), **final_state(workdir, config))
 
 

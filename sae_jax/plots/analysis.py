@@ -51,20 +51,32 @@ def plot_modality_kde(runs: Sequence[dict], path: str, reverse: bool = False) ->
     low, high = grid <= 0.5, grid >= 0.5
     frac_low = float(np.mean(finite < 0.5)) if finite.size else 0.0
     frac_high = float(np.mean(finite > 0.5)) if finite.size else 0.0
-    ax.fill_between(grid[low], dens[low], color=low_color, alpha=0.35,
-                    label=f"{low_label}-dominant (< 0.5): {100 * frac_low:.1f}% of concepts")
-    ax.fill_between(grid[high], dens[high], color=high_color, alpha=0.35,
-                    label=f"{high_label}-dominant (> 0.5): {100 * frac_high:.1f}% of concepts")
+    ax.fill_between(
+      grid[low],
+      dens[low],
+      color=low_color,
+      alpha=0.35,
+      label=f"{low_label}-dominant (< 0.5): {100 * frac_low:.1f}% of concepts",
+    )
+    ax.fill_between(
+      grid[high],
+      dens[high],
+      color=high_color,
+      alpha=0.35,
+      label=f"{high_label}-dominant (> 0.5): {100 * frac_high:.1f}% of concepts",
+    )
     ax.plot(grid, dens, color="black", lw=1.2)
     ax.axvline(0.5, color="gray", ls="--", lw=0.8)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.1 * max(float(dens.max()), 1e-9))
-    ax.set_title(f"{run['name']}\n{finite.size} concepts scored; {silent} never fire{'s' if silent == 1 else ''} (excluded)",
-                 fontsize=10)
+    ax.set_title(
+      f"{run['name']}\n{finite.size} concepts scored; {silent} never fire{'s' if silent == 1 else ''} (excluded)",
+      fontsize=10,
+    )
     ax.set_xlabel(f"Modality score (0 = {low_label}-only, 1 = {high_label}-only)")
     ax.set_ylabel("Density (KDE)")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
-  for ax in list(axes.flat)[len(runs):]:
+  for ax in list(axes.flat)[len(runs) :]:
     ax.set_visible(False)
   fig.suptitle("Distribution of concept modality scores (paper Figure 2)", fontsize=12)
   fig.tight_layout()
@@ -88,8 +100,12 @@ def plot_cumulative_energy(runs: Sequence[dict], path: str, top_fraction: float 
   for run in runs:
     x, y = cumulative_energy(run["energy"])
     m = max(1, int(math.ceil(top_fraction * x.size - 1e-9)))
-    ax.plot(100 * x, 100 * y, lw=1.8,
-            label=f"{run['name']} (c={x.size}; top {100 * top_fraction:g}% hold {100 * y[m - 1]:.1f}%)")
+    ax.plot(
+      100 * x,
+      100 * y,
+      lw=1.8,
+      label=f"{run['name']} (c={x.size}; top {100 * top_fraction:g}% hold {100 * y[m - 1]:.1f}%)",
+    )
   ax.axvline(100 * top_fraction, color="gray", ls="--", lw=0.8)
   ax.text(100 * top_fraction, 2, f" top {100 * top_fraction:g}%", color="gray", fontsize=8)
   ax.set_xscale("log")

@@ -31,135 +31,31 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import math
 import os
 import shutil
-import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
-from absl import logging
 import numpy as np
+from absl import logging
 
+from sae_jax import config_utils
+from sae_jax import workdir as workdir_lib
 from sae_jax.data import coco
 from sae_jax.data import shards as shards_lib
 from sae_jax.errors import SaeJaxError
+from sae_jax.stages import extract_mbeir
+from sae_jax.stages.pooled import Progress, check_variants, pool_batch
 
-TOKEN_TYPES = shards_lib.TOKEN_TYPES
 # Shard `sample_ids`: the image id for rows of image inputs, CAPTION_ID_OFFSET + caption id for rows
 # of caption inputs (COCO image and caption ids overlap, so they need disjoint ranges).
 CAPTION_ID_OFFSET = 1 << 40
-_POOL_VARIANTS = ('mean', 'last_token', 'mean_no_image', 'mean_no_prompt', 'embed')
-
-
-def _as_tuple(v):
-  if v is None:
-    return ()
-  if isinstance(v, str):
-    return tuple(x for x in v.split(',') if x)
-  return tuple(v)
-
-
-def _atomic_savez(path: str, **arrays) -> None:
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def _atomic_json(path: str, obj: Any) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
-
-
-class Progress:
-  """items/s and ETA, as absl log lines every `every_s` seconds (and a tqdm bar on a terminal)."""
-
-  def __init__(self, total: int, what: str, every_s: float = 10.0, done: int = 0):
-    self.total, self.what, self.every_s = total, what, every_s
-    self.done = done
-    self.start_done = done
-    self.t0 = self.last = time.perf_counter()
-    self.bar = None
-    if sys.stderr.isatty():
-      try:
-        import tqdm
-        self.bar = tqdm.tqdm(total=total, initial=done, desc=what, unit='item')
-      except ImportError:
-        pass
-
-  @property
-  def rate(self) -> float:
-    dt = time.perf_counter() - self.t0
-    return (self.done - self.start_done) / dt if dt > 0 else 0.0
-
-  def update(self, n: int) -> None:
-    self.done += n
-    if self.bar is not None:
-      self.bar.update(n)
-    now = time.perf_counter()
-    if now - self.last >= self.every_s or self.done >= self.total:
-      self.last = now
-      rate = self.rate
-      eta = (self.total - self.done) / rate if rate > 0 else float('nan')
-      logging.info('extract %s: %d/%d items, %.1f items/s, ETA %s', self.what, self.done, self.total,
-                   rate, _fmt_s(eta))
-
-  def close(self):
-    if self.bar is not None:
-      self.bar.close()
-
-
-def _fmt_s(s: float) -> str:
-  if not math.isfinite(s):
-    return '?'
-  s = int(s)
-  return f'{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
-
-
-def check_variants(variants, encoder) -> tuple:
-  variants = _as_tuple(variants)
-  if not variants:
-    raise SaeJaxError('config.extract.pooling is empty; expected some of ' + ', '.join(_POOL_VARIANTS))
-  for v in variants:
-    if v not in _POOL_VARIANTS:
-      raise SaeJaxError(f'config.extract.pooling: unknown variant {v!r}; expected some of {_POOL_VARIANTS}')
-    if v == 'embed' and encoder.kind != 'contrastive':
-      raise SaeJaxError(f'config.extract.pooling: "embed" (final embeddings) needs a contrastive model '
-                        f'(CLIP/SigLIP); {encoder.name} is a {encoder.kind} model')
-    if v != 'embed' and encoder.kind == 'contrastive' and not encoder.tokens:
-      raise SaeJaxError(f'config.extract.pooling: {v!r} pools token states; set '
-                        f'config.extract.contrastive_tokens=True for {encoder.name} or use "embed"')
-  return variants
-
-
-def pool_batch(out, variants) -> dict[str, np.ndarray]:
-  """Pooled [B, d] float32 arrays of one encoder batch for each variant.
-
-  Pooling runs in NumPy on the (zero-copy on CPU) host view of the hidden states: batches have
-  variable lengths and jnp would compile every op for every new shape."""
-  from sae_jax.encoders import base as enc_base
-  from sae_jax.encoders import pooling
-  res = {}
-  hidden = None
-  for v in variants:
-    if v == 'embed':
-      res[v] = enc_base.to_numpy(out.embeds)
-      continue
-    if hidden is None:
-      hidden = enc_base.to_numpy(out.hidden)
-      mask = out.attention_mask.cpu().numpy()
-      types = out.token_types.cpu().numpy()
-    res[v] = np.asarray(pooling.pool(v, hidden, mask, types), np.float32)
-  return res
 
 
 class _Deferred:
   """`submit` that runs the job when its result is asked for (in the caller's thread)."""
 
   class _Result:
-
     def __init__(self, fn, args):
       self.fn, self.args = fn, args
 
@@ -184,21 +80,40 @@ class _Chunk:
 
   @property
   def name(self):
-    return f'{self.kind}-{self.index:05d}'
+    return f"{self.kind}-{self.index:05d}"
 
 
 def _fingerprint(ex, encoder) -> dict:
-  keys = ('model_name', 'family', 'layer', 'dataset', 'captions_json', 'image_dir', 'karpathy_json',
-          'karpathy_split', 'parquet_files', 'max_images', 'pooling', 'templates', 'contrastive_tokens',
-          'write_shards', 'shard_token_types', 'shard_dtype', 'rows_per_shard', 'chunk_size', 'tiny_scale')
+  keys = (
+    "model_name",
+    "family",
+    "layer",
+    "dataset",
+    "captions_json",
+    "image_dir",
+    "karpathy_json",
+    "karpathy_split",
+    "parquet_files",
+    "max_images",
+    "pooling",
+    "templates",
+    "contrastive_tokens",
+    "write_shards",
+    "shard_token_types",
+    "shard_dtype",
+    "rows_per_shard",
+    "chunk_size",
+    "tiny_scale",
+    "pairing",
+  )
   fp = {}
   for k in keys:
-    v = ex.get(k, None)
-    if hasattr(v, 'to_dict'):
+    v = ex[k]
+    if hasattr(v, "to_dict"):
       v = v.to_dict()
     fp[k] = list(v) if isinstance(v, tuple) else v
-  fp['d'] = encoder.d
-  fp['family_resolved'] = encoder.family
+  fp["d"] = encoder.d
+  fp["family_resolved"] = encoder.family
   return fp
 
 
@@ -207,21 +122,24 @@ class Extractor:
 
   def __init__(self, config, workdir: str, encoder=None, source=None):
     from sae_jax import encoders
+
     self.ex = ex = config.extract
     self.source = source if source is not None else coco.open_paired(ex)
     self.encoder = encoder if encoder is not None else encoders.load_encoder(ex)
     self.variants = check_variants(ex.pooling, self.encoder)
-    self.act_dir = os.path.join(workdir, 'activations')
-    self.parts_dir = os.path.join(self.act_dir, 'parts')
-    self.shard_dir = os.path.join(self.act_dir, 'shards')
+    self.act_dir = os.path.join(workdir, "activations")
+    self.parts_dir = os.path.join(self.act_dir, "parts")
+    self.shard_dir = os.path.join(self.act_dir, "shards")
     self.chunk_size = max(1, int(ex.chunk_size))
     self.batch_size = max(1, int(ex.batch_size))
     self.fingerprint = _fingerprint(ex, self.encoder)
-    keep = _as_tuple(ex.shard_token_types)
-    bad = [t for t in keep if t not in TOKEN_TYPES]
+    keep = config_utils.as_tuple(ex.shard_token_types)
+    bad = [t for t in keep if t not in shards_lib.TOKEN_TYPES]
     if bad:
-      raise SaeJaxError(f'config.extract.shard_token_types: unknown {bad}; expected some of {TOKEN_TYPES}')
-    self.keep_types = np.array([TOKEN_TYPES.index(t) for t in keep], np.uint8)
+      raise SaeJaxError(
+        f"config.extract.shard_token_types: unknown {bad}; expected some of {shards_lib.TOKEN_TYPES}"
+      )
+    self.keep_types = np.array([shards_lib.TOKEN_TYPES.index(t) for t in keep], np.uint8)
     self.skipped_corrupt = 0
     self.rows_written = 0
 
@@ -229,18 +147,23 @@ class Extractor:
   def _check_previous(self) -> Optional[dict]:
     """Returns the previous summary if this exact extraction already completed; errors on mismatch."""
     os.makedirs(self.act_dir, exist_ok=True)
-    fp_path = os.path.join(self.act_dir, 'extract_config.json')
+    fp_path = os.path.join(self.act_dir, "extract_config.json")
     if os.path.exists(fp_path):
       with open(fp_path) as f:
         old = json.load(f)
       if old != json.loads(json.dumps(self.fingerprint)):
-        diff = sorted(k for k in set(old) | set(self.fingerprint)
-                      if old.get(k) != json.loads(json.dumps(self.fingerprint)).get(k))
-        raise SaeJaxError(f'{self.act_dir} holds an extraction with a different config.extract '
-                          f'(fields {diff}); use a new --workdir or delete {self.act_dir}')
+        diff = sorted(
+          k
+          for k in set(old) | set(self.fingerprint)
+          if old.get(k) != json.loads(json.dumps(self.fingerprint)).get(k)
+        )
+        raise SaeJaxError(
+          f"{self.act_dir} holds an extraction with a different config.extract "
+          f"(fields {diff}); use a new --workdir or delete {self.act_dir}"
+        )
     else:
-      _atomic_json(fp_path, self.fingerprint)
-    summary = os.path.join(self.act_dir, 'summary.json')
+      workdir_lib.atomic_write_json(fp_path, self.fingerprint)
+    summary = os.path.join(self.act_dir, "summary.json")
     if os.path.exists(summary):
       with open(summary) as f:
         return json.load(f)
@@ -250,11 +173,16 @@ class Extractor:
     if not self.ex.write_shards:
       return None
     return shards_lib.ShardWriter(
-        self.shard_dir, d=self.encoder.d, dtype=self.ex.shard_dtype,
-        rows_per_shard=int(self.ex.rows_per_shard),
-        metadata={'extract': self.fingerprint, 'token_types': list(TOKEN_TYPES),
-                  'sample_ids': f'image id (image inputs) / {CAPTION_ID_OFFSET} + caption id '
-                                '(caption inputs)'})
+      self.shard_dir,
+      d=self.encoder.d,
+      dtype=self.ex.shard_dtype,
+      rows_per_shard=int(self.ex.rows_per_shard),
+      metadata={
+        "extract": self.fingerprint,
+        "token_types": list(shards_lib.TOKEN_TYPES),
+        "sample_ids": f"image id (image inputs) / {CAPTION_ID_OFFSET} + caption id (caption inputs)",
+      },
+    )
 
   # ---- one chunk --------------------------------------------------------------------------------
   def _batches(self, chunk, pool, prep):
@@ -266,17 +194,17 @@ class Extractor:
     `prep` is `_Deferred` and the job runs inline when its result is needed.
     """
     bs = self.batch_size
-    groups = [chunk.items[i:i + bs] for i in range(0, len(chunk.items), bs)]
+    groups = [chunk.items[i : i + bs] for i in range(0, len(chunk.items), bs)]
 
     def load(ref):
       try:
         return coco.load_image(ref)
       except coco.ImageLoadError as e:
-        logging.warning('extract: skipping %s', e)
+        logging.warning("extract: skipping %s", e)
         return None
 
     def job(g):
-      if chunk.kind == 'text':
+      if chunk.kind == "text":
         return [c.caption_id for c in g], self.encoder.prepare(texts=[c.text for c in g]), [True] * len(g)
       imgs = list(pool.map(load, g))
       ok = [im is not None for im in imgs]
@@ -306,7 +234,7 @@ class Extractor:
       if writer is not None:
         rows, types, sample = self.encoder.rows(out)
         sel = np.isin(types, self.keep_types)
-        offset = CAPTION_ID_OFFSET if chunk.kind == 'text' else 0
+        offset = CAPTION_ID_OFFSET if chunk.kind == "text" else 0
         rows, types, sample = rows[sel], types[sel], kept_ids[sample[sel]] + offset
         # Rows already published in finished shards by an earlier (killed) run are not re-added.
         skip = min(max(rows_done - (row_start + n_rows), 0), rows.shape[0])
@@ -316,40 +244,49 @@ class Extractor:
         n_rows += rows.shape[0]
     ok_all = np.array(ok_all, bool)
     self.skipped_corrupt += int((~ok_all).sum())
-    d_of = {v: (self.encoder.d_embed if v == 'embed' else self.encoder.d) for v in self.variants}
-    arrays = {f'pooled_{v}': (np.concatenate(a) if a else np.zeros((0, d_of[v]), np.float32))
-              for v, a in pooled.items()}
-    arrays.update(ids=np.concatenate(ids) if ids else np.zeros((0,), np.int64), ok=ok_all,
-                  row_start=np.int64(row_start), row_end=np.int64(row_start + n_rows))
-    _atomic_savez(os.path.join(self.parts_dir, chunk.name + '.npz'), **arrays)
+    d_of = {v: (self.encoder.d_embed if v == "embed" else self.encoder.d) for v in self.variants}
+    arrays = {
+      f"pooled_{v}": (np.concatenate(a) if a else np.zeros((0, d_of[v]), np.float32))
+      for v, a in pooled.items()
+    }
+    arrays.update(
+      ids=np.concatenate(ids) if ids else np.zeros((0,), np.int64),
+      ok=ok_all,
+      row_start=np.int64(row_start),
+      row_end=np.int64(row_start + n_rows),
+    )
+    workdir_lib.atomic_savez(os.path.join(self.parts_dir, chunk.name + ".npz"), **arrays)
     return arrays
 
   def _run_phase(self, kind, items, writer, row_cursor, rows_done, pool, prep):
-    chunks = [_Chunk(kind, i, items[s:s + self.chunk_size])
-              for i, s in enumerate(range(0, len(items), self.chunk_size))]
+    chunks = [
+      _Chunk(kind, i, items[s : s + self.chunk_size])
+      for i, s in enumerate(range(0, len(items), self.chunk_size))
+    ]
     results = []
     todo = []
     for ch in chunks:
-      path = os.path.join(self.parts_dir, ch.name + '.npz')
+      path = os.path.join(self.parts_dir, ch.name + ".npz")
       if os.path.exists(path):
         with np.load(path) as z:
           part = {k: z[k] for k in z.files}
-        if int(part['row_end']) <= rows_done or writer is None:
+        if int(part["row_end"]) <= rows_done or writer is None:
           results.append(part)
-          row_cursor = int(part['row_end'])
-          self.skipped_corrupt += int((~part['ok']).sum())
+          row_cursor = int(part["row_end"])
+          self.skipped_corrupt += int((~part["ok"]).sum())
           continue
-      todo = chunks[len(results):]
+      todo = chunks[len(results) :]
       break
-    done_items = sum(len(c.items) for c in chunks[:len(results)])
+    done_items = sum(len(c.items) for c in chunks[: len(results)])
     if todo:
-      logging.info('extract %s: %d chunk(s) of %d done, %d to run', kind, len(results), len(chunks),
-                   len(todo))
+      logging.info(
+        "extract %s: %d chunk(s) of %d done, %d to run", kind, len(results), len(chunks), len(todo)
+      )
     progress = Progress(len(items), kind, float(self.ex.log_every_s), done=done_items)
     for ch in todo:
       part = self._run_chunk(ch, writer, row_cursor, rows_done, pool, prep, progress)
       results.append(part)
-      row_cursor = int(part['row_end'])
+      row_cursor = int(part["row_end"])
     progress.close()
     self.rates[kind] = progress.rate
     return results, row_cursor
@@ -357,15 +294,14 @@ class Extractor:
   # ---- the run ----------------------------------------------------------------------------------
   def run(self) -> dict:
     previous = self._check_previous()
-    if previous is not None and previous.get('complete'):
-      logging.info('extract: %s is complete (%s); nothing to do', self.act_dir, previous.get('counts'))
+    if previous is not None and previous.get("complete"):
+      logging.info("extract: %s is complete (%s); nothing to do", self.act_dir, previous.get("counts"))
       return previous
     os.makedirs(self.parts_dir, exist_ok=True)
     writer = self._open_writer()
     rows_done = writer.total_rows if writer is not None else 0
     if rows_done:
-      logging.info('extract: resuming after %d finished shard(s), %d rows', writer.finished_shards,
-                   rows_done)
+      logging.info("extract: resuming after %d finished shard(s), %d rows", writer.finished_shards, rows_done)
     self.rates = {}
     t0 = time.perf_counter()
     src = self.source
@@ -373,69 +309,91 @@ class Extractor:
     # On a GPU the CPU side of batch i+1 overlaps the forward of batch i (one prep thread). On a CPU
     # the forward already uses every core; a second thread driving torch/numpy only added contention
     # in our CPU measurements (more CPU time per item, no gain), so the prep runs inline there.
-    overlap = self.encoder.device.type != 'cpu'
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
-         (concurrent.futures.ThreadPoolExecutor(1) if overlap else _Deferred()) as prep:
-      img_parts, cursor = self._run_phase('image', src.images, writer, 0, rows_done, pool, prep)
-      ok_ids = set(int(i) for p in img_parts for i in p['ids'])
+    overlap = self.encoder.device.type != "cpu"
+    with (
+      concurrent.futures.ThreadPoolExecutor(workers) as pool,
+      concurrent.futures.ThreadPoolExecutor(1) if overlap else _Deferred() as prep,
+    ):
+      img_parts, cursor = self._run_phase("image", src.images, writer, 0, rows_done, pool, prep)
+      ok_ids = set(int(i) for p in img_parts for i in p["ids"])
       captions = [c for c in src.captions if c.image_id in ok_ids]
-      txt_parts, cursor = self._run_phase('text', captions, writer, cursor, rows_done, pool, prep)
+      txt_parts, cursor = self._run_phase("text", captions, writer, cursor, rows_done, pool, prep)
     index = writer.close() if writer is not None else None
     elapsed = time.perf_counter() - t0
     counts = self._write_pooled(img_parts, txt_parts, captions)
-    counts.update(skipped_missing=int(src.skipped.get('missing', 0)), skipped_corrupt=self.skipped_corrupt,
-                  shard_rows=int(index['total_rows']) if index else 0,
-                  shards=len(index['shards']) if index else 0)
-    if counts['skipped_missing'] or counts['skipped_corrupt']:
-      logging.warning('extract: skipped %d missing and %d corrupt image(s) (and their captions)',
-                      counts['skipped_missing'], counts['skipped_corrupt'])
-    summary = {'complete': True, 'counts': counts, 'd': self.encoder.d, 'model': self.ex.model_name,
-               'family': self.encoder.family, 'variants': list(self.variants),
-               'pairing': self.ex.pairing, 'shard_dir': self.shard_dir if writer is not None else '',
-               'items_per_s': self.rates, 'elapsed_s': round(elapsed, 3),
-               'rows_written_this_run': self.rows_written}
-    _atomic_json(os.path.join(self.act_dir, 'summary.json'), summary)
+    counts.update(
+      skipped_missing=int(src.skipped.get("missing", 0)),
+      skipped_corrupt=self.skipped_corrupt,
+      shard_rows=int(index["total_rows"]) if index else 0,
+      shards=len(index["shards"]) if index else 0,
+    )
+    if counts["skipped_missing"] or counts["skipped_corrupt"]:
+      logging.warning(
+        "extract: skipped %d missing and %d corrupt image(s) (and their captions)",
+        counts["skipped_missing"],
+        counts["skipped_corrupt"],
+      )
+    summary = {
+      "complete": True,
+      "counts": counts,
+      "d": self.encoder.d,
+      "model": self.ex.model_name,
+      "family": self.encoder.family,
+      "variants": list(self.variants),
+      "pairing": self.ex.pairing,
+      "shard_dir": self.shard_dir if writer is not None else "",
+      "items_per_s": self.rates,
+      "elapsed_s": round(elapsed, 3),
+      "rows_written_this_run": self.rows_written,
+    }
+    workdir_lib.atomic_write_json(os.path.join(self.act_dir, "summary.json"), summary)
     shutil.rmtree(self.parts_dir, ignore_errors=True)
-    logging.info('extract: done %s', counts)
+    logging.info("extract: done %s", counts)
     return summary
 
   def _write_pooled(self, img_parts, txt_parts, captions) -> dict:
-    img_ids = np.concatenate([p['ids'] for p in img_parts]) if img_parts else np.zeros(0, np.int64)
-    txt_ids = np.concatenate([p['ids'] for p in txt_parts]) if txt_parts else np.zeros(0, np.int64)
+    img_ids = np.concatenate([p["ids"] for p in img_parts]) if img_parts else np.zeros(0, np.int64)
+    txt_ids = np.concatenate([p["ids"] for p in txt_parts]) if txt_parts else np.zeros(0, np.int64)
     cap_by_id = {c.caption_id: c for c in captions}
     if list(txt_ids) != [c.caption_id for c in captions]:
-      raise SaeJaxError(f'{self.parts_dir}: part files do not cover the captions in order; delete '
-                        f'{self.act_dir} and re-run')
+      raise SaeJaxError(
+        f"{self.parts_dir}: part files do not cover the captions in order; delete {self.act_dir} and re-run"
+      )
     row_of_image = {int(i): r for r, i in enumerate(img_ids)}
     pairing = self.ex.pairing
-    if pairing not in ('all', 'first'):
+    if pairing not in ("all", "first"):
       raise SaeJaxError(f'config.extract.pairing={pairing!r}: expected "all" or "first"')
     sel, seen = [], set()
     for r, cid in enumerate(txt_ids):
       iid = cap_by_id[int(cid)].image_id
-      if pairing == 'first' and iid in seen:
+      if pairing == "first" and iid in seen:
         continue
       seen.add(iid)
       sel.append(r)
     sel = np.array(sel, np.int64)
     pair_img = np.array([row_of_image[cap_by_id[int(txt_ids[r])].image_id] for r in sel], np.int64)
     for v in self.variants:
-      img = np.concatenate([p[f'pooled_{v}'] for p in img_parts])
-      txt = np.concatenate([p[f'pooled_{v}'] for p in txt_parts])
-      _atomic_savez(
-          os.path.join(self.act_dir, f'pooled_{v}.npz'),
-          image=img[pair_img], text=txt[sel], sample_ids=txt_ids[sel],
-          image_ids=img_ids[pair_img], caption_ids=txt_ids[sel],
-          captions=np.array([cap_by_id[int(txt_ids[r])].text for r in sel]),
-          image_unique=img, image_unique_ids=img_ids,
-          modality=np.array(['image', 'text']), pairing=np.array(pairing),
-          variant=np.array(v))
-    return {'images': int(img_ids.shape[0]), 'captions': int(txt_ids.shape[0]), 'pairs': int(sel.shape[0])}
+      img = np.concatenate([p[f"pooled_{v}"] for p in img_parts])
+      txt = np.concatenate([p[f"pooled_{v}"] for p in txt_parts])
+      workdir_lib.atomic_savez(
+        os.path.join(self.act_dir, f"pooled_{v}.npz"),
+        image=img[pair_img],
+        text=txt[sel],
+        sample_ids=txt_ids[sel],
+        image_ids=img_ids[pair_img],
+        caption_ids=txt_ids[sel],
+        captions=np.array([cap_by_id[int(txt_ids[r])].text for r in sel]),
+        image_unique=img,
+        image_unique_ids=img_ids,
+        modality=np.array(["image", "text"]),
+        pairing=np.array(pairing),
+        variant=np.array(v),
+      )
+    return {"images": int(img_ids.shape[0]), "captions": int(txt_ids.shape[0]), "pairs": int(sel.shape[0])}
 
 
 def run_extraction(config, workdir: str) -> dict:
   """Extract activations for `config.extract` into `<workdir>/activations/`; returns the summary."""
-  if config.extract.dataset == 'mbeir':
-    from sae_jax.data import mbeir  # pylint: disable=import-outside-toplevel
-    return mbeir.run_mbeir_extraction(config, workdir)
+  if config.extract.dataset == "mbeir":
+    return extract_mbeir.run_mbeir_extraction(config, workdir)
   return Extractor(config, workdir).run()

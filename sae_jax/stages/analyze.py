@@ -35,42 +35,31 @@ import jax
 import ml_collections
 import numpy as np
 
-from sae_jax import checkpoint, metrics, plots
+from sae_jax import metrics, sharding
 from sae_jax import sae as sae_lib
+from sae_jax import workdir as workdir_lib
+from sae_jax.data.synthetic import KINDS, PlantedSource
 from sae_jax.errors import SaeJaxError
+from sae_jax.plots import analysis as plots
 
 ANALYSIS_DIR = "analysis"
 CODES_MODES = ("encode_pooled", "pool_token_codes")
 SOURCES = ("auto", "synthetic", "pooled")
 
 
-def _opt(cfg: Any, name: str, default: Any) -> Any:
-  """config.analysis.<name>, or `default` for configs written before the field existed."""
-  try:
-    return cfg[name] if name in cfg else default
-  except TypeError:
-    return getattr(cfg, name, default)
-
-
 class Pairs(NamedTuple):
-  image: np.ndarray           # [N, d] float32
-  text: np.ndarray            # [N, d]
-  sample_ids: np.ndarray      # [N]
-  source: str                 # "synthetic" | "pooled"
-  path: str                   # file read, or "" for synthetic
-  planted: Any                # PlantedSource for the synthetic source, else None
+  image: np.ndarray  # [N, d] float32
+  text: np.ndarray  # [N, d]
+  sample_ids: np.ndarray  # [N]
+  source: str  # "synthetic" | "pooled"
+  path: str  # file read, or "" for synthetic
+  planted: Any  # PlantedSource for the synthetic source, else None
 
 
 # ------------------------------------------------------------------------------------ inputs
 
-def _spec_of(loaded: checkpoint.LoadedSAE) -> sae_lib.SAESpec:
-  cfg = loaded.config
-  if "sae_spec" in cfg:
-    return sae_lib.SAESpec(**cfg.sae_spec.to_dict())
-  return sae_lib.spec_from_config(cfg.sae)
 
-
-def _synthetic_cfg(config: Any, loaded: checkpoint.LoadedSAE) -> Any:
+def _synthetic_cfg(config: Any, loaded: workdir_lib.LoadedSAE) -> Any:
   """The planted source the SAE was trained on (its config.json), else this config's."""
   try:
     return ml_collections.ConfigDict(loaded.config.data.synthetic.to_dict())
@@ -78,30 +67,31 @@ def _synthetic_cfg(config: Any, loaded: checkpoint.LoadedSAE) -> Any:
     return config.data.synthetic
 
 
-def load_pairs(config: Any, workdir: str, loaded: checkpoint.LoadedSAE, sae_dir: str) -> Pairs:
+def load_pairs(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir: str) -> Pairs:
   """Matched embeddings from the extraction stage's pooled file or the synthetic planted source."""
-  from sae_jax.data.synthetic import PlantedSource
   acfg = config.analysis
-  source = str(_opt(acfg, "source", "auto"))
+  source = str(acfg.source)
   if source not in SOURCES:
     raise SaeJaxError(f"config.analysis.source={source!r}: expected one of {SOURCES}")
-  variant = str(_opt(acfg, "variant", "mean"))
-  path = str(_opt(acfg, "embeddings_path", ""))
+  variant = str(acfg.variant)
+  path = str(acfg.embeddings_path)
   if not path:
     candidates = [os.path.join(w, "activations", f"pooled_{variant}.npz") for w in (workdir, sae_dir)]
     path = next((p for p in candidates if os.path.exists(p)), candidates[0])
   if source == "auto":
     if os.path.exists(path):
       source = "pooled"
-    elif str(_opt(config.data, "source", "")) == "synthetic":
+    elif str(config.data.source) == "synthetic":
       source = "synthetic"
     else:
-      raise SaeJaxError(f"{path} is missing: run experiments.extract first, or set "
-                        "config.analysis.embeddings_path / config.analysis.source='synthetic'")
+      raise SaeJaxError(
+        f"{path} is missing: run experiments.extract first, or set "
+        "config.analysis.embeddings_path / config.analysis.source='synthetic'"
+      )
   if source == "synthetic":
     planted = PlantedSource(_synthetic_cfg(config, loaded))
-    n = int(_opt(acfg, "num_pairs", 4096))
-    sample = planted.paired(n, seed=int(_opt(acfg, "pair_seed", 1)))
+    n = int(acfg.num_pairs)
+    sample = planted.paired(n, seed=int(acfg.pair_seed))
     return Pairs(sample.image, sample.text, np.arange(n), "synthetic", "", planted)
   if not os.path.exists(path):
     raise SaeJaxError(f"config.analysis.embeddings_path: {path} does not exist")
@@ -125,22 +115,33 @@ def check_pairs(pairs: Pairs, d: int, sae_dir: str) -> None:
     if x.ndim != 2:
       raise SaeJaxError(f"{where}: '{name}' must be [N, d], got shape {x.shape}")
   if pairs.image.shape[0] != pairs.text.shape[0]:
-    raise SaeJaxError(f"{where}: {pairs.image.shape[0]} image rows but {pairs.text.shape[0]} text rows; "
-                      "expected matched pairs (row i of each = one image-caption pair)")
+    raise SaeJaxError(
+      f"{where}: {pairs.image.shape[0]} image rows but {pairs.text.shape[0]} text rows; "
+      "expected matched pairs (row i of each = one image-caption pair)"
+    )
   if pairs.image.shape[0] == 0:
     raise SaeJaxError(f"{where}: no image/text pairs (0 rows)")
   for name, x in (("image", pairs.image), ("text", pairs.text)):
     if x.shape[1] != d:
-      raise SaeJaxError(f"{where}: '{name}' embeddings have width {x.shape[1]} but the SAE in "
-                        f"{sae_dir} has d={d} (config.analysis.sae_workdir / embeddings_path)")
+      raise SaeJaxError(
+        f"{where}: '{name}' embeddings have width {x.shape[1]} but the SAE in "
+        f"{sae_dir} has d={d} (config.analysis.sae_workdir / embeddings_path)"
+      )
     if not np.all(np.isfinite(x)):
       raise SaeJaxError(f"{where}: '{name}' embeddings contain NaN or Inf")
 
 
 # ---------------------------------------------------------------------------------- encoding
 
-def pool_token_codes(values: np.ndarray, indices: np.ndarray, segment: np.ndarray, n_segments: int,
-                     c: int, width: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+
+def pool_token_codes(
+  values: np.ndarray,
+  indices: np.ndarray,
+  segment: np.ndarray,
+  n_segments: int,
+  c: int,
+  width: Optional[int] = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Mean of the sparse token codes of each segment (sample): values/indices [n_segments, width].
 
   The support of a pooled row is the union of its tokens' supports (at most tokens * k); entries are
@@ -151,7 +152,7 @@ def pool_token_codes(values: np.ndarray, indices: np.ndarray, segment: np.ndarra
   segment = np.asarray(segment, np.int64)
   k = values.shape[1]
   tokens = np.bincount(segment, minlength=n_segments).astype(np.float64)
-  keys = (np.repeat(segment, k) * c + indices.reshape(-1))
+  keys = np.repeat(segment, k) * c + indices.reshape(-1)
   uniq, inv = np.unique(keys, return_inverse=True)
   sums = np.bincount(inv, weights=values.reshape(-1).astype(np.float64), minlength=uniq.size)
   seg, conc = uniq // c, uniq % c
@@ -191,7 +192,7 @@ class Encoder:
     n = x.shape[0]
     vs, is_ = [], []
     for s in range(0, n, self.block):
-      chunk = x[s:s + self.block]
+      chunk = x[s : s + self.block]
       m = chunk.shape[0]
       if m < self.block:
         chunk = np.concatenate([chunk, np.zeros((self.block - m, x.shape[1]), x.dtype)])
@@ -201,44 +202,51 @@ class Encoder:
     return np.concatenate(vs), np.concatenate(is_)
 
 
-def encode_pairs(pairs: Pairs, loaded: checkpoint.LoadedSAE, acfg: Any, acc: metrics.ConceptAccumulator,
-                 keep_codes: bool = True) -> tuple[Any, Any, dict]:
+def encode_pairs(
+  pairs: Pairs,
+  loaded: workdir_lib.LoadedSAE,
+  acfg: Any,
+  acc: metrics.ConceptAccumulator,
+  keep_codes: bool = True,
+) -> tuple[Any, Any, dict]:
   """Sparse codes of both sides, streamed into `acc` chunk by chunk; returns the codes too
   (None, None when not `keep_codes`: then nothing of size N beyond the embeddings is held)."""
-  spec = _spec_of(loaded)
-  mode = str(_opt(acfg, "codes", "encode_pooled"))
+  spec = loaded.spec
+  mode = str(acfg.codes)
   if mode not in CODES_MODES:
     raise SaeJaxError(f"config.analysis.codes={mode!r}: expected one of {CODES_MODES}")
-  block = int(_opt(acfg, "block_size", 4096))
+  block = int(acfg.block_size)
   c = loaded.params["D"].shape[0]
   info = {"codes": mode}
   if mode == "encode_pooled":
     enc = Encoder(loaded.params, spec, min(block, pairs.image.shape[0]))
     out = {"image": [], "text": []}
     for s in range(0, pairs.image.shape[0], block):
-      img, txt = enc(pairs.image[s:s + block]), enc(pairs.text[s:s + block])
+      img, txt = enc(pairs.image[s : s + block]), enc(pairs.text[s : s + block])
       acc.update(img, txt)
       if keep_codes:
         out["image"].append(img)
         out["text"].append(txt)
   else:
     if pairs.source != "synthetic":
-      raise SaeJaxError("config.analysis.codes='pool_token_codes' needs token-level activations per "
-                        "sample; this version supports it for the synthetic source only (the pooled "
-                        "file holds one row per sample): use codes='encode_pooled'")
-    tokens = int(_opt(acfg, "tokens_per_sample", 8))
-    noise = float(_opt(acfg, "token_noise", 0.05))
+      raise SaeJaxError(
+        "config.analysis.codes='pool_token_codes' needs token-level activations per "
+        "sample; this version supports it for the synthetic source only (the pooled "
+        "file holds one row per sample): use codes='encode_pooled'"
+      )
+    tokens = int(acfg.tokens_per_sample)
+    noise = float(acfg.token_noise)
     if tokens < 1:
       raise SaeJaxError(f"config.analysis.tokens_per_sample={tokens}: expected >= 1")
     info.update(tokens_per_sample=tokens, token_noise=noise)
-    rng = np.random.default_rng([int(_opt(acfg, "pair_seed", 1)), 7])
+    rng = np.random.default_rng([int(acfg.pair_seed), 7])
     step = max(1, block // tokens)
     enc = Encoder(loaded.params, spec, min(step, pairs.image.shape[0]) * tokens)
     width = min(c, tokens * spec.k)
     out = {"image": [], "text": []}
     for s in range(0, pairs.image.shape[0], step):
       sides = []
-      for x in (pairs.image[s:s + step], pairs.text[s:s + step]):
+      for x in (pairs.image[s : s + step], pairs.text[s : s + step]):
         v, i = enc(synthetic_tokens(x, tokens, noise, rng))
         seg = np.repeat(np.arange(x.shape[0]), tokens)
         sides.append(pool_token_codes(v, i, seg, x.shape[0], c, width))
@@ -254,6 +262,7 @@ def encode_pairs(pairs: Pairs, loaded: checkpoint.LoadedSAE, acfg: Any, acc: met
 
 # ------------------------------------------------------------------------------ synthetic check
 
+
 def match_planted(D: np.ndarray, planted: Any) -> tuple[np.ndarray, np.ndarray]:
   """For each learned concept: the planted concept of largest cosine, and that cosine."""
   cos = np.asarray(D, np.float64) @ planted.dictionary.astype(np.float64).T
@@ -261,11 +270,12 @@ def match_planted(D: np.ndarray, planted: Any) -> tuple[np.ndarray, np.ndarray]:
   return best, cos[np.arange(cos.shape[0]), best]
 
 
-def synthetic_check(D: np.ndarray, cm: metrics.ConceptMetrics, planted: Any, top_fraction: float,
-                    threshold: float) -> dict:
+def synthetic_check(
+  D: np.ndarray, cm: metrics.ConceptMetrics, planted: Any, top_fraction: float, threshold: float
+) -> dict:
   """How well the metrics recover the planted structure (only defined for the synthetic source)."""
   from sklearn.metrics import roc_auc_score
-  from sae_jax.data.synthetic import KINDS
+
   best, cos = match_planted(D, planted)
   kind = planted.kinds[best]
   ms = cm.modality_score if not cm.modality_reverse else 1.0 - cm.modality_score
@@ -275,15 +285,19 @@ def synthetic_check(D: np.ndarray, cm: metrics.ConceptMetrics, planted: Any, top
     sel = ok & (kind == k)
     covered = np.unique(best[sel]).size
     out["per_kind"][name] = {
-        "planted": int(np.sum(planted.kinds == k)), "covered": int(covered),
-        "learned_matched": int(sel.sum()),
-        "modality_mean": float(np.mean(ms[sel])) if sel.any() else None}
+      "planted": int(np.sum(planted.kinds == k)),
+      "covered": int(covered),
+      "learned_matched": int(sel.sum()),
+      "modality_mean": float(np.mean(ms[sel])) if sel.any() else None,
+    }
+
   def auc(lo, hi):
     a, b = ok & (kind == lo), ok & (kind == hi)
     if not a.any() or not b.any():
       return None
     y = np.concatenate([np.zeros(a.sum()), np.ones(b.sum())])
     return float(roc_auc_score(y, np.concatenate([ms[a], ms[b]])))
+
   out["auc_image_vs_text"] = auc(0, 1)
   out["auc_image_vs_shared"] = auc(0, 2)
   out["auc_shared_vs_text"] = auc(2, 1)
@@ -310,15 +324,17 @@ def synthetic_check(D: np.ndarray, cm: metrics.ConceptMetrics, planted: Any, top
 
 # ------------------------------------------------------------------------------------ outputs
 
+
 def _run_name(acfg: Any, workdir: str) -> str:
-  return str(_opt(acfg, "run_name", "")) or os.path.basename(os.path.normpath(workdir))
+  return str(acfg.run_name) or os.path.basename(os.path.normpath(workdir))
 
 
 def _load_compare(path: str, fraction: float, reduction: str, reverse: bool) -> dict:
   conc = os.path.join(path, ANALYSIS_DIR, "concepts.npz")
   if not os.path.exists(conc):
-    raise SaeJaxError(f"config.analysis.compare_workdirs: {conc} is missing (run experiments.analyze "
-                      "on that workdir first)")
+    raise SaeJaxError(
+      f"config.analysis.compare_workdirs: {conc} is missing (run experiments.analyze on that workdir first)"
+    )
   with np.load(conc, allow_pickle=False) as f:
     key = f"bridge_{reduction}"
     if key not in f:
@@ -328,23 +344,36 @@ def _load_compare(path: str, fraction: float, reduction: str, reverse: bool) -> 
       ms = 1.0 - ms
     name = str(f["run_name"]) if "run_name" in f else os.path.basename(os.path.normpath(path))
     row = metrics.table1(f["energy"], f["attribution"], f[key], fraction)
-    return {"name": name, "workdir": path, "energy": np.asarray(f["energy"]), "modality_score": ms,
-            "table1": row}
+    return {
+      "name": name,
+      "workdir": path,
+      "energy": np.asarray(f["energy"]),
+      "modality_score": ms,
+      "table1": row,
+    }
 
 
 def write_table1(out_dir: str, rows: list[dict], fraction: float, reduction: str) -> None:
-  payload = {"fraction": fraction, "bridge_reduction": reduction,
-             "rows": [dict(run=r["name"], workdir=r["workdir"], **r["table1"]) for r in rows]}
+  payload = {
+    "fraction": fraction,
+    "bridge_reduction": reduction,
+    "rows": [dict(run=r["name"], workdir=r["workdir"], **r["table1"]) for r in rows],
+  }
   with open(os.path.join(out_dir, "table1.json"), "w") as f:
     json.dump(payload, f, indent=2)
-  lines = [f"Jaccard similarity between top {100 * fraction:g}% concept sets "
-           f"(S_E energy, S_A attribution, S_B bridge score, reduction `{reduction}`)", "",
-           "| Run | c | set size | J(S_E,S_A) | J(S_E,S_B) | J(S_A,S_B) | Triple overlap |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+    f"Jaccard similarity between top {100 * fraction:g}% concept sets "
+    f"(S_E energy, S_A attribution, S_B bridge score, reduction `{reduction}`)",
+    "",
+    "| Run | c | set size | J(S_E,S_A) | J(S_E,S_B) | J(S_A,S_B) | Triple overlap |",
+    "|---|---:|---:|---:|---:|---:|---:|",
+  ]
   for r in rows:
     t = r["table1"]
-    lines.append(f"| {r['name']} | {t['c']} | {t['set_size']} | {t['J(S_E,S_A)']:.4f} | "
-                 f"{t['J(S_E,S_B)']:.4f} | {t['J(S_A,S_B)']:.4f} | {t['triple_overlap']:.4f} |")
+    lines.append(
+      f"| {r['name']} | {t['c']} | {t['set_size']} | {t['J(S_E,S_A)']:.4f} | "
+      f"{t['J(S_E,S_B)']:.4f} | {t['J(S_A,S_B)']:.4f} | {t['triple_overlap']:.4f} |"
+    )
   with open(os.path.join(out_dir, "table1.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -352,35 +381,36 @@ def write_table1(out_dir: str, rows: list[dict], fraction: float, reduction: str
 def write_pairs_csv(path: str, res: metrics.BridgeResult, D: np.ndarray, ms: np.ndarray) -> None:
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["rank", "concept_i", "concept_j", "B_ij", "cooccurrence", "cosine", "modality_i",
-                "modality_j"])
+    w.writerow(
+      ["rank", "concept_i", "concept_j", "B_ij", "cooccurrence", "cosine", "modality_i", "modality_j"]
+    )
     for r, (i, j, v, co) in enumerate(zip(res.pairs_i, res.pairs_j, res.pairs_value, res.pairs_cooc)):
       cosine = float(np.dot(D[i].astype(np.float64), D[j].astype(np.float64)))
-      w.writerow([r + 1, int(i), int(j), f"{v:.8g}", f"{co:.8g}", f"{cosine:.6f}",
-                  f"{ms[i]:.6f}", f"{ms[j]:.6f}"])
+      w.writerow(
+        [r + 1, int(i), int(j), f"{v:.8g}", f"{co:.8g}", f"{cosine:.6f}", f"{ms[i]:.6f}", f"{ms[j]:.6f}"]
+      )
 
 
-def analyze(config: Any, workdir: str, loaded: checkpoint.LoadedSAE, sae_dir: str = "") -> dict:
+def analyze(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir: str = "") -> dict:
   """The stage on an already loaded SAE (tests and callers that hold one)."""
   acfg = config.analysis
   t0 = time.time()
   sae_dir = sae_dir or workdir
   D = np.asarray(loaded.params["D"], np.float32)
   c, d = D.shape
-  fraction = float(_opt(acfg, "top_fraction", 0.01))
-  reduction = str(_opt(acfg, "bridge_reduction", "diag"))
+  fraction = float(acfg.top_fraction)
+  reduction = str(acfg.bridge_reduction)
   if reduction not in metrics.REDUCTIONS:
     raise SaeJaxError(f"config.analysis.bridge_reduction={reduction!r}: expected one of {metrics.REDUCTIONS}")
-  reverse = bool(_opt(acfg, "modality_reverse", False))
-  top_pairs = int(_opt(acfg, "top_pairs", 100))
-  compute_dtype = str(_opt(acfg, "compute_dtype", "float32"))
+  reverse = bool(acfg.modality_reverse)
+  top_pairs = int(acfg.top_pairs)
+  compute_dtype = str(acfg.compute_dtype)
 
   pairs = load_pairs(config, workdir, loaded, sae_dir)
   check_pairs(pairs, d, sae_dir)
-  acc = metrics.ConceptAccumulator(D, block_size=int(_opt(acfg, "block_size", 4096)),
-                                   compute_dtype=compute_dtype)
+  acc = metrics.ConceptAccumulator(D, block_size=int(acfg.block_size), compute_dtype=compute_dtype)
   need_b = top_pairs > 0 or reduction == "max"
-  save_codes = bool(_opt(acfg, "save_codes", False))
+  save_codes = bool(acfg.save_codes)
   image, text, code_info = encode_pairs(pairs, loaded, acfg, acc, keep_codes=need_b or save_codes)
   cm = metrics.concept_metrics(acc.sums(), reverse_modality=reverse)
   t_metrics = time.time() - t0
@@ -388,13 +418,18 @@ def analyze(config: Any, workdir: str, loaded: checkpoint.LoadedSAE, sae_dir: st
   bridge = None
   if need_b:
     mesh = None
-    model_axis = int(_opt(_opt(config, "mesh", {}), "model", 1))
+    model_axis = int(config.mesh.model)
     if model_axis > 1:
-      from sae_jax import sharding
       mesh = sharding.make_mesh(config.mesh)
-    bridge = metrics.bridge_blockwise(D, image, text, top_k=max(top_pairs, 1),
-                                      tile=int(_opt(acfg, "bridge_tile", 1024)), mesh=mesh,
-                                      compute_dtype=compute_dtype)
+    bridge = metrics.bridge_blockwise(
+      D,
+      image,
+      text,
+      top_k=max(top_pairs, 1),
+      tile=int(acfg.bridge_tile),
+      mesh=mesh,
+      compute_dtype=compute_dtype,
+    )
   t_bridge = time.time() - t0 - t_metrics
   score = cm.bridge_score(reduction, None if bridge is None else bridge.max_score)
 
@@ -402,14 +437,27 @@ def analyze(config: Any, workdir: str, loaded: checkpoint.LoadedSAE, sae_dir: st
   os.makedirs(out_dir, exist_ok=True)
   name = _run_name(acfg, workdir)
   arrays = dict(
-      energy=cm.energy, energy_image=cm.energy_image, energy_text=cm.energy_text,
-      fire_rate_image=cm.fire_rate_image, fire_rate_text=cm.fire_rate_text,
-      modality_score=cm.modality_score, modality_reverse=np.array(reverse),
-      n_silent=np.array(cm.n_silent), attribution=cm.attribution, bridge_score=score,
-      bridge_reduction=np.array(reduction), bridge_diag=cm.bridge_diag, bridge_row=cm.bridge_row,
-      bridge_col=cm.bridge_col, bridge_sym=cm.bridge_sym, D=D, run_name=np.array(name),
-      codes_mode=np.array(code_info["codes"]), n_pairs=np.array(cm.n_pairs),
-      mean_pair_dot=np.array(cm.mean_pair_dot))
+    energy=cm.energy,
+    energy_image=cm.energy_image,
+    energy_text=cm.energy_text,
+    fire_rate_image=cm.fire_rate_image,
+    fire_rate_text=cm.fire_rate_text,
+    modality_score=cm.modality_score,
+    modality_reverse=np.array(reverse),
+    n_silent=np.array(cm.n_silent),
+    attribution=cm.attribution,
+    bridge_score=score,
+    bridge_reduction=np.array(reduction),
+    bridge_diag=cm.bridge_diag,
+    bridge_row=cm.bridge_row,
+    bridge_col=cm.bridge_col,
+    bridge_sym=cm.bridge_sym,
+    D=D,
+    run_name=np.array(name),
+    codes_mode=np.array(code_info["codes"]),
+    n_pairs=np.array(cm.n_pairs),
+    mean_pair_dot=np.array(cm.mean_pair_dot),
+  )
   if bridge is not None:
     arrays["bridge_max"] = bridge.max_score
   np.savez(os.path.join(out_dir, "concepts.npz"), **arrays)
@@ -417,15 +465,29 @@ def analyze(config: Any, workdir: str, loaded: checkpoint.LoadedSAE, sae_dir: st
   if not save_codes and os.path.exists(codes_path):  # stale codes of an earlier run
     os.remove(codes_path)
   if save_codes:
-    np.savez(os.path.join(out_dir, "codes.npz"), image_values=image[0], image_indices=image[1],
-             text_values=text[0], text_indices=text[1], sample_ids=pairs.sample_ids,
-             codes_mode=np.array(code_info["codes"]))
+    np.savez(
+      os.path.join(out_dir, "codes.npz"),
+      image_values=image[0],
+      image_indices=image[1],
+      text_values=text[0],
+      text_indices=text[1],
+      sample_ids=pairs.sample_ids,
+      codes_mode=np.array(code_info["codes"]),
+    )
 
-  this = {"name": name, "workdir": workdir, "energy": cm.energy, "modality_score": cm.modality_score,
-          "table1": metrics.table1(cm.energy, cm.attribution, score, fraction)}
-  compare = str(_opt(acfg, "compare_workdirs", ""))
-  others = [_load_compare(p.strip(), fraction, reduction, reverse)
-            for p in compare.split(",") if p.strip() and os.path.normpath(p.strip()) != os.path.normpath(workdir)]
+  this = {
+    "name": name,
+    "workdir": workdir,
+    "energy": cm.energy,
+    "modality_score": cm.modality_score,
+    "table1": metrics.table1(cm.energy, cm.attribution, score, fraction),
+  }
+  compare = str(acfg.compare_workdirs)
+  others = [
+    _load_compare(p.strip(), fraction, reduction, reverse)
+    for p in compare.split(",")
+    if p.strip() and os.path.normpath(p.strip()) != os.path.normpath(workdir)
+  ]
   runs = [this] + others
   write_table1(out_dir, runs, fraction, reduction)
   pairs_csv = os.path.join(out_dir, "top_bridge_pairs.csv")
@@ -437,17 +499,27 @@ def analyze(config: Any, workdir: str, loaded: checkpoint.LoadedSAE, sae_dir: st
   plots.plot_cumulative_energy(runs, os.path.join(out_dir, "fig_cumulative_energy.png"), fraction)
 
   summary = {
-      "run_name": name, "sae_workdir": sae_dir, "sae_step": loaded.step, "c": c, "d": d, "k": loaded.k,
-      "source": pairs.source, "embeddings_path": pairs.path, "n_pairs": cm.n_pairs, **code_info,
-      "bridge_reduction": reduction, "modality_reverse": reverse, "n_silent": cm.n_silent,
-      "top_fraction": fraction, "table1": this["table1"], "mean_pair_dot": cm.mean_pair_dot,
-      "compute_dtype": compute_dtype,
-      "seconds": {"encode_and_metrics": t_metrics, "bridge_blockwise": t_bridge,
-                  "total": time.time() - t0},
+    "run_name": name,
+    "sae_workdir": sae_dir,
+    "sae_step": loaded.step,
+    "c": c,
+    "d": d,
+    "k": loaded.k,
+    "source": pairs.source,
+    "embeddings_path": pairs.path,
+    "n_pairs": cm.n_pairs,
+    **code_info,
+    "bridge_reduction": reduction,
+    "modality_reverse": reverse,
+    "n_silent": cm.n_silent,
+    "top_fraction": fraction,
+    "table1": this["table1"],
+    "mean_pair_dot": cm.mean_pair_dot,
+    "compute_dtype": compute_dtype,
+    "seconds": {"encode_and_metrics": t_metrics, "bridge_blockwise": t_bridge, "total": time.time() - t0},
   }
   if pairs.planted is not None:
-    summary["synthetic"] = synthetic_check(D, cm, pairs.planted, fraction,
-                                           float(_opt(acfg, "match_threshold", 0.8)))
+    summary["synthetic"] = synthetic_check(D, cm, pairs.planted, fraction, float(acfg.match_threshold))
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
@@ -458,7 +530,7 @@ def run_analysis(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not workdir:
     raise SaeJaxError("--workdir is required")
   acfg = config.analysis
-  sae_dir = str(_opt(acfg, "sae_workdir", "")) or workdir
-  step = int(_opt(acfg, "sae_step", -1))
-  loaded = checkpoint.load_sae(sae_dir, None if step < 0 else step)
+  sae_dir = str(acfg.sae_workdir) or workdir
+  step = int(acfg.sae_step)
+  loaded = workdir_lib.load_sae(sae_dir, None if step < 0 else step)
   return analyze(config, workdir, loaded, sae_dir)

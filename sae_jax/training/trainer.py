@@ -1,0 +1,225 @@
+"""`train_and_evaluate(config, workdir)`: trains (or resumes) an SAE, logs, checkpoints, evaluates.
+
+The state and optimizer are in `sae_jax.training.state`, the jitted step in `sae_jax.training.step`,
+checkpoints in `sae_jax.training.checkpoint`; this module runs the loop around them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorboardX
+from jax.experimental import multihost_utils
+
+from sae_jax import sae as sae_lib
+from sae_jax import sharding as shard_lib
+from sae_jax import workdir as workdir_lib
+from sae_jax.data import pipeline
+from sae_jax.data.synthetic import PlantedSource
+from sae_jax.errors import SaeJaxError
+from sae_jax.training import checkpoint as ckpt_lib
+from sae_jax.training import state as state_lib
+from sae_jax.training import step as step_lib
+
+
+def _data_sample(fn: Callable[[int], np.ndarray], rows: int, batch_size: int) -> np.ndarray:
+  # Batches far ahead in the stream so init does not peek at what step 0 trains on.
+  n = max(1, -(-rows // batch_size))
+  sample = np.concatenate([fn(10**9 + i) for i in range(n)])[:rows]
+  return sample[np.isfinite(sample).all(axis=1)]
+
+
+def evaluate_reconstruction(
+  params: sae_lib.Params,
+  spec: sae_lib.SAESpec,
+  config: Any,
+  fn: Callable[[int], np.ndarray],
+  num_batches: int = 4,
+) -> dict:
+  """Held-out reconstruction (batches far from the training stream) and, for the planted
+  source, how well the dictionary recovers the ground-truth atoms."""
+  if not all(x.is_fully_addressable for x in jax.tree.leaves(params)):
+    params = multihost_utils.process_allgather(params, tiled=True)
+  params = jax.device_get(params)
+  params = {**params, "D": np.asarray(sae_lib.normalize_rows(params["D"]))}
+  x = np.concatenate([fn(2 * 10**9 + i) for i in range(num_batches)])
+  x = x[np.isfinite(x).all(axis=1)]
+  _, out = jax.jit(sae_lib.loss_fn, static_argnums=2)(params, jnp.asarray(x), spec)
+  ev = sae_lib.explained_variance(jnp.asarray(x), out.x_hat)
+  result = {
+    "eval_fvu": float(ev["fvu"]),
+    "eval_r2_overcomplete": float(ev["r2_overcomplete"]),
+    "eval_rows": int(x.shape[0]),
+  }
+  if config.data.source == "synthetic":
+    truth = PlantedSource(config.data.synthetic).dictionary
+    result["planted_mean_max_cos"] = float((truth @ params["D"].T).max(axis=1).mean())
+  return result
+
+
+class MetricsLogger:
+  """metrics.jsonl, a live progress line, and TensorBoard event files (process 0 only)."""
+
+  def __init__(self, workdir: str, tensorboard: bool):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.writer = None
+    if self.enabled and tensorboard:
+      self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self.writer is not None:
+      for k, v in metrics.items():
+        self.writer.add_scalar(f"train/{k}", float(v), step)
+      self.writer.flush()
+    print(
+      f"step {step:>7d} | {metrics.get('tokens_per_s', 0):>9.0f} tok/s | loss {metrics['loss']:.5f} "
+      f"| FVU {metrics['fvu']:.4f} | L0 {metrics['l0']:.1f} | dead {100 * metrics['dead_fraction']:.1f}%",
+      flush=True,
+    )
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+
+
+def _put_batch(local: np.ndarray, sharding) -> jax.Array:
+  """This process's rows (a contiguous slice of the global batch) as a global sharded array."""
+  if jax.process_count() == 1:
+    return jax.device_put(local, sharding)
+  global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+  return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+class _Run:
+  """What the loop needs, built once from the config: spec, mesh, optimizer, shardings, data."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.spec = sae_lib.spec_from_config(config.sae)
+    width = pipeline.data_width(config)
+    if width != self.spec.d:
+      raise SaeJaxError(
+        f"config.sae.d={self.spec.d} but config.data.source={config.data.source!r} yields "
+        f"rows of width {width}"
+      )
+    self.num_steps = int(config.train.num_steps)
+    self.batch_size = int(config.data.batch_size)
+    self.resolved = workdir_lib.resolved_config_dict(config, self.spec)
+    self.mesh = shard_lib.make_mesh(config.mesh)
+    shard_lib.check_divisible(self.mesh, self.batch_size, self.spec.c)
+    self.optimizer = state_lib.make_optimizer(config.optim, self.num_steps)
+    abstract = state_lib.abstract_state(self.spec, config)
+    self.state_sharding = shard_lib.state_shardings(abstract, self.mesh)
+    self.abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.state_sharding
+    )
+    self.global_batches = pipeline.batch_fn(config)  # init and evaluation: same on every host
+    local_fn = pipeline.batch_fn(config, jax.process_index(), jax.process_count())
+    self.data_iter = iter(pipeline.make_dataset(config, local_fn))
+
+
+def _restore_or_init(run: _Run, manager) -> Any:
+  """The newest checkpoint's state (and data position), else a fresh init from `config.seed`."""
+  latest = manager.latest_step()
+  if latest is not None:
+    state, meta = ckpt_lib.restore(manager, latest, run.abstract, run.data_iter)
+    print(
+      f"Resumed from {run.workdir}/checkpoints/{latest} ({meta.get('tokens_seen', 0)} tokens seen)",
+      flush=True,
+    )
+    return state
+  spec = run.spec
+  sample = (
+    _data_sample(run.global_batches, int(run.config.train.init_rows), run.batch_size)
+    if spec.pre_bias
+    else None
+  )
+  params = sae_lib.init_params(jax.random.key(int(run.config.seed)), spec, sample)
+  return jax.device_put(state_lib.init_state(params, run.optimizer), run.state_sharding)
+
+
+def _window_average(window: list[dict], rows: int, elapsed: float) -> dict:
+  """Means over the logged window; counters (dead fraction, rows skipped) at its last step."""
+  window = jax.device_get(window)
+  averaged = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+  averaged["dead_fraction"] = float(window[-1]["dead_fraction"])
+  averaged["rows_skipped"] = float(window[-1]["rows_skipped"])
+  averaged["tokens_per_s"] = rows / elapsed if rows else float("nan")
+  return averaged
+
+
+def _train_loop(run: _Run, state: Any, manager, logger: "MetricsLogger") -> tuple[Any, dict]:
+  config, spec = run.config, run.spec
+  train_step = step_lib.jit_train_step(spec, run.optimizer, run.mesh, run.state_sharding)
+  batch_sharding = shard_lib.batch_sharding(run.mesh)
+  valid_sharding = shard_lib.rows_sharding(run.mesh)
+  start = int(jax.device_get(state["step"]))
+  log_every, ckpt_every = max(1, int(config.train.log_every)), max(1, int(config.train.checkpoint_every))
+  window: list[dict] = []
+  t_window, rows_window = time.perf_counter(), 0
+  last_logged: dict = {}
+  for step in range(start, run.num_steps):
+    batch = np.asarray(next(run.data_iter), np.float32)
+    batch, valid = pipeline.check_batch(
+      batch, spec.d, str(config.data.nonfinite), f"config.data.source={config.data.source!r} batch {step}"
+    )
+    state, metrics = train_step(state, _put_batch(batch, batch_sharding), _put_batch(valid, valid_sharding))
+    window.append(metrics)
+    rows_window += run.batch_size
+    if step == start:  # keep compilation out of tokens/s
+      jax.block_until_ready(metrics)
+      t_window, rows_window = time.perf_counter(), 0
+    done = step + 1
+    if done % log_every == 0 or done == run.num_steps:
+      last_logged = _window_average(window, rows_window, time.perf_counter() - t_window)
+      logger.write(done, last_logged)
+      window, rows_window, t_window = [], 0, time.perf_counter()
+    if done % ckpt_every == 0 or done == run.num_steps:
+      meta = {"step": done, "tokens_seen": done * run.batch_size, "sae_spec": run.resolved["sae_spec"]}
+      ckpt_lib.save(manager, done, state, run.data_iter, meta)
+  return state, last_logged
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) the SAE of `config` in `workdir`; returns the final summary."""
+  shard_lib.maybe_initialize_distributed(config.mesh)
+  if config.data.source == "shards" and not config.data.shard_dir:
+    # Default: the shards that experiments.extract wrote into this workdir.
+    config = config.copy_and_resolve_references()
+    config.data.shard_dir = os.path.join(workdir, "activations", "shards")
+  run = _Run(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.check_workdir_config(workdir, run.resolved, bool(config.train.allow_config_change))
+  manager = ckpt_lib.make_manager(workdir, config.train)
+  state = _restore_or_init(run, manager)
+  if jax.process_index() == 0:
+    workdir_lib.write_config(workdir, run.resolved)
+  logger = MetricsLogger(workdir, bool(config.train.tensorboard))
+  try:
+    state, last_logged = _train_loop(run, state, manager, logger)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    logger.close()
+  summary = {
+    "step": run.num_steps,
+    "workdir": workdir,
+    **last_logged,
+    **evaluate_reconstruction(state["params"], run.spec, config, run.global_batches),
+  }
+  if jax.process_index() == 0:
+    print("SUMMARY " + json.dumps(summary), flush=True)
+  return summary
