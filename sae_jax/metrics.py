@@ -538,13 +538,24 @@ def bridge_blockwise(
 # -------------------------------------------------------------------------- top sets, Table 1
 
 
+def top_fraction_size(fraction: float, c: int, name: str = "top fraction") -> int:
+  """Size of a top-fraction concept set: ceil(fraction * c), at least 1.
+
+  The one rule for every top set (Table 1, the removal atoms, the figures). The paper says "top 1%"
+  without a rounding rule; ceil keeps at least one concept for any c, and the 1e-9 slack keeps
+  float error (0.07 * 100 = 7.000000000000001) from adding a concept. `name` is the config field
+  named in the error.
+  """
+  if not 0.0 < fraction <= 1.0:
+    raise SaeJaxError(f"{name}={fraction}: expected 0 < fraction <= 1")
+  return max(1, int(math.ceil(fraction * int(c) - 1e-9)))
+
+
 def top_fraction_set(scores: Any, fraction: float) -> np.ndarray:
   """Indices of the ceil(fraction * c) highest scores (NaN last, ties by lower index), sorted."""
   s = np.asarray(scores, np.float64)
   chex.assert_rank(s, 1)
-  if not 0.0 < fraction <= 1.0:
-    raise SaeJaxError(f"top fraction {fraction}: expected 0 < fraction <= 1")
-  size = max(1, int(math.ceil(fraction * s.shape[0] - 1e-9)))
+  size = top_fraction_size(fraction, s.shape[0])
   key = np.where(np.isnan(s), -np.inf, s)
   order = np.lexsort((np.arange(s.shape[0]), -key))
   return np.sort(order[:size])

@@ -1,7 +1,7 @@
 """Zero-shot retrieval math: exact top-K cosine search, Recall@K, subspace removal and whitening.
 
 Everything here is pure array code (jittable where it matters); the stage that reads workdirs and
-writes tables lives in `sae_jax.retrieval_stage`.
+writes tables lives in `sae_jax.stages.retrieve`.
 
 Top-K search (`topk_search`)
   Exact float32 inner products on L2-normalised rows, computed blockwise: for each block of
@@ -17,11 +17,8 @@ Top-K search (`topk_search`)
   (`jax.shard_map`); each device runs the blockwise search on its candidate shard, the (score, id)
   lists are all-gathered over "model" in device order (= index order) and merged with one top_k.
 
-  Measured on the 2-core CPU (benchmarks/retrieval_speed.py): the search is GEMM-bound; the
-  grouped selection keeps the selection cost small next to the GEMM, `queries @ block.T` (NT) ran
-  faster than a pre-transposed NN layout through XLA:CPU, and block sizes 4096-16384 with query
-  blocks of 512-2048 were within noise of each other (defaults 8192 / 1024). `lax.approx_max_k`
-  is not used: it is not exact in general, and on CPU it lowers to the same sort as `top_k`.
+  The search is GEMM-bound; the layout (NT) and block sizes were picked by measurement
+  (benchmarks/README.md). `lax.approx_max_k` is not used: it is not exact in general.
 
 Recall@K (`recall_at_k`)
   Hit rate: a query scores 1 at K if any of its positives (CSR `indptr`, `indices`) is in its top K.
@@ -36,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 from typing import Optional, Sequence
 
@@ -45,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sae_jax import sharding
+from sae_jax import metrics, sharding
 from sae_jax.errors import SaeJaxError
 
 DEFAULT_BLOCK_SIZE = 8192
@@ -490,17 +486,10 @@ def _apply_projector(kind, h, basis, mean, matrix):
   return l2_normalize(out)
 
 
-def n_top(fraction: float, c: int) -> int:
-  """Size of a top-fraction set: ceil(fraction * c), at least 1 (as sae_jax.metrics)."""
-  if not 0.0 < fraction <= 1.0:
-    raise SaeJaxError(f"retrieval.removal_fraction: expected a value in (0, 1], got {fraction}")
-  return max(1, int(math.ceil(fraction * c - 1e-9)))
-
-
 def top_fraction(scores, fraction: float) -> np.ndarray:
-  """Indices of the top ceil(fraction * c) scores, best first (NaN last; ties -> lower index)."""
+  """Indices of the top `metrics.top_fraction_size` scores, best first (NaN last; ties -> lower index)."""
   scores = np.asarray(scores, np.float64)
-  m = n_top(fraction, scores.shape[0])
+  m = metrics.top_fraction_size(fraction, scores.shape[0], "config.retrieval.removal_fraction")
   key = np.where(np.isnan(scores), -np.inf, scores)
   return np.lexsort((np.arange(scores.shape[0]), -key))[:m]
 

@@ -1,15 +1,16 @@
 """grain pipelines that yield whole training batches [batch_size, d] float32.
 
-An element per row costs ~25 us of Python in grain, so each element here is a whole batch: batch i
-of the stream is a pure function of (seed, i), the iterator state is just the next index, and
-orbax checkpoints it with grain's handler so a resumed run reads exactly the batches it would have.
+An element per row would cost a Python call per row in grain, so each element here is a whole
+batch: batch i of the stream is a pure function of (seed, i), the iterator state is just the next
+index, and orbax checkpoints it with grain's handler so a resumed run reads exactly the batches it
+would have.
 
 Sources:
 - "synthetic": `PlantedSource.training_batch(i, batch_size)`.
 - "shards": a global row shuffle over every row of an activation store, a new permutation per
   epoch; the permutation is a keyed Feistel bijection evaluated on index blocks, so it costs O(1)
   memory however many billions of rows the store holds.
-- "online": an encoder inside the pipeline (see `sae_jax.data.online`, when present).
+- "online": an encoder inside the pipeline (`sae_jax.data.online.OnlineBatches`).
 """
 
 from __future__ import annotations

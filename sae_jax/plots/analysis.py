@@ -16,6 +16,9 @@ import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 from scipy.stats import gaussian_kde  # noqa: E402
 
+from sae_jax import metrics  # noqa: E402
+from sae_jax.workdir import atomic_savefig  # noqa: E402
+
 IMAGE_COLOR = "#2b6cb0"
 TEXT_COLOR = "#c53030"
 
@@ -80,7 +83,7 @@ def plot_modality_kde(runs: Sequence[dict], path: str, reverse: bool = False) ->
     ax.set_visible(False)
   fig.suptitle("Distribution of concept modality scores (paper Figure 2)", fontsize=12)
   fig.tight_layout()
-  fig.savefig(path, dpi=130)
+  atomic_savefig(fig, path, dpi=130)
   plt.close(fig)
   return path
 
@@ -99,7 +102,7 @@ def plot_cumulative_energy(runs: Sequence[dict], path: str, top_fraction: float 
   fig, ax = plt.subplots(figsize=(7.0, 4.6))
   for run in runs:
     x, y = cumulative_energy(run["energy"])
-    m = max(1, int(math.ceil(top_fraction * x.size - 1e-9)))
+    m = metrics.top_fraction_size(top_fraction, x.size)
     ax.plot(
       100 * x,
       100 * y,
@@ -118,6 +121,6 @@ def plot_cumulative_energy(runs: Sequence[dict], path: str, top_fraction: float 
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=8, loc="upper left")
   fig.tight_layout()
-  fig.savefig(path, dpi=130)
+  atomic_savefig(fig, path, dpi=130)
   plt.close(fig)
   return path

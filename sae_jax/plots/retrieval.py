@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sae_jax.workdir import atomic_savefig  # noqa: E402
+
 MASK_VARIANTS = (("mean", "Base"), ("mean_no_image", "w/o image"), ("mean_no_prompt", "w/o prompt"))
 
 
@@ -57,7 +59,7 @@ def fig_masking(
   )
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=120)
+  atomic_savefig(fig, path, dpi=120)
   plt.close(fig)
   return drawn
 
@@ -79,5 +81,5 @@ def fig_rank_sweep(sweep: Mapping, path: str, title: str = ""):
   ax.legend(fontsize=8)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=120)
+  atomic_savefig(fig, path, dpi=120)
   plt.close(fig)

@@ -26,21 +26,21 @@ a sample; the union of their supports is kept, so rows are wider than k). The ch
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
 import time
 from typing import Any, NamedTuple, Optional
 
-import jax
 import ml_collections
 import numpy as np
+import scipy.stats
 
 from sae_jax import metrics, sharding
-from sae_jax import sae as sae_lib
 from sae_jax import workdir as workdir_lib
 from sae_jax.data.synthetic import KINDS, PlantedSource
 from sae_jax.errors import SaeJaxError
 from sae_jax.plots import analysis as plots
+from sae_jax.stages.block_encoder import BlockEncoder
 
 ANALYSIS_DIR = "analysis"
 CODES_MODES = ("encode_pooled", "pool_token_codes")
@@ -180,36 +180,14 @@ def synthetic_tokens(x: np.ndarray, tokens: int, noise: float, rng: np.random.Ge
   return (x[:, None, :] + eps).reshape(-1, x.shape[1])
 
 
-class Encoder:
-  """Jitted `sae.encode` in fixed-size row blocks (one compilation)."""
-
-  def __init__(self, params: dict, spec: sae_lib.SAESpec, block: int):
-    self.params = {name: jax.numpy.asarray(v) for name, v in params.items()}
-    self.block = block
-    self._fn = jax.jit(lambda p, x: sae_lib.encode(p, x, spec.k, spec))
-
-  def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n = x.shape[0]
-    vs, is_ = [], []
-    for s in range(0, n, self.block):
-      chunk = x[s : s + self.block]
-      m = chunk.shape[0]
-      if m < self.block:
-        chunk = np.concatenate([chunk, np.zeros((self.block - m, x.shape[1]), x.dtype)])
-      code = self._fn(self.params, chunk)
-      vs.append(np.asarray(code.values)[:m])
-      is_.append(np.asarray(code.indices)[:m])
-    return np.concatenate(vs), np.concatenate(is_)
-
-
-def encode_pairs(
+def stream_codes(
   pairs: Pairs,
   loaded: workdir_lib.LoadedSAE,
   acfg: Any,
   acc: metrics.ConceptAccumulator,
   keep_codes: bool = True,
 ) -> tuple[Any, Any, dict]:
-  """Sparse codes of both sides, streamed into `acc` chunk by chunk; returns the codes too
+  """Sparse codes of both sides, streamed into `acc` block by block; returns the codes too
   (None, None when not `keep_codes`: then nothing of size N beyond the embeddings is held)."""
   spec = loaded.spec
   mode = str(acfg.codes)
@@ -217,16 +195,20 @@ def encode_pairs(
     raise SaeJaxError(f"config.analysis.codes={mode!r}: expected one of {CODES_MODES}")
   block = int(acfg.block_size)
   c = loaded.params["D"].shape[0]
-  info = {"codes": mode}
+  n = pairs.image.shape[0]
+  info: dict = {"codes": mode}
+  out: dict = {"image": [], "text": []}
+
+  def add(image_code: tuple, text_code: tuple) -> None:
+    acc.update(image_code, text_code)
+    if keep_codes:
+      out["image"].append(image_code)
+      out["text"].append(text_code)
+
   if mode == "encode_pooled":
-    enc = Encoder(loaded.params, spec, min(block, pairs.image.shape[0]))
-    out = {"image": [], "text": []}
-    for s in range(0, pairs.image.shape[0], block):
-      img, txt = enc(pairs.image[s : s + block]), enc(pairs.text[s : s + block])
-      acc.update(img, txt)
-      if keep_codes:
-        out["image"].append(img)
-        out["text"].append(txt)
+    enc = BlockEncoder(loaded.params, spec, min(block, n))
+    for s in range(0, n, block):
+      add(enc(pairs.image[s : s + block]), enc(pairs.text[s : s + block]))
   else:
     if pairs.source != "synthetic":
       raise SaeJaxError(
@@ -241,26 +223,37 @@ def encode_pairs(
     info.update(tokens_per_sample=tokens, token_noise=noise)
     rng = np.random.default_rng([int(acfg.pair_seed), 7])
     step = max(1, block // tokens)
-    enc = Encoder(loaded.params, spec, min(step, pairs.image.shape[0]) * tokens)
+    enc = BlockEncoder(loaded.params, spec, min(step, n) * tokens)
     width = min(c, tokens * spec.k)
-    out = {"image": [], "text": []}
-    for s in range(0, pairs.image.shape[0], step):
+    for s in range(0, n, step):
       sides = []
       for x in (pairs.image[s : s + step], pairs.text[s : s + step]):
         v, i = enc(synthetic_tokens(x, tokens, noise, rng))
         seg = np.repeat(np.arange(x.shape[0]), tokens)
         sides.append(pool_token_codes(v, i, seg, x.shape[0], c, width))
-      acc.update(*sides)
-      if keep_codes:
-        out["image"].append(sides[0])
-        out["text"].append(sides[1])
-  cat = lambda parts: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+      add(*sides)
   if not keep_codes:
     return None, None, info
+  cat = lambda parts: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
   return cat(out["image"]), cat(out["text"]), info
 
 
 # ------------------------------------------------------------------------------ synthetic check
+
+
+def auc_mann_whitney(negatives: np.ndarray, positives: np.ndarray) -> float:
+  """ROC AUC of scores separating `positives` from `negatives`: P(pos > neg) + P(pos == neg) / 2.
+
+  The Mann-Whitney U statistic over average ranks (ties count one half), so it equals the area
+  under the ROC curve of any threshold rule on the scores.
+  """
+  neg = np.asarray(negatives, np.float64).reshape(-1)
+  pos = np.asarray(positives, np.float64).reshape(-1)
+  if neg.size == 0 or pos.size == 0:
+    raise SaeJaxError(f"AUC: needs at least one score of each class, got {neg.size} and {pos.size}")
+  ranks = scipy.stats.rankdata(np.concatenate([neg, pos]))  # average ranks for ties
+  u = ranks[neg.size :].sum() - pos.size * (pos.size + 1) / 2.0
+  return float(u / (neg.size * pos.size))
 
 
 def match_planted(D: np.ndarray, planted: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -274,8 +267,6 @@ def synthetic_check(
   D: np.ndarray, cm: metrics.ConceptMetrics, planted: Any, top_fraction: float, threshold: float
 ) -> dict:
   """How well the metrics recover the planted structure (only defined for the synthetic source)."""
-  from sklearn.metrics import roc_auc_score
-
   best, cos = match_planted(D, planted)
   kind = planted.kinds[best]
   ms = cm.modality_score if not cm.modality_reverse else 1.0 - cm.modality_score
@@ -295,8 +286,7 @@ def synthetic_check(
     a, b = ok & (kind == lo), ok & (kind == hi)
     if not a.any() or not b.any():
       return None
-    y = np.concatenate([np.zeros(a.sum()), np.ones(b.sum())])
-    return float(roc_auc_score(y, np.concatenate([ms[a], ms[b]])))
+    return auc_mann_whitney(ms[a], ms[b])
 
   out["auc_image_vs_text"] = auc(0, 1)
   out["auc_image_vs_shared"] = auc(0, 2)
@@ -322,6 +312,60 @@ def synthetic_check(
   return out
 
 
+# ------------------------------------------------------------------------------------ compute
+
+
+class AnalysisResult(NamedTuple):
+  cm: metrics.ConceptMetrics
+  bridge: Optional[metrics.BridgeResult]  # only when top pairs or the `max` reduction need B itself
+  bridge_score: np.ndarray  # [c] under config.analysis.bridge_reduction
+  image_codes: Any  # (values, indices) [N, width], or None when not kept
+  text_codes: Any
+  code_info: dict  # codes mode and its settings
+  seconds: dict
+
+
+def _check_settings(acfg: Any) -> None:
+  reduction = str(acfg.bridge_reduction)
+  if reduction not in metrics.REDUCTIONS:
+    raise SaeJaxError(f"config.analysis.bridge_reduction={reduction!r}: expected one of {metrics.REDUCTIONS}")
+  metrics.top_fraction_size(float(acfg.top_fraction), 1, "config.analysis.top_fraction")
+
+
+def compute_analysis(config: Any, pairs: Pairs, loaded: workdir_lib.LoadedSAE) -> AnalysisResult:
+  """Codes of both sides, per-concept metrics (Eq. 3-6) and, when asked for, the blockwise bridge."""
+  acfg = config.analysis
+  t0 = time.time()
+  D = np.asarray(loaded.params["D"], np.float32)
+  reduction = str(acfg.bridge_reduction)
+  top_pairs = int(acfg.top_pairs)
+  compute_dtype = str(acfg.compute_dtype)
+  acc = metrics.ConceptAccumulator(D, block_size=int(acfg.block_size), compute_dtype=compute_dtype)
+  need_bridge = top_pairs > 0 or reduction == "max"
+  image, text, code_info = stream_codes(
+    pairs, loaded, acfg, acc, keep_codes=need_bridge or bool(acfg.save_codes)
+  )
+  cm = metrics.concept_metrics(acc.sums(), reverse_modality=bool(acfg.modality_reverse))
+  t_metrics = time.time() - t0
+
+  bridge = None
+  if need_bridge:
+    mesh = sharding.make_mesh(config.mesh) if int(config.mesh.model) > 1 else None
+    bridge = metrics.bridge_blockwise(
+      D,
+      image,
+      text,
+      top_k=max(top_pairs, 1),
+      tile=int(acfg.bridge_tile),
+      mesh=mesh,
+      compute_dtype=compute_dtype,
+    )
+  t_bridge = time.time() - t0 - t_metrics
+  score = cm.bridge_score(reduction, None if bridge is None else bridge.max_score)
+  seconds = {"encode_and_metrics": t_metrics, "bridge_blockwise": t_bridge}
+  return AnalysisResult(cm, bridge, score, image, text, code_info, seconds)
+
+
 # ------------------------------------------------------------------------------------ outputs
 
 
@@ -329,7 +373,19 @@ def _run_name(acfg: Any, workdir: str) -> str:
   return str(acfg.run_name) or os.path.basename(os.path.normpath(workdir))
 
 
-def _load_compare(path: str, fraction: float, reduction: str, reverse: bool) -> dict:
+def _this_run(name: str, workdir: str, result: AnalysisResult, fraction: float) -> dict:
+  cm = result.cm
+  return {
+    "name": name,
+    "workdir": workdir,
+    "energy": cm.energy,
+    "modality_score": cm.modality_score,
+    "table1": metrics.table1(cm.energy, cm.attribution, result.bridge_score, fraction),
+  }
+
+
+def load_compare_run(path: str, fraction: float, reduction: str, reverse: bool) -> dict:
+  """Another workdir's analysis/concepts.npz as a Table 1 row and figure entry."""
   conc = os.path.join(path, ANALYSIS_DIR, "concepts.npz")
   if not os.path.exists(conc):
     raise SaeJaxError(
@@ -353,14 +409,59 @@ def _load_compare(path: str, fraction: float, reduction: str, reverse: bool) -> 
     }
 
 
+def write_concepts(out_dir: str, result: AnalysisResult, D: np.ndarray, name: str, acfg: Any) -> None:
+  cm = result.cm
+  arrays = dict(
+    energy=cm.energy,
+    energy_image=cm.energy_image,
+    energy_text=cm.energy_text,
+    fire_rate_image=cm.fire_rate_image,
+    fire_rate_text=cm.fire_rate_text,
+    modality_score=cm.modality_score,
+    modality_reverse=np.array(bool(acfg.modality_reverse)),
+    n_silent=np.array(cm.n_silent),
+    attribution=cm.attribution,
+    bridge_score=result.bridge_score,
+    bridge_reduction=np.array(str(acfg.bridge_reduction)),
+    bridge_diag=cm.bridge_diag,
+    bridge_row=cm.bridge_row,
+    bridge_col=cm.bridge_col,
+    bridge_sym=cm.bridge_sym,
+    D=D,
+    run_name=np.array(name),
+    codes_mode=np.array(result.code_info["codes"]),
+    n_pairs=np.array(cm.n_pairs),
+    mean_pair_dot=np.array(cm.mean_pair_dot),
+  )
+  if result.bridge is not None:
+    arrays["bridge_max"] = result.bridge.max_score
+  workdir_lib.atomic_savez(os.path.join(out_dir, "concepts.npz"), **arrays)
+
+
+def write_codes(out_dir: str, result: AnalysisResult, sample_ids: np.ndarray, save: bool) -> None:
+  path = os.path.join(out_dir, "codes.npz")
+  if not save:
+    if os.path.exists(path):  # stale codes of an earlier run
+      os.remove(path)
+    return
+  workdir_lib.atomic_savez(
+    path,
+    image_values=result.image_codes[0],
+    image_indices=result.image_codes[1],
+    text_values=result.text_codes[0],
+    text_indices=result.text_codes[1],
+    sample_ids=sample_ids,
+    codes_mode=np.array(result.code_info["codes"]),
+  )
+
+
 def write_table1(out_dir: str, rows: list[dict], fraction: float, reduction: str) -> None:
   payload = {
     "fraction": fraction,
     "bridge_reduction": reduction,
     "rows": [dict(run=r["name"], workdir=r["workdir"], **r["table1"]) for r in rows],
   }
-  with open(os.path.join(out_dir, "table1.json"), "w") as f:
-    json.dump(payload, f, indent=2)
+  workdir_lib.atomic_write_json(os.path.join(out_dir, "table1.json"), payload, indent=2)
   lines = [
     f"Jaccard similarity between top {100 * fraction:g}% concept sets "
     f"(S_E energy, S_A attribution, S_B bridge score, reduction `{reduction}`)",
@@ -374,130 +475,76 @@ def write_table1(out_dir: str, rows: list[dict], fraction: float, reduction: str
       f"| {r['name']} | {t['c']} | {t['set_size']} | {t['J(S_E,S_A)']:.4f} | "
       f"{t['J(S_E,S_B)']:.4f} | {t['J(S_A,S_B)']:.4f} | {t['triple_overlap']:.4f} |"
     )
-  with open(os.path.join(out_dir, "table1.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  workdir_lib.atomic_write_text(os.path.join(out_dir, "table1.md"), "\n".join(lines) + "\n")
 
 
 def write_pairs_csv(path: str, res: metrics.BridgeResult, D: np.ndarray, ms: np.ndarray) -> None:
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
+  buf = io.StringIO(newline="")
+  w = csv.writer(buf)
+  w.writerow(["rank", "concept_i", "concept_j", "B_ij", "cooccurrence", "cosine", "modality_i", "modality_j"])
+  for r, (i, j, v, co) in enumerate(zip(res.pairs_i, res.pairs_j, res.pairs_value, res.pairs_cooc)):
+    cosine = float(np.dot(D[i].astype(np.float64), D[j].astype(np.float64)))
     w.writerow(
-      ["rank", "concept_i", "concept_j", "B_ij", "cooccurrence", "cosine", "modality_i", "modality_j"]
+      [r + 1, int(i), int(j), f"{v:.8g}", f"{co:.8g}", f"{cosine:.6f}", f"{ms[i]:.6f}", f"{ms[j]:.6f}"]
     )
-    for r, (i, j, v, co) in enumerate(zip(res.pairs_i, res.pairs_j, res.pairs_value, res.pairs_cooc)):
-      cosine = float(np.dot(D[i].astype(np.float64), D[j].astype(np.float64)))
-      w.writerow(
-        [r + 1, int(i), int(j), f"{v:.8g}", f"{co:.8g}", f"{cosine:.6f}", f"{ms[i]:.6f}", f"{ms[j]:.6f}"]
-      )
+  workdir_lib.atomic_write_text(path, buf.getvalue())
 
 
-def analyze(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir: str = "") -> dict:
-  """The stage on an already loaded SAE (tests and callers that hold one)."""
-  acfg = config.analysis
-  t0 = time.time()
-  sae_dir = sae_dir or workdir
-  D = np.asarray(loaded.params["D"], np.float32)
-  c, d = D.shape
-  fraction = float(acfg.top_fraction)
-  reduction = str(acfg.bridge_reduction)
-  if reduction not in metrics.REDUCTIONS:
-    raise SaeJaxError(f"config.analysis.bridge_reduction={reduction!r}: expected one of {metrics.REDUCTIONS}")
-  reverse = bool(acfg.modality_reverse)
-  top_pairs = int(acfg.top_pairs)
-  compute_dtype = str(acfg.compute_dtype)
+def write_top_pairs(out_dir: str, result: AnalysisResult, D: np.ndarray, top_pairs: int) -> None:
+  path = os.path.join(out_dir, "top_bridge_pairs.csv")
+  if result.bridge is not None and top_pairs > 0:
+    write_pairs_csv(path, result.bridge, D, result.cm.modality_score)
+  elif os.path.exists(path):  # left by an earlier run: it would not match these concepts
+    os.remove(path)
 
-  pairs = load_pairs(config, workdir, loaded, sae_dir)
-  check_pairs(pairs, d, sae_dir)
-  acc = metrics.ConceptAccumulator(D, block_size=int(acfg.block_size), compute_dtype=compute_dtype)
-  need_b = top_pairs > 0 or reduction == "max"
-  save_codes = bool(acfg.save_codes)
-  image, text, code_info = encode_pairs(pairs, loaded, acfg, acc, keep_codes=need_b or save_codes)
-  cm = metrics.concept_metrics(acc.sums(), reverse_modality=reverse)
-  t_metrics = time.time() - t0
 
-  bridge = None
-  if need_b:
-    mesh = None
-    model_axis = int(config.mesh.model)
-    if model_axis > 1:
-      mesh = sharding.make_mesh(config.mesh)
-    bridge = metrics.bridge_blockwise(
-      D,
-      image,
-      text,
-      top_k=max(top_pairs, 1),
-      tile=int(acfg.bridge_tile),
-      mesh=mesh,
-      compute_dtype=compute_dtype,
-    )
-  t_bridge = time.time() - t0 - t_metrics
-  score = cm.bridge_score(reduction, None if bridge is None else bridge.max_score)
-
-  out_dir = os.path.join(workdir, ANALYSIS_DIR)
-  os.makedirs(out_dir, exist_ok=True)
-  name = _run_name(acfg, workdir)
-  arrays = dict(
-    energy=cm.energy,
-    energy_image=cm.energy_image,
-    energy_text=cm.energy_text,
-    fire_rate_image=cm.fire_rate_image,
-    fire_rate_text=cm.fire_rate_text,
-    modality_score=cm.modality_score,
-    modality_reverse=np.array(reverse),
-    n_silent=np.array(cm.n_silent),
-    attribution=cm.attribution,
-    bridge_score=score,
-    bridge_reduction=np.array(reduction),
-    bridge_diag=cm.bridge_diag,
-    bridge_row=cm.bridge_row,
-    bridge_col=cm.bridge_col,
-    bridge_sym=cm.bridge_sym,
-    D=D,
-    run_name=np.array(name),
-    codes_mode=np.array(code_info["codes"]),
-    n_pairs=np.array(cm.n_pairs),
-    mean_pair_dot=np.array(cm.mean_pair_dot),
-  )
-  if bridge is not None:
-    arrays["bridge_max"] = bridge.max_score
-  np.savez(os.path.join(out_dir, "concepts.npz"), **arrays)
-  codes_path = os.path.join(out_dir, "codes.npz")
-  if not save_codes and os.path.exists(codes_path):  # stale codes of an earlier run
-    os.remove(codes_path)
-  if save_codes:
-    np.savez(
-      os.path.join(out_dir, "codes.npz"),
-      image_values=image[0],
-      image_indices=image[1],
-      text_values=text[0],
-      text_indices=text[1],
-      sample_ids=pairs.sample_ids,
-      codes_mode=np.array(code_info["codes"]),
-    )
-
-  this = {
-    "name": name,
-    "workdir": workdir,
-    "energy": cm.energy,
-    "modality_score": cm.modality_score,
-    "table1": metrics.table1(cm.energy, cm.attribution, score, fraction),
-  }
-  compare = str(acfg.compare_workdirs)
-  others = [
-    _load_compare(p.strip(), fraction, reduction, reverse)
-    for p in compare.split(",")
-    if p.strip() and os.path.normpath(p.strip()) != os.path.normpath(workdir)
-  ]
-  runs = [this] + others
-  write_table1(out_dir, runs, fraction, reduction)
-  pairs_csv = os.path.join(out_dir, "top_bridge_pairs.csv")
-  if bridge is not None and top_pairs > 0:
-    write_pairs_csv(pairs_csv, bridge, D, cm.modality_score)
-  elif os.path.exists(pairs_csv):  # left by an earlier run: it would not match these concepts
-    os.remove(pairs_csv)
+def write_figures(out_dir: str, runs: list[dict], fraction: float, reverse: bool) -> None:
   plots.plot_modality_kde(runs, os.path.join(out_dir, "fig_modality_kde.png"), reverse=reverse)
   plots.plot_cumulative_energy(runs, os.path.join(out_dir, "fig_cumulative_energy.png"), fraction)
 
+
+# ------------------------------------------------------------------------------------ the stage
+
+
+def analyze(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir: str = "") -> dict:
+  """The stage on an already loaded SAE: load pairs -> compute metrics -> write analysis/."""
+  acfg = config.analysis
+  t0 = time.time()
+  sae_dir = sae_dir or workdir
+  _check_settings(acfg)
+  fraction = float(acfg.top_fraction)
+  reduction = str(acfg.bridge_reduction)
+  reverse = bool(acfg.modality_reverse)
+  D = np.asarray(loaded.params["D"], np.float32)
+  c, d = D.shape
+
+  # Load.
+  pairs = load_pairs(config, workdir, loaded, sae_dir)
+  check_pairs(pairs, d, sae_dir)
+
+  # Compute.
+  result = compute_analysis(config, pairs, loaded)
+  cm = result.cm
+  name = _run_name(acfg, workdir)
+  this = _this_run(name, workdir, result, fraction)
+  others = [
+    load_compare_run(p.strip(), fraction, reduction, reverse)
+    for p in str(acfg.compare_workdirs).split(",")
+    if p.strip() and os.path.normpath(p.strip()) != os.path.normpath(workdir)
+  ]
+  synthetic = None
+  if pairs.planted is not None:
+    synthetic = synthetic_check(D, cm, pairs.planted, fraction, float(acfg.match_threshold))
+
+  # Write.
+  out_dir = os.path.join(workdir, ANALYSIS_DIR)
+  os.makedirs(out_dir, exist_ok=True)
+  write_concepts(out_dir, result, D, name, acfg)
+  write_codes(out_dir, result, pairs.sample_ids, bool(acfg.save_codes))
+  runs = [this] + others
+  write_table1(out_dir, runs, fraction, reduction)
+  write_top_pairs(out_dir, result, D, int(acfg.top_pairs))
+  write_figures(out_dir, runs, fraction, reverse)
   summary = {
     "run_name": name,
     "sae_workdir": sae_dir,
@@ -508,20 +555,19 @@ def analyze(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir: s
     "source": pairs.source,
     "embeddings_path": pairs.path,
     "n_pairs": cm.n_pairs,
-    **code_info,
+    **result.code_info,
     "bridge_reduction": reduction,
     "modality_reverse": reverse,
     "n_silent": cm.n_silent,
     "top_fraction": fraction,
     "table1": this["table1"],
     "mean_pair_dot": cm.mean_pair_dot,
-    "compute_dtype": compute_dtype,
-    "seconds": {"encode_and_metrics": t_metrics, "bridge_blockwise": t_bridge, "total": time.time() - t0},
+    "compute_dtype": str(acfg.compute_dtype),
+    "seconds": {**result.seconds, "total": time.time() - t0},
   }
-  if pairs.planted is not None:
-    summary["synthetic"] = synthetic_check(D, cm, pairs.planted, fraction, float(acfg.match_threshold))
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  if synthetic is not None:
+    summary["synthetic"] = synthetic
+  workdir_lib.atomic_write_json(os.path.join(out_dir, "summary.json"), summary, indent=2)
   return summary
 
 

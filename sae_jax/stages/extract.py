@@ -307,8 +307,7 @@ class Extractor:
     src = self.source
     workers = max(1, int(self.ex.num_workers))
     # On a GPU the CPU side of batch i+1 overlaps the forward of batch i (one prep thread). On a CPU
-    # the forward already uses every core; a second thread driving torch/numpy only added contention
-    # in our CPU measurements (more CPU time per item, no gain), so the prep runs inline there.
+    # the forward already uses every core and a second thread only adds contention: prep runs inline.
     overlap = self.encoder.device.type != "cpu"
     with (
       concurrent.futures.ThreadPoolExecutor(workers) as pool,

@@ -24,10 +24,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -37,6 +36,7 @@ from sae_jax import workdir as workdir_lib
 from sae_jax.data import synthetic
 from sae_jax.errors import SaeJaxError
 from sae_jax.plots import retrieval as plots
+from sae_jax.stages.block_encoder import encode_rows
 
 RESULTS_FILE = "results.json"
 
@@ -164,30 +164,28 @@ def load_inputs(config, workdir) -> Inputs:
 # --------------------------------------------------------------------------------------------
 
 
-def encode_pairs(params, k: int, image, text, batch_size: int = 4096):
-  """Sparse codes ((values, indices) of image rows, same of text rows), encoded in chunks."""
+def attribution_from_sae(
+  params: dict,
+  k: int,
+  image: np.ndarray,
+  text: np.ndarray,
+  batch_size: int = 4096,
+  spec: Optional[sae_lib.SAESpec] = None,
+) -> np.ndarray:
+  """Attribution (paper Eq. 6) of each concept over matched pairs, from an SAE: [c] float64.
+
+  A_i = mean_pairs(z_ι,i <d_i, x̂_τ> + z_τ,i <d_i, x̂_ι>) with x̂ = z D without b_dec, the same
+  streaming computation as the analysis stage (no c x c matrix). Without `spec` the rows are encoded
+  with b_dec subtracted (`sae.encode`'s default, right for both presets: b_dec is 0 in `paper`).
+  """
   image = np.asarray(image, np.float32)
   text = np.asarray(text, np.float32)
   if image.shape != text.shape:
     raise SaeJaxError(f"attribution: image {image.shape} and text {text.shape} must be matched pairs")
-  p = {name: jnp.asarray(v) for name, v in params.items()}
-  enc = jax.jit(lambda x: tuple(sae_lib.encode(p, x, k)))
-  out = []
-  for x in (image, text):
-    parts = [enc(x[s : s + batch_size]) for s in range(0, x.shape[0], batch_size)]
-    out.append(
-      (np.concatenate([np.asarray(v) for v, _ in parts]), np.concatenate([np.asarray(i) for _, i in parts]))
-    )
-  return out[0], out[1]
-
-
-def attribution_from_sae(params, k: int, image, text, batch_size: int = 4096) -> np.ndarray:
-  """Attribution (paper Eq. 6) of each concept over matched pairs, from an SAE.
-
-  A_i = mean_pairs(z_ι,i <d_i, x̂_τ> + z_τ,i <d_i, x̂_ι>), x̂ without b_dec (design.md §3), by the
-  analysis stage's streaming implementation (no c x c matrix).
-  """
-  code_i, code_t = encode_pairs(params, k, image, text, batch_size)
+  d, c = np.shape(params["W_enc"])
+  spec = spec or sae_lib.SAESpec(d=d, c=c, k=k, pre_bias=True)
+  code_i = encode_rows(params, spec, image, batch_size)
+  code_t = encode_rows(params, spec, text, batch_size)
   D = np.asarray(params["D"], np.float32)
   return np.asarray(metrics.compute_concept_metrics(D, code_i, code_t).attribution, np.float64)
 
@@ -226,8 +224,58 @@ def load_attribution(config, workdir, inputs: Inputs):
       f"attribution needs matched image/text pairs: pooled_{rcfg.base_variant}"
       '.npz has no "image" and "text" arrays'
     )
-  a = attribution_from_sae(loaded.params, loaded.k, *inputs.fit_pairs)
+  a = attribution_from_sae(loaded.params, loaded.k, *inputs.fit_pairs, spec=loaded.spec)
   return a, np.asarray(loaded.params["D"], np.float32), f"{sae_workdir} step {loaded.step}"
+
+
+# --------------------------------------------------------------------------------------------
+# Projectors applied to the base variant: removal (Eq. 8-10), the oracle, whitening.
+# --------------------------------------------------------------------------------------------
+
+
+def _full_rank(scores_and_d: tuple, fraction: float) -> tuple[int, int]:
+  """(number of atoms selected, the largest removal rank they allow)."""
+  _, D, _ = scores_and_d
+  m = metrics.top_fraction_size(fraction, D.shape[0], "config.retrieval.removal_fraction")
+  return m, min(m, D.shape[1])
+
+
+def fit_projectors(rcfg: Any, inputs: Inputs, attribution: Optional[tuple]) -> dict:
+  """{name: (Projector, settings recorded with its results)} for the base variant."""
+  projectors: dict[str, tuple[retrieval.Projector, dict]] = {}
+  fraction = float(rcfg.removal_fraction)
+  if attribution is not None:
+    scores, D, a_src = attribution
+    m, full = _full_rank(attribution, fraction)
+    rank = int(rcfg.removal_rank)
+    rank = full if rank == -1 else rank
+    proj = retrieval.fit_removal(D, scores, rank, fraction)
+    proj.info["attribution_source"] = a_src
+    projectors["removal"] = (
+      proj,
+      {"removal_rank": rank, "removal_fraction": fraction, "n_atoms": m, "attribution_source": a_src},
+    )
+  if inputs.oracle is not None:
+    oracle = retrieval.subspace_projector(inputs.oracle)
+    projectors["oracle_removal"] = (
+      oracle,
+      {
+        "removal_rank": int(oracle.info["rank"]),
+        "n_atoms": int(inputs.oracle.shape[0]),
+        "attribution_source": "planted distractor atoms",
+      },
+    )
+  base = rcfg.base_variant
+  if bool(rcfg.whitening) and base in inputs.variants:
+    arrs = inputs.variants[base]
+    fit_rows = [arrs[k] for k in ("image", "text") if k in arrs]
+    if not fit_rows:  # explicit-only variant: fit on every query / candidate it holds
+      fit_rows = [arrs[k] for k in arrs if k.endswith("__queries") or k.endswith("__candidates")]
+    if fit_rows:
+      alpha = float(rcfg.whitening_alpha)
+      wp = retrieval.fit_whitening(np.concatenate([np.asarray(x, np.float32) for x in fit_rows]), alpha)
+      projectors["whitening"] = (wp, {"whitening_alpha": alpha, "whitening_fit_rows": wp.info["n_fit"]})
+  return projectors
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +325,115 @@ def _normalized(data: retrieval_tasks.TaskData) -> retrieval_tasks.TaskData:
   return data.map(lambda x: np.asarray(retrieval.l2_normalize(np.asarray(x, np.float32)), np.float32))
 
 
-def _save_embeddings(path: str, data: retrieval_tasks.TaskData) -> None:
+class _Search(NamedTuple):
+  """How every task is scored (from config.retrieval)."""
+
+  ks: tuple
+  exclude_reference: bool
+  max_queries: int
+  kwargs: dict  # mesh and block sizes for `retrieval.topk_search`
+
+  def recall(self, unit_rows: retrieval_tasks.TaskData) -> dict:
+    """Recall@K of a task whose rows are already L2-normalised."""
+    return evaluate_task(
+      unit_rows, self.ks, exclude_reference=self.exclude_reference, normalize=False, **self.kwargs
+    )
+
+
+def _settings_of(variant: str, name: str, spec, search: _Search, d_run, source: str, extra: dict) -> dict:
+  return {
+    "pooling": _pooling_of(variant),
+    "mask": _mask_of(variant),
+    "transform": name.split("+", 1)[1] if "+" in name else "none",
+    "mbeir_task": spec.mbeir_task,
+    "dataset": spec.dataset,
+    "exclude_reference": bool(search.exclude_reference and d_run.exclude is not None),
+    "max_queries": search.max_queries,
+    "source": source,
+    "metric": "cosine, float32, exact",
+    **extra,
+  }
+
+
+def evaluate_all(
+  tasks: tuple,
+  inputs: Inputs,
+  base: str,
+  projectors: dict,
+  search: _Search,
+  embeddings_dir: Optional[str] = None,
+) -> tuple[dict, dict]:
+  """Recall@K of every task x variant, and of the base variant under each projector.
+
+  Returns (results {task: {variant: record}}, the base variant's TaskData per task). With
+  `embeddings_dir`, each scored embedding set is written there as it is scored, so only one task's
+  arrays are held at a time.
+  """
+  results: dict = {}
+  base_data: dict[str, retrieval_tasks.TaskData] = {}
+  for task in tasks:
+    spec = retrieval_tasks.TASKS[task]
+    for variant, arrays in inputs.variants.items():
+      data = retrieval_tasks.build_task(task, arrays, source=f"pooled_{variant}.npz")
+      if data is None:
+        continue
+      data = data.subset(search.max_queries)
+      runs = [(variant, data, {})]
+      if variant == base:
+        base_data[task] = data
+        for name, (proj, extra) in projectors.items():
+          runs.append((f"{variant}+{name}", data.map(proj.transform), extra))
+      for name, d_run, extra in runs:
+        d_run = _normalized(d_run)
+        rec = search.recall(d_run)
+        rec["settings"] = _settings_of(variant, name, spec, search, d_run, inputs.source, extra)
+        results.setdefault(task, {})[name] = rec
+        logging.info(
+          "retrieval %s %s: %s", task, name, {k: round(v, 2) for k, v in rec.items() if k.startswith("R@")}
+        )
+        if embeddings_dir is not None:
+          write_embeddings(os.path.join(embeddings_dir, f"embeddings_{task}_{name}.npz"), d_run)
+  if not results:
+    raise SaeJaxError(f"config.retrieval.tasks={tasks}: none of them can be built from {inputs.description}")
+  return results, base_data
+
+
+def sweep_removal_rank(
+  rcfg: Any, attribution: tuple, data: retrieval_tasks.TaskData, search: _Search, oracle: Optional[dict]
+) -> dict:
+  """Recall@K of the base variant of `rcfg.sweep_task` against the removal rank r (r = 0: none)."""
+  scores, D, a_src = attribution
+  fraction = float(rcfg.removal_fraction)
+  m, full = _full_rank(attribution, fraction)
+  wanted = {int(r) for r in config_utils.as_tuple(rcfg.sweep_ranks) if 0 < int(r) <= full}
+  ranks = [0] + sorted(wanted | {full})
+  per_metric: dict = {f"R@{k}": [] for k in search.ks}
+  for r in ranks:
+    d_r = data.map(retrieval.fit_removal(D, scores, r, fraction).transform) if r else data
+    rec = search.recall(_normalized(d_r))
+    for k in search.ks:
+      per_metric[f"R@{k}"].append(rec[f"R@{k}"])
+  sweep = {
+    "task": rcfg.sweep_task,
+    "variant": rcfg.base_variant,
+    "removal_fraction": fraction,
+    "n_atoms": m,
+    "attribution_source": a_src,
+    "ranks": ranks,
+    "metrics": per_metric,
+  }
+  if oracle is not None:
+    sweep["oracle"] = {f"R@{k}": oracle[f"R@{k}"] for k in search.ks}
+  return sweep
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs.
+# --------------------------------------------------------------------------------------------
+
+
+def write_embeddings(path: str, data: retrieval_tasks.TaskData) -> None:
+  """Queries / candidates exactly as scored plus CSR positives (and `exclude` when set)."""
   arrays = dict(
     queries=data.queries,
     candidates=data.candidates,
@@ -286,16 +442,14 @@ def _save_embeddings(path: str, data: retrieval_tasks.TaskData) -> None:
   )
   if data.exclude is not None:
     arrays["exclude"] = data.exclude
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  workdir_lib.atomic_savez(path, **arrays)
 
 
 def _fmt(x) -> str:
   return f"{x:.2f}"
 
 
-def _table2(results: dict, base: str, path: str, description: str) -> None:
+def table2_markdown(results: dict, base: str, description: str) -> str:
   rows = [
     ("Base", base),
     ("Removal", f"{base}+removal"),
@@ -330,11 +484,10 @@ def _table2(results: dict, base: str, path: str, description: str) -> None:
     lines.append("| (no base variant evaluated) | | | | | |")
   if not any(f"{base}+removal" in v for v in results.values()):
     lines += ["", "Removal not run: no SAE checkpoint and no analysis/concepts.npz for the attribution."]
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  return "\n".join(lines) + "\n"
 
 
-def _table3(results: dict, path: str) -> None:
+def table3_markdown(results: dict) -> str:
   lines = [
     "# Table 3: last token vs mean pooling",
     "",
@@ -353,160 +506,75 @@ def _table3(results: dict, path: str) -> None:
         n += 1
   if not n:
     lines.append("| (no last_token / mean variants evaluated) | | | | |")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  return "\n".join(lines) + "\n"
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=False)
-  os.replace(tmp, path)
-
-
-def run_retrieval(config, workdir: str) -> dict:
-  """Evaluates every configured task and variant; writes <workdir>/retrieval/. Returns results."""
-  rcfg = config.retrieval
-  out_dir = os.path.join(workdir, "retrieval")
-  os.makedirs(out_dir, exist_ok=True)
-  ks = tuple(int(k) for k in config_utils.as_tuple(rcfg.ks))
-  tasks = config_utils.as_tuple(rcfg.tasks)
-  for t in tasks:
-    retrieval_tasks.get_task(t)
-  max_queries = int(rcfg.max_queries)
-  base = rcfg.base_variant
-  search = dict(
-    mesh=_mesh(config), block_size=int(rcfg.block_size), query_block_size=int(rcfg.query_block_size)
-  )
-  exclude_reference = bool(rcfg.exclude_reference)
-  save_embeddings = bool(rcfg.save_embeddings)
-  t0 = time.time()
-
-  inputs = load_inputs(config, workdir)
-  logging.info("retrieval inputs: %s", inputs.description)
-
-  # Projectors for the base variant.
-  projectors: dict[str, tuple[retrieval.Projector, dict]] = {}
-  attribution = None
-  fraction = float(rcfg.removal_fraction)
-  if bool(rcfg.removal):
-    attribution = load_attribution(config, workdir, inputs)
-  if attribution is not None:
-    scores, D, a_src = attribution
-    m = retrieval.n_top(fraction, D.shape[0])
-    rank = int(rcfg.removal_rank)
-    rank = min(m, D.shape[1]) if rank == -1 else rank
-    proj = retrieval.fit_removal(D, scores, rank, fraction)
-    proj.info["attribution_source"] = a_src
-    proj.save(os.path.join(out_dir, "removal_projector.npz"))
-    projectors["removal"] = (
-      proj,
-      {"removal_rank": rank, "removal_fraction": fraction, "n_atoms": m, "attribution_source": a_src},
-    )
-  if inputs.oracle is not None:
-    oracle = retrieval.subspace_projector(inputs.oracle)
-    projectors["oracle_removal"] = (
-      oracle,
-      {
-        "removal_rank": int(oracle.info["rank"]),
-        "n_atoms": int(inputs.oracle.shape[0]),
-        "attribution_source": "planted distractor atoms",
-      },
-    )
-  if bool(rcfg.whitening) and base in inputs.variants:
-    arrs = inputs.variants[base]
-    fit_rows = [arrs[k] for k in ("image", "text") if k in arrs]
-    if not fit_rows:  # explicit-only variant: fit on every query / candidate it holds
-      fit_rows = [arrs[k] for k in arrs if k.endswith("__queries") or k.endswith("__candidates")]
-    if fit_rows:
-      alpha = float(rcfg.whitening_alpha)
-      wp = retrieval.fit_whitening(np.concatenate([np.asarray(x, np.float32) for x in fit_rows]), alpha)
-      wp.save(os.path.join(out_dir, "whitening_projector.npz"))
-      projectors["whitening"] = (wp, {"whitening_alpha": alpha, "whitening_fit_rows": wp.info["n_fit"]})
-
-  results: dict = {}
-  base_data: dict[str, retrieval_tasks.TaskData] = {}
-  for task in tasks:
-    spec = retrieval_tasks.TASKS[task]
-    for variant, arrays in inputs.variants.items():
-      data = retrieval_tasks.build_task(task, arrays, source=f"pooled_{variant}.npz")
-      if data is None:
-        continue
-      data = data.subset(max_queries)
-      runs = [(variant, data, {})]
-      if variant == base:
-        base_data[task] = data
-        for name, (proj, extra) in projectors.items():
-          runs.append((f"{variant}+{name}", data.map(proj.transform), extra))
-      for name, d_run, extra in runs:
-        d_run = _normalized(d_run)
-        rec = evaluate_task(d_run, ks, exclude_reference=exclude_reference, normalize=False, **search)
-        rec["settings"] = {
-          "pooling": _pooling_of(variant),
-          "mask": _mask_of(variant),
-          "transform": name.split("+", 1)[1] if "+" in name else "none",
-          "mbeir_task": spec.mbeir_task,
-          "dataset": spec.dataset,
-          "exclude_reference": bool(exclude_reference and d_run.exclude is not None),
-          "max_queries": max_queries,
-          "source": inputs.source,
-          "metric": "cosine, float32, exact",
-          **extra,
-        }
-        results.setdefault(task, {})[name] = rec
-        logging.info(
-          "retrieval %s %s: %s", task, name, {k: round(v, 2) for k, v in rec.items() if k.startswith("R@")}
-        )
-        if save_embeddings:
-          _save_embeddings(os.path.join(out_dir, f"embeddings_{task}_{name}.npz"), d_run)
-  if not results:
-    raise SaeJaxError(f"config.retrieval.tasks={tasks}: none of them can be built from {inputs.description}")
-
-  # Sweep over the removal rank r (r = 0: no removal).
-  sweep_task = rcfg.sweep_task
-  sweep = None
-  if attribution is not None and sweep_task in base_data:
-    scores, D, a_src = attribution
-    m = retrieval.n_top(fraction, D.shape[0])
-    ranks = [0] + sorted(
-      {int(r) for r in config_utils.as_tuple(rcfg.sweep_ranks) if 0 < int(r) <= min(m, D.shape[1])}
-      | {min(m, D.shape[1])}
-    )
-    per_metric = {f"R@{k}": [] for k in ks}
-    for r in ranks:
-      data = base_data[sweep_task]
-      if r:
-        data = data.map(retrieval.fit_removal(D, scores, r, fraction).transform)
-      rec = evaluate_task(
-        _normalized(data), ks, exclude_reference=exclude_reference, normalize=False, **search
-      )
-      for k in ks:
-        per_metric[f"R@{k}"].append(rec[f"R@{k}"])
-    sweep = {
-      "task": sweep_task,
-      "variant": base,
-      "removal_fraction": fraction,
-      "n_atoms": m,
-      "attribution_source": a_src,
-      "ranks": ranks,
-      "metrics": per_metric,
-    }
-    if f"{base}+oracle_removal" in results.get(sweep_task, {}):
-      sweep["oracle"] = {f"R@{k}": results[sweep_task][f"{base}+oracle_removal"][f"R@{k}"] for k in ks}
-    _write_json(os.path.join(out_dir, "rank_sweep.json"), sweep)
+def write_outputs(
+  out_dir: str, results: dict, projectors: dict, sweep: Optional[dict], base: str, description: str
+) -> None:
+  """Projectors, results.json, Tables 2-3, Figure 4 and the rank sweep (when run)."""
+  for name, file in (("removal", "removal_projector.npz"), ("whitening", "whitening_projector.npz")):
+    if name in projectors:
+      projectors[name][0].save(os.path.join(out_dir, file))
+  if sweep is not None:
+    workdir_lib.atomic_write_json(os.path.join(out_dir, "rank_sweep.json"), sweep, indent=2)
+    m, fraction = sweep["n_atoms"], sweep["removal_fraction"]
     plots.fig_rank_sweep(
       sweep,
       os.path.join(out_dir, "rank_sweep.png"),
-      title=f"{retrieval_tasks.TASKS[sweep_task].label}, top {fraction * 100:g}% concepts ({m} atoms)",
+      title=f"{retrieval_tasks.TASKS[sweep['task']].label}, top {fraction * 100:g}% concepts ({m} atoms)",
     )
-
-  _write_json(os.path.join(out_dir, RESULTS_FILE), results)
-  _table2(results, base, os.path.join(out_dir, "table2.md"), inputs.description)
-  _table3(results, os.path.join(out_dir, "table3.md"))
+  workdir_lib.atomic_write_json(os.path.join(out_dir, RESULTS_FILE), results, indent=2)
+  workdir_lib.atomic_write_text(
+    os.path.join(out_dir, "table2.md"), table2_markdown(results, base, description)
+  )
+  workdir_lib.atomic_write_text(os.path.join(out_dir, "table3.md"), table3_markdown(results))
   plots.fig_masking(
     results,
     os.path.join(out_dir, "fig_masking.png"),
     task_labels={t: retrieval_tasks.TASKS[t].label for t in retrieval_tasks.TASKS},
   )
+
+
+# --------------------------------------------------------------------------------------------
+# The stage.
+# --------------------------------------------------------------------------------------------
+
+
+def run_retrieval(config, workdir: str) -> dict:
+  """Evaluates every configured task and variant; writes <workdir>/retrieval/. Returns results."""
+  rcfg = config.retrieval
+  t0 = time.time()
+  tasks = config_utils.as_tuple(rcfg.tasks)
+  for t in tasks:
+    retrieval_tasks.get_task(t)
+  search = _Search(
+    ks=tuple(int(k) for k in config_utils.as_tuple(rcfg.ks)),
+    exclude_reference=bool(rcfg.exclude_reference),
+    max_queries=int(rcfg.max_queries),
+    kwargs=dict(
+      mesh=_mesh(config), block_size=int(rcfg.block_size), query_block_size=int(rcfg.query_block_size)
+    ),
+  )
+  base = rcfg.base_variant
+  out_dir = os.path.join(workdir, "retrieval")
+  os.makedirs(out_dir, exist_ok=True)
+
+  # Load: embeddings, and the attribution the removal is fitted on.
+  inputs = load_inputs(config, workdir)
+  logging.info("retrieval inputs: %s", inputs.description)
+  attribution = load_attribution(config, workdir, inputs) if bool(rcfg.removal) else None
+
+  # Compute: projectors, every task x variant, the rank sweep.
+  projectors = fit_projectors(rcfg, inputs, attribution)
+  embeddings_dir = out_dir if bool(rcfg.save_embeddings) else None
+  results, base_data = evaluate_all(tasks, inputs, base, projectors, search, embeddings_dir)
+  sweep = None
+  if attribution is not None and rcfg.sweep_task in base_data:
+    oracle = results.get(rcfg.sweep_task, {}).get(f"{base}+oracle_removal")
+    sweep = sweep_removal_rank(rcfg, attribution, base_data[rcfg.sweep_task], search, oracle)
+
+  # Write.
+  write_outputs(out_dir, results, projectors, sweep, base, inputs.description)
   logging.info("retrieval: wrote %s in %.1f s", out_dir, time.time() - t0)
   return results
