@@ -3,7 +3,11 @@
 Fields whose default depends on the SAE preset use a sentinel ("auto" for strings, -1 for numbers)
 that `sae_jax.sae.spec_from_config` resolves; `<workdir>/config.json` stores the resolved values.
 
-  python -m experiments.train --config=configs/base.py --workdir=/tmp/sae   # = the synthetic demo
+Run on its own, base trains the `paper` SAE preset (Adam 8e-4, c=512, k=16, 2000 steps of 1024 rows)
+on the planted synthetic source; the synthetic demo is `configs/synthetic.py` (the `modern` preset,
+lr 4e-3, c=256, k=12), and the model presets set the data, the widths and the extraction:
+
+  python -m experiments.train --config=configs/base.py --workdir=/tmp/sae-base
 """
 
 import ml_collections

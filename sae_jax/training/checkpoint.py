@@ -3,7 +3,7 @@
 `<workdir>/checkpoints/<step>/` holds three items:
   state  the train state pytree (params, Adam moments, step, dead-latent counters), StandardSave
   data   the grain iterator position, grain.checkpoint.CheckpointSave
-  meta   JSON: step, tokens seen, rows skipped, the resolved SAE spec
+  meta   JSON: step, tokens seen, the resolved SAE spec (rows skipped is a counter in `state`)
 Saves are atomic (orbax writes a temporary directory and renames it), so a killed run leaves the
 previous checkpoint intact. Restores take an abstract target carrying NamedShardings, so a run
 saved on one mesh resumes on another.
