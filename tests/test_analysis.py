@@ -1,4 +1,4 @@
-"""The analysis stage end to end on the planted synthetic source with a freshly trained SAE."""
+"""The analysis stage end to end on the planted synthetic source with the session's trained SAE."""
 
 import csv
 import json
@@ -10,27 +10,20 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from configs import synthetic
 from sae_jax import metrics
 from sae_jax import sae as sae_lib
 from sae_jax import workdir as workdir_lib
 from sae_jax.data.synthetic import PlantedSource
 from sae_jax.errors import SaeJaxError
 from sae_jax.stages import analyze
-from sae_jax.training import trainer
+from tests.helpers.env import ROOT
+from tests.helpers.reference import concept_reference, dense_codes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def small_config():
-  # The tiny preset (60 steps) does not recover the planted atoms; 300 modern steps at a higher
-  # learning rate do (median max-cosine ~0.7-0.8) in ~15-30 s on 2 cores.
-  config = synthetic.get_config("tiny,modern")
-  config.train.num_steps = 300
-  config.train.checkpoint_every = 300
-  config.train.tensorboard = False
-  config.optim.lr = 3e-3
-  config.data.batch_size = 512
+def analysis_config(trained_sae):
+  """The trained SAE's config with this file's analysis settings; the SAE is read from its workdir."""
+  config = trained_sae.config()
+  config.analysis.sae_workdir = trained_sae.workdir
   config.analysis.num_pairs = 2000
   config.analysis.top_pairs = 20
   config.analysis.save_codes = True
@@ -39,25 +32,17 @@ def small_config():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("sae"))
-  config = small_config()
-  trainer.train_and_evaluate(config, workdir)
-  summary = analyze.run_analysis(config, workdir)
-  return config, workdir, summary
+def analyzed(trained_sae, tmp_path_factory):
+  """(config, SAE workdir, analysis workdir, summary) of one analysis run."""
+  config = analysis_config(trained_sae)
+  out = str(tmp_path_factory.mktemp("analysis"))
+  summary = analyze.run_analysis(config, out)
+  return config, trained_sae.workdir, out, summary
 
 
-def dense(values, indices, c):
-  z = np.zeros((values.shape[0], c))
-  np.add.at(
-    z, (np.repeat(np.arange(values.shape[0]), values.shape[1]), indices.reshape(-1)), values.reshape(-1)
-  )
-  return z
-
-
-def test_outputs_match_dense_recomputation(trained):
-  config, workdir, summary = trained
-  out = os.path.join(workdir, "analysis")
+def test_outputs_match_dense_recomputation(analyzed):
+  config, workdir, analysis_dir, summary = analyzed
+  out = os.path.join(analysis_dir, "analysis")
   for name in (
     "concepts.npz",
     "codes.npz",
@@ -87,38 +72,43 @@ def test_outputs_match_dense_recomputation(trained):
     np.sort(codes["image_values"][:64], 1), np.sort(np.asarray(direct.values), 1), rtol=1e-5, atol=1e-6
   )
   # Every stored metric against the dense formulas on the stored codes.
-  zi = dense(codes["image_values"], codes["image_indices"], c)
-  zt = dense(codes["text_values"], codes["text_indices"], c)
-  M = D @ D.T
-  B = (zi.T @ zt / zi.shape[0]) * M
-  np.testing.assert_allclose(conc["energy"], np.concatenate([zi, zt]).mean(0), rtol=1e-5, atol=1e-7)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    ms = zt.mean(0) / (zi.mean(0) + zt.mean(0))
+  ref = concept_reference(
+    D, (codes["image_values"], codes["image_indices"]), (codes["text_values"], codes["text_indices"])
+  )
+  B, ms = ref["B"], ref["modality"]
+  np.testing.assert_allclose(conc["energy"], ref["energy"], rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(np.isnan(conc["modality_score"]), np.isnan(ms))
   assert int(conc["n_silent"]) == int(np.isnan(ms).sum())
   np.testing.assert_allclose(conc["modality_score"][~np.isnan(ms)], ms[~np.isnan(ms)], rtol=1e-5)
-  A = (zi * (zt @ M) + zt * (zi @ M)).mean(0)
-  np.testing.assert_allclose(conc["attribution"], A, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(conc["bridge_score"], np.diag(B), rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(conc["bridge_sym"], B.sum(0) + B.sum(1), rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(conc["bridge_max"], np.maximum(B.max(0), B.max(1)), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(conc["attribution"], ref["attribution"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(conc["bridge_score"], ref["diag"], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(conc["bridge_sym"], ref["row"] + ref["col"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(conc["bridge_max"], ref["max"], rtol=1e-4, atol=1e-6)
   # Table 1 from the stored scores; top pairs equal the dense B's best co-occurring entries.
   t1 = json.load(open(os.path.join(out, "table1.json")))
-  expect = metrics.table1(conc["energy"], conc["attribution"], np.diag(B), 0.01)
-  for key in ("J(S_E,S_A)", "J(S_E,S_B)", "J(S_A,S_B)", "triple_overlap"):
-    assert t1["rows"][0][key] == pytest.approx(expect[key])
+  size = int(np.ceil(0.01 * c))  # top-1% sets of the dense scores
+  S_E, S_A, S_B = (set(np.argsort(-ref[key])[:size].tolist()) for key in ("energy", "attribution", "diag"))
+  jac = lambda a, b: len(a & b) / len(a | b)
+  expect = {
+    "J(S_E,S_A)": jac(S_E, S_A),
+    "J(S_E,S_B)": jac(S_E, S_B),
+    "J(S_A,S_B)": jac(S_A, S_B),
+    "triple_overlap": len(S_E & S_A & S_B) / len(S_E | S_A | S_B),
+  }
+  for key, value in expect.items():
+    assert t1["rows"][0][key] == pytest.approx(value), key
   assert t1["rows"][0]["set_size"] == 3 and t1["bridge_reduction"] == "diag"
   rows = list(csv.DictReader(open(os.path.join(out, "top_bridge_pairs.csv"))))
   assert len(rows) == 20
-  cand = np.sort(np.where(zi.T @ zt != 0, B, -np.inf).reshape(-1))[::-1][:20]
+  cand = np.sort(np.where(ref["cooc"] != 0, B, -np.inf).reshape(-1))[::-1][:20]
   np.testing.assert_allclose([float(r["B_ij"]) for r in rows], cand, rtol=1e-4, atol=1e-7)
   for r in rows[:5]:
     assert float(r["B_ij"]) == pytest.approx(B[int(r["concept_i"]), int(r["concept_j"])], rel=1e-4)
 
 
-def test_planted_structure_is_recovered(trained):
-  config, workdir, summary = trained
-  conc = np.load(os.path.join(workdir, "analysis", "concepts.npz"))
+def test_planted_structure_is_recovered(analyzed):
+  config, _, analysis_dir, summary = analyzed
+  conc = np.load(os.path.join(analysis_dir, "analysis", "concepts.npz"))
   src = PlantedSource(config.data.synthetic)
   D = conc["D"].astype(np.float64)
   cos = D @ src.dictionary.T
@@ -145,14 +135,13 @@ def test_planted_structure_is_recovered(trained):
   assert syn["top_energy_set_in_distractor_span_fraction"] == 1.0
 
 
-def test_pool_token_codes_mode_and_compare_runs(trained, tmp_path):
-  config, workdir, _ = trained
-  config = small_config()
-  config.analysis.sae_workdir = workdir
+def test_pool_token_codes_mode_and_compare_runs(analyzed, trained_sae, tmp_path):
+  _, _, analysis_dir, _ = analyzed
+  config = analysis_config(trained_sae)
   config.analysis.codes = "pool_token_codes"
   config.analysis.tokens_per_sample = 3
   config.analysis.num_pairs = 500
-  config.analysis.compare_workdirs = workdir
+  config.analysis.compare_workdirs = analysis_dir
   config.analysis.run_name = "token-pooled"
   other = str(tmp_path / "tokens")
   summary = analyze.run_analysis(config, other)
@@ -161,7 +150,7 @@ def test_pool_token_codes_mode_and_compare_runs(trained, tmp_path):
   assert codes["image_values"].shape == (500, 3 * 12)  # union of 3 tokens' top-12
   assert str(np.load(os.path.join(other, "analysis", "concepts.npz"))["codes_mode"]) == "pool_token_codes"
   md = open(os.path.join(other, "analysis", "table1.md")).read()
-  assert "| token-pooled |" in md and f"| {os.path.basename(workdir)} |" in md
+  assert "| token-pooled |" in md and f"| {os.path.basename(analysis_dir)} |" in md
   assert len(json.load(open(os.path.join(other, "analysis", "table1.json")))["rows"]) == 2
 
 
@@ -175,21 +164,20 @@ def test_pool_token_codes_equals_dense_mean():
   want = np.zeros((n, c))
   for r, s in enumerate(seg):
     want[s, idx[r]] += val[r] / np.sum(seg == s)
-  np.testing.assert_allclose(dense(v, i, c), want, rtol=1e-6)
+  np.testing.assert_allclose(dense_codes(v, i, c), want, rtol=1e-6)
   assert v.shape[1] == (want > 0).sum(1).max() and np.all(v[2] == 0)  # widest union; sample 2: no tokens
   assert np.all(np.diff(v[3][v[3] > 0]) <= 0)  # sorted by value
 
 
-def test_pooled_file_source_and_bad_inputs(trained, tmp_path):
-  config, workdir, _ = trained
+def test_pooled_file_source_and_bad_inputs(trained_sae, tmp_path):
+  config, workdir = trained_sae.config(), trained_sae.workdir
   src = PlantedSource(config.data.synthetic)
   pairs = src.paired(300, seed=5)
 
   def run_with(image, text, name, reduction="diag"):
     path = str(tmp_path / f"{name}.npz")
     np.savez(path, image=image, text=text, sample_ids=np.arange(image.shape[0]))
-    cfg = small_config()
-    cfg.analysis.sae_workdir = workdir
+    cfg = analysis_config(trained_sae)
     cfg.analysis.embeddings_path = path
     cfg.analysis.top_pairs = 0
     cfg.analysis.save_codes = False
@@ -219,7 +207,7 @@ def test_pooled_file_source_and_bad_inputs(trained, tmp_path):
   (bare / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
   for path, needle in ((bare, "no checkpoint found"), (tmp_path / "empty", "config.json is missing")):
     with pytest.raises(SaeJaxError) as err:
-      analyze.run_analysis(small_config(), str(path))
+      analyze.run_analysis(trained_sae.config(), str(path))
     assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 

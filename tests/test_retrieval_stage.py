@@ -6,12 +6,12 @@ import os
 import numpy as np
 import pytest
 
-from sae_jax import retrieval as R
-from sae_jax import retrieval_tasks as T
+from configs import base as base_cfg
+from sae_jax import retrieval, retrieval_tasks
 from sae_jax.data import synthetic
 from sae_jax.errors import SaeJaxError
 from sae_jax.stages import retrieve
-from sae_jax.training import trainer
+from tests.helpers.reference import recall_reference, topk_relu_codes
 
 
 def _perfect_sae(src):
@@ -25,23 +25,14 @@ def _perfect_sae(src):
   }
 
 
-def _dense_attribution(params, k, image, text):
-  """Independent reference: dense codes, M = D D^T, A = mean(z_i * (M z_t) + z_t * (M z_i))."""
-
-  def codes(x):
-    pre = np.maximum(x @ params["W_enc"] + params["b_enc"], 0)
-    z = np.zeros_like(pre)
-    idx = np.argsort(-pre, axis=1, kind="stable")[:, :k]
-    np.put_along_axis(z, idx, np.take_along_axis(pre, idx, 1), 1)
-    return z.astype(np.float64)
-
-  zi, zt = codes(image), codes(text)
-  M = params["D"].astype(np.float64) @ params["D"].astype(np.float64).T
-  return np.mean(zi * (zt @ M) + zt * (zi @ M), axis=0)
+def _dense_codes_and_dictionary(params, k, image, text):
+  """Independent reference codes (dense Top-K of ReLU(x W_enc + b_enc); the params have no pre-bias)."""
+  code = lambda x: topk_relu_codes(x.astype(np.float64) @ params["W_enc"] + params["b_enc"], k)
+  return code(image), code(text), params["D"].astype(np.float64)
 
 
 def _i2t_r1(src_pairs, fn=None):
-  data = T.paired_task("image_to_text", src_pairs.image, src_pairs.text)
+  data = retrieval_tasks.paired_task("image_to_text", src_pairs.image, src_pairs.text)
   if fn is not None:
     data = data.map(fn)
   return retrieve.evaluate_task(data, (1, 5, 10))
@@ -51,11 +42,12 @@ def test_attribution_from_sae_matches_dense_reference():
   src = synthetic.PlantedSource(synthetic.default_synthetic_config())
   pairs = src.paired(300, seed=3)
   params = _perfect_sae(src)
-  ref = _dense_attribution(params, 11, pairs.image, pairs.text)
+  zi, zt, D = _dense_codes_and_dictionary(params, 11, pairs.image, pairs.text)
+  M = D @ D.T
   a = retrieve.attribution_from_sae(params, 11, pairs.image, pairs.text, batch_size=128)
-  np.testing.assert_allclose(a, ref, rtol=2e-4, atol=2e-4)
-  # Identity 3 of design.md: sum_i A_i = 2 mean <x̂_ι, x̂_τ>.
-  assert a.sum() == pytest.approx(float(ref.sum()), rel=1e-4)
+  np.testing.assert_allclose(a, np.mean(zi * (zt @ M) + zt * (zi @ M), axis=0), rtol=2e-4, atol=2e-4)
+  # sum_i A_i = 2 mean_pairs <x_hat_image, x_hat_text> (reconstructions without decoder bias).
+  assert a.sum() == pytest.approx(2 * np.mean(np.sum((zi @ D) * (zt @ D), axis=1)), rel=1e-4)
 
 
 def test_planted_removal_raises_r1_and_reaches_oracle_gain():
@@ -70,8 +62,8 @@ def test_planted_removal_raises_r1_and_reaches_oracle_gain():
   frac = n_d / len(kinds)
   # The attribution ranks the planted distractors first.
   assert set(np.argsort(-scores)[:n_d]) == set(np.flatnonzero(kinds == distractor))
-  removal = R.fit_removal(params["D"], scores, rank=n_d, fraction=frac)
-  oracle = R.subspace_projector(src.dictionary[kinds == distractor])
+  removal = retrieval.fit_removal(params["D"], scores, rank=n_d, fraction=frac)
+  oracle = retrieval.subspace_projector(src.dictionary[kinds == distractor])
   base = _i2t_r1(ev)["R@1"]
   rem = _i2t_r1(ev, removal.transform)["R@1"]
   orc = _i2t_r1(ev, oracle.transform)["R@1"]
@@ -79,7 +71,9 @@ def test_planted_removal_raises_r1_and_reaches_oracle_gain():
   assert rem > base + 5, (base, rem)
   assert rem - base >= 0.9 * (orc - base), (base, rem, orc)
   # Removing random concepts instead does not help.
-  rand = R.fit_removal(params["D"], np.random.default_rng(0).random(len(kinds)), rank=n_d, fraction=frac)
+  rand = retrieval.fit_removal(
+    params["D"], np.random.default_rng(0).random(len(kinds)), rank=n_d, fraction=frac
+  )
   assert _i2t_r1(ev, rand.transform)["R@1"] < base + 0.5 * (rem - base)
 
 
@@ -95,8 +89,6 @@ def _pooled(tmp, name, image, text, **extra):
 
 
 def test_run_retrieval_on_pooled_files(tmp_path):
-  from configs import base as base_cfg
-
   rng = np.random.default_rng(0)
   src = synthetic.PlantedSource(synthetic.default_synthetic_config())
   pairs = src.paired(400, seed=5)
@@ -159,7 +151,7 @@ def test_run_retrieval_on_pooled_files(tmp_path):
         q, c = z["queries"], z["candidates"]
         np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
         ex = z["exclude"] if "exclude" in z.files else None
-        ref = R.recall_reference(q @ c.T, z["positives_indptr"], z["positives_indices"], (1, 5, 10), ex)
+        ref = recall_reference(q @ c.T, z["positives_indptr"], z["positives_indices"], (1, 5, 10), ex)
       for k in ("R@1", "R@5", "R@10"):
         assert rec[k] == pytest.approx(ref[k]), (task, variant, k)
   # Removal of the planted distractors helps; the noisy last-token variant is worse.
@@ -176,15 +168,13 @@ def test_run_retrieval_on_pooled_files(tmp_path):
   assert sweep["metrics"]["R@1"][3] == pytest.approx(on_disk["image_to_text"]["mean+removal"]["R@1"])
   assert (out / "rank_sweep.png").exists()
   # The saved projector reproduces the scored removal embeddings.
-  proj = R.Projector.load(str(out / "removal_projector.npz"))
+  proj = retrieval.Projector.load(str(out / "removal_projector.npz"))
   with np.load(out / "embeddings_image_to_text_mean+removal.npz") as z:
     q_rem = z["queries"]
   np.testing.assert_allclose(proj.transform(pairs.image[:200]), q_rem, atol=1e-5)
 
 
 def test_pooled_missing_is_one_line(tmp_path):
-  from configs import base as base_cfg
-
   config = base_cfg.get_config()
   config.retrieval.source = "pooled"
   with pytest.raises(SaeJaxError) as e:
@@ -192,17 +182,12 @@ def test_pooled_missing_is_one_line(tmp_path):
   assert "\n" not in str(e.value) and "pooled_<variant>.npz" in str(e.value)
 
 
-def test_run_retrieval_synthetic_with_trained_sae(tmp_path):
-  """Trains the tiny synthetic SAE, then the stage computes the attribution from it."""
-  from configs import synthetic as syn_cfg
-
-  config = syn_cfg.get_config("tiny,modern")
-  config.train.num_steps = 300  # ~15 s here; the 60-step tiny run is far from converged
-  config.train.checkpoint_every = 300
-  config.train.log_every = 300
-  config.data.batch_size = 1024
-  trainer.train_and_evaluate(config, str(tmp_path))
+def test_run_retrieval_synthetic_with_trained_sae(trained_sae, tmp_path):
+  """The stage computes the attribution from the session's trained SAE (in another workdir)."""
+  config = trained_sae.config()
   r = config.retrieval
+  r.sae_workdir = trained_sae.workdir
+  r.attribution = "sae"
   r.source = "synthetic"
   r.synthetic_pairs = 1500
   r.synthetic_fit_pairs = 2000
@@ -212,8 +197,9 @@ def test_run_retrieval_synthetic_with_trained_sae(tmp_path):
   r.sweep_ranks = (1, 2, 4)
   r.tasks = ("image_to_text",)
   res = retrieve.run_retrieval(config, str(tmp_path))["image_to_text"]
+  assert (tmp_path / "retrieval" / "results.json").exists()
   base, rem, orc = (res[v]["R@1"] for v in ("mean", "mean+removal", "mean+oracle_removal"))
-  assert res["mean+removal"]["settings"]["attribution_source"].startswith(str(tmp_path))
+  assert res["mean+removal"]["settings"]["attribution_source"].startswith(trained_sae.workdir)
   assert res["mean+removal"]["settings"]["removal_rank"] == 4
   assert rem > base + 5, (base, rem, orc)
   assert rem - base >= 0.9 * (orc - base), (base, rem, orc)
@@ -225,10 +211,10 @@ def test_nonfinite_embeddings_are_one_line():
   txt = rng.standard_normal((20, 8)).astype(np.float32)
   txt[3, 2] = np.nan
   with pytest.raises(SaeJaxError) as e:
-    retrieve.evaluate_task(T.paired_task("image_to_text", img, txt), (1, 5))
+    retrieve.evaluate_task(retrieval_tasks.paired_task("image_to_text", img, txt), (1, 5))
   assert "\n" not in str(e.value) and "candidates: 1 rows hold NaN" in str(e.value)
   # image ids shared by two rows: one image query with two caption positives.
-  data = T.paired_task("image_to_text", img, np.nan_to_num(txt), image_ids=np.arange(20) // 2)
+  data = retrieval_tasks.paired_task("image_to_text", img, np.nan_to_num(txt), image_ids=np.arange(20) // 2)
   assert data.n_queries == 10 and data.n_candidates == 20
   np.testing.assert_array_equal(data.positives_indptr, np.arange(0, 21, 2))
   np.testing.assert_array_equal(data.positives_indices, np.arange(20))
