@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from configs import base
-from sae_jax import retrieval as R
 from sae_jax import retrieval_tasks as T
 from sae_jax.errors import SaeJaxError
 from sae_jax.stages import retrieve
+from tests.helpers.reference import recall_reference
 
 
 def _mbeir_arrays(rng, d=16, n_q=30, n_c=50):
@@ -71,9 +71,10 @@ def test_stage_reads_mbeir_files_and_matches_reference(tmp_path):
   results = retrieve.run_retrieval(config, str(tmp_path))
   got = results["image_text_to_image"]["mean"]
   arrays = T.mbeir_task_arrays(queries, pool, qrels)
-  q = R.l2_normalize(np.asarray(arrays["image_text_to_image__queries"], np.float64))
-  c = R.l2_normalize(np.asarray(pool["embeddings"], np.float64))
-  want = R.recall_reference(
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  q = unit(np.asarray(arrays["image_text_to_image__queries"], np.float64))
+  c = unit(np.asarray(pool["embeddings"], np.float64))
+  want = recall_reference(
     q @ c.T,
     arrays["image_text_to_image__positives_indptr"],
     arrays["image_text_to_image__positives_indices"],
@@ -83,7 +84,7 @@ def test_stage_reads_mbeir_files_and_matches_reference(tmp_path):
   for k in (1, 5, 10):
     assert got[f"R@{k}"] == pytest.approx(want[f"R@{k}"])  # both in percent
   # Without the exclusion each query finds its own reference image first.
-  no_ex = R.recall_reference(
+  no_ex = recall_reference(
     q @ c.T,
     arrays["image_text_to_image__positives_indptr"],
     arrays["image_text_to_image__positives_indices"],
