@@ -127,7 +127,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   retrieval.synthetic_fit_pairs = 2000  # separate pairs the attribution is computed on
   retrieval.synthetic_seed = 1
 
-  config.extract = extract = ml_collections.ConfigDict()  # experiments.extract (sae_jax/extract.py)
+  config.extract = extract = ml_collections.ConfigDict()  # experiments.extract (sae_jax/stages/extract.py)
   extract.model_name = ""  # hub id, local directory, or "tiny:<family>" (offline random weights)
   extract.family = ""  # "" = infer from the model config; clip|siglip|qwen_vl|paligemma|chameleon|text
   extract.layer = -1  # hidden_states index (-1 = last layer)

@@ -1,9 +1,13 @@
 """Shared by the six `configs/<model>_coco.py` presets: COCO paths, SAE width, tiny switch.
 
 Not a preset itself. `apply(config, arg, ...)` fills `config.extract`, `config.sae` and `config.data`
-for one paper model; arg words: "tiny" (a local tiny random-weight model of the same family and the
-11-image fixture ../shared/data/coco-val2017-mini, seconds on a CPU), "karpathy" / "parquet" (other
-COCO layouts), "online" (train with the encoder inside the input pipeline).
+for one paper model; arg words: "tiny" (a local tiny random-weight model of the same family and a
+small COCO-format fixture, seconds on a CPU), "karpathy" / "parquet" (other COCO layouts), "online"
+(train with the encoder inside the input pipeline).
+
+The "tiny" fixture is a directory with `captions.json` and `images/` (the project's 11-image COCO
+val2017 sample); it is not part of this repository: set $COCO_MINI to it (default: a
+`shared/data/coco-val2017-mini` directory beside the repository checkout).
 """
 
 import os
@@ -11,7 +15,7 @@ import os
 from sae_jax import config_utils
 
 COCO_ROOT = os.environ.get("COCO_ROOT", "data/coco")
-FIXTURE = os.path.join(
+FIXTURE = os.environ.get("COCO_MINI") or os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "coco-val2017-mini"
 )
 
