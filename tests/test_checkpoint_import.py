@@ -9,41 +9,37 @@ from sae_jax import sae as sae_lib
 from sae_jax import workdir as workdir_lib
 from sae_jax.errors import SaeJaxError
 from sae_jax.interop import overcomplete as overcomplete_lib
+from tests.helpers.env import overcomplete_topk_sae
 
 
-def _authors_style_checkpoint(path, d=24, c=80, seed=0):
-  g = torch.Generator().manual_seed(seed)
-  state = {
-    "encoder.final_block.0.weight": torch.randn(c, d, generator=g),
-    "encoder.final_block.0.bias": torch.randn(c, generator=g) * 0.1,
-    "dictionary._weights": torch.randn(c, d, generator=g) * 3.0,  # not yet renormalised
-    "dictionary.multiplier": torch.tensor(0.0),
-  }
-  torch.save({"model_state": state, "epoch": 7}, path)
-  return {k: v.numpy() for k, v in state.items()}
+def _authors_style_model(d=24, c=80, k=5, seed=0):
+  """A real overcomplete TopKSAE as a checkpoint leaves it: the dictionary rows are not unit norm
+  (they are renormalised at the next forward, not after the optimizer step) and the bias is not 0."""
+  torch.manual_seed(seed)
+  model = overcomplete_topk_sae()(d, c, top_k=k)
+  with torch.no_grad():
+    model.dictionary._weights.mul_(torch.rand(c, 1) * 3 + 0.5)
+    model.encoder.final_block[0].bias.normal_(0.0, 0.1)
+  return model
 
 
-def test_import_then_encode_matches_torch_reference(tmp_path):
-  raw = _authors_style_checkpoint(tmp_path / "sae_clip.pt")
-  loaded = overcomplete_lib.import_overcomplete(
+def test_import_then_encode_decode_match_overcomplete(tmp_path):
+  model = _authors_style_model()
+  torch.save({"model_state": model.state_dict(), "epoch": 7}, tmp_path / "sae_clip.pt")
+  overcomplete_lib.import_overcomplete(
     str(tmp_path / "sae_clip.pt"), str(tmp_path / "w"), k=5, config=base.get_config()
   )
-  assert loaded.k == 5 and loaded.step == 0 and loaded.config.sae.c == 80
+  # What every stage reads back from the workdir, compared with Overcomplete's own forward.
+  loaded = workdir_lib.load_sae(str(tmp_path / "w"))
+  assert (loaded.k, loaded.step, loaded.config.sae.c, loaded.config.sae.preset) == (5, 0, 80, "paper")
   x = np.random.default_rng(0).standard_normal((7, 24)).astype(np.float32)
-  # Overcomplete: z = topk(relu(x W^T + b)), x_hat = z (W_d / (||W_d|| + 1e-8)).
-  acts = np.maximum(x @ raw["encoder.final_block.0.weight"].T + raw["encoder.final_block.0.bias"], 0)
-  z = np.zeros_like(acts)
-  for n in range(7):
-    top = np.argsort(-acts[n])[:5]
-    z[n, top] = acts[n, top]
-  Dn = raw["dictionary._weights"] / (np.linalg.norm(raw["dictionary._weights"], axis=1, keepdims=True) + 1e-8)
-  code = sae_lib.encode(loaded.params, x, loaded.k)
-  np.testing.assert_allclose(sae_lib.dense_codes(code, 80), z, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(sae_lib.decode(loaded.params, code), z @ Dn, rtol=1e-4, atol=1e-5)
-  # The imported workdir is a normal one: load_sae sees the same parameters.
-  again = workdir_lib.load_sae(str(tmp_path / "w"))
-  for name in again.params:
-    np.testing.assert_array_equal(again.params[name], loaded.params[name])
+  model.eval()  # eval: the fused (renormalised) dictionary, no in-place update
+  with torch.no_grad():
+    _, z_ref, x_hat_ref = (t.numpy() for t in model(torch.from_numpy(x)))
+  assert np.all((z_ref > 0).sum(1) == 5)
+  code = sae_lib.encode(loaded.params, x, loaded.k, loaded.spec)
+  np.testing.assert_allclose(sae_lib.dense_codes(code, 80), z_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sae_lib.decode(loaded.params, code), x_hat_ref, rtol=1e-4, atol=1e-5)
 
 
 def test_import_rejects_other_files(tmp_path):

