@@ -17,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
+from sae_jax import workdir as workdir_lib
 from sae_jax.errors import SaeJaxError
 
 FORMAT = "sae_jax.activations.v1"
@@ -35,21 +36,6 @@ def _np_dtype(name: str) -> np.dtype:
 
     return np.dtype(ml_dtypes.bfloat16)
   return np.dtype(name)
-
-
-def _atomic_write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _atomic_save_npy(path: str, array: np.ndarray) -> None:
-  tmp = path + ".tmp.npy"
-  np.save(tmp, array)
-  os.replace(tmp, path)
 
 
 def shard_name(i: int) -> str:
@@ -146,10 +132,10 @@ class ShardWriter:
     base = os.path.join(self.directory, name)
     # Extras first, activations last: the index names only shards whose every file is complete.
     if types is not None:
-      _atomic_save_npy(base + ".token_types.npy", types[:n])
+      workdir_lib.atomic_save_npy(base + ".token_types.npy", types[:n])
     if ids is not None:
-      _atomic_save_npy(base + ".sample_ids.npy", ids[:n])
-    _atomic_save_npy(base + ".npy", rows[:n])
+      workdir_lib.atomic_save_npy(base + ".sample_ids.npy", ids[:n])
+    workdir_lib.atomic_save_npy(base + ".npy", rows[:n])
     self._shards.append(
       {"name": name, "rows": int(n), "token_types": types is not None, "sample_ids": ids is not None}
     )
@@ -159,7 +145,7 @@ class ShardWriter:
     self._write_index()
 
   def _write_index(self) -> None:
-    _atomic_write_json(
+    workdir_lib.atomic_write_json(
       os.path.join(self.directory, INDEX_FILE),
       {
         "format": FORMAT,
