@@ -21,6 +21,10 @@
 Codes (analysis.codes): "encode_pooled" (default, the paper's Appendix B: encode the mean-pooled
 embedding of each sample) or "pool_token_codes" (encode each token, then average the token codes of
 a sample; the union of their supports is kept, so rows are wider than k). The choice is recorded.
+
+Steps: load (`load_pairs`, `check_pairs`) -> compute (`compute_analysis`: codes through the shared
+`BlockEncoder`, streamed concept sums, the blockwise bridge when needed) -> write (`write_*`, each
+file through the atomic writers of `sae_jax.workdir`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ and writes `<workdir>/retrieval/`:
 
 Variant names: a pooling variant (`mean`, `last_token`, `mean_no_image`, `mean_no_prompt`, ...) or
 `<base>+removal`, `<base>+whitening`, `<base>+oracle_removal` (synthetic source only).
+
+Steps: load (`load_inputs`, `load_attribution`) -> compute (`fit_projectors`, `evaluate_all`,
+`sweep_removal_rank`) -> write (`write_outputs`, each file through the atomic writers of
+`sae_jax.workdir`).
 """
 
 from __future__ import annotations
