@@ -11,10 +11,6 @@ Overcomplete is imported without running overcomplete/__init__.py (it imports to
 does not import beside the CPU torch): a bare package module stands in for `overcomplete`.
 """
 
-import importlib.util
-import sys
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,21 +22,13 @@ from sae_jax import sae as sae_lib
 from sae_jax import sharding as shard_lib
 from sae_jax.training import state as state_lib
 from sae_jax.training import step as step_lib
+from tests.helpers.env import overcomplete_topk_sae
+from tests.helpers.reference import rel_err
 
 D_IN, C, K, BATCH = 64, 512, 16, 256
 
 
-def _overcomplete_topk_sae():
-  if "overcomplete" not in sys.modules:
-    spec = importlib.util.find_spec("overcomplete")
-    if spec is None or not spec.submodule_search_locations:
-      pytest.skip("overcomplete is not installed (pip install --no-deps overcomplete==0.3.0)")
-    package = types.ModuleType("overcomplete")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["overcomplete"] = package
-  from overcomplete.sae.topk_sae import TopKSAE
-
-  return TopKSAE
+_overcomplete_topk_sae = overcomplete_topk_sae  # skipped when absent; a failure under CI=true
 
 
 def _config(decoder: str):
@@ -103,9 +91,7 @@ def _torch_step(model, opt, x):
   return loss.item()
 
 
-def _rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+_rel = rel_err
 
 
 def _jax_step(config):

@@ -7,13 +7,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from sae_jax import kernels
 from sae_jax import sae as sae_lib
+from sae_jax import sharding as shard_lib
 from sae_jax.training import state as state_lib
 from sae_jax.training import step as step_lib
+from tests.helpers.reference import rel_err
 
 D_IN, C, K, B = 32, 256, 8, 128
 
@@ -73,9 +76,7 @@ def _setup(preset, seed=0):
   return spec, params, jnp.asarray(x)
 
 
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+_rel = rel_err
 
 
 @pytest.mark.parametrize("preset", ["paper", "modern"])
@@ -156,7 +157,8 @@ def test_train_step_with_dead_latents_matches_loss_fn_gradient():
   state = state_lib.init_state(params, optimizer)
   since = np.where(np.arange(C) % 4 == 0, 1000, 0).astype(np.int32)
   state = {**state, "tokens_since_fired": jnp.asarray(since)}
-  new_state, metrics = jax.jit(step_lib.make_train_step(spec, optimizer))(state, x, valid)
+  mesh = shard_lib.make_mesh(ml_collections.ConfigDict(dict(data=1, model=1)), jax.devices()[:1])
+  new_state, metrics = jax.jit(step_lib.make_train_step(spec, optimizer, mesh))(state, x, valid)
 
   dead = jnp.asarray(since >= 100)
   (loss, out), g = jax.value_and_grad(sae_lib.loss_fn, has_aux=True)(params, x, spec, valid, dead)
