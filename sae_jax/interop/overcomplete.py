@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import chex
 import jax
 import ml_collections
 import numpy as np
@@ -41,7 +42,8 @@ def params_from_overcomplete(state_dict: dict, source: str = "state dict") -> di
     )
   if "dictionary.multiplier" in state_dict and float(as_np(state_dict["dictionary.multiplier"])) != 0.0:
     raise SaeJaxError(f"{source}: dictionary.multiplier != 0 (use_multiplier=True) is not supported")
-  D = D / (np.linalg.norm(D, axis=1, keepdims=True) + 1e-8)
+  # D is kept as stored: Overcomplete renormalises `_weights` where it uses them, and so do
+  # `load_sae` and the paper preset's train step, so export -> import is an exact round trip.
   return {"W_enc": W.T.copy(), "b_enc": b, "D": D, "b_dec": np.zeros(W.shape[1], np.float32)}
 
 
@@ -86,3 +88,43 @@ def import_overcomplete(
   manager.wait_until_finished()
   manager.close()
   return workdir_lib.load_sae(workdir)
+
+
+def overcomplete_state_dict(params: dict, spec: sae_lib.SAESpec) -> dict:
+  """An Overcomplete TopKSAE(d, c, top_k=k) state dict (torch float32 tensors) from our params.
+
+  Overcomplete's TopKSAE has no pre-bias or decoder bias, so a `b_dec` that is not all zero (the
+  `modern` preset) cannot be expressed and is refused.
+  """
+  import torch  # the `interop` extra
+
+  W_enc, b_enc, D = (np.asarray(params[n], np.float32) for n in ("W_enc", "b_enc", "D"))
+  chex.assert_shape(W_enc, (spec.d, spec.c))
+  chex.assert_shape(D, (spec.c, spec.d))
+  b_dec = np.asarray(params["b_dec"], np.float32)
+  if spec.pre_bias and np.any(b_dec != 0):
+    raise SaeJaxError(
+      f"Overcomplete export: this SAE has a decoder bias b_dec (preset {spec.preset!r}, pre_bias on) and "
+      "Overcomplete's TopKSAE has none; export it with --format=saelens"
+    )
+  as_t = lambda a: torch.from_numpy(np.array(a, np.float32, order="C"))  # a writable copy
+  return {
+    "encoder.final_block.0.weight": as_t(W_enc.T),  # torch Linear layout [c, d]
+    "encoder.final_block.0.bias": as_t(b_enc),
+    "dictionary._weights": as_t(D),
+    "dictionary.multiplier": torch.tensor(0.0),  # exp(0) = 1: no learned scale
+  }
+
+
+def write_overcomplete(path: str, params: dict, spec: sae_lib.SAESpec, metadata: dict) -> None:
+  """Writes `{"model_state": state dict, "top_k": k, "sae_jax": metadata}` to `path` (torch.save),
+  the layout of the authors' released `.pt` files that `import_overcomplete` reads."""
+  import torch
+
+  state_dict = overcomplete_state_dict(params, spec)
+  bad = [n for n, t in state_dict.items() if not bool(torch.isfinite(t).all())]
+  if bad:
+    raise SaeJaxError(f"Overcomplete export: parameter {bad[0]} holds NaN or Inf; refusing to write it")
+  tmp = path + ".tmp"
+  torch.save({"model_state": state_dict, "top_k": int(spec.k), "sae_jax": metadata}, tmp)
+  os.replace(tmp, path)

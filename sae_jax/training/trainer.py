@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -65,10 +66,16 @@ def evaluate_reconstruction(
 
 
 class MetricsLogger:
-  """metrics.jsonl, a live progress line, and TensorBoard event files (process 0 only)."""
+  """metrics.jsonl, a live progress line, TensorBoard event files and, when `train_cfg.wandb_project`
+  is set, the same scalars and the resolved `run_config` in Weights & Biases (process 0 only)."""
 
-  def __init__(self, workdir: str, tensorboard: bool):
+  def __init__(
+    self, workdir: str, tensorboard: bool, train_cfg: Any = None, run_config: Optional[dict] = None
+  ):
     self.enabled = jax.process_index() == 0
+    self.wandb_run = None
+    if self.enabled and train_cfg is not None and str(train_cfg.wandb_project):
+      self.wandb_run = _start_wandb(workdir, train_cfg, run_config or {})
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.writer = None
     if self.enabled and tensorboard:
@@ -84,6 +91,8 @@ class MetricsLogger:
       for k, v in metrics.items():
         self.writer.add_scalar(f"train/{k}", float(v), step)
       self.writer.flush()
+    if self.wandb_run is not None:
+      self.wandb_run.log({f"train/{k}": float(v) for k, v in metrics.items()}, step=int(step))
     print(
       f"step {step:>7d} | {metrics.get('tokens_per_s', 0):>9.0f} tok/s | loss {metrics['loss']:.5f} "
       f"| FVU {metrics['fvu']:.4f} | L0 {metrics['l0']:.1f} | dead {100 * metrics['dead_fraction']:.1f}%",
@@ -93,6 +102,45 @@ class MetricsLogger:
   def close(self):
     if self.writer is not None:
       self.writer.close()
+    if self.wandb_run is not None:
+      self.wandb_run.finish()
+      self.wandb_run = None
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _start_wandb(workdir: str, train_cfg: Any, run_config: dict) -> Any:
+  """A W&B run named after the workdir; a resumed training run continues the same W&B run (its id
+  is kept in `<workdir>/wandb_run_id`)."""
+  mode = str(train_cfg.wandb_mode)
+  if mode not in ("", "online", "offline"):
+    raise SaeJaxError(f"config.train.wandb_mode={mode!r}: expected '' ($WANDB_MODE), 'online' or 'offline'")
+  try:
+    import wandb  # the `wandb` extra
+  except ImportError:
+    raise SaeJaxError(
+      "config.train.wandb_project is set but wandb is not installed (pip install 'sae-jax[wandb]')"
+    ) from None
+  local = "://" not in str(workdir)  # W&B writes its files locally; a gs:// workdir keeps them in ./wandb
+  id_path = os.path.join(workdir, WANDB_ID_FILE)
+  if local and os.path.exists(id_path):
+    with open(id_path) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = secrets.token_hex(6)
+    if local:
+      workdir_lib.atomic_write_text(id_path, run_id + "\n")
+  return wandb.init(
+    project=str(train_cfg.wandb_project),
+    entity=str(train_cfg.wandb_entity) or None,
+    name=os.path.basename(os.path.abspath(workdir)) if local else None,
+    id=run_id,
+    resume="allow",
+    dir=workdir if local else None,
+    config=run_config,
+    mode=mode or None,
+  )
 
 
 def _put_batch(local: np.ndarray, sharding) -> jax.Array:
@@ -207,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = _restore_or_init(run, manager)
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, run.resolved)
-  logger = MetricsLogger(workdir, bool(config.train.tensorboard))
+  logger = MetricsLogger(workdir, bool(config.train.tensorboard), config.train, run.resolved)
   try:
     state, last_logged = _train_loop(run, state, manager, logger)
   finally:
