@@ -2,6 +2,7 @@
 
 The released files are torch dicts whose `model_state` holds `encoder.final_block.0.weight` [c, d],
 `encoder.final_block.0.bias` [c] and `dictionary._weights` [c, d]; the top-k is not stored.
+`write_overcomplete` writes ours in the same layout (`experiments.export_sae --format=overcomplete`).
 """
 
 from __future__ import annotations
