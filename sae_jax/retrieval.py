@@ -344,21 +344,6 @@ def topk_search(
   return s[:nq], i[:nq]
 
 
-def topk_reference(queries, candidates, k: int, exclude=None, normalize: bool = True):
-  """Unblocked NumPy reference: full score matrix, stable sort (ties -> lower id)."""
-  q = np.asarray(queries, np.float32)
-  c = np.asarray(candidates, np.float32)
-  if normalize:
-    q, c = l2_normalize(q), l2_normalize(c)
-  s = q @ c.T
-  if exclude is not None:
-    ex = np.asarray(exclude)
-    rows = np.flatnonzero(ex >= 0)
-    s[rows, ex[rows]] = -np.inf
-  ids = np.argsort(-s, axis=1, kind="stable")[:, :k]
-  return np.take_along_axis(s, ids, axis=1), ids.astype(np.int32)
-
-
 # --------------------------------------------------------------------------------------------
 # Recall@K.
 # --------------------------------------------------------------------------------------------
@@ -389,24 +374,6 @@ def recall_at_k(topk_ids, indptr, indices, ks: Sequence[int] = (1, 5, 10)) -> di
       raise SaeJaxError(f"Recall@{kk} needs at least {kk} retrieved ids per query, got {topk_ids.shape[1]}")
   rank = np.asarray(jax.jit(first_hit_rank)(topk_ids, indptr, indices))
   return {f"R@{kk}": float(100.0 * np.mean(rank < kk)) for kk in ks}
-
-
-def recall_reference(scores_full, indptr, indices, ks=(1, 5, 10), exclude=None) -> dict:
-  """NumPy reference from a full score matrix (stable ranking, ties -> lower id)."""
-  s = np.array(scores_full, np.float64, copy=True)
-  if exclude is not None:
-    ex = np.asarray(exclude)
-    rows = np.flatnonzero(ex >= 0)
-    s[rows, ex[rows]] = -np.inf
-  order = np.argsort(-s, axis=1, kind="stable")
-  out = {}
-  for kk in ks:
-    hits = 0
-    for qi in range(s.shape[0]):
-      pos = set(np.asarray(indices)[indptr[qi] : indptr[qi + 1]].tolist())
-      hits += bool(pos & set(order[qi, :kk].tolist()))
-    out[f"R@{kk}"] = 100.0 * hits / s.shape[0]
-  return out
 
 
 def evaluate(queries, candidates, indptr, indices, ks=(1, 5, 10), exclude=None, **search_kwargs):
