@@ -62,7 +62,7 @@ def make_mesh(mesh_cfg: Any, devices=None) -> Mesh:
       f"config.mesh.data={mesh_cfg.data} x config.mesh.model={model} = {data * model}, "
       f"but {n} devices are visible"
     )
-  # Auto axis types: lax.top_k over an Explicit-sharded axis fails in this jax (design.md).
+  # Auto axis types: lax.top_k over an Explicit-sharded axis fails in jax 0.10.
   return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
