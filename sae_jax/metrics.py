@@ -8,12 +8,12 @@ matrix or the c x c Gram matrix M = D D^T:
 - energy `E_i = mean_n z_n,i` (over image and text rows together, and per modality);
 - modality score `MS_i = E_tau,i / (E_iota,i + E_tau,i)` (1 = text-only, the paper's orientation;
   `reverse=True` gives Papadimitriou et al.'s 1 = image-only); NaN where a concept never fires;
-- attribution `A_i = mean_pairs(z_iota,i (M z_tau)_i + z_tau,i (M z_iota)_i)` through identity 1 of
-  `(M z)_i = <d_i, x_hat>` with x_hat = z D WITHOUT the decoder bias, so each pair costs
+- attribution `A_i = mean_pairs(z_iota,i (M z_tau)_i + z_tau,i (M z_iota)_i)` through the identity
+  `(M z)_i = <d_i, x_hat>` (M = D D^T) with x_hat = z D WITHOUT the decoder bias, so each pair costs
   O(k d): gather the 2k active rows of D, reconstruct both sides, take 2k dot products;
 - bridge `B_ij = mean_pairs(z_iota,i z_tau,j) <d_i, d_j>` reduced to one score per concept:
   `diag` B_ii (default), `row` sum_j B_ij = mean z_iota,i <d_i, x_hat_tau>, `col`
-  sum_j B_ji = mean z_tau,i <d_i, x_hat_iota>, `sym` row + col (== attribution, identity 2), and
+  sum_j B_ji = mean z_tau,i <d_i, x_hat_iota>, `sym` row + col (== attribution: sum_j B_ij + B_ji), and
   `max` max_j max(B_ij, B_ji). Only `max` and the top bridge pairs need B itself:
   `bridge_blockwise` builds it one tile of concept rows at a time (tiles sharded over the mesh's
   "model" axis), keeping a running top-K of pairs, never all of B.
@@ -105,7 +105,7 @@ class ConceptSums(NamedTuple):
   attr_image: np.ndarray  # [c] sum_n z_iota,n,i <d_i, x_hat_tau,n>   (= N * row sums of B)
   attr_text: np.ndarray  # [c] sum_n z_tau,n,i <d_i, x_hat_iota,n>   (= N * col sums of B)
   bridge_diag: np.ndarray  # [c] sum_n z_iota,n,i z_tau,n,i            (= N * B_ii / <d_i,d_i>)
-  pair_dot: float  # sum_n <x_hat_iota,n, x_hat_tau,n>        (identity 3)
+  pair_dot: float  # sum_n <x_hat_iota,n, x_hat_tau,n>        (= N * sum_i A_i / 2)
 
 
 def _micro_dots(D, iv, ii, tv, ti):
