@@ -169,4 +169,76 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   extract.online_window_items = 0  # data.source="online": samples encoded per window; 0 = sized from
   # online_buffer_batches and a probe of rows per sample
 
+  config.shapes = shapes = ml_collections.ConfigDict()  # sae_jax/data/shapes.py (experiments.make_shapes)
+  shapes.seed = 0
+  shapes.train_images = 8000
+  shapes.test_images = 1000  # x 5 captions: the role of COCO's Karpathy 5k test
+  shapes.image_size = 64
+  shapes.max_objects = 3
+
+  # sae_jax/stages/train_encoder.py: the two image-text models the shapes study trains (torch, CPU).
+  config.encoder_training = et = ml_collections.ConfigDict()
+  et.seed = 0
+  et.threads = 2  # torch.set_num_threads
+  et.log_every_s = 15.0  # progress line period
+  et.weight_decay = 0.01
+  et.warmup_steps = 100
+  et.eval_images = 1000  # test images for the quality figures (first N of the split)
+  et.vocab_size = 400  # byte-level BPE trained on the train captions (+ the model's special tokens)
+  et.clip = ml_collections.ConfigDict()
+  et.clip.steps = 1000
+  et.clip.batch_size = 128
+  et.clip.lr = 1e-3
+  et.clip.hidden = 64
+  et.clip.layers = 2
+  et.clip.heads = 4
+  et.clip.patch_size = 8
+  et.clip.projection_dim = 64
+  et.clip.max_text_len = 48
+  et.qwen2_vl = ml_collections.ConfigDict()
+  et.qwen2_vl.steps = 800
+  et.qwen2_vl.batch_size = 24  # captioner sequences per step (plus as many text-only sequences)
+  et.qwen2_vl.lr = 2e-3
+  et.qwen2_vl.hidden = 64
+  et.qwen2_vl.layers = 2
+  et.qwen2_vl.heads = 4
+  et.qwen2_vl.kv_heads = 2
+  et.qwen2_vl.vision_depth = 2
+  et.qwen2_vl.vision_dim = 64
+  et.qwen2_vl.patch_size = 8  # 64x64 images -> 8x8 patches -> 16 image tokens after the 2x2 merge
+  et.qwen2_vl.text_lm_weight = 0.5  # weight of the text-only caption LM loss beside the captioner's
+  et.qwen2_vl.prompt = "Describe the image:"
+  et.qwen2_vl.sample_captions = 3
+
+  config.study = study = ml_collections.ConfigDict()  # sae_jax/stages/study.py (experiments.study)
+  study.models = ("clip", "qwen2_vl")  # keys of study.model, run in this order
+  study.dataset = "shapes"  # "shapes" (generated under data_dir) | "coco" (the paths below)
+  study.data_dir = ""  # "" = <workdir>/data
+  study.coco_train_json = ""  # dataset="coco": captions JSON + image dir of the SAE training split
+  study.coco_train_images = ""
+  study.coco_test_json = ""  # dataset="coco": the evaluation split (paper: Karpathy 5k test)
+  study.coco_test_images = ""
+  study.train_extract_images = 2000  # train images whose activations train the SAEs; 0 = all
+  study.sae_steps = 2000
+  study.sae_batch_size = 1024
+  study.paper_name = ""  # "" = a study of models trained here; else the study it reproduces (report title)
+  study.published = ml_collections.ConfigDict()  # <model>: the paper's table1/table2/table3 numbers, printed
+  # beside the measured ones (configs/study_paper.py)
+  # Per model: `source` is "train:clip" / "train:qwen2_vl" (trained here by train_encoder) or a hub id
+  # / local directory; SAE width c, k; pooling variants extracted on the test split.
+  study.model = ml_collections.ConfigDict()
+  study.model.clip = ml_collections.ConfigDict(
+    {"source": "train:clip", "label": "CLIP (trained here)", "c": 512, "k": 8, "pooling": ("embed",), "batch_size": 64}
+  )
+  study.model.qwen2_vl = ml_collections.ConfigDict(
+    {
+      "source": "train:qwen2_vl",
+      "label": "Qwen2-VL (trained here)",
+      "c": 512,
+      "k": 8,
+      "pooling": ("mean", "last_token", "mean_no_image", "mean_no_prompt"),
+      "batch_size": 32,
+    }
+  )
+
   return config
