@@ -183,6 +183,7 @@ def _read_wandb_records(path: str) -> list:
 def test_modern_run_logs_to_wandb_offline_and_exports_to_saelens(tmp_path, monkeypatch):
   monkeypatch.setenv("WANDB_MODE", "offline")
   monkeypatch.setenv("WANDB_SILENT", "true")
+  monkeypatch.setenv("WANDB_CONSOLE", "off")  # leave pytest's stdout capture alone
   config = synthetic.get_config("tiny,modern")
   config.train.num_steps = 20
   config.train.log_every = 10
@@ -228,6 +229,16 @@ def test_modern_run_logs_to_wandb_offline_and_exports_to_saelens(tmp_path, monke
   with pytest.raises(SaeJaxError, match=r"has a decoder bias b_dec .* export it with --format=saelens$"):
     export_lib.export_sae(workdir, "overcomplete", str(tmp_path / "oc"))
   assert not os.path.exists(tmp_path / "oc") and not glob.glob(str(tmp_path / "oc.tmp-*"))
+
+  # Resuming the training run continues the same W&B run (same id) from the restored step.
+  config.train.num_steps = 30
+  trainer.train_and_evaluate(config, workdir)
+  run_files = sorted(glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb")))
+  assert len(run_files) == 2 and {os.path.basename(f) for f in run_files} == {os.path.basename(run_file)}
+  resumed = [
+    r.history.step.num for r in _read_wandb_records(run_files[1]) if r.WhichOneof("record_type") == "history"
+  ]
+  assert resumed == [30]
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -281,3 +292,24 @@ def test_export_main_prints_one_line(tmp_path):
   bad = run("--format=onnx", f"--out={tmp_path / 'out2'}")
   assert bad.returncode == 1
   assert bad.stderr.strip() == "error: --format='onnx': expected one of ('saelens', 'overcomplete')"
+
+
+def test_wandb_settings_errors_are_one_line(tmp_path, monkeypatch):
+  monkeypatch.delenv("WANDB_API_KEY", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials
+  monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+  train_cfg = base.get_config().train
+  assert train_cfg.wandb_project == ""  # off by default: no W&B run, no files
+  trainer.MetricsLogger(str(tmp_path), False, train_cfg, {}).close()
+  assert not os.path.exists(tmp_path / "wandb") and not os.path.exists(tmp_path / trainer.WANDB_ID_FILE)
+  train_cfg.wandb_project = "p"
+  train_cfg.wandb_mode = "sometimes"
+  _one_line_error(
+    lambda: trainer.MetricsLogger(str(tmp_path), False, train_cfg, {}),
+    r"^config.train.wandb_mode='sometimes': expected '' \(\$WANDB_MODE\), 'online' or 'offline'$",
+  )
+  train_cfg.wandb_mode = "online"  # no credentials: W&B refuses before any network access
+  _one_line_error(
+    lambda: trainer.MetricsLogger(str(tmp_path), False, train_cfg, {}),
+    r"^config.train.wandb_project='p': W&B did not start \(.*API key.*\); log in \(wandb login\) or set config.train.wandb_mode=offline$",
+  )

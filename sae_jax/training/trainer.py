@@ -131,16 +131,23 @@ def _start_wandb(workdir: str, train_cfg: Any, run_config: dict) -> Any:
     run_id = secrets.token_hex(6)
     if local:
       workdir_lib.atomic_write_text(id_path, run_id + "\n")
-  return wandb.init(
-    project=str(train_cfg.wandb_project),
-    entity=str(train_cfg.wandb_entity) or None,
-    name=os.path.basename(os.path.abspath(workdir)) if local else None,
-    id=run_id,
-    resume="allow",
-    dir=workdir if local else None,
-    config=run_config,
-    mode=mode or None,
-  )
+  try:
+    return wandb.init(
+      project=str(train_cfg.wandb_project),
+      entity=str(train_cfg.wandb_entity) or None,
+      name=os.path.basename(os.path.abspath(workdir)) if local else None,
+      id=run_id,
+      resume="allow",
+      dir=workdir if local else None,
+      config=run_config,
+      mode=mode or None,
+    )
+  except Exception as e:  # noqa: BLE001 -- wandb raises several types (no API key, no network, bad entity)
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise SaeJaxError(
+      f"config.train.wandb_project={train_cfg.wandb_project!r}: W&B did not start ({reason}); "
+      "log in (wandb login) or set config.train.wandb_mode=offline"
+    ) from None
 
 
 def _put_batch(local: np.ndarray, sharding) -> jax.Array:
