@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 from absl import logging
 
+from sae_jax import encoders
 from sae_jax.data import coco
 from sae_jax.data import shards as shards_lib
 from sae_jax.errors import SaeJaxError
@@ -31,8 +32,6 @@ class OnlineBatches:
   """batch index -> [batch_size, d] float32 rows of encoder activations (see module docstring)."""
 
   def __init__(self, config, encoder=None, source=None):
-    from sae_jax import encoders
-
     ex, data = config.extract, config.data
     self.batch_size = int(data.batch_size)
     self.batches_per_window = max(1, int(ex.online_buffer_batches))

@@ -19,6 +19,7 @@ import json
 import os
 from typing import Optional, Sequence
 
+import ml_dtypes  # shipped with jax
 import numpy as np
 
 from sae_jax import workdir as workdir_lib
@@ -32,8 +33,6 @@ _DTYPES = ("float32", "float16", "bfloat16")
 
 def _np_dtype(name: str) -> np.dtype:
   if name == "bfloat16":
-    import ml_dtypes  # shipped with jax
-
     return np.dtype(ml_dtypes.bfloat16)
   return np.dtype(name)
 

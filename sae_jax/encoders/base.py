@@ -23,6 +23,7 @@ import dataclasses
 import re
 from typing import Any, Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -49,8 +50,6 @@ def to_numpy(t: torch.Tensor, dtype=np.float32) -> np.ndarray:
 
 def to_jax(t: torch.Tensor):
   """torch -> jax.Array through dlpack (zero copy for contiguous CPU fp32 tensors)."""
-  import jax.numpy as jnp
-
   t = t.detach()
   if t.is_floating_point() and t.dtype != torch.float32:
     t = t.to(torch.float32)

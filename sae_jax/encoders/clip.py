@@ -12,7 +12,7 @@ from sae_jax.encoders import base
 from sae_jax.encoders.pooling import TOKEN_IMAGE, TOKEN_SPECIAL, TOKEN_TEXT
 
 
-def _model_inputs(tok, batch) -> dict:
+def model_inputs(tok, batch) -> dict:
   """What the processor would hand the text tower: the tokenizer's `model_input_names` (SigLIP's
   own tokenizer gives no attention_mask, and its text tower then attends to the padding, as trained)."""
   names = set(getattr(tok, "model_input_names", None) or batch.keys()) & {"input_ids", "attention_mask"}
@@ -43,7 +43,7 @@ class ContrastiveEncoder(base.Encoder):
   def text_inputs(self, texts) -> dict:
     tok = self.processor.tokenizer
     max_len = getattr(self.model.config.text_config, "max_position_embeddings", None)
-    return _model_inputs(tok, tok(list(texts), return_tensors="pt", max_length=max_len, **self.text_padding))
+    return model_inputs(tok, tok(list(texts), return_tensors="pt", max_length=max_len, **self.text_padding))
 
   def prepare(self, images=None, texts=None):
     if images is not None and texts is not None:

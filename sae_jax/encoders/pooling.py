@@ -15,9 +15,11 @@ Variants (names used in `config.extract.pooling`):
 A sample with no token left after masking pools to the zero vector (never NaN).
 """
 
+import jax.numpy as jnp
 import numpy as np
 
 from sae_jax.data.shards import TOKEN_TYPES
+from sae_jax.errors import SaeJaxError
 
 TOKEN_SPECIAL, TOKEN_IMAGE, TOKEN_TEXT, TOKEN_PROMPT = (
   TOKEN_TYPES.index(t) for t in ("special", "image", "text", "prompt")
@@ -30,8 +32,6 @@ def _xp(*arrays):
   """jax.numpy if any input is a jax array (or a tracer), else NumPy."""
   for a in arrays:
     if a is not None and type(a).__module__.startswith(("jax", "jaxlib")):
-      import jax.numpy as jnp
-
       return jnp
   return np
 
@@ -91,8 +91,6 @@ def pool(variant, hidden, attention_mask, token_types=None):
     return mean_pool_without_image(hidden, attention_mask, token_types)
   if variant == "mean_no_prompt":
     return mean_pool_without_prompt(hidden, attention_mask, token_types)
-  from sae_jax.errors import SaeJaxError
-
   raise SaeJaxError(
     f"config.extract.pooling: unknown variant {variant!r}; expected one of {VARIANTS + ('embed',)}"
   )

