@@ -15,7 +15,7 @@ from sae_jax.data.shards import ShardWriter
 from sae_jax.data.synthetic import PlantedSource
 from sae_jax.errors import SaeJaxError
 from sae_jax.training import trainer
-from tests.conftest import ROOT
+from tests.helpers.env import ROOT
 from tests.helpers.run_training import final_state, tiny_config
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
