@@ -60,6 +60,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   train.checkpoint_every = 500
   train.max_to_keep = 3
   train.async_checkpoint = True
+  train.preempt_check_every = 10  # multi-process: steps between the all-hosts check for a SIGTERM
   train.init_rows = 8192  # rows used for data-dependent init (b_dec mean / geometric median)
   train.allow_config_change = False  # resume a workdir whose config.json differs
   train.tensorboard = True

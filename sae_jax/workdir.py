@@ -6,7 +6,8 @@ Every stage reads and writes one directory:
   metrics.jsonl        one JSON object per logged training step
   activations/         extraction output; analysis/ and retrieval/: the later stages' outputs
 Files are written under a temporary name and renamed, so a killed process never leaves a
-half-written file under the real name.
+half-written file under the real name. Paths go through `etils.epath` (orbax's path layer), so a
+workdir may be local or remote (`gs://bucket/run`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from sae_jax import sae as sae_lib
 from sae_jax.errors import SaeJaxError
@@ -35,6 +37,7 @@ RESUMABLE_FIELDS = (
   "train.checkpoint_every",
   "train.max_to_keep",
   "train.async_checkpoint",
+  "train.preempt_check_every",
   "train.allow_config_change",
   "train.tensorboard",
   "train.wandb_project",
@@ -58,39 +61,64 @@ RESUMABLE_FIELDS = (
 # ------------------------------------------------------------------------------ atomic writers
 
 
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` via a temporary file and a rename (fsynced)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+def is_remote(path: Any) -> bool:
+  """`gs://...`-style paths (no local file descriptors, memory maps or appends there)."""
+  return "://" in os.fspath(path)
 
 
-def atomic_write_json(path: str, obj: Any, indent: int = 1) -> None:
+def _atomic_write(path: Any, write: Any) -> None:
+  """Calls `write(f)` on a binary file at a temporary name, then renames it to `path`."""
+  path = epath.Path(path)
+  tmp = path.parent / (path.name + ".tmp")
+  with tmp.open("wb") as f:
+    write(f)  # streamed, not buffered: pooled arrays can be GBs
+    if not is_remote(path):
+      f.flush()
+      os.fsync(f.fileno())
+  tmp.replace(path)  # object stores publish an object whole, so the rename only matters locally
+
+
+def atomic_write_text(path: Any, text: str) -> None:
+  """Writes `text` to `path` via a temporary file and a rename (fsynced when local)."""
+  _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write_json(path: Any, obj: Any, indent: int = 1) -> None:
   atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
-def atomic_savez(path: str, **arrays: Any) -> None:
+def atomic_savez(path: Any, **arrays: Any) -> None:
   """np.savez to `path` (which should end in .npz) via a temporary file and a rename."""
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  _atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def atomic_save_npy(path: str, array: np.ndarray) -> None:
-  tmp = path + ".tmp.npy"
-  np.save(tmp, array)
-  os.replace(tmp, path)
+def atomic_save_npy(path: Any, array: np.ndarray) -> None:
+  _atomic_write(path, lambda f: np.save(f, array))
 
 
-def atomic_savefig(fig: Any, path: str, **kwargs: Any) -> None:
-  """matplotlib `fig.savefig` via a temporary file (same extension, so the format is kept)."""
-  root, ext = os.path.splitext(path)
-  tmp = root + ".tmp" + ext
-  fig.savefig(tmp, **kwargs)
-  os.replace(tmp, path)
+def atomic_savefig(fig: Any, path: Any, **kwargs: Any) -> None:
+  """matplotlib `fig.savefig` via a temporary file (the format from the extension of `path`)."""
+  kwargs.setdefault("format", os.path.splitext(os.fspath(path))[1].lstrip(".") or None)
+  _atomic_write(path, lambda f: fig.savefig(f, **kwargs))
+
+
+def append_text(path: Any, text: str) -> None:
+  """Appends `text` to `path`; on object stores (no appends) rewrites the object with it added."""
+  path = epath.Path(path)
+  if not is_remote(path):
+    with open(os.fspath(path), "a") as f:
+      f.write(text)
+    return
+  old = path.read_text() if path.exists() else ""
+  atomic_write_text(path, old + text)
+
+
+def read_json(path: Any) -> Any:
+  """A JSON file (local or remote); a truncated or garbled one is one line naming it."""
+  try:
+    return json.loads(epath.Path(path).read_text())
+  except json.JSONDecodeError as e:
+    raise SaeJaxError(f"{path}: not valid JSON ({e}); the file is truncated or damaged") from None
 
 
 # ------------------------------------------------------------------------------- config.json
@@ -117,11 +145,10 @@ def resolved_config_dict(config: ml_collections.ConfigDict, spec: sae_lib.SAESpe
 
 def check_workdir_config(workdir: str, new: dict, allow_change: bool) -> None:
   """Refuses a workdir whose config.json describes a different run (one line, first difference)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
     return
-  with open(path) as f:
-    old = json.load(f)
+  old = read_json(path)
   old_flat, new_flat = flatten(old), flatten(new)
   ignored = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)
   diff = sorted(
@@ -137,15 +164,14 @@ def check_workdir_config(workdir: str, new: dict, allow_change: bool) -> None:
 
 
 def write_config(workdir: str, resolved: dict) -> None:
-  atomic_write_json(os.path.join(workdir, CONFIG_FILE), resolved)
+  atomic_write_json(epath.Path(workdir) / CONFIG_FILE, resolved)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise SaeJaxError(f"{path} is missing: {workdir} is not an sae-jax training workdir")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(read_json(path))
 
 
 def spec_of_config(config: ml_collections.ConfigDict) -> sae_lib.SAESpec:

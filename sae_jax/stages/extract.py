@@ -33,13 +33,14 @@ import concurrent.futures
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Optional
 
 import numpy as np
 from absl import logging
 
-from sae_jax import config_utils
+from sae_jax import config_utils, preemption
 from sae_jax import workdir as workdir_lib
 from sae_jax.data import coco
 from sae_jax.data import shards as shards_lib
@@ -268,8 +269,16 @@ class Extractor:
     for ch in chunks:
       path = os.path.join(self.parts_dir, ch.name + ".npz")
       if os.path.exists(path):
-        with np.load(path) as z:
-          part = {k: z[k] for k in z.files}
+        try:
+          with np.load(path) as z:
+            part = {k: z[k] for k in z.files}
+        except Exception as e:  # noqa: BLE001 -- a damaged part file only means: run its chunk again
+          print(
+            f"warning: {path} does not load ({type(e).__name__}: {e}); re-running chunk {ch.name}",
+            file=sys.stderr,
+          )
+          todo = chunks[len(results) :]
+          break
         if int(part["row_end"]) <= rows_done or writer is None:
           results.append(part)
           row_cursor = int(part["row_end"])
@@ -287,6 +296,7 @@ class Extractor:
       part = self._run_chunk(ch, writer, row_cursor, rows_done, pool, prep, progress)
       results.append(part)
       row_cursor = int(part["row_end"])
+      preemption.check(f"after extraction chunk {ch.name} (its part file is saved)")
     progress.close()
     self.rates[kind] = progress.rate
     return results, row_cursor
@@ -395,4 +405,5 @@ def run_extraction(config, workdir: str) -> dict:
   """Extract activations for `config.extract` into `<workdir>/activations/`; returns the summary."""
   if config.extract.dataset == "mbeir":
     return extract_mbeir.run_mbeir_extraction(config, workdir)
-  return Extractor(config, workdir).run()
+  with preemption.watch():  # SIGTERM: finish the chunk, exit PREEMPTED_EXIT_CODE; a re-run resumes
+    return Extractor(config, workdir).run()

@@ -6,20 +6,33 @@
   meta   JSON: step, tokens seen, the resolved SAE spec (rows skipped is a counter in `state`)
 Saves are atomic (orbax writes a temporary directory and renames it), so a killed run leaves the
 previous checkpoint intact. Restores take an abstract target carrying NamedShardings, so a run
-saved on one mesh resumes on another.
+saved on one mesh resumes on another. A newest checkpoint that does not restore (storage left it
+truncated or partial) is moved aside to `checkpoints/<step>.corrupt` with one warning, and the run
+resumes from the newest step that does (`restore_newest`). Paths go through `etils.epath`, so the
+workdir may be local or remote (`gs://...`).
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any
+import sys
+from typing import Any, Optional
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from sae_jax.errors import SaeJaxError
 
 CHECKPOINT_DIR = "checkpoints"
+CORRUPT_SUFFIX = ".corrupt"
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  """`<workdir>/checkpoints`, absolute for local paths (orbax wants one), as given for `gs://...`."""
+  path = epath.Path(workdir) / CHECKPOINT_DIR
+  return path if "://" in str(workdir) else epath.Path(path.absolute())
 
 
 def make_manager(workdir: str, train_cfg: Any = None) -> ocp.CheckpointManager:
@@ -33,9 +46,7 @@ def make_manager(workdir: str, train_cfg: Any = None) -> ocp.CheckpointManager:
     "data": grain.checkpoint.CheckpointHandler(),
     "meta": ocp.JsonCheckpointHandler(),
   }
-  return ocp.CheckpointManager(
-    os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), item_handlers=handlers, options=options
-  )
+  return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers, options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any, meta: dict) -> None:
@@ -74,7 +85,7 @@ def restore(
   _check_shapes(manager, step, abstract_state)
   items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
   # An imported SAE (import_overcomplete) has no data position: its stream starts at batch 0.
-  if data_iter is not None and os.path.isdir(os.path.join(str(manager.directory), str(step), "data")):
+  if data_iter is not None and (epath.Path(manager.directory) / str(step) / "data").is_dir():
     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**items))
@@ -82,3 +93,53 @@ def restore(
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise SaeJaxError(f"checkpoint {manager.directory}/{step} does not match the config: {first}") from None
   return restored["state"], dict(restored["meta"])
+
+
+def _reason(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def restore_newest(
+  manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any = None
+) -> Optional[tuple[Any, dict, int]]:
+  """(state, meta, step) of the newest checkpoint that restores, or None when there is none.
+
+  A newer checkpoint that fails while an older one restores was damaged (truncated or partial
+  files): it is moved aside to `<step>.corrupt` (never deleted) with one warning line. When no
+  step restores, the newest step's error is raised (a config mismatch fails on every step).
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  failed: list[tuple[int, BaseException]] = []
+  for step in steps:
+    try:
+      state, meta = restore(manager, step, abstract_state, data_iter)
+    except Exception as e:  # noqa: BLE001 -- any failure to read a step makes it a fall-back candidate
+      failed.append((step, e))
+      continue
+    if failed:
+      _move_aside(manager, failed, step)
+    return state, meta, step
+  if failed:
+    raise failed[0][1]
+  return None
+
+
+def _move_aside(manager: ocp.CheckpointManager, failed: list, restored: int) -> None:
+  directory = epath.Path(manager.directory)
+  if jax.process_index() == 0:
+    for step, e in failed:
+      target = directory / f"{step}{CORRUPT_SUFFIX}"
+      n = 1
+      while target.exists():  # an earlier fall-back already used the name
+        target, n = directory / f"{step}{CORRUPT_SUFFIX}{n}", n + 1
+      (directory / str(step)).rename(target)
+      print(
+        f"warning: checkpoint {directory}/{step} does not restore ({_reason(e)}); moved to {target}, "
+        f"resuming from step {restored}",
+        file=sys.stderr,
+        flush=True,
+      )
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("sae_jax_checkpoint_move_aside")
+  manager.reload()

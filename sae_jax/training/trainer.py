@@ -17,8 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorboardX
+from etils import epath
 from jax.experimental import multihost_utils
 
+from sae_jax import preemption
 from sae_jax import sae as sae_lib
 from sae_jax import sharding as shard_lib
 from sae_jax import workdir as workdir_lib
@@ -76,7 +78,7 @@ class MetricsLogger:
     self.wandb_run = None
     if self.enabled and train_cfg is not None and str(train_cfg.wandb_project):
       self.wandb_run = _start_wandb(workdir, train_cfg, run_config or {})
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
     self.writer = None
     if self.enabled and tensorboard:
       self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -85,8 +87,7 @@ class MetricsLogger:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    workdir_lib.append_text(self.path, json.dumps(record) + "\n")
     if self.writer is not None:
       for k, v in metrics.items():
         self.writer.add_scalar(f"train/{k}", float(v), step)
@@ -98,6 +99,11 @@ class MetricsLogger:
       f"| FVU {metrics['fvu']:.4f} | L0 {metrics['l0']:.1f} | dead {100 * metrics['dead_fraction']:.1f}%",
       flush=True,
     )
+
+  def event(self, step: int, record: dict) -> None:
+    """A non-metric line of metrics.jsonl (e.g. {"event": "preempted", ...})."""
+    if self.enabled:
+      workdir_lib.append_text(self.path, json.dumps({"step": int(step), **record}) + "\n")
 
   def close(self):
     if self.writer is not None:
@@ -188,9 +194,9 @@ class _Run:
 
 def _restore_or_init(run: _Run, manager) -> Any:
   """The newest checkpoint's state (and data position), else a fresh init from `config.seed`."""
-  latest = manager.latest_step()
-  if latest is not None:
-    state, meta = ckpt_lib.restore(manager, latest, run.abstract, run.data_iter)
+  restored = ckpt_lib.restore_newest(manager, run.abstract, run.data_iter)
+  if restored is not None:
+    state, meta, latest = restored
     print(
       f"Resumed from {run.workdir}/checkpoints/{latest} ({meta.get('tokens_seen', 0)} tokens seen)",
       flush=True,
@@ -216,7 +222,15 @@ def _window_average(window: list[dict], rows: int, elapsed: float) -> dict:
   return averaged
 
 
-def _train_loop(run: _Run, state: Any, manager, logger: "MetricsLogger") -> tuple[Any, dict]:
+def _save(run: _Run, manager, step: int, state: Any) -> None:
+  meta = {"step": step, "tokens_seen": step * run.batch_size, "sae_spec": run.resolved["sae_spec"]}
+  ckpt_lib.save(manager, step, state, run.data_iter, meta)
+
+
+def _train_loop(
+  run: _Run, state: Any, manager, logger: "MetricsLogger", watch: preemption.SignalWatch
+) -> tuple[Any, dict]:
+  """Runs the steps; on a signal (`watch`) saves at the step reached and returns early."""
   config, spec = run.config, run.spec
   train_step = step_lib.jit_train_step(spec, run.optimizer, run.mesh, run.state_sharding)
   batch_sharding = shard_lib.batch_sharding(run.mesh)
@@ -243,9 +257,25 @@ def _train_loop(run: _Run, state: Any, manager, logger: "MetricsLogger") -> tupl
       logger.write(done, last_logged)
       window, rows_window, t_window = [], 0, time.perf_counter()
     if done % ckpt_every == 0 or done == run.num_steps:
-      meta = {"step": done, "tokens_seen": done * run.batch_size, "sae_spec": run.resolved["sae_spec"]}
-      ckpt_lib.save(manager, done, state, run.data_iter, meta)
+      _save(run, manager, done, state)
+    if done < run.num_steps and watch.stop_agreed(done, int(config.train.preempt_check_every)):
+      if done % ckpt_every:
+        _save(run, manager, done, state)
+      watch.stopped_at = done
+      break
   return state, last_logged
+
+
+def _exit_preempted(run: _Run, watch: preemption.SignalWatch, logger: "MetricsLogger") -> None:
+  step = watch.stopped_at
+  seconds = time.monotonic() - watch.received_at if watch.received_at is not None else float("nan")
+  # A host that did not get the signal itself stops because another one did.
+  signal_name = watch.received or "peer"
+  logger.event(step, {"event": "preempted", "signal": signal_name, "signal_to_saved_s": round(seconds, 3)})
+  preemption.stop(
+    f"{signal_name}: saved {run.workdir}/checkpoints/{step} ({seconds:.1f} s after the signal) and "
+    f"stopped; exit status {preemption.PREEMPTED_EXIT_CODE}, re-run the same command to resume"
+  )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -256,19 +286,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config = config.copy_and_resolve_references()
     config.data.shard_dir = os.path.join(workdir, "activations", "shards")
   run = _Run(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   workdir_lib.check_workdir_config(workdir, run.resolved, bool(config.train.allow_config_change))
   manager = ckpt_lib.make_manager(workdir, config.train)
   state = _restore_or_init(run, manager)
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, run.resolved)
   logger = MetricsLogger(workdir, bool(config.train.tensorboard), config.train, run.resolved)
-  try:
-    state, last_logged = _train_loop(run, state, manager, logger)
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-    logger.close()
+  with preemption.watch() as watch:
+    try:
+      state, last_logged = _train_loop(run, state, manager, logger, watch)
+    finally:
+      manager.wait_until_finished()  # a preemption save is synchronous: it is on storage after this
+      manager.close()
+      logger.close()
+    if watch.stopped_at is not None:
+      _exit_preempted(run, watch, logger)
   summary = {
     "step": run.num_steps,
     "workdir": workdir,
