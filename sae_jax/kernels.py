@@ -35,7 +35,7 @@ _ENCODER_BLOCK_ROWS = 512
 _MIN_BLOCK_ROWS = 64
 
 
-def _gather_weighted_sum(weights: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
+def gather_weighted_sum(weights: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
   """out[b] = sum_j weights[b, j] * table[indices[b, j]]:  [B, k], [B, k], [n, d] -> [B, d]."""
   w_t, i_t = weights.T, indices.T  # one contiguous column per iteration
 
@@ -46,7 +46,7 @@ def _gather_weighted_sum(weights: jax.Array, indices: jax.Array, table: jax.Arra
   return jax.lax.fori_loop(0, weights.shape[1], body, init)
 
 
-def _gather_dot(rows: jax.Array, indices: jax.Array, table: jax.Array, chunk: int = 128) -> jax.Array:
+def gather_dot(rows: jax.Array, indices: jax.Array, table: jax.Array, chunk: int = 128) -> jax.Array:
   """out[b, j] = <rows[b], table[indices[b, j]]>:  [B, d], [B, k], [n, d] -> [B, k].
 
   Row chunks keep the gathered block at [chunk, k, d] (a per-column loop of row dots ran slower).
@@ -58,7 +58,7 @@ def _gather_dot(rows: jax.Array, indices: jax.Array, table: jax.Array, chunk: in
   return out.reshape(n_rows, k)
 
 
-def _scatter_weighted_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, n: int) -> jax.Array:
+def scatter_weighted_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, n: int) -> jax.Array:
   """out[i] = sum over (b, j) with indices[b, j] = i of weights[b, j] * rows[b]:  -> [n, d]."""
   w_t, i_t = weights.T, indices.T
 
@@ -89,7 +89,7 @@ def topk_encode(
   return _topk_encode_fwd(x, shift, W_enc, b_enc, mask, k, dtype, top_k)[0]
 
 
-def _encoder_block_rows(n_rows: int) -> int:
+def encoder_block_rows(n_rows: int) -> int:
   """The largest power of two <= _ENCODER_BLOCK_ROWS dividing n_rows (n_rows if it is < 64)."""
   block = 1
   while block * 2 <= _ENCODER_BLOCK_ROWS and n_rows % (block * 2) == 0:
@@ -108,7 +108,7 @@ def _topk_encode_fwd(x, shift, W_enc, b_enc, mask, k, dtype, top_k):
     return top_k(acts, k)
 
   n_rows = xc.shape[0]
-  rows = _encoder_block_rows(n_rows)
+  rows = encoder_block_rows(n_rows)
   if top_k is local_top_k and rows < n_rows and jax.default_backend() == "cpu":
     # Unsharded, on CPU: loop over row blocks. (A sharded top_k needs the whole [B, c] array;
     # accelerators want the one large GEMM.)
@@ -126,10 +126,10 @@ def _topk_encode_bwd(k, dtype, top_k, residuals, cotangents):
   # ReLU'(pre) at the selected entries (0 where the value is 0: non-positive or masked out).
   g = jnp.where(values > 0, dvalues, 0.0)
   c = W_enc.shape[1]
-  dW_enc = _scatter_weighted_rows(g, indices, xc, c).T
+  dW_enc = scatter_weighted_rows(g, indices, xc, c).T
   db_enc = jnp.zeros((c,), jnp.float32).at[indices.reshape(-1)].add(g.reshape(-1))
   # d/dx; XLA drops it when the input needs no gradient (training differentiates params only).
-  dx = _gather_weighted_sum(g, indices, W_enc.T)
+  dx = gather_weighted_sum(g, indices, W_enc.T)
   # d/dshift = -sum_b dx[b] = -W_enc db_enc, without the [B, d] gather.
   dshift = None if shift is None else -(W_enc @ db_enc)
   dmask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
@@ -142,25 +142,28 @@ topk_encode.defvjp(_topk_encode_fwd, _topk_encode_bwd)
 @jax.custom_vjp
 def sparse_decode(values: jax.Array, indices: jax.Array, D: jax.Array) -> jax.Array:
   """sum_j values[:, j] * D[indices[:, j]] ([N, d], no bias); backward costs N*k*d, not N*c*d."""
-  return _gather_weighted_sum(values, indices, D)
+  return gather_weighted_sum(values, indices, D)
 
 
 def _sparse_decode_fwd(values, indices, D):
-  return _gather_weighted_sum(values, indices, D), (values, indices, D)
+  return gather_weighted_sum(values, indices, D), (values, indices, D)
 
 
 def _sparse_decode_bwd(residuals, g):
   values, indices, D = residuals
   dindices = jnp.zeros(indices.shape, jax.dtypes.float0)
-  return _gather_dot(g, indices, D), dindices, _scatter_weighted_rows(values, indices, g, D.shape[0])
+  return gather_dot(g, indices, D), dindices, scatter_weighted_rows(values, indices, g, D.shape[0])
 
 
 sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
 
 
-def _transpose(a: jax.Array) -> jax.Array:
-  # A materialised transpose: XLA:CPU runs only plain row-major (NN) dots on its fast GEMM kernel
-  # and would otherwise fold the transpose into a slow transposed dot.
+def transpose(a: jax.Array) -> jax.Array:
+  """a.T; on CPU materialised behind a barrier: XLA:CPU runs only plain row-major (NN) dots on its
+  fast GEMM kernel and would otherwise fold the transpose into a slow transposed dot. Other
+  backends get the plain transpose (their GEMMs take transposed operands at full speed)."""
+  if jax.default_backend() != "cpu":
+    return a.T
   return jax.lax.optimization_barrier(a.T)
 
 
@@ -178,8 +181,8 @@ def _nn_matmul_fwd(a, b, dtype):
 def _nn_matmul_bwd(dtype, residuals, g):
   a, b = residuals
   g = g.astype(dtype)
-  da = jnp.matmul(g, _transpose(b), preferred_element_type=jnp.float32)  # [M, K]
-  db = jnp.matmul(_transpose(g), a, preferred_element_type=jnp.float32).T  # ([N, M] @ [M, K]).T
+  da = jnp.matmul(g, transpose(b), preferred_element_type=jnp.float32)  # [M, K]
+  db = jnp.matmul(transpose(g), a, preferred_element_type=jnp.float32).T  # ([N, M] @ [M, K]).T
   return da, db
 
 

@@ -48,6 +48,9 @@ class SAESpec:
   k: int
   preset: str = "paper"
   decoder: str = "dense"
+  backward: str = "scatter"
+  top_k: str = "exact"
+  approx_recall: float = 0.95
   compute_dtype: str = "float32"
   pre_bias: bool = False
   b_dec_init: str = "zeros"
@@ -81,6 +84,8 @@ _PRESETS = {
 }
 _CHOICES = {
   "decoder": ("dense", "gather"),
+  "backward": ("scatter", "dense"),
+  "top_k": ("exact", "approx"),
   "compute_dtype": ("float32", "bfloat16"),
   "b_dec_init": ("zeros", "mean", "geometric_median"),
   "enc_init": ("uniform", "tied"),
@@ -88,10 +93,22 @@ _CHOICES = {
 }
 
 
+def _platform(platform: Optional[str]) -> str:
+  return platform or jax.default_backend()
+
+
 def default_decoder(platform: Optional[str] = None) -> str:
-  """The decoder for "auto", picked by measurement (figures in benchmarks/README.md)."""
-  del platform
-  return "gather"
+  """The decoder for "auto" (why, with figures: benchmarks/README.md)."""
+  return "gather" if _platform(platform) == "cpu" else "dense"
+
+
+def default_backward(platform: Optional[str] = None) -> str:
+  """The backward pass for "auto": B*k-row scatter-adds on CPU, GEMMs on accelerators (where XLA
+  runs scatters serially). Why, with figures: benchmarks/README.md."""
+  return "scatter" if _platform(platform) == "cpu" else "dense"
+
+
+_AUTO = {"decoder": default_decoder, "backward": default_backward}
 
 
 def spec_from_config(sae_cfg: Any, platform: Optional[str] = None) -> SAESpec:
@@ -108,10 +125,12 @@ def spec_from_config(sae_cfg: Any, platform: Optional[str] = None) -> SAESpec:
   if base["aux_k"] is None:
     base["aux_k"] = min(d // 2, c)
   out = dict(d=d, c=c, k=k, preset=preset, dead_tokens=int(sae_cfg.dead_tokens))
-  for name in ("decoder", "compute_dtype", "b_dec_init", "enc_init", "decoder_norm"):
+  for name in ("decoder", "backward", "top_k", "compute_dtype", "b_dec_init", "enc_init", "decoder_norm"):
     value = str(sae_cfg[name])
-    if value == "auto":
-      value = default_decoder(platform) if name == "decoder" else base[name]
+    if value == "auto" and name in _AUTO:
+      value = _AUTO[name](platform)
+    elif value == "auto" and name in base:
+      value = base[name]
     if value not in _CHOICES[name]:
       raise SaeJaxError(f"config.sae.{name}={value!r}: expected one of {_CHOICES[name] + ('auto',)}")
     out[name] = value
@@ -122,6 +141,15 @@ def spec_from_config(sae_cfg: Any, platform: Optional[str] = None) -> SAESpec:
   for name, cast in (("l1_coef", float), ("aux_k", int), ("aux_coef", float)):
     value = cast(sae_cfg[name])
     out[name] = base[name] if value < 0 else value
+  if out["backward"] == "dense" and out["decoder"] == "gather":
+    raise SaeJaxError(
+      "config.sae.decoder='gather' needs config.sae.backward='scatter' (the dense backward decodes "
+      "with z D); set sae.decoder='dense' or 'auto'"
+    )
+  recall = float(sae_cfg.approx_recall)
+  if not 0.0 < recall <= 1.0:
+    raise SaeJaxError(f"config.sae.approx_recall={recall}: expected a value in (0, 1]")
+  out["approx_recall"] = recall
   if out["aux_k"] > c:
     raise SaeJaxError(f"config.sae.aux_k={out['aux_k']}: must not exceed config.sae.c={c}")
   return SAESpec(**out)
@@ -178,7 +206,8 @@ def init_params(rng: jax.Array, spec: SAESpec, data_sample: Optional[np.ndarray]
 # ----------------------------------------------------------------------------------- math
 
 
-def _dtype(spec: SAESpec):
+def matmul_dtype(spec: SAESpec) -> Any:
+  """The dtype of the SAE matmul operands (bf16 or fp32; results are always fp32)."""
   return jnp.bfloat16 if spec.compute_dtype == "bfloat16" else jnp.float32
 
 
@@ -186,7 +215,7 @@ def pre_activations(params: Params, x: jax.Array, spec: SAESpec) -> jax.Array:
   """ReLU((x - b_dec) W_enc + b_enc), [N, c] float32."""
   if spec.pre_bias:
     x = x - params["b_dec"]
-  return jax.nn.relu(kernels.matmul(x, params["W_enc"], _dtype(spec)) + params["b_enc"])
+  return jax.nn.relu(kernels.matmul(x, params["W_enc"], matmul_dtype(spec)) + params["b_enc"])
 
 
 def dense_codes(code: SparseCode, c: int) -> jax.Array:
@@ -229,7 +258,7 @@ def _decode_for_training(D: jax.Array, values: jax.Array, indices: jax.Array, sp
   if spec.decoder == "dense":
     # z D as one GEMM over the dense codes (k nonzeros per row); backward: two NN GEMMs.
     z = dense_codes(SparseCode(values, indices), spec.c)
-    return kernels.nn_matmul(z, D, _dtype(spec))
+    return kernels.nn_matmul(z, D, matmul_dtype(spec))
   return kernels.sparse_decode(values, indices, D)
 
 
@@ -247,7 +276,7 @@ def loss_fn(
   backward is sparse in both cases (`topk_encode`).
   """
   B = x.shape[0]
-  dtype = _dtype(spec)
+  dtype = matmul_dtype(spec)
   shift = params["b_dec"] if spec.pre_bias else None
   values, indices = kernels.topk_encode(
     x, shift, params["W_enc"], params["b_enc"], None, spec.k, dtype, top_k
@@ -296,7 +325,7 @@ def aux_loss_fn(
   w = jnp.ones(x.shape[:1], jnp.float32) if valid is None else valid.astype(jnp.float32)
   e = jax.lax.stop_gradient(err)
   aux_values, aux_indices = kernels.topk_encode(
-    x, shift, params["W_enc"], params["b_enc"], dead, spec.aux_k, _dtype(spec), top_k
+    x, shift, params["W_enc"], params["b_enc"], dead, spec.aux_k, matmul_dtype(spec), top_k
   )
   e_hat = kernels.sparse_decode(aux_values, aux_indices, params["D"])
   e_mean = jnp.sum(w[:, None] * e, axis=0) / jnp.maximum(w.sum(), 1.0)  # masked rows excluded

@@ -28,6 +28,15 @@ PARTITION_RULES: dict[str, P] = {
 }
 BATCH_SPEC = P(DATA, None)
 
+# ZeRO-1 (`config.mesh.shard_optimizer`): the Adam moments (and the reduce-scattered gradients)
+# are split over "data" as well, along a d axis (b_enc: within each model shard).
+ZERO_RULES: dict[str, P] = {
+  "W_enc": P(DATA, MODEL),  # [d, c]
+  "b_enc": P((MODEL, DATA)),  # [c]
+  "D": P(MODEL, DATA),  # [c, d]
+  "b_dec": P(DATA),  # [d]
+}
+
 
 def maybe_initialize_distributed(mesh_cfg: Any) -> None:
   """jax.distributed.initialize for multi-host runs (TPU pods, SLURM) when the config asks."""
@@ -73,16 +82,23 @@ def _leaf_name(path) -> str:
   return ""
 
 
-def spec_for(path, leaf) -> P:
-  spec = PARTITION_RULES.get(_leaf_name(path))
+def _in_opt_state(path) -> bool:
+  return any(isinstance(e, jax.tree_util.DictKey) and e.key == "opt_state" for e in path)
+
+
+def spec_for(path, leaf, shard_optimizer: bool = False) -> P:
+  rules = ZERO_RULES if shard_optimizer and _in_opt_state(path) else PARTITION_RULES
+  spec = rules.get(_leaf_name(path))
   if spec is None or len(spec) != np.ndim(leaf):
     return P()
   return spec
 
 
-def state_shardings(state: Any, mesh: Mesh) -> Any:
-  """NamedSharding for every leaf of a (possibly abstract) state pytree."""
-  return jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, spec_for(p, x)), state)
+def state_shardings(state: Any, mesh: Mesh, shard_optimizer: bool = False) -> Any:
+  """NamedSharding for every leaf of a (possibly abstract) state pytree; with `shard_optimizer`
+  the optimizer's moments follow ZERO_RULES."""
+  zero = shard_optimizer and mesh.shape[DATA] > 1
+  return jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, spec_for(p, x, zero)), state)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -94,13 +110,17 @@ def rows_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA))
 
 
-def check_divisible(mesh: Mesh, batch_size: int, c: int) -> None:
-  if batch_size % mesh.shape[DATA]:
+def check_divisible(mesh: Mesh, batch_size: int, c: int, d: int = 0, shard_optimizer: bool = False) -> None:
+  dp, mp = mesh.shape[DATA], mesh.shape[MODEL]
+  if batch_size % dp:
+    raise SaeJaxError(f"config.data.batch_size={batch_size} is not divisible by mesh data axis {dp}")
+  if c % mp:
+    raise SaeJaxError(f"config.sae.c={c} is not divisible by mesh model axis {mp}")
+  if shard_optimizer and dp > 1 and (d % dp or (c // mp) % dp):
     raise SaeJaxError(
-      f"config.data.batch_size={batch_size} is not divisible by mesh data axis {mesh.shape[DATA]}"
+      f"config.mesh.shard_optimizer=True needs config.sae.d={d} and config.sae.c/mesh.model={c // mp} "
+      f"divisible by the mesh data axis {dp}"
     )
-  if c % mesh.shape[MODEL]:
-    raise SaeJaxError(f"config.sae.c={c} is not divisible by mesh model axis {mesh.shape[MODEL]}")
 
 
 def sharded_top_k(mesh: Mesh):

@@ -55,6 +55,13 @@ RESUMABLE_FIELDS = (
   "extract",
   "sae.decoder",
   "sae_spec.decoder",
+  "sae.backward",
+  "sae_spec.backward",
+  "sae.top_k",
+  "sae_spec.top_k",
+  "sae.approx_recall",
+  "sae_spec.approx_recall",
+  "mesh.shard_optimizer",
 )
 
 

@@ -86,7 +86,7 @@ def test_loss_and_grads_match_autodiff(preset, decoder, with_dead, monkeypatch):
   # Blocks of 32 rows, so the blocked encoder forward (GEMM + ReLU + top-k per block) is tested.
   monkeypatch.setattr(kernels, "_ENCODER_BLOCK_ROWS", 32)
   monkeypatch.setattr(kernels, "_MIN_BLOCK_ROWS", 32)
-  assert kernels._encoder_block_rows(B) == 32
+  assert kernels.encoder_block_rows(B) == 32
   spec, params, x = _setup(preset)
   spec = dataclasses.replace(spec, decoder=decoder)
   valid = jnp.asarray(np.arange(B) % 7 != 3)  # some rows masked out

@@ -180,10 +180,11 @@ class _Run:
     self.batch_size = int(config.data.batch_size)
     self.resolved = workdir_lib.resolved_config_dict(config, self.spec)
     self.mesh = shard_lib.make_mesh(config.mesh)
-    shard_lib.check_divisible(self.mesh, self.batch_size, self.spec.c)
+    self.shard_optimizer = bool(config.mesh.shard_optimizer)
+    shard_lib.check_divisible(self.mesh, self.batch_size, self.spec.c, self.spec.d, self.shard_optimizer)
     self.optimizer = state_lib.make_optimizer(config.optim, self.num_steps)
     abstract = state_lib.abstract_state(self.spec, config)
-    self.state_sharding = shard_lib.state_shardings(abstract, self.mesh)
+    self.state_sharding = shard_lib.state_shardings(abstract, self.mesh, self.shard_optimizer)
     self.abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.state_sharding
     )
@@ -232,7 +233,7 @@ def _train_loop(
 ) -> tuple[Any, dict]:
   """Runs the steps; on a signal (`watch`) saves at the step reached and returns early."""
   config, spec = run.config, run.spec
-  train_step = step_lib.jit_train_step(spec, run.optimizer, run.mesh, run.state_sharding)
+  train_step = step_lib.jit_train_step(spec, run.optimizer, run.mesh, run.state_sharding, run.shard_optimizer)
   batch_sharding = shard_lib.batch_sharding(run.mesh)
   valid_sharding = shard_lib.rows_sharding(run.mesh)
   start = int(jax.device_get(state["step"]))
