@@ -8,8 +8,9 @@
 - `private_imports`: `from sae_jax.x import _name` or `x._name` on another sae_jax module, in
   `sae_jax/` and `experiments/`;
 - `layering`: the library importing `configs` or `experiments`;
-- `undeclared_config_fields`: `config.<section>.<field>` (and reads through section aliases such as
-  `ex = config.extract; ex.layer`, `rcfg.<field>`, `mesh_cfg.<field>`) not declared in configs/base.py;
+- `undeclared_config_fields`: in `sae_jax/`, `config.<section>.<field>` (and reads through section
+  aliases such as `ex = config.extract; ex.layer`, `rcfg.<field>`, `mesh_cfg.<field>`) not declared
+  in configs/base.py;
 - `lazy_imports`: function-level imports inside `sae_jax/` of anything but an optional dependency.
 """
 
@@ -418,7 +419,7 @@ def undeclared_config_fields(root: pathlib.Path) -> list[Violation]:
   sections, leaves = declared_fields(root)
   methods = _configdict_attrs()
   out = []
-  for m in find_modules(root).values():
+  for m in find_modules(root, (PACKAGE,)).values():  # experiments/ holds absl flag objects named `config`
     for path, line in _reads_in(m.tree, _class_aliases(m.tree, sections), sections):
       prefix = []
       for part in path:
