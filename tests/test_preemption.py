@@ -343,3 +343,38 @@ def test_workdir_contract_on_an_in_memory_gcs(fake_gcs, tmp_path):
   assert str(ckpt) == "gs://bucket/runs/clip/checkpoints"  # not os.path.abspath'd into a local path
   assert "gs://bucket/runs/clip/config.json" in fake_gcs.store  # written to the fake, not a local dir
   assert not (tmp_path / "gs:").exists() and not os.path.exists("gs:")
+
+
+def test_two_processes_agree_on_the_step_when_one_is_signalled(tmp_path):
+  """SIGTERM reaches one host only: both save the same step and exit 75 (the all-gathered flag)."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  work = tmp_path / "mp"
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-m", "tests.helpers.run_multiprocess", str(work), str(port), "2", str(pid), "100000"],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for pid in (0, 1)
+  ]
+  _wait_for(work / "checkpoints" / "20", procs[0])
+  procs[1].send_signal(signal.SIGTERM)
+  errs = [p.communicate(timeout=300)[1] for p in procs]
+  assert [p.returncode for p in procs] == [preemption.PREEMPTED_EXIT_CODE] * 2, (
+    errs[0][-1500:] + errs[1][-1500:]
+  )
+  saved = [[ln for ln in e.splitlines() if ln.startswith("preempted:")] for e in errs]
+  assert "SIGTERM: saved" in saved[1][0] and "peer: saved" in saved[0][0]
+  step = int(saved[1][0].split("checkpoints/")[1].split(" ")[0])
+  assert f"checkpoints/{step} " in saved[0][0] and step >= 20 and step % 10 == 0  # preempt_check_every
+  assert _steps(work)[-1] == step
+  event = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
+  assert event["event"] == "preempted" and event["step"] == step

@@ -272,10 +272,14 @@ def _exit_preempted(run: _Run, watch: preemption.SignalWatch, logger: "MetricsLo
   seconds = time.monotonic() - watch.received_at if watch.received_at is not None else float("nan")
   # A host that did not get the signal itself stops because another one did.
   signal_name = watch.received or "peer"
-  logger.event(step, {"event": "preempted", "signal": signal_name, "signal_to_saved_s": round(seconds, 3)})
+  record = {"event": "preempted", "signal": signal_name}
+  if watch.received:  # process 0 may stop because another process was signalled
+    record["signal_to_saved_s"] = round(seconds, 3)
+  logger.event(step, record)
+  when = f"{seconds:.1f} s after the signal" if watch.received else "another process was signalled"
   preemption.stop(
-    f"{signal_name}: saved {run.workdir}/checkpoints/{step} ({seconds:.1f} s after the signal) and "
-    f"stopped; exit status {preemption.PREEMPTED_EXIT_CODE}, re-run the same command to resume"
+    f"{signal_name}: saved {run.workdir}/checkpoints/{step} ({when}) and stopped; exit status "
+    f"{preemption.PREEMPTED_EXIT_CODE}, re-run the same command to resume"
   )
 
 
