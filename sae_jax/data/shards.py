@@ -205,23 +205,27 @@ class ActivationStore:
     self.index = read_index(self.directory)
     self.d = int(self.index["d"])
     self.dtype = self.index["dtype"]
-    self._arrays = [
-      np.load(os.path.join(self.directory, s["name"] + ".npy"), mmap_mode="r") for s in self.index["shards"]
+    self.np_dtype = _np_dtype(self.dtype)
+    # One memory map per shard, in index order; `starts[s]` is shard s's first global row.
+    # np.save writes bfloat16 as raw 2-byte voids: view them back as ml_dtypes.bfloat16.
+    self.arrays = [
+      np.load(os.path.join(self.directory, s["name"] + ".npy"), mmap_mode="r").view(self.np_dtype)
+      for s in self.index["shards"]
     ]
-    self._starts = np.cumsum([0] + [a.shape[0] for a in self._arrays])
-    self.total_rows = int(self._starts[-1])
+    self.starts = np.cumsum([0] + [a.shape[0] for a in self.arrays])
+    self.total_rows = int(self.starts[-1])
 
   def __len__(self) -> int:
     return self.total_rows
 
-  def rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Rows at global `indices` (any order), as float32 [len(indices), d]."""
+  def rows(self, indices: Sequence[int] | np.ndarray, dtype: Optional[np.dtype] = np.float32) -> np.ndarray:
+    """Rows at global `indices` (any order), [len(indices), d] in `dtype` (None: the store's)."""
     indices = np.asarray(indices, np.int64)
-    out = np.empty((indices.shape[0], self.d), np.float32)
-    shard_of = np.searchsorted(self._starts, indices, side="right") - 1
+    out = np.empty((indices.shape[0], self.d), self.np_dtype if dtype is None else dtype)
+    shard_of = np.searchsorted(self.starts, indices, side="right") - 1
     for s in np.unique(shard_of):
       sel = np.nonzero(shard_of == s)[0]
-      local = indices[sel] - self._starts[s]
+      local = indices[sel] - self.starts[s]
       order = np.argsort(local)  # sorted reads are page-cache friendly
-      out[sel[order]] = self._arrays[s][local[order]]
+      out[sel[order]] = self.arrays[s][local[order]]
     return out

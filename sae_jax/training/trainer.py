@@ -189,8 +189,15 @@ class _Run:
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.state_sharding
     )
     self.global_batches = pipeline.batch_fn(config)  # init and evaluation: same on every host
-    local_fn = pipeline.batch_fn(config, jax.process_index(), jax.process_count())
-    self.data_iter = iter(pipeline.make_dataset(config, local_fn))
+    # Training rows stay in the shards' dtype (bf16) until the device; checked in grain's threads;
+    # data.device_prefetch batches are transferred ahead of the step.
+    local_fn = pipeline.batch_fn(config, jax.process_index(), jax.process_count(), True)
+    rows, valid = shard_lib.batch_sharding(self.mesh), shard_lib.rows_sharding(self.mesh)
+    self.data_iter = pipeline.DeviceFeed(
+      iter(pipeline.make_checked_dataset(config, local_fn, self.spec.d)),
+      lambda e: (jnp.asarray(_put_batch(e[0], rows), jnp.float32), _put_batch(e[1], valid)),
+      int(config.data.device_prefetch),
+    )
 
 
 def _restore_or_init(run: _Run, manager) -> Any:
@@ -234,19 +241,14 @@ def _train_loop(
   """Runs the steps; on a signal (`watch`) saves at the step reached and returns early."""
   config, spec = run.config, run.spec
   train_step = step_lib.jit_train_step(spec, run.optimizer, run.mesh, run.state_sharding, run.shard_optimizer)
-  batch_sharding = shard_lib.batch_sharding(run.mesh)
-  valid_sharding = shard_lib.rows_sharding(run.mesh)
   start = int(jax.device_get(state["step"]))
   log_every, ckpt_every = max(1, int(config.train.log_every)), max(1, int(config.train.checkpoint_every))
   window: list[dict] = []
   t_window, rows_window = time.perf_counter(), 0
   last_logged: dict = {}
   for step in range(start, run.num_steps):
-    batch = np.asarray(next(run.data_iter), np.float32)
-    batch, valid = pipeline.check_batch(
-      batch, spec.d, str(config.data.nonfinite), f"config.data.source={config.data.source!r} batch {step}"
-    )
-    state, metrics = train_step(state, _put_batch(batch, batch_sharding), _put_batch(valid, valid_sharding))
+    batch, valid = next(run.data_iter)  # on the device, checked (pipeline.DeviceFeed)
+    state, metrics = train_step(state, batch, valid)
     window.append(metrics)
     rows_window += run.batch_size
     if step == start:  # keep compilation out of tokens/s

@@ -1,0 +1,227 @@
+"""Data at scale: the block shuffle (coverage, purity, process split, SIGKILL resume), bf16 rows kept
+bf16 to the device, the fast finiteness check, and the device feed's checkpointed position."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+from configs import base
+from sae_jax.data import pipeline
+from sae_jax.data.shards import ShardWriter
+from tests.helpers.env import ROOT
+from tests.helpers.run_training import final_state, tiny_config
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _write(directory, n=1000, d=8, rows_per_shard=300, dtype="float32"):
+  """Rows whose columns 0 and 1 hold (id // 256, id % 256): exact in bf16 too."""
+  rng = np.random.default_rng(0)
+  rows = rng.standard_normal((n, d)).astype(np.float32)
+  rows[:, 0], rows[:, 1] = np.arange(n) // 256, np.arange(n) % 256
+  w = ShardWriter(str(directory), d=d, dtype=dtype, rows_per_shard=rows_per_shard)
+  for start in range(0, n, 128):
+    w.add(rows[start : start + 128])
+  w.close()
+  return rows
+
+
+def _ids(batch):
+  b = np.asarray(batch, np.float32)
+  return (b[:, 0] * 256 + b[:, 1]).astype(np.int64)
+
+
+def _block(n=1000, **kw):
+  args = dict(batch_size=100, seed=3, block_rows=64, buffer_rows=256)
+  args.update(kw)
+  return args
+
+
+def test_block_shuffle_visits_every_row_once_per_epoch(tmp_path):
+  _write(tmp_path)  # shards of 300, 300, 300, 100 rows: blocks of 64 with a short last one each
+  batches = pipeline.BlockShuffleBatches(str(tmp_path), **_block())
+  epochs = [np.concatenate([_ids(batches(i)) for i in range(10 * e, 10 * e + 10)]) for e in range(3)]
+  for ids in epochs:
+    np.testing.assert_array_equal(np.sort(ids), np.arange(1000))
+  assert (epochs[0] != epochs[1]).mean() > 0.9 and (epochs[1] != epochs[2]).mean() > 0.9
+  # A batch size that does not divide the store: batches span two epochs, each epoch is still whole.
+  odd = pipeline.BlockShuffleBatches(str(tmp_path), **_block(batch_size=96))
+  stream = np.concatenate([_ids(odd(i)) for i in range(32)])  # 3072 rows: epochs 0, 1, 2 and a bit
+  for e in range(3):
+    np.testing.assert_array_equal(np.sort(stream[1000 * e : 1000 * (e + 1)]), np.arange(1000))
+  # The order of a given seed does not depend on the batch size: the same stream of rows.
+  np.testing.assert_array_equal(stream[:3000], np.concatenate(epochs))
+
+
+def test_block_shuffle_is_a_pure_function_of_seed_and_epoch(tmp_path):
+  _write(tmp_path)
+  a = pipeline.BlockShuffleBatches(str(tmp_path), **_block())
+  forward = [a(i) for i in range(25)]
+  b = pipeline.BlockShuffleBatches(str(tmp_path), **_block(threads=1))
+  for i in [24, 3, 17, 0, 11, 9, 20]:  # random access, fresh object, other thread count
+    np.testing.assert_array_equal(b(i), forward[i])
+  other = pipeline.BlockShuffleBatches(str(tmp_path), **_block(seed=4))
+  assert (_ids(other(0)) != _ids(forward[0])).mean() > 0.9
+  # Rows come from whole blocks: a batch of 100 inside one buffer of 4 blocks (of 64 rows) reads at
+  # most 4 blocks, 8 when it straddles two buffers; the rows inside a buffer are shuffled.
+  starts = np.concatenate([[0], np.cumsum([300, 300, 300, 100])])
+  for batch in forward[:10]:
+    ids = _ids(batch)
+    shard = np.searchsorted(starts, ids, side="right") - 1
+    blocks = set(zip(shard, (ids - starts[shard]) // 64))
+    assert len(blocks) <= 8
+    assert not np.all(np.diff(ids) > 0)
+  # The buffer layout matches the rows: buffer t of epoch 0 holds exactly its blocks' rows, in the
+  # order the batches show them.
+  order = np.concatenate([a.buffer_rows_order(0, t) for t in range(len(a.epoch_layout(0)[1]) - 1)])
+  np.testing.assert_array_equal(order, np.concatenate([_ids(x) for x in forward[:10]]))
+
+
+def test_block_shuffle_split_over_processes_is_the_same_stream(tmp_path):
+  _write(tmp_path)
+  whole = pipeline.BlockShuffleBatches(str(tmp_path), **_block())
+  parts = [
+    pipeline.BlockShuffleBatches(str(tmp_path), **_block(), process_index=p, process_count=4)
+    for p in range(4)
+  ]
+  for i in (0, 2, 9, 10, 13, 27):  # inside buffers, across buffers and across epochs
+    np.testing.assert_array_equal(np.concatenate([p(i) for p in parts]), whole(i))
+  # Each process holds only the rows of its slices (process 1: rows 25-49 of each batch of 100).
+  size = int(np.diff(whole.epoch_layout(0)[1])[0])
+  rows, _ = parts[1]._buffer(0, 0)
+  assert rows.shape[0] == np.sum((np.arange(size) % 100 >= 25) & (np.arange(size) % 100 < 50)) < size
+
+
+def test_bf16_shards_stay_bf16_and_grain_threads_give_the_same_stream(tmp_path):
+  rows = _write(tmp_path, dtype="bfloat16")
+  config = base.get_config()
+  config.data.source, config.data.shard_dir, config.data.batch_size = "shards", str(tmp_path), 100
+  config.data.shuffle, config.data.block_rows, config.data.shuffle_buffer_rows = "block", 64, 256
+  config.data.reader_threads = 3
+  native = pipeline.batch_fn(config, 0, 1, True)
+  b = native(4)
+  assert b.dtype == BF16
+  np.testing.assert_array_equal(b.astype(np.float32), rows[_ids(b)].astype(BF16).astype(np.float32))
+  assert pipeline.batch_fn(config)(4).dtype == np.float32
+  np.testing.assert_array_equal(pipeline.batch_fn(config)(4), b.astype(np.float32))
+  config.data.shuffle = "global"
+  assert pipeline.batch_fn(config, 0, 1, True)(4).dtype == BF16
+  config.data.shuffle = "block"
+  it = iter(pipeline.make_dataset(config, native))
+  for i in range(12):
+    np.testing.assert_array_equal(next(it), native(i))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16, np.float16])
+def test_all_finite_matches_isfinite(dtype):
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((700, 1000)).astype(dtype)  # 700k elements: several chunks
+  assert pipeline.all_finite(x)
+  big = np.full((3, 5), ml_dtypes.finfo(dtype).max, dtype)
+  assert pipeline.all_finite(big) and pipeline.all_finite(-big)
+  for bad in (np.nan, np.inf, -np.inf):
+    for where in ((0, 0), (699, 999), (350, 17)):
+      y = x.copy()
+      y[where] = bad
+      assert not pipeline.all_finite(y)
+      _, valid = pipeline.check_batch(y, 1000, "skip", "test")
+      np.testing.assert_array_equal(valid, np.isfinite(y.astype(np.float32)).all(axis=1))
+
+
+def test_device_feed_checkpoints_the_batch_in_use_not_the_ones_ahead(tmp_path):
+  _write(tmp_path)
+  config = base.get_config()
+  config.data.source, config.data.shard_dir, config.data.batch_size = "shards", str(tmp_path), 100
+  config.data.shuffle, config.data.block_rows, config.data.shuffle_buffer_rows = "block", 64, 256
+  fn = pipeline.batch_fn(config, 0, 1, True)
+  puts = []
+
+  def put(e):
+    puts.append(1)
+    return jax.device_put(e[0]), e[1]
+
+  feed = pipeline.DeviceFeed(iter(pipeline.make_checked_dataset(config, fn, 8)), put, ahead=2)
+  first = [np.asarray(next(feed)[0]) for _ in range(3)]
+  assert len(puts) == 5  # batches 3 and 4 are already on the device
+  state = feed.get_state()
+  expected = [np.asarray(next(feed)[0]) for _ in range(4)]
+  again = pipeline.DeviceFeed(iter(pipeline.make_checked_dataset(config, fn, 8)), put, ahead=2)
+  again.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(np.asarray(next(again)[0]), want)
+  np.testing.assert_array_equal(first[0], fn(0))
+  np.testing.assert_array_equal(expected[0], fn(3))
+
+
+def _train_args(work, shards, steps):
+  return [
+    sys.executable,
+    "-m",
+    "experiments.train",
+    "--config=configs/synthetic.py:tiny",
+    f"--workdir={work}",
+    "--config.data.source=shards",
+    f"--config.data.shard_dir={shards}",
+    "--config.data.shuffle=block",
+    "--config.data.block_rows=32",
+    "--config.data.shuffle_buffer_rows=512",
+    "--config.data.batch_size=64",
+    "--config.sae.c=64",
+    "--config.sae.k=8",
+    f"--config.train.num_steps={steps}",
+    "--config.train.checkpoint_every=10",
+    "--config.train.log_every=10",
+    "--config.train.async_checkpoint=False",
+    "--config.train.tensorboard=False",
+  ]
+
+
+def test_block_shuffle_training_resumes_exactly_after_sigkill(tmp_path):
+  """bf16 shards, block shuffle, 2 batches on the device ahead: a run killed mid-epoch and resumed
+  ends with the parameters of an uninterrupted run (1500 rows: an epoch is ~23 steps of 64)."""
+  config = tiny_config()
+  d = config.data.synthetic.d
+  shards = tmp_path / "shards"
+  rng = np.random.default_rng(0)
+  w = ShardWriter(str(shards), d=d, dtype="bfloat16", rows_per_shard=400)
+  w.add(rng.standard_normal((1500, d)).astype(np.float32))
+  w.close()
+  steps = 90
+  ref = subprocess.run(
+    _train_args(tmp_path / "ref", shards, steps),
+    cwd=ROOT,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert ref.returncode == 0, ref.stderr[-2000:]
+  work = tmp_path / "killed"
+  proc = subprocess.Popen(
+    _train_args(work, shards, steps), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
+  deadline = time.time() + 300
+  while not (work / "checkpoints" / "30").is_dir() and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = sorted(int(p) for p in os.listdir(work / "checkpoints") if p.isdigit())
+  assert done and done[-1] < steps, f"killed too late to test resumption: {done}"
+  again = subprocess.run(
+    _train_args(work, shards, steps), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+  )
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "Resumed from" in again.stdout
+  config.sae.c, config.sae.k = 64, 8
+  a, b = final_state(str(tmp_path / "ref"), config), final_state(str(work), config)
+  assert set(a) == set(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
