@@ -67,6 +67,39 @@ def evaluate_reconstruction(
   return result
 
 
+class _ObjectEventFile:
+  """A TensorBoard event file on an object store (gs://...): objects cannot be appended to, so
+  each flush rewrites the object with everything written so far (a few KB per logged step)."""
+
+  def __init__(self, path: str):
+    self.path, self.data = epath.Path(path), bytearray()
+
+  def write(self, data: bytes) -> None:
+    self.data += data
+
+  def flush(self) -> None:
+    self.path.write_bytes(bytes(self.data))
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathEventFiles:
+  """tensorboardX writer factory routing a scheme (gs, s3) through etils.epath like the workdir."""
+
+  def open(self, path: str) -> _ObjectEventFile:
+    return _ObjectEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _summary_writer(logdir: str) -> tensorboardX.SummaryWriter:
+  if workdir_lib.is_remote(logdir):
+    tensorboardX.record_writer.register_writer_factory(logdir.split(":")[0], _EpathEventFiles())
+  return tensorboardX.SummaryWriter(logdir)
+
+
 class MetricsLogger:
   """metrics.jsonl, a live progress line, TensorBoard event files and, when `train_cfg.wandb_project`
   is set, the same scalars and the resolved `run_config` in Weights & Biases (process 0 only)."""
@@ -81,7 +114,7 @@ class MetricsLogger:
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.writer = None
     if self.enabled and tensorboard:
-      self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self.writer = _summary_writer(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
