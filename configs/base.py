@@ -56,11 +56,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   data.nonfinite = "error"  # NaN/Inf rows: "error" stops the run, "skip" masks and counts them
   data.prefetch = 2  # batches prepared ahead by grain
   data.synthetic = default_synthetic_config()
-  data.shuffle = "global"  # shards: "global" (rows from anywhere, random reads) | "block" (data/pipeline.py)
-  data.block_rows = 1024  # shuffle="block": contiguous rows read in one copy
-  data.shuffle_buffer_rows = 262144  # shuffle="block": rows shuffled together in RAM (~3 buffers held)
-  data.reader_threads = 2  # shards: grain reader threads (and block-copy threads of shuffle="block")
-  data.device_prefetch = 2  # batches transferred to the device ahead of the step
 
   config.train = train = ml_collections.ConfigDict()
   train.num_steps = 2000
@@ -121,7 +116,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     "image_text_to_image_text",
   )  # tasks the inputs cannot provide are skipped
   retrieval.ks = (1, 5, 10)
-  retrieval.max_queries = 0  # first N queries per task (paper: 3000); 0 = all
+  retrieval.max_queries = 0  # queries per task (paper Table 2: 3000); 0 = all
+  # "all" | "first" (first max_queries, whole pool) | "random_restrict_pool" (max_queries random
+  # queries, pool cut to their positives: the authors' sampler) | "one_to_one" (plus first positive only)
+  retrieval.subset = "first"
+  retrieval.subset_seed = 42  # random subsets: np.random.seed(subset_seed), as the authors
+  retrieval.denominator = "all_queries"  # "all_queries" (no positive in the pool = miss) | "scorable"
+  retrieval.split = "train"  # scored pooled files: "train" (<activations>/) | "eval" (<activations>/eval/)
+  retrieval.fit_on = "auto"  # removal fit pairs: "train" split | "eval" (scored pairs) | "auto" (train if
+  # split="eval", separate pairs on the synthetic source, else eval)
   retrieval.base_variant = "mean"  # the variant removal / whitening are applied to
   retrieval.mbeir_task = "auto"  # task of an M-BEIR extraction in activations/ ("auto": from modalities)
   retrieval.exclude_reference = True  # CIRR: drop each query's own reference image
@@ -129,10 +132,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   retrieval.attribution = "auto"  # "auto" (analysis/concepts.npz, else the SAE) | "concepts" | "sae"
   retrieval.removal_fraction = 0.01  # top fraction of concepts by attribution (paper: 1%)
   retrieval.removal_rank = -1  # r right singular vectors removed; -1 = all selected atoms
+  retrieval.removal_by = "attribution"  # top concepts by "attribution" (paper) | "energy" | "abs_attribution"
+  retrieval.removal_compare = ()  # other removal_by rules scored and swept beside it (model presets: all)
   retrieval.sweep_task = "image_to_text"
   retrieval.sweep_ranks = (1, 2, 4, 8, 16, 32, 64, 128, 256)
   retrieval.whitening = True  # shrinkage-whitening baseline on the base variant
   retrieval.whitening_alpha = 0.1
+  retrieval.whitening_mode = "realign"  # "realign" (per side, normalised, own mean/cov) | "joint" (one fit)
   retrieval.save_embeddings = False
   retrieval.block_size = 8192  # candidates per GEMM block of the exact top-K search
   retrieval.query_block_size = 1024
@@ -157,6 +163,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   extract.mbeir_pool = ""  # mbeir: candidate pool jsonl
   extract.mbeir_image_root = ""  # mbeir: root the jsonl image paths are relative to
   extract.max_images = 0  # 0 = all
+  extract.captions_per_image = 0  # first N captions of each image; 0 = all
+  # The evaluation split: pooled embeddings only, in <workdir>/activations/eval/ (retrieval.split="eval").
+  extract.eval_dataset = ""  # "" = none | "karpathy" (paper: the 5k test split) | "coco" | "parquet"
+  extract.eval_captions_json = ""  # eval_dataset="coco"
+  extract.eval_image_dir = ""
+  extract.eval_karpathy_split = "test"  # eval_dataset="karpathy" (reads extract.karpathy_json)
+  extract.eval_captions_per_image = 5  # the 5k protocol: 5 captions per image (a few have 6-7)
+  extract.eval_max_images = 0  # 0 = all
   extract.pairing = "all"  # pooled rows: "all" (one per image-caption pair) | "first" (first caption)
   extract.pooling = ("mean",)  # mean | last_token | mean_no_image | mean_no_prompt | embed (contrastive)
   extract.templates = ml_collections.ConfigDict(

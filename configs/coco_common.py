@@ -5,6 +5,14 @@ for one paper model; arg words: "tiny" (a local tiny random-weight model of the 
 small COCO-format fixture, seconds on a CPU), "karpathy" / "parquet" (other COCO layouts), "online"
 (train with the encoder inside the input pipeline).
 
+Evaluation protocol (the paper's, as in the authors' released code): the training split (COCO
+train2017) is extracted into SAE training shards, the Karpathy 5k test split (5 captions per image;
+`dataset_coco.json` + the val2014 images under $COCO_ROOT) into pooled embeddings of its own
+(`activations/eval/`), and retrieval scores the test split: 3000 random queries (seed 42) against
+the pool of their positives, ReAlign whitening as the baseline, the removal fitted on the training
+split's pairs and its attribution rule compared with energy / |attribution| selection. "tiny" scores
+its one fixture split (no separate test split: the removal is fitted on the scored pairs).
+
 The "tiny" fixture is a directory with `captions.json` and `images/` (the project's 11-image COCO
 val2017 sample); it is not part of this repository: set $COCO_MINI to it (default: a
 `shared/data/coco-val2017-mini` directory beside the repository checkout).
@@ -32,6 +40,20 @@ def apply(config, arg, preset_file, *, model_name, tiny_family, d, c, decoder=Tr
   ex.image_dir = os.path.join(COCO_ROOT, "train2017")
   ex.karpathy_json = os.path.join(COCO_ROOT, "dataset_coco.json")
   ex.karpathy_split = "train"
+  ex.eval_dataset = "karpathy"
+  ex.eval_image_dir = COCO_ROOT  # dataset_coco.json paths are <filepath>/<filename>, e.g. val2014/...
+  ex.eval_karpathy_split = "test"
+  ex.eval_captions_per_image = 5
+  r = config.retrieval
+  r.split = "eval"
+  r.fit_on = "train"
+  r.subset = "random_restrict_pool"
+  r.subset_seed = 42
+  r.max_queries = 3000
+  r.denominator = "all_queries"
+  r.whitening_mode = "realign"
+  r.removal_by = "attribution"
+  r.removal_compare = ("energy", "abs_attribution")
   ex.parquet_files = os.path.join(COCO_ROOT, "COCO-Caption", "data", "*.parquet")
   if "karpathy" in words:
     ex.dataset = "karpathy"
@@ -55,6 +77,9 @@ def apply(config, arg, preset_file, *, model_name, tiny_family, d, c, decoder=Tr
     ex.captions_json = os.path.join(FIXTURE, "captions.json")
     ex.image_dir = os.path.join(FIXTURE, "images")
     ex.dataset = "coco"
+    ex.eval_dataset = ""  # one 11-image split: scored, and the removal fitted on it
+    r.split = "train"
+    r.fit_on = "eval"
     ex.batch_size = 4
     ex.chunk_size = 8
     ex.rows_per_shard = 512

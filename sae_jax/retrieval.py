@@ -90,8 +90,11 @@ def check_search_inputs(queries, candidates, k: int, exclude=None) -> None:
     )
 
 
-def check_positives(indptr, indices, n_queries: int, n_candidates: int) -> None:
-  """CSR positives: indptr [Nq+1] non-decreasing from 0, every query with >= 1 valid positive."""
+def check_positives(indptr, indices, n_queries: int, n_candidates: int, allow_empty: bool = False) -> None:
+  """CSR positives: indptr [Nq+1] non-decreasing from 0, every query with >= 1 valid positive.
+
+  `allow_empty`: queries without positives are allowed (they count as misses in `recall_at_k`).
+  """
   indptr = np.asarray(indptr)
   indices = np.asarray(indices)
   if indptr.shape != (n_queries + 1,):
@@ -101,7 +104,7 @@ def check_positives(indptr, indices, n_queries: int, n_candidates: int) -> None:
   if indptr[0] != 0 or indptr[-1] != indices.shape[0] or np.any(np.diff(indptr) < 0):
     raise SaeJaxError("positives_indptr: expected non-decreasing offsets from 0 to len(positives_indices)")
   empty = np.flatnonzero(np.diff(indptr) == 0)
-  if empty.size:
+  if empty.size and not allow_empty:
     raise SaeJaxError(
       f"query {int(empty[0])} has no positives ({empty.size} such queries); every query needs "
       "at least one positive candidate"
@@ -365,10 +368,13 @@ def first_hit_rank(topk_ids, indptr, indices):
   return jax.ops.segment_min(rank, owner, num_segments=nq, indices_are_sorted=True)
 
 
-def recall_at_k(topk_ids, indptr, indices, ks: Sequence[int] = (1, 5, 10)) -> dict:
-  """Recall@K in percent (hit rate over queries) for each K in `ks` (K <= list length)."""
+def recall_at_k(topk_ids, indptr, indices, ks: Sequence[int] = (1, 5, 10), allow_empty: bool = False) -> dict:
+  """Recall@K in percent (hit rate over queries) for each K in `ks` (K <= list length).
+
+  `allow_empty`: a query without positives is a miss (the denominator is every query).
+  """
   topk_ids = np.asarray(topk_ids)
-  check_positives(indptr, indices, topk_ids.shape[0], np.iinfo(np.int32).max)
+  check_positives(indptr, indices, topk_ids.shape[0], np.iinfo(np.int32).max, allow_empty)
   for kk in ks:
     if kk > topk_ids.shape[1]:
       raise SaeJaxError(f"Recall@{kk} needs at least {kk} retrieved ids per query, got {topk_ids.shape[1]}")
@@ -394,6 +400,7 @@ class Projector:
 
   kind 'removal':   h -> normalise(h - (h @ basis) @ basis.T)      basis [d, r] orthonormal.
   kind 'whitening': h -> normalise((h - mean) @ matrix)           matrix [d, d] symmetric.
+  With `prenormalize`, h is L2-normalised before the map (ReAlign fits and applies it that way).
   """
 
   kind: str
@@ -401,6 +408,7 @@ class Projector:
   mean: Optional[np.ndarray] = None
   matrix: Optional[np.ndarray] = None
   info: dict = dataclasses.field(default_factory=dict)
+  prenormalize: bool = False
 
   @property
   def d(self) -> int:
@@ -413,6 +421,8 @@ class Projector:
       raise SaeJaxError(
         f"embeddings have width {h.shape[1]} but the {self.kind} projector was fitted on width {self.d}"
       )
+    if self.prenormalize:
+      h = np.asarray(l2_normalize(h), np.float32)
     return np.asarray(_apply_projector(self.kind, jnp.asarray(h), self.basis, self.mean, self.matrix))
 
   __call__ = transform
@@ -422,7 +432,13 @@ class Projector:
       k: v for k, v in (("basis", self.basis), ("mean", self.mean), ("matrix", self.matrix)) if v is not None
     }
     tmp = path + ".tmp.npz"
-    np.savez(tmp, kind=np.asarray(self.kind), info=np.asarray(json.dumps(self.info)), **arrays)
+    np.savez(
+      tmp,
+      kind=np.asarray(self.kind),
+      info=np.asarray(json.dumps(self.info)),
+      prenormalize=np.asarray(bool(self.prenormalize)),
+      **arrays,
+    )
     os.replace(tmp, path)
 
   @classmethod
@@ -439,6 +455,7 @@ class Projector:
         mean=get("mean"),
         matrix=get("matrix"),
         info=json.loads(str(z["info"])) if "info" in z.files else {},
+        prenormalize=bool(z["prenormalize"]) if "prenormalize" in z.files else False,
       )
 
 
@@ -461,8 +478,17 @@ def top_fraction(scores, fraction: float) -> np.ndarray:
   return np.lexsort((np.arange(scores.shape[0]), -key))[:m]
 
 
-def removal_basis(atoms, rank: int) -> np.ndarray:
-  """Top-`rank` right singular vectors of `atoms` [m, d] (Eq. 8), as [d, rank] orthonormal."""
+RANK_CUT_RTOL = 1e-6
+
+
+def removal_basis(atoms, rank: int, rtol: float = RANK_CUT_RTOL) -> np.ndarray:
+  """Top right singular vectors of `atoms` [m, d] (Eq. 8), as [d, r_used] orthonormal.
+
+  r_used = min(rank, number of singular values > rtol * sigma_max): when the selected atoms are
+  (numerically) rank-deficient, the directions of near-zero singular values are arbitrary (any
+  orthonormal completion is an equally valid SVD), so they are not removed. `rtol=0` keeps every
+  nonzero direction. The caller reads r_used from the returned shape.
+  """
   atoms = np.asarray(atoms, np.float64)
   _check_2d("atoms", atoms)
   m, d = atoms.shape
@@ -473,12 +499,21 @@ def removal_basis(atoms, rank: int) -> np.ndarray:
       f"retrieval.removal_rank={rank} is larger than the number of selected atoms ({m}) "
       f"or the width ({d}); raise retrieval.removal_fraction or lower the rank"
     )
-  _, _, vt = np.linalg.svd(atoms, full_matrices=False)
-  return vt[:rank].T.astype(np.float32)
+  _, sv, vt = np.linalg.svd(atoms, full_matrices=False)
+  if not np.all(np.isfinite(sv)) or sv[0] <= 0:
+    raise SaeJaxError(f"atoms: the {m} selected dictionary rows are all zero or not finite")
+  numerical = int(np.sum(sv > rtol * sv[0]))
+  return vt[: min(int(rank), numerical)].T.astype(np.float32)
 
 
-def fit_removal(dictionary, scores, rank: int, fraction: float = 0.01) -> Projector:
-  """Removal projector (paper Eq. 8-10) from the top-`fraction` concepts by `scores`."""
+def fit_removal(
+  dictionary, scores, rank: int, fraction: float = 0.01, rtol: float = RANK_CUT_RTOL
+) -> Projector:
+  """Removal projector (paper Eq. 8-10) from the top-`fraction` concepts by `scores`.
+
+  `info["rank"]` is the rank actually removed (after the cut of near-zero singular values, see
+  `removal_basis`), `info["rank_requested"]` the one asked for.
+  """
   dictionary = np.asarray(dictionary, np.float32)
   _check_2d("D", dictionary)
   scores = np.asarray(scores)
@@ -487,12 +522,14 @@ def fit_removal(dictionary, scores, rank: int, fraction: float = 0.01) -> Projec
       f"attribution: expected one score per dictionary row ({dictionary.shape[0]},), got {scores.shape}"
     )
   sel = top_fraction(scores, fraction)
-  basis = removal_basis(dictionary[sel], rank)
+  basis = removal_basis(dictionary[sel], rank, rtol)
   return Projector(
     "removal",
     basis=basis,
     info={
-      "rank": int(rank),
+      "rank": int(basis.shape[1]),
+      "rank_requested": int(rank),
+      "rank_cut_rtol": float(rtol),
       "fraction": float(fraction),
       "n_atoms": int(sel.size),
       "atoms": [int(a) for a in sel[:4096]],
@@ -513,30 +550,56 @@ def subspace_projector(vectors, rank: Optional[int] = None) -> Projector:
   )
 
 
-def fit_whitening(embeddings, alpha: float = 0.1, center: bool = True) -> Projector:
-  """Shrinkage whitening: Σ̂ = (1-α)Σ + α·tr(Σ)/d·I, W = Σ̂^(-1/2) (symmetric, via eigh)."""
+def fit_whitening(
+  embeddings, alpha: float = 0.1, center: bool = True, eps: float = 0.0, prenormalize: bool = False
+) -> Projector:
+  """Shrinkage whitening: Σ̂ = (1-α)Σ + α·tr(Σ)/d·I, W = (Σ̂ + eps·I)^(-1/2) (symmetric, via eigh).
+
+  `prenormalize`: rows are L2-normalised before the fit, and the projector normalises its input too.
+  """
   x = np.asarray(embeddings, np.float64)
   _check_2d("embeddings", x)
   if not 0.0 <= alpha <= 1.0:
     raise SaeJaxError(f"retrieval.whitening_alpha: expected a value in [0, 1], got {alpha}")
+  if prenormalize:
+    x = l2_normalize(x)
   n, d = x.shape
   mean = x.mean(axis=0) if center else np.zeros(d)
   xc = x - mean
   cov = xc.T @ xc / max(n - 1, 1)
   shrunk = (1.0 - alpha) * cov + alpha * np.trace(cov) / d * np.eye(d)
   evals, evecs = np.linalg.eigh(shrunk)
-  if evals.min() <= 0:
+  if evals.min() + eps <= 0:
     raise SaeJaxError(
       f"whitening: the shrunk covariance is singular (min eigenvalue {evals.min():.3g}); use "
       "retrieval.whitening_alpha > 0 or more embeddings"
     )
-  w = (evecs / np.sqrt(evals)) @ evecs.T
+  w = (evecs / np.sqrt(evals + eps)) @ evecs.T
   return Projector(
     "whitening",
     mean=mean.astype(np.float32),
     matrix=w.astype(np.float32),
-    info={"alpha": float(alpha), "center": bool(center), "n_fit": int(n)},
+    info={"alpha": float(alpha), "center": bool(center), "n_fit": int(n), "eps": float(eps)},
+    prenormalize=bool(prenormalize),
   )
+
+
+WHITENING_MODES = ("realign", "joint")
+REALIGN_EPS = 1e-5
+
+
+def fit_realign(queries, candidates, alpha: float = 0.1) -> tuple[Projector, Projector]:
+  """ReAlign whitening: one shrinkage-whitening projector per side, each fitted on its own rows.
+
+  Rows are L2-normalised first; each side is centred on its own mean (which removes the offset
+  between the two modalities) and whitened with (Σ̂ + 1e-5·I)^(-1/2). Transductive: fitted on the
+  very query and candidate sets that are scored (no labels are used).
+  Returns (query projector, candidate projector).
+  """
+  qp = fit_whitening(queries, alpha, eps=REALIGN_EPS, prenormalize=True)
+  cp = fit_whitening(candidates, alpha, eps=REALIGN_EPS, prenormalize=True)
+  qp.info["side"], cp.info["side"] = "queries", "candidates"
+  return qp, cp
 
 
 def project(h, basis):

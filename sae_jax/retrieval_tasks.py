@@ -1,13 +1,17 @@
 """Retrieval task definitions and the builders that turn embedding files into (queries, candidates,
 positives) triples.
 
-Tasks (M-BEIR task ids as in UniIR):
-  image_to_text             q_i -> c_t          MSCOCO  task 3   (paper Table 2, Table 3)
-  text_to_image             q_t -> c_i          MSCOCO  task 1
-  image_to_image            q_i -> c_i          NIGHTS  task 4   (Table 3)
-  image_text_to_image       (q_i, q_t) -> c_i   CIRR    task 7   (Table 3, Figure 4; the query's own
-                                                                  reference image is excluded)
-  image_text_to_image_text  (q_i, q_t) -> (c_i, c_t)  OVEN task 8 (Figure 4)
+Tasks. The paper names them by dataset and modality; two numberings are in use and both are
+recorded (`uniir_task`: M-BEIR / UniIR, 0 q_t->c_i ... 8 (q_i,q_t)->(c_i,c_t); `authors_task`: the
+paper authors' loader, 1 t2i, 2 t2t, 3 t2it, 4 i2t, 5 i2i, 6 it2t, 7 it2i, 8 it2it):
+                                                        UniIR  authors
+  image_to_text             q_i -> c_t          MSCOCO  3      4        (paper Table 2, Table 3)
+  text_to_image             q_t -> c_i          MSCOCO  0      1
+  image_to_image            q_i -> c_i          NIGHTS  4      5        (Table 3)
+  image_text_to_image       (q_i, q_t) -> c_i   CIRR    7      7        (Table 3, Figure 4; the query's
+                                                                         own reference image is excluded
+                                                                         by default, the authors keep it)
+  image_text_to_image_text  (q_i, q_t) -> (c_i, c_t)  OVEN  8  8        (Figure 4)
 
 Two input layouts are understood (both are `.npz` files, one per pooling variant):
   paired     `image` [N, d], `text` [N, d], optional `sample_ids` [N] (and `image_ids` [N]): row n
@@ -35,11 +39,12 @@ from sae_jax.errors import SaeJaxError
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
   name: str
-  mbeir_task: int
+  mbeir_task: int  # M-BEIR / UniIR task id
   query: str  # modality of the query: "image", "text", "image+text"
   candidate: str  # modality of the candidates
   dataset: str  # the dataset the paper uses for it
   exclude_reference: bool = False  # drop each query's own reference candidate (CIRR)
+  authors_task: int = 0  # the paper authors' loader numbering (1 t2i ... 8 it2it)
 
   @property
   def label(self) -> str:
@@ -49,15 +54,28 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {
-  "image_to_text": TaskSpec("image_to_text", 3, "image", "text", "MSCOCO"),
-  "text_to_image": TaskSpec("text_to_image", 1, "text", "image", "MSCOCO"),
-  "image_to_image": TaskSpec("image_to_image", 4, "image", "image", "NIGHTS"),
+  "image_to_text": TaskSpec("image_to_text", 3, "image", "text", "MSCOCO", authors_task=4),
+  "text_to_image": TaskSpec("text_to_image", 0, "text", "image", "MSCOCO", authors_task=1),
+  "image_to_image": TaskSpec("image_to_image", 4, "image", "image", "NIGHTS", authors_task=5),
   "image_text_to_image": TaskSpec(
-    "image_text_to_image", 7, "image+text", "image", "CIRR", exclude_reference=True
+    "image_text_to_image", 7, "image+text", "image", "CIRR", exclude_reference=True, authors_task=7
   ),
-  "image_text_to_image_text": TaskSpec("image_text_to_image_text", 8, "image+text", "image+text", "OVEN"),
+  "image_text_to_image_text": TaskSpec(
+    "image_text_to_image_text", 8, "image+text", "image+text", "OVEN", authors_task=8
+  ),
 }
 PAIRED_TASKS = ("image_to_text", "text_to_image")
+
+# How a task's queries are subsampled (`TaskData.subset`, config.retrieval.subset):
+#   all                   every query, the whole pool
+#   first                 the first `max_queries` queries, the whole pool
+#   random_restrict_pool  `max_queries` random queries (np.random.seed(subset_seed) + choice without
+#                         replacement), the pool cut to those queries' positives (the authors'
+#                         `sample_dataset`, behind the paper's Table 2)
+#   one_to_one            as random_restrict_pool, then only each query's first positive, and a
+#                         query whose first positive is already taken by an earlier one is dropped
+#                         (the authors' `sample_dataset_one_to_one`)
+SUBSET_MODES = ("all", "first", "random_restrict_pool", "one_to_one")
 EXPLICIT_KEYS = ("queries", "candidates", "positives_indptr", "positives_indices")
 
 
@@ -85,18 +103,75 @@ class TaskData:
   def n_candidates(self) -> int:
     return int(self.candidates.shape[0])
 
-  def subset(self, max_queries: int) -> "TaskData":
-    """The first `max_queries` queries (deterministic; all candidates kept). 0 = all."""
-    if not max_queries or max_queries >= self.n_queries:
+  @property
+  def n_unscorable(self) -> int:
+    """Queries without any positive in the pool (misses when the denominator is every query)."""
+    return int(np.sum(np.diff(self.positives_indptr) == 0))
+
+  def subset(self, max_queries: int, mode: str = "first", seed: int = 42) -> "TaskData":
+    """A query subset (see `SUBSET_MODES`); 0 = every query (the pool may still be restricted)."""
+    if mode not in SUBSET_MODES:
+      raise SaeJaxError(f"config.retrieval.subset={mode!r}: expected one of {SUBSET_MODES}")
+    if max_queries < 0:
+      raise SaeJaxError(f"config.retrieval.max_queries={max_queries}: expected >= 0 (0 = all)")
+    n = self.n_queries if not max_queries else min(int(max_queries), self.n_queries)
+    if mode == "all" or (mode == "first" and n == self.n_queries):
       return self
-    m = int(max_queries)
-    end = int(self.positives_indptr[m])
+    if mode == "first":
+      end = int(self.positives_indptr[n])
+      return TaskData(
+        self.queries[:n],
+        self.candidates,
+        self.positives_indptr[: n + 1].copy(),
+        self.positives_indices[:end].copy(),
+        None if self.exclude is None else self.exclude[:n].copy(),
+      )
+    # The authors' sampler: np.random.seed(seed); np.random.choice(query ids, n, replace=False),
+    # queries kept in their original order (pandas `isin`).
+    picked = np.zeros(self.n_queries, bool)
+    picked[np.random.RandomState(int(seed)).choice(self.n_queries, size=n, replace=False)] = True
+    rows = np.flatnonzero(picked)
+    starts, ends = self.positives_indptr[rows], self.positives_indptr[rows + 1]
+    if mode == "one_to_one":
+      # First positive of each query; a query whose first positive an earlier query already holds
+      # is dropped (the authors' drop_duplicates on the corpus id).
+      has = ends > starts
+      rows, starts = rows[has], starts[has]
+      first = self.positives_indices[starts]
+      _, keep = np.unique(first, return_index=True)
+      keep = np.sort(keep)
+      rows, first = rows[keep], first[keep]
+      pos_lists = [first[i : i + 1] for i in range(rows.size)]
+    else:
+      pos_lists = [self.positives_indices[a:b] for a, b in zip(starts, ends)]
+    # The pool: the candidates that are a positive of a kept query, in their original order.
+    pool = np.unique(np.concatenate(pos_lists)) if pos_lists else np.zeros(0, np.int64)
+    new_id = np.full(self.n_candidates, -1, np.int64)
+    new_id[pool] = np.arange(pool.size)
+    counts = np.asarray([p.size for p in pos_lists], np.int64)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    indices = new_id[np.concatenate(pos_lists)] if pos_lists else np.zeros(0, np.int64)
+    exclude = None
+    if self.exclude is not None:
+      ex = self.exclude[rows]
+      exclude = np.where(ex >= 0, new_id[np.maximum(ex, 0)], -1)
+    return TaskData(self.queries[rows], self.candidates[pool], indptr, np.asarray(indices, np.int64), exclude)
+
+  def scorable(self) -> "TaskData":
+    """The queries that have at least one positive (all candidates kept)."""
+    rows = np.flatnonzero(np.diff(self.positives_indptr) > 0)
+    if rows.size == self.n_queries:
+      return self
+    counts = np.diff(self.positives_indptr)[rows]
+    indices = np.concatenate(
+      [self.positives_indices[self.positives_indptr[r] : self.positives_indptr[r + 1]] for r in rows]
+    )
     return TaskData(
-      self.queries[:m],
+      self.queries[rows],
       self.candidates,
-      self.positives_indptr[: m + 1].copy(),
-      self.positives_indices[:end].copy(),
-      None if self.exclude is None else self.exclude[:m].copy(),
+      np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+      np.asarray(indices, np.int64),
+      None if self.exclude is None else self.exclude[rows].copy(),
     )
 
   def map(self, fn) -> "TaskData":
@@ -190,13 +265,16 @@ def mbeir_task_arrays(
   qrels: Mapping[str, list],
   task: str = "auto",
   source: str = "mbeir",
+  keep_unscorable: bool = False,
 ) -> dict:
   """Explicit `<task>__*` arrays from the M-BEIR extraction output (`sae_jax.data.mbeir`).
 
   `queries` / `pool` are the arrays of `mbeir_{queries,pool}_pooled_<variant>.npz` (`embeddings`,
   `ids`, `modality`, `image_paths`), `qrels` maps a query id to its positive candidate ids. The task
   is inferred from the query and candidate modalities unless named. Queries whose positives all
-  fell out of the pool (missing images) are dropped, as they cannot be scored. For CIRR-style tasks
+  fell out of the pool (missing images) are dropped, as they cannot be scored, unless
+  `keep_unscorable` (they stay, with no positive, and count as misses: the authors' denominator
+  is every sampled query). For CIRR-style tasks
   the candidate holding the query's own image (same path) is excluded.
   """
   q_mod = sorted({_MODALITY[str(m)] for m in queries["modality"]})
@@ -214,11 +292,11 @@ def mbeir_task_arrays(
   keep, indptr, indices = [], [0], []
   for i, qid in enumerate(queries["ids"]):
     pos = sorted({position[str(d)] for d in qrels.get(str(qid), []) if str(d) in position})
-    if pos:
+    if pos or keep_unscorable:
       keep.append(i)
       indices.extend(pos)
       indptr.append(len(indices))
-  if not keep:
+  if not indices:
     raise SaeJaxError(f"{source}: no query has a positive candidate in the pool (qrels vs pool ids)")
   keep = np.asarray(keep)
   out = {

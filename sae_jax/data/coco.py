@@ -75,6 +75,7 @@ class PairedCaptions:
     where: str,
     skipped_missing: int = 0,
     max_images: int = 0,
+    captions_per_image: int = 0,
   ):
     self.where = where
     caps_of = {}
@@ -102,8 +103,14 @@ class PairedCaptions:
         )
     if max_images:
       images = list(images)[:max_images]
+    if captions_per_image < 0:
+      raise SaeJaxError(f"config.extract.captions_per_image={captions_per_image}: expected >= 0 (0 = all)")
     self.images = list(images)
-    self.captions = [c for im in self.images for c in caps_of[im.image_id]]
+    # The 5k-test protocol keeps 5 captions per image (a few COCO images have 6 or 7): the first
+    # `captions_per_image` in file order.
+    cut = captions_per_image or None
+    self.captions = [c for im in self.images for c in caps_of[im.image_id][:cut]]
+    self.captions_per_image = int(captions_per_image)
     self.skipped = {"missing": int(skipped_missing)}
     if not self.images:
       raise SaeJaxError(f"{where}: no usable image ({skipped_missing} image files missing)")
@@ -158,7 +165,7 @@ def _existing(refs):
 class CocoCaptionsJson(PairedCaptions):
   """Official COCO captions JSON (`images`, `annotations`) + an image directory."""
 
-  def __init__(self, captions_json: str, image_dir: str, max_images: int = 0):
+  def __init__(self, captions_json: str, image_dir: str, max_images: int = 0, captions_per_image: int = 0):
     where = f"config.extract.captions_json={captions_json}"
     d = _read_json(captions_json, "config.extract.captions_json")
     if not isinstance(d, dict) or "images" not in d or "annotations" not in d:
@@ -174,13 +181,27 @@ class CocoCaptionsJson(PairedCaptions):
       raise SaeJaxError(f"{where}: malformed image or annotation record ({type(e).__name__}: {e})") from None
     refs, missing = _existing(refs)
     self._missing_ids = frozenset(missing)
-    super().__init__(refs, caps, where, skipped_missing=len(missing), max_images=max_images)
+    super().__init__(
+      refs,
+      caps,
+      where,
+      skipped_missing=len(missing),
+      max_images=max_images,
+      captions_per_image=captions_per_image,
+    )
 
 
 class KarpathyJson(PairedCaptions):
   """Karpathy split JSON (`images[*].{filepath, filename, cocoid|imgid, split, sentences[*].raw}`)."""
 
-  def __init__(self, karpathy_json: str, image_dir: str, split: str = "test", max_images: int = 0):
+  def __init__(
+    self,
+    karpathy_json: str,
+    image_dir: str,
+    split: str = "test",
+    max_images: int = 0,
+    captions_per_image: int = 0,
+  ):
     where = f"config.extract.karpathy_json={karpathy_json}"
     d = _read_json(karpathy_json, "config.extract.karpathy_json")
     if not isinstance(d, dict) or "images" not in d:
@@ -204,7 +225,14 @@ class KarpathyJson(PairedCaptions):
       raise SaeJaxError(f"{where}: no image in split {split!r}")
     refs, missing = _existing(refs)
     self._missing_ids = frozenset(missing)
-    super().__init__(refs, caps, where, skipped_missing=len(missing), max_images=max_images)
+    super().__init__(
+      refs,
+      caps,
+      where,
+      skipped_missing=len(missing),
+      max_images=max_images,
+      captions_per_image=captions_per_image,
+    )
 
 
 class _RowGroupCache:
@@ -229,7 +257,7 @@ class CocoParquet(PairedCaptions):
   captions), `id` (image id; else the row number), `file_name`/`question_id` (labels). Image bytes are
   read lazily per row group. Caption ids are image_id * 1000 + position in `answer`."""
 
-  def __init__(self, files: str | Sequence[str], max_images: int = 0):
+  def __init__(self, files: str | Sequence[str], max_images: int = 0, captions_per_image: int = 0):
     try:
       import pyarrow.parquet as pq
     except ImportError:
@@ -270,17 +298,49 @@ class CocoParquet(PairedCaptions):
           for j, a in enumerate(answers):
             caps.append(Caption(iid * 1000 + j, iid, a))
           row_base += 1
-    super().__init__(refs, caps, where, max_images=max_images)
+    super().__init__(refs, caps, where, max_images=max_images, captions_per_image=captions_per_image)
 
 
 def open_paired(ex) -> PairedCaptions:
   """The paired source named by `config.extract.dataset`."""
   ds = ex.dataset
   mx = int(ex.max_images)
+  cpi = int(ex.captions_per_image)
   if ds == "coco":
-    return CocoCaptionsJson(ex.captions_json, ex.image_dir, max_images=mx)
+    return CocoCaptionsJson(ex.captions_json, ex.image_dir, max_images=mx, captions_per_image=cpi)
   if ds == "karpathy":
-    return KarpathyJson(ex.karpathy_json, ex.image_dir, split=ex.karpathy_split, max_images=mx)
+    return KarpathyJson(
+      ex.karpathy_json, ex.image_dir, split=ex.karpathy_split, max_images=mx, captions_per_image=cpi
+    )
   if ds == "parquet":
-    return CocoParquet(ex.parquet_files, max_images=mx)
+    return CocoParquet(ex.parquet_files, max_images=mx, captions_per_image=cpi)
   raise SaeJaxError(f"config.extract.dataset={ds!r}: expected coco, karpathy, parquet or mbeir")
+
+
+# The evaluation split's fields (`config.extract.eval_*`) and the training-split fields they replace.
+EVAL_FIELDS = {
+  "eval_dataset": "dataset",
+  "eval_captions_json": "captions_json",
+  "eval_image_dir": "image_dir",
+  "eval_karpathy_split": "karpathy_split",
+  "eval_captions_per_image": "captions_per_image",
+  "eval_max_images": "max_images",
+}
+
+
+def eval_extract_config(ex):
+  """A copy of `config.extract` that reads the evaluation split (`eval_*` fields), no shards.
+
+  The evaluation split (paper: COCO's Karpathy 5k test, 5 captions per image) only needs pooled
+  embeddings; its token activations never train the SAE.
+  """
+  if ex.eval_dataset not in ("coco", "karpathy", "parquet"):
+    raise SaeJaxError(
+      f'config.extract.eval_dataset={ex.eval_dataset!r}: expected "coco", "karpathy" or "parquet" ("" = none)'
+    )
+  out = ex.copy_and_resolve_references()
+  with out.unlocked():
+    for src, dst in EVAL_FIELDS.items():
+      out[dst] = ex[src]
+    out.write_shards = False
+  return out

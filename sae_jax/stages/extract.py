@@ -113,6 +113,8 @@ def _fingerprint(ex, encoder) -> dict:
     if hasattr(v, "to_dict"):
       v = v.to_dict()
     fp[k] = list(v) if isinstance(v, tuple) else v
+  if int(ex.captions_per_image):  # only when set, so earlier extractions keep their fingerprint
+    fp["captions_per_image"] = int(ex.captions_per_image)
   fp["d"] = encoder.d
   fp["family_resolved"] = encoder.family
   return fp
@@ -121,14 +123,16 @@ def _fingerprint(ex, encoder) -> dict:
 class Extractor:
   """Holds the encoder, the shard writer and the resume bookkeeping of one extraction run."""
 
-  def __init__(self, config, workdir: str, encoder=None, source=None):
+  def __init__(self, config, workdir: str, encoder=None, source=None, split: str = "train"):
     from sae_jax import encoders
 
-    self.ex = ex = config.extract
+    # split "eval": the evaluation split's pooled embeddings only, in <workdir>/activations/eval/.
+    self.split = split
+    self.ex = ex = config.extract if split == "train" else coco.eval_extract_config(config.extract)
     self.source = source if source is not None else coco.open_paired(ex)
     self.encoder = encoder if encoder is not None else encoders.load_encoder(ex)
     self.variants = check_variants(ex.pooling, self.encoder)
-    self.act_dir = os.path.join(workdir, "activations")
+    self.act_dir = os.path.join(workdir, "activations", *(("eval",) if split == "eval" else ()))
     self.parts_dir = os.path.join(self.act_dir, "parts")
     self.shard_dir = os.path.join(self.act_dir, "shards")
     self.chunk_size = max(1, int(ex.chunk_size))
@@ -150,7 +154,8 @@ class Extractor:
     os.makedirs(self.act_dir, exist_ok=True)
     fp_path = os.path.join(self.act_dir, "extract_config.json")
     if os.path.exists(fp_path):
-      old = workdir_lib.read_json(fp_path)  # a damaged file: one line naming it
+      with open(fp_path) as f:
+        old = json.load(f)
       if old != json.loads(json.dumps(self.fingerprint)):
         diff = sorted(
           k
@@ -165,7 +170,8 @@ class Extractor:
       workdir_lib.atomic_write_json(fp_path, self.fingerprint)
     summary = os.path.join(self.act_dir, "summary.json")
     if os.path.exists(summary):
-      return workdir_lib.read_json(summary)
+      with open(summary) as f:
+        return json.load(f)
     return None
 
   def _open_writer(self):
@@ -342,6 +348,8 @@ class Extractor:
       )
     summary = {
       "complete": True,
+      "split": self.split,
+      "captions_per_image": int(self.ex.captions_per_image),
       "counts": counts,
       "d": self.encoder.d,
       "model": self.ex.model_name,
@@ -404,4 +412,9 @@ def run_extraction(config, workdir: str) -> dict:
   if config.extract.dataset == "mbeir":
     return extract_mbeir.run_mbeir_extraction(config, workdir)
   with preemption.watch():  # SIGTERM: finish the chunk, exit PREEMPTED_EXIT_CODE; a re-run resumes
-    return Extractor(config, workdir).run()
+    train = Extractor(config, workdir)
+    summary = train.run()
+    if config.extract.eval_dataset:
+      # Same encoder, the evaluation split (pooled only): <workdir>/activations/eval/.
+      summary["eval"] = Extractor(config, workdir, encoder=train.encoder, split="eval").run()
+    return summary

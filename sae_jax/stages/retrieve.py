@@ -25,6 +25,7 @@ Steps: load (`load_inputs`, `load_attribution`) -> compute (`fit_projectors`, `e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -71,12 +72,30 @@ class Inputs:
     fit_pairs: Optional[tuple] = None,
     oracle: Optional[np.ndarray] = None,
     description: str = "",
+    fit_info: Optional[dict] = None,
   ):
     self.source = source
     self.variants = variants  # variant -> {name: array}
     self.fit_pairs = fit_pairs  # (image [N, d], text [N, d]) for attribution, or None
     self.oracle = oracle  # [m, d] true distractor atoms (synthetic) or None
     self.description = description
+    # Where the fit pairs come from: {"fit_on", "fit_split", "eval_split", "fit_disjoint", ...}.
+    self.fit_info = fit_info or {}
+
+
+FIT_ON = ("auto", "train", "eval")
+SPLITS = ("train", "eval")
+EVAL_DIR = "eval"  # <activations>/eval/: pooled embeddings of the evaluation split
+
+
+def _fit_on(rcfg, eval_is_separate: bool) -> str:
+  """`retrieval.fit_on` resolved: "auto" is "train" when a separate split exists, else "eval"."""
+  fit_on = rcfg.fit_on
+  if fit_on not in FIT_ON:
+    raise SaeJaxError(f"config.retrieval.fit_on={fit_on!r}: expected one of {FIT_ON}")
+  if fit_on == "auto":
+    return "train" if eval_is_separate else "eval"
+  return fit_on
 
 
 def _synthetic_inputs(config, rcfg) -> Inputs:
@@ -85,16 +104,23 @@ def _synthetic_inputs(config, rcfg) -> Inputs:
   n_fit = int(rcfg.synthetic_fit_pairs)
   seed = int(rcfg.synthetic_seed)
   ev = src.paired(n, seed=seed)
-  fit = src.paired(n_fit, seed=seed + 1)  # attribution is fitted on separate pairs
   kinds = np.asarray(src.kinds)
   oracle = src.dictionary[kinds == synthetic.KINDS.index("distractor")]
   arrays = {"image": ev.image, "text": ev.text, "sample_ids": np.arange(n)}
+  if _fit_on(rcfg, True) == "train":  # the attribution is fitted on separate pairs
+    fit = src.paired(n_fit, seed=seed + 1)
+    fit_info = {"fit_on": "train", "fit_split": f"synthetic seed {seed + 1}", "fit_disjoint": True}
+  else:
+    fit = ev
+    fit_info = {"fit_on": "eval", "fit_split": f"synthetic seed {seed}", "fit_disjoint": False}
+  fit_info.update(eval_split=f"synthetic seed {seed}", fit_pairs=int(fit.image.shape[0]))
   return Inputs(
     "synthetic",
     {"mean": arrays},
     (fit.image, fit.text),
     oracle,
-    f"PlantedSource: {n} eval pairs (seed {seed}), {n_fit} fit pairs (seed {seed + 1})",
+    f"PlantedSource: {n} eval pairs (seed {seed}), fit pairs: {fit_info['fit_split']}",
+    fit_info,
   )
 
 
@@ -102,8 +128,27 @@ def _pooled_dir(rcfg, workdir) -> str:
   return rcfg.pooled_dir or os.path.join(workdir, "activations")
 
 
+def _eval_dir(rcfg, workdir) -> str:
+  """Directory of the pooled files that are scored: the training split's, or the eval split's."""
+  if rcfg.split not in SPLITS:
+    raise SaeJaxError(f"config.retrieval.split={rcfg.split!r}: expected one of {SPLITS}")
+  top = _pooled_dir(rcfg, workdir)
+  return os.path.join(top, EVAL_DIR) if rcfg.split == "eval" else top
+
+
+def _read_pairs(path: str) -> tuple:
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      if "image" not in z.files or "text" not in z.files:
+        raise SaeJaxError(f'{path}: the removal fit needs matched "image" and "text" arrays, got {z.files}')
+      ids = z["image_ids"] if "image_ids" in z.files else None
+      return np.asarray(z["image"]), np.asarray(z["text"]), ids
+  except (OSError, ValueError) as e:
+    raise SaeJaxError(f"{path}: cannot read pooled embeddings ({e})") from e
+
+
 def _pooled_inputs(rcfg, workdir) -> Inputs:
-  pooled_dir = _pooled_dir(rcfg, workdir)
+  pooled_dir = _eval_dir(rcfg, workdir)
   variants = {}
   for v in config_utils.as_tuple(rcfg.variants):
     path = os.path.join(pooled_dir, f"pooled_{v}.npz")
@@ -123,10 +168,32 @@ def _pooled_inputs(rcfg, workdir) -> Inputs:
       'config.retrieval.source="synthetic"'
     )
   base = rcfg.base_variant
-  fit = None
-  if base in variants and "image" in variants[base] and "text" in variants[base]:
+  eval_path = os.path.join(pooled_dir, f"pooled_{base}.npz")
+  train_path = os.path.join(_pooled_dir(rcfg, workdir), f"pooled_{base}.npz")
+  fit_on = _fit_on(rcfg, rcfg.split == "eval")
+  fit, fit_info = None, {"fit_on": fit_on, "eval_split": eval_path}
+  if fit_on == "train":
+    if os.path.abspath(train_path) == os.path.abspath(eval_path):
+      raise SaeJaxError(
+        f'config.retrieval.fit_on="train" but the scored file {eval_path} is the training split\'s; '
+        'set config.retrieval.split="eval" (extract.eval_dataset) or fit_on="eval"'
+      )
+    if not os.path.exists(train_path):
+      raise SaeJaxError(
+        f'{train_path}: missing (config.retrieval.fit_on="train" fits the removal on the training '
+        'split\'s pooled embeddings); run experiments.extract or set config.retrieval.fit_on="eval"'
+      )
+    image, text, fit_ids = _read_pairs(train_path)
+    fit = (image, text)
+    eval_ids = variants.get(base, {}).get("image_ids")
+    shared = 0 if fit_ids is None or eval_ids is None else int(np.isin(fit_ids, eval_ids).sum())
+    fit_info.update(fit_split=train_path, fit_disjoint=shared == 0, fit_rows_sharing_eval_images=shared)
+  elif base in variants and "image" in variants[base] and "text" in variants[base]:
     fit = (variants[base]["image"], variants[base]["text"])
-  return Inputs("pooled", variants, fit, None, f"{pooled_dir}: variants {sorted(variants)}")
+    fit_info.update(fit_split=eval_path, fit_disjoint=False)
+  if fit is not None:
+    fit_info["fit_pairs"] = int(fit[0].shape[0])
+  return Inputs("pooled", variants, fit, None, f"{pooled_dir}: variants {sorted(variants)}", fit_info)
 
 
 def _add_mbeir_tasks(rcfg, pooled_dir, variants: dict) -> None:
@@ -142,7 +209,12 @@ def _add_mbeir_tasks(rcfg, pooled_dir, variants: dict) -> None:
       continue
     with np.load(paths[0], allow_pickle=False) as q, np.load(paths[1], allow_pickle=False) as c:
       arrays = retrieval_tasks.mbeir_task_arrays(
-        {k: q[k] for k in q.files}, {k: c[k] for k in c.files}, qrels, task=rcfg.mbeir_task, source=paths[0]
+        {k: q[k] for k in q.files},
+        {k: c[k] for k in c.files},
+        qrels,
+        task=rcfg.mbeir_task,
+        source=paths[0],
+        keep_unscorable=rcfg.denominator == "all_queries",
       )
     variants.setdefault(v, {}).update(arrays)
 
@@ -151,9 +223,9 @@ def load_inputs(config, workdir) -> Inputs:
   rcfg = config.retrieval
   source = rcfg.source
   if source == "auto":
-    has_pooled = os.path.isdir(_pooled_dir(rcfg, workdir)) and any(
+    has_pooled = os.path.isdir(_eval_dir(rcfg, workdir)) and any(
       (f.startswith("pooled_") or f.startswith("mbeir_")) and f.endswith(".npz")
-      for f in os.listdir(_pooled_dir(rcfg, workdir))
+      for f in os.listdir(_eval_dir(rcfg, workdir))
     )
     source = "pooled" if has_pooled or config.data.source != "synthetic" else "synthetic"
   if source == "synthetic":
@@ -182,6 +254,37 @@ def attribution_from_sae(
   streaming computation as the analysis stage (no c x c matrix). Without `spec` the rows are encoded
   with b_dec subtracted (`sae.encode`'s default, right for both presets: b_dec is 0 in `paper`).
   """
+  return np.asarray(concept_scores_from_sae(params, k, image, text, batch_size, spec)["attribution"])
+
+
+REMOVAL_BY = ("attribution", "energy", "abs_attribution")
+DENOMINATORS = ("all_queries", "scorable")
+
+
+def _choice(value: str, allowed: tuple, field: str) -> str:
+  if value not in allowed:
+    raise SaeJaxError(f"{field}={value!r}: expected one of {allowed}")
+  return value
+
+
+def _scores_by_rule(attribution: np.ndarray, energy: Optional[np.ndarray]) -> dict:
+  """The per-concept scores each `retrieval.removal_by` rule ranks the concepts by."""
+  a = np.asarray(attribution, np.float64)
+  out = {"attribution": a, "abs_attribution": np.abs(a)}
+  if energy is not None:
+    out["energy"] = np.asarray(energy, np.float64)
+  return out
+
+
+def concept_scores_from_sae(
+  params: dict,
+  k: int,
+  image: np.ndarray,
+  text: np.ndarray,
+  batch_size: int = 4096,
+  spec: Optional[sae_lib.SAESpec] = None,
+) -> dict:
+  """{rule: [c] float64} for every `REMOVAL_BY` rule, from an SAE over matched pairs."""
   image = np.asarray(image, np.float32)
   text = np.asarray(text, np.float32)
   if image.shape != text.shape:
@@ -190,12 +293,17 @@ def attribution_from_sae(
   spec = spec or sae_lib.SAESpec(d=d, c=c, k=k, pre_bias=True)
   code_i = encode_rows(params, spec, image, batch_size)
   code_t = encode_rows(params, spec, text, batch_size)
-  D = np.asarray(params["D"], np.float32)
-  return np.asarray(metrics.compute_concept_metrics(D, code_i, code_t).attribution, np.float64)
+  cm = metrics.compute_concept_metrics(np.asarray(params["D"], np.float32), code_i, code_t)
+  return _scores_by_rule(cm.attribution, cm.energy)
 
 
 def load_attribution(config, workdir, inputs: Inputs):
-  """(attribution [c], D [c, d], source description) or None when no SAE is available."""
+  """({rule: scores [c]} for `REMOVAL_BY`, D [c, d], source description), or None without an SAE.
+
+  The scores come from `analysis/concepts.npz` (the analysis stage's pairs, by default the training
+  split) unless `retrieval.fit_on` resolves to "eval", in which case they are computed from the SAE
+  on the scored pairs (the authors' protocol).
+  """
   rcfg = config.retrieval
   mode = rcfg.attribution
   if mode not in ("auto", "concepts", "sae"):
@@ -208,15 +316,27 @@ def load_attribution(config, workdir, inputs: Inputs):
     if os.path.exists(p)
   ]
   concepts = found[0] if found else os.path.join(workdir, "analysis", "concepts.npz")
-  if mode in ("auto", "concepts") and found:
+  on_eval = rcfg.fit_on == "eval" and inputs.source == "pooled"
+  if mode == "concepts" or (mode == "auto" and found and not on_eval):
+    if not found:
+      raise SaeJaxError(
+        f'{concepts}: missing (config.retrieval.attribution="concepts"); run experiments.analyze first'
+      )
     with np.load(concepts, allow_pickle=False) as z:
       if "attribution" not in z.files or "D" not in z.files:
         raise SaeJaxError(f'{concepts}: expected arrays "attribution" and "D", got {z.files}')
-      return np.asarray(z["attribution"]), np.asarray(z["D"], np.float32), concepts
-  if mode == "concepts":
-    raise SaeJaxError(
-      f'{concepts}: missing (config.retrieval.attribution="concepts"); run experiments.analyze first'
-    )
+      scores = _scores_by_rule(z["attribution"], z["energy"] if "energy" in z.files else None)
+      analysis_input = config.analysis.embeddings_path or os.path.join(
+        _pooled_dir(rcfg, workdir), f"pooled_{config.analysis.variant}.npz"
+      )
+      eval_split = inputs.fit_info.get("eval_split", "")
+      inputs.fit_info.update(
+        fit_on="analysis",
+        fit_split=analysis_input,
+        fit_disjoint=bool(eval_split)
+        and os.path.dirname(os.path.abspath(analysis_input)) != os.path.dirname(os.path.abspath(eval_split)),
+      )
+      return scores, np.asarray(z["D"], np.float32), concepts
   try:
     loaded = workdir_lib.load_sae(sae_workdir)
   except SaeJaxError:
@@ -228,8 +348,8 @@ def load_attribution(config, workdir, inputs: Inputs):
       f"attribution needs matched image/text pairs: pooled_{rcfg.base_variant}"
       '.npz has no "image" and "text" arrays'
     )
-  a = attribution_from_sae(loaded.params, loaded.k, *inputs.fit_pairs, spec=loaded.spec)
-  return a, np.asarray(loaded.params["D"], np.float32), f"{sae_workdir} step {loaded.step}"
+  scores = concept_scores_from_sae(loaded.params, loaded.k, *inputs.fit_pairs, spec=loaded.spec)
+  return scores, np.asarray(loaded.params["D"], np.float32), f"{sae_workdir} step {loaded.step}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,21 +364,82 @@ def _full_rank(scores_and_d: tuple, fraction: float) -> tuple[int, int]:
   return m, min(m, D.shape[1])
 
 
+class RealignWhitening:
+  """ReAlign (the authors' baseline): per task, one whitening per side fitted on that side's rows.
+
+  Transductive by construction (fitted on the very query and candidate sets that are scored; no
+  labels are used). `fitted` keeps each task's (query, candidate) projectors for `save`.
+  """
+
+  kind = "realign"
+
+  def __init__(self, alpha: float):
+    self.alpha = float(alpha)
+    self.fitted: dict[str, tuple[retrieval.Projector, retrieval.Projector]] = {}
+
+  def apply(self, task: str, data: retrieval_tasks.TaskData) -> retrieval_tasks.TaskData:
+    qp, cp = retrieval.fit_realign(data.queries, data.candidates, self.alpha)
+    self.fitted[task] = (qp, cp)
+    return dataclasses.replace(
+      data, queries=qp.transform(data.queries), candidates=cp.transform(data.candidates)
+    )
+
+  def save(self, path: str) -> None:
+    arrays = {"kind": np.asarray("realign"), "alpha": np.asarray(self.alpha)}
+    for task, (qp, cp) in self.fitted.items():
+      for side, p in (("queries", qp), ("candidates", cp)):
+        arrays[f"{task}__{side}__mean"] = p.mean
+        arrays[f"{task}__{side}__matrix"] = p.matrix
+    workdir_lib.atomic_savez(path, **arrays)
+
+
+def apply_projector(proj, task: str, data: retrieval_tasks.TaskData) -> retrieval_tasks.TaskData:
+  """`data` under a fitted `retrieval.Projector` (both sides) or a per-task `RealignWhitening`."""
+  if isinstance(proj, RealignWhitening):
+    return proj.apply(task, data)
+  return data.map(proj.transform)
+
+
+def removal_rules(rcfg: Any) -> list[str]:
+  """`retrieval.removal_by` first, then the `retrieval.removal_compare` rules (no repeats)."""
+  rules = [rcfg.removal_by] + [r for r in config_utils.as_tuple(rcfg.removal_compare) if r]
+  for r in rules:
+    if r not in REMOVAL_BY:
+      raise SaeJaxError(f"config.retrieval.removal_by / removal_compare: {r!r} is not one of {REMOVAL_BY}")
+  return list(dict.fromkeys(rules))
+
+
+def removal_name(rcfg: Any, rule: str) -> str:
+  """Projector / variant suffix: "removal" for `retrieval.removal_by`, "removal_by_<rule>" else."""
+  return "removal" if rule == rcfg.removal_by else f"removal_by_{rule}"
+
+
 def fit_projectors(rcfg: Any, inputs: Inputs, attribution: Optional[tuple]) -> dict:
-  """{name: (Projector, settings recorded with its results)} for the base variant."""
-  projectors: dict[str, tuple[retrieval.Projector, dict]] = {}
+  """{name: (projector, settings recorded with its results)} for the base variant."""
+  projectors: dict[str, tuple[Any, dict]] = {}
   fraction = float(rcfg.removal_fraction)
   if attribution is not None:
     scores, D, a_src = attribution
     m, full = _full_rank(attribution, fraction)
     rank = int(rcfg.removal_rank)
     rank = full if rank == -1 else rank
-    proj = retrieval.fit_removal(D, scores, rank, fraction)
-    proj.info["attribution_source"] = a_src
-    projectors["removal"] = (
-      proj,
-      {"removal_rank": rank, "removal_fraction": fraction, "n_atoms": m, "attribution_source": a_src},
-    )
+    for rule in removal_rules(rcfg):
+      if rule not in scores:
+        raise SaeJaxError(f'config.retrieval.removal_by="{rule}": {a_src} holds no "{rule}" scores')
+      proj = retrieval.fit_removal(D, scores[rule], rank, fraction)
+      proj.info.update(attribution_source=a_src, removal_by=rule)
+      projectors[removal_name(rcfg, rule)] = (
+        proj,
+        {
+          "removal_rank": int(proj.info["rank"]),
+          "removal_rank_requested": rank,
+          "removal_fraction": fraction,
+          "removal_by": rule,
+          "n_atoms": m,
+          "attribution_source": a_src,
+          **inputs.fit_info,
+        },
+      )
   if inputs.oracle is not None:
     oracle = retrieval.subspace_projector(inputs.oracle)
     projectors["oracle_removal"] = (
@@ -270,15 +451,29 @@ def fit_projectors(rcfg: Any, inputs: Inputs, attribution: Optional[tuple]) -> d
       },
     )
   base = rcfg.base_variant
-  if bool(rcfg.whitening) and base in inputs.variants:
+  mode = rcfg.whitening_mode
+  if mode not in retrieval.WHITENING_MODES:
+    raise SaeJaxError(
+      f"config.retrieval.whitening_mode={mode!r}: expected one of {retrieval.WHITENING_MODES}"
+    )
+  alpha = float(rcfg.whitening_alpha)
+  if bool(rcfg.whitening) and base in inputs.variants and mode == "realign":
+    settings = {"whitening_mode": "realign", "whitening_alpha": alpha, "whitening_eps": retrieval.REALIGN_EPS}
+    projectors["whitening"] = (
+      RealignWhitening(alpha),
+      {**settings, "whitening_fit": "per side, scored rows"},
+    )
+  elif bool(rcfg.whitening) and base in inputs.variants:
     arrs = inputs.variants[base]
     fit_rows = [arrs[k] for k in ("image", "text") if k in arrs]
     if not fit_rows:  # explicit-only variant: fit on every query / candidate it holds
       fit_rows = [arrs[k] for k in arrs if k.endswith("__queries") or k.endswith("__candidates")]
     if fit_rows:
-      alpha = float(rcfg.whitening_alpha)
       wp = retrieval.fit_whitening(np.concatenate([np.asarray(x, np.float32) for x in fit_rows]), alpha)
-      projectors["whitening"] = (wp, {"whitening_alpha": alpha, "whitening_fit_rows": wp.info["n_fit"]})
+      projectors["whitening"] = (
+        wp,
+        {"whitening_mode": "joint", "whitening_alpha": alpha, "whitening_fit_rows": wp.info["n_fit"]},
+      )
   return projectors
 
 
@@ -302,9 +497,15 @@ def evaluate_task(
   query_block_size=retrieval.DEFAULT_QUERY_BLOCK_SIZE,
   exclude_reference=True,
   normalize=True,
+  allow_unscorable=False,
 ) -> dict:
-  """Recall@K (percent) of one task by cosine similarity (`normalize=False`: rows already unit)."""
-  retrieval.check_positives(data.positives_indptr, data.positives_indices, data.n_queries, data.n_candidates)
+  """Recall@K (percent) of one task by cosine similarity (`normalize=False`: rows already unit).
+
+  `allow_unscorable`: queries without a positive count as misses (denominator: every query).
+  """
+  retrieval.check_positives(
+    data.positives_indptr, data.positives_indices, data.n_queries, data.n_candidates, allow_unscorable
+  )
   for name, x in (("queries", data.queries), ("candidates", data.candidates)):
     bad = int(np.sum(~np.isfinite(x).all(axis=1))) if np.ndim(x) == 2 else 0
     if bad:
@@ -320,8 +521,10 @@ def evaluate_task(
     query_block_size=query_block_size,
     normalize=normalize,
   )
-  rec = retrieval.recall_at_k(np.asarray(ids), data.positives_indptr, data.positives_indices, ks)
-  rec.update(n_queries=data.n_queries, n_candidates=data.n_candidates)
+  rec = retrieval.recall_at_k(
+    np.asarray(ids), data.positives_indptr, data.positives_indices, ks, allow_unscorable
+  )
+  rec.update(n_queries=data.n_queries, n_candidates=data.n_candidates, n_unscorable=data.n_unscorable)
   return rec
 
 
@@ -336,11 +539,19 @@ class _Search(NamedTuple):
   exclude_reference: bool
   max_queries: int
   kwargs: dict  # mesh and block sizes for `retrieval.topk_search`
+  subset: str = "first"  # retrieval_tasks.SUBSET_MODES
+  subset_seed: int = 42
+  denominator: str = "all_queries"  # "all_queries" (misses count) | "scorable"
 
   def recall(self, unit_rows: retrieval_tasks.TaskData) -> dict:
     """Recall@K of a task whose rows are already L2-normalised."""
     return evaluate_task(
-      unit_rows, self.ks, exclude_reference=self.exclude_reference, normalize=False, **self.kwargs
+      unit_rows,
+      self.ks,
+      exclude_reference=self.exclude_reference,
+      normalize=False,
+      allow_unscorable=self.denominator == "all_queries",
+      **self.kwargs,
     )
 
 
@@ -353,6 +564,9 @@ def _settings_of(variant: str, name: str, spec, search: _Search, d_run, source: 
     "dataset": spec.dataset,
     "exclude_reference": bool(search.exclude_reference and d_run.exclude is not None),
     "max_queries": search.max_queries,
+    "subset": search.subset,
+    "subset_seed": search.subset_seed,
+    "denominator": search.denominator,
     "source": source,
     "metric": "cosine, float32, exact",
     **extra,
@@ -381,12 +595,14 @@ def evaluate_all(
       data = retrieval_tasks.build_task(task, arrays, source=f"pooled_{variant}.npz")
       if data is None:
         continue
-      data = data.subset(search.max_queries)
+      data = data.subset(search.max_queries, search.subset, search.subset_seed)
+      if search.denominator == "scorable":
+        data = data.scorable()
       runs = [(variant, data, {})]
       if variant == base:
         base_data[task] = data
         for name, (proj, extra) in projectors.items():
-          runs.append((f"{variant}+{name}", data.map(proj.transform), extra))
+          runs.append((f"{variant}+{name}", apply_projector(proj, task, data), extra))
       for name, d_run, extra in runs:
         d_run = _normalized(d_run)
         rec = search.recall(d_run)
@@ -405,29 +621,45 @@ def evaluate_all(
 def sweep_removal_rank(
   rcfg: Any, attribution: tuple, data: retrieval_tasks.TaskData, search: _Search, oracle: Optional[dict]
 ) -> dict:
-  """Recall@K of the base variant of `rcfg.sweep_task` against the removal rank r (r = 0: none)."""
+  """Recall@K of the base variant of `rcfg.sweep_task` against the removal rank r (r = 0: none).
+
+  Swept for every rule of `removal_rules` (`by_rule`); `metrics` / `ranks_used` are the
+  `retrieval.removal_by` rule's. `ranks_used` is the rank removed after the cut of near-zero
+  singular values (`retrieval.removal_basis`), at most the requested r.
+  """
   scores, D, a_src = attribution
   fraction = float(rcfg.removal_fraction)
   m, full = _full_rank(attribution, fraction)
   wanted = {int(r) for r in config_utils.as_tuple(rcfg.sweep_ranks) if 0 < int(r) <= full}
   ranks = [0] + sorted(wanted | {full})
-  per_metric: dict = {f"R@{k}": [] for k in search.ks}
-  for r in ranks:
-    d_r = data.map(retrieval.fit_removal(D, scores, r, fraction).transform) if r else data
-    rec = search.recall(_normalized(d_r))
-    for k in search.ks:
-      per_metric[f"R@{k}"].append(rec[f"R@{k}"])
+  ks = search.ks
+  by_rule = {}
+  for rule in removal_rules(rcfg):
+    per_metric: dict = {f"R@{k}": [] for k in ks}
+    used = []
+    for r in ranks:
+      proj = retrieval.fit_removal(D, scores[rule], r, fraction) if r else None
+      used.append(int(proj.info["rank"]) if proj is not None else 0)
+      d_r = data.map(proj.transform) if proj is not None else data
+      rec = search.recall(_normalized(d_r))
+      for k in ks:
+        per_metric[f"R@{k}"].append(rec[f"R@{k}"])
+    by_rule[rule] = {"metrics": per_metric, "ranks_used": used}
+  main = by_rule[rcfg.removal_by]
   sweep = {
     "task": rcfg.sweep_task,
     "variant": rcfg.base_variant,
     "removal_fraction": fraction,
+    "removal_by": rcfg.removal_by,
     "n_atoms": m,
     "attribution_source": a_src,
     "ranks": ranks,
-    "metrics": per_metric,
+    "ranks_used": main["ranks_used"],
+    "metrics": main["metrics"],
+    "by_rule": by_rule,
   }
   if oracle is not None:
-    sweep["oracle"] = {f"R@{k}": oracle[f"R@{k}"] for k in search.ks}
+    sweep["oracle"] = {f"R@{k}": oracle[f"R@{k}"] for k in ks}
   return sweep
 
 
@@ -559,6 +791,9 @@ def run_retrieval(config, workdir: str) -> dict:
     kwargs=dict(
       mesh=_mesh(config), block_size=int(rcfg.block_size), query_block_size=int(rcfg.query_block_size)
     ),
+    subset=_choice(rcfg.subset, retrieval_tasks.SUBSET_MODES, "config.retrieval.subset"),
+    subset_seed=int(rcfg.subset_seed),
+    denominator=_choice(rcfg.denominator, DENOMINATORS, "config.retrieval.denominator"),
   )
   base = rcfg.base_variant
   out_dir = os.path.join(workdir, "retrieval")

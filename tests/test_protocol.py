@@ -1,0 +1,357 @@
+"""The evaluation protocol: the 5k test split, the authors' query samplers, the disjoint fit split,
+ReAlign whitening, the rank cut of the removal SVD, the score denominator, the removal rules.
+
+Every reference here is written independently from the protocol's description (NumPy only).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import base as base_cfg
+from configs import qwen2vl_coco
+from sae_jax import retrieval as R
+from sae_jax import retrieval_tasks as T
+from sae_jax import workdir as workdir_lib
+from sae_jax.data import coco, synthetic
+from sae_jax.errors import SaeJaxError
+from sae_jax.stages import retrieve
+from tests.helpers.reference import recall_reference
+
+# ------------------------------------------------------------------------- the Karpathy 5k split
+
+
+def _karpathy_json(tmp_path):
+  """Two test images (one with 7 captions) and a train image, in the dataset_coco.json layout."""
+  images = []
+  for n, (cocoid, split, n_caps) in enumerate(
+    ((391895, "test", 7), (522418, "train", 5), (184613, "test", 5))
+  ):
+    folder = "val2014" if split == "test" else "train2014"
+    name = f"COCO_{folder}_{cocoid:012d}.jpg"
+    os.makedirs(tmp_path / folder, exist_ok=True)
+    (tmp_path / folder / name).write_bytes(b"")  # existence is what the reader checks
+    sents = [{"raw": f"caption {j} of {cocoid}", "sentid": 100 * n + j} for j in range(n_caps)]
+    images.append(
+      {"filepath": folder, "filename": name, "cocoid": cocoid, "split": split, "sentences": sents}
+    )
+  path = tmp_path / "dataset_coco.json"
+  path.write_text(json.dumps({"images": images}))
+  return path
+
+
+def test_karpathy_5k_split_keeps_five_captions_and_the_json_ids(tmp_path):
+  path = _karpathy_json(tmp_path)
+  config = qwen2vl_coco.get_config()
+  ex = config.extract
+  ex.karpathy_json = str(path)
+  ex.eval_image_dir = str(tmp_path)
+  ev = coco.eval_extract_config(ex)
+  assert (ev.dataset, ev.karpathy_split, ev.captions_per_image, ev.write_shards) == (
+    "karpathy",
+    "test",
+    5,
+    False,
+  )
+  src = coco.open_paired(ev)
+  assert [im.image_id for im in src.images] == [391895, 184613]  # cocoid, test split only, file order
+  assert [c.image_id for c in src.captions] == [391895] * 5 + [184613] * 5  # 7 captions cut to the first 5
+  assert [c.caption_id for c in src.captions] == [0, 1, 2, 3, 4, 200, 201, 202, 203, 204]
+  assert src.captions[4].text == "caption 4 of 391895"
+  assert src[5] == {
+    "image_id": 184613,
+    "caption_id": 200,
+    "caption": "caption 0 of 184613",
+    "image": src.image_by_id[184613],
+  }
+  assert src.image_by_id[184613].path == str(tmp_path / "val2014" / "COCO_val2014_000000184613.jpg")
+  # 0 keeps every caption (the training split's default).
+  assert len(coco.KarpathyJson(str(path), str(tmp_path), split="test").captions) == 12
+  with pytest.raises(SaeJaxError) as e:
+    ex.eval_dataset = "mbeir"
+    coco.eval_extract_config(ex)
+  assert "\n" not in str(e.value) and "config.extract.eval_dataset" in str(e.value)
+
+
+# ------------------------------------------------------------------------------- query samplers
+
+
+def _task(rng, n_q=40, n_c=90, d=8):
+  """Queries with 0-3 positives each (some candidates nobody's positive), and an exclude column."""
+  counts = rng.integers(1, 4, n_q)
+  indices = np.concatenate([np.sort(rng.choice(n_c, c, replace=False)) for c in counts])
+  indptr = np.concatenate([[0], np.cumsum(counts)])
+  exclude = rng.integers(-1, n_c, n_q)
+  q = rng.standard_normal((n_q, d)).astype(np.float32)
+  c = rng.standard_normal((n_c, d)).astype(np.float32)
+  return T.TaskData(q, c, indptr.astype(np.int64), indices.astype(np.int64), exclude.astype(np.int64))
+
+
+def _qrels(data):
+  """The task as the authors' tables: query ids, corpus ids, (query-id, corpus-id) rows."""
+  qids = np.array([f"q{i:04d}" for i in range(data.n_queries)])
+  cids = np.array([f"c{j:04d}" for j in range(data.n_candidates)])
+  rows = [
+    (qids[i], cids[j])
+    for i in range(data.n_queries)
+    for j in data.positives_indices[data.positives_indptr[i] : data.positives_indptr[i + 1]]
+  ]
+  return qids, cids, rows
+
+
+def _authors_sample(qids, cids, rows, n, seed):
+  """`sample_dataset`: seeded choice of query ids; queries, qrels and corpus filtered by membership."""
+  np.random.seed(seed)
+  picked = set(np.random.choice(np.unique(qids), size=min(n, len(qids)), replace=False))
+  rows = [r for r in rows if r[0] in picked]
+  keep_c = {r[1] for r in rows}
+  return [q for q in qids if q in picked], [c for c in cids if c in keep_c], rows
+
+
+def _authors_one_to_one(qids, cids, rows, n, seed):
+  """`sample_dataset_one_to_one`: first qrel per query (by query id), duplicate corpus ids dropped."""
+  np.random.seed(seed)
+  picked = set(np.random.choice(np.unique(qids), size=min(n, len(qids)), replace=False))
+  first = {}
+  for qid, cid in rows:
+    if qid in picked and qid not in first:
+      first[qid] = cid
+  kept, seen = [], set()
+  for qid in sorted(first):
+    if first[qid] not in seen:
+      seen.add(first[qid])
+      kept.append((qid, first[qid]))
+  keep_q = {q for q, _ in kept}
+  return [q for q in qids if q in keep_q], [c for c in cids if c in seen], kept
+
+
+def _check_against(sub, data, qids, cids, ref_q, ref_c, ref_rows):
+  q_row = {q: i for i, q in enumerate(qids)}
+  c_row = {c: j for j, c in enumerate(cids)}
+  np.testing.assert_array_equal(sub.queries, data.queries[[q_row[q] for q in ref_q]])
+  np.testing.assert_array_equal(sub.candidates, data.candidates[[c_row[c] for c in ref_c]])
+  new_c = {c: j for j, c in enumerate(ref_c)}
+  for i, qid in enumerate(ref_q):
+    want = sorted(new_c[c] for q, c in ref_rows if q == qid)
+    got = sorted(sub.positives_indices[sub.positives_indptr[i] : sub.positives_indptr[i + 1]].tolist())
+    assert got == want, qid
+    old_ex = data.exclude[q_row[qid]]
+    assert sub.exclude[i] == (new_c.get(cids[old_ex], -1) if old_ex >= 0 else -1)
+
+
+@pytest.mark.parametrize("n", [15, 40, 1000])
+def test_random_restrict_pool_matches_the_authors_sampler(n):
+  data = _task(np.random.default_rng(3))
+  qids, cids, rows = _qrels(data)
+  sub = data.subset(n, "random_restrict_pool", 42)
+  ref_q, ref_c, ref_rows = _authors_sample(qids, cids, rows, n, 42)
+  assert sub.n_queries == min(n, 40) and sub.n_candidates == len(ref_c) < data.n_candidates
+  _check_against(sub, data, qids, cids, ref_q, ref_c, ref_rows)
+  # Another seed draws other queries; "first" keeps the whole pool.
+  assert not np.array_equal(
+    data.subset(15, "random_restrict_pool", 0).queries, data.subset(15, "random_restrict_pool", 42).queries
+  )
+  assert data.subset(15, "first").n_candidates == data.n_candidates
+  # Recall on the subset: the same as a dense reference over the authors' arrays.
+  ks = (1, 5)
+  rec = retrieve.evaluate_task(sub, ks, exclude_reference=False)
+  sim = R.l2_normalize(sub.queries.astype(np.float64)) @ R.l2_normalize(sub.candidates.astype(np.float64)).T
+  ref = recall_reference(sim, sub.positives_indptr, sub.positives_indices, ks)
+  assert rec["R@1"] == pytest.approx(ref["R@1"]) and rec["R@5"] == pytest.approx(ref["R@5"])
+
+
+def test_one_to_one_matches_the_authors_sampler():
+  data = _task(np.random.default_rng(4), n_q=60, n_c=30)  # small pool: many first positives collide
+  qids, cids, rows = _qrels(data)
+  sub = data.subset(50, "one_to_one", 42)
+  ref_q, ref_c, ref_rows = _authors_one_to_one(qids, cids, rows, 50, 42)
+  assert sub.n_queries == len(ref_q) < 50 and sub.n_candidates == sub.n_queries
+  assert np.all(np.diff(sub.positives_indptr) == 1)
+  _check_against(sub, data, qids, cids, ref_q, ref_c, ref_rows)
+  with pytest.raises(SaeJaxError) as e:
+    data.subset(5, "random")
+  assert "\n" not in str(e.value) and "config.retrieval.subset" in str(e.value)
+
+
+def test_denominator_counts_queries_without_positives_as_misses():
+  rng = np.random.default_rng(5)
+  n_c, d = 20, 6
+  pool = {
+    "embeddings": rng.standard_normal((n_c, d)).astype(np.float32),
+    "ids": np.array([f"c{j}" for j in range(n_c)]),
+    "modality": np.array(["text"] * n_c),
+  }
+  queries = {
+    "embeddings": pool["embeddings"][:10] + 0.01,  # query i is closest to candidate i
+    "ids": np.array([f"q{i}" for i in range(10)]),
+    "modality": np.array(["image"] * 10),
+  }
+  # Queries 0-5 have their own candidate as positive; 6-9 point at ids missing from the pool.
+  qrels = {f"q{i}": [f"c{i}"] if i < 6 else ["missing"] for i in range(10)}
+  kept = T.mbeir_task_arrays(queries, pool, qrels, keep_unscorable=True)
+  dropped = T.mbeir_task_arrays(queries, pool, qrels)
+  all_q = T.explicit_task(kept, "image_to_text")
+  scorable = T.explicit_task(dropped, "image_to_text")
+  assert (all_q.n_queries, all_q.n_unscorable, scorable.n_queries) == (10, 4, 6)
+  assert retrieve.evaluate_task(all_q, (1,), allow_unscorable=True)["R@1"] == pytest.approx(60.0)
+  assert retrieve.evaluate_task(scorable, (1,))["R@1"] == pytest.approx(100.0)
+  assert retrieve.evaluate_task(all_q.scorable(), (1,))["R@1"] == pytest.approx(100.0)
+  with pytest.raises(SaeJaxError) as e:
+    retrieve.evaluate_task(all_q, (1,))
+  assert "\n" not in str(e.value) and "has no positives" in str(e.value)
+
+
+# --------------------------------------------------------------------------------- whitening
+
+
+def _realign_reference(x, alpha=0.1, eps=1e-5):
+  """ReAlign's `shrinkage_whiten` on one side, float64: normalise, centre, shrink, U S^-1/2 U^T."""
+  x = np.asarray(x, np.float64)
+  x = x / np.linalg.norm(x, axis=1, keepdims=True)
+  mean = x.mean(0, keepdims=True)
+  cov = (x - mean).T @ (x - mean) / (x.shape[0] - 1)
+  d = x.shape[1]
+  shrunk = (1 - alpha) * cov + alpha * np.trace(cov) / d * np.eye(d)
+  u, s, _ = np.linalg.svd(shrunk)
+  out = (x - mean) @ (u @ np.diag(1.0 / np.sqrt(s + eps)) @ u.T)
+  return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_realign_whitening_matches_an_independent_numpy_version():
+  rng = np.random.default_rng(6)
+  d = 12
+  # Two modalities with different offsets, scales and covariances (the modality gap).
+  img = (rng.standard_normal((300, d)) @ rng.standard_normal((d, d)) + 3.0).astype(np.float32)
+  txt = (5.0 * rng.standard_normal((200, d)) - 1.0).astype(np.float32)
+  qp, cp = R.fit_realign(img, txt, alpha=0.1)
+  np.testing.assert_allclose(qp.transform(img), _realign_reference(img), atol=2e-5)
+  np.testing.assert_allclose(cp.transform(txt), _realign_reference(txt), atol=2e-5)
+  # Each side is centred on its own mean: a joint fit on the stacked rows is a different map.
+  joint = R.fit_whitening(np.concatenate([img, txt]), 0.1)
+  assert np.abs(joint.transform(img) - _realign_reference(img)).max() > 0.1
+  # Saved and loaded, the query projector still normalises its input first.
+  data = T.TaskData(img[:50], txt, np.arange(51), np.arange(50))
+  whitened = retrieve.RealignWhitening(0.1).apply("image_to_text", data)
+  np.testing.assert_allclose(whitened.queries, _realign_reference(img[:50]), atol=2e-5)
+  np.testing.assert_allclose(whitened.candidates, _realign_reference(txt), atol=2e-5)
+
+
+def test_realign_projector_round_trips(tmp_path):
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((40, 5)).astype(np.float32) + 2
+  qp, _ = R.fit_realign(x, x, 0.1)
+  qp.save(str(tmp_path / "p.npz"))
+  back = R.Projector.load(str(tmp_path / "p.npz"))
+  assert back.prenormalize and back.info["eps"] == 1e-5
+  np.testing.assert_allclose(back.transform(3 * x), _realign_reference(x), atol=2e-5)
+
+
+# ------------------------------------------------------------------------------- the rank cut
+
+
+def test_rank_cut_on_rank_deficient_selected_atoms():
+  rng = np.random.default_rng(8)
+  d, c = 10, 50
+  D = rng.standard_normal((c, d))
+  span = np.linalg.qr(rng.standard_normal((d, 3)))[0]  # 3 orthonormal directions
+  D[:6] = rng.standard_normal((6, 3)) @ span.T  # the 6 top-scored atoms span only 3 dimensions
+  D /= np.linalg.norm(D, axis=1, keepdims=True)
+  scores = np.r_[np.full(6, 10.0), rng.random(c - 6)]
+  proj = R.fit_removal(D.astype(np.float32), scores, rank=6, fraction=6 / c)
+  assert proj.info["n_atoms"] == 6 and proj.info["rank_requested"] == 6 and proj.info["rank"] == 3
+  assert proj.basis.shape == (d, 3)
+  np.testing.assert_allclose(proj.basis @ proj.basis.T, span @ span.T, atol=1e-5)
+  # A vector orthogonal to the span passes unchanged; one inside it is removed entirely.
+  h = rng.standard_normal((4, d))
+  h_perp = h - h @ span @ span.T
+  np.testing.assert_allclose(
+    proj.transform(h_perp), h_perp / np.linalg.norm(h_perp, axis=1, keepdims=True), atol=1e-5
+  )
+  h_in = h @ span @ span.T
+  assert np.abs(h_in - h_in @ proj.basis @ proj.basis.T).max() < 1e-5
+  # rtol=0 keeps the six directions the SVD returns (three of them arbitrary).
+  assert R.fit_removal(D.astype(np.float32), scores, 6, 6 / c, rtol=0.0).basis.shape == (d, 6)
+  assert R.fit_removal(D.astype(np.float32), scores, 2, 6 / c).info["rank"] == 2
+
+
+# ------------------------------------------------------------------------ fit split, removal_by
+
+
+def _write_pooled(path, src, n_images, seed, first_id):
+  pairs = src.paired(n_images, seed=seed)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  workdir_lib.atomic_savez(
+    path,
+    image=pairs.image,
+    text=pairs.text,
+    sample_ids=np.arange(n_images) + first_id,
+    image_ids=np.arange(n_images) + first_id,
+  )
+  return pairs
+
+
+def test_fit_split_is_disjoint_and_recorded(trained_sae, tmp_path):
+  config = trained_sae.config()
+  src = synthetic.PlantedSource(config.data.synthetic)
+  act = tmp_path / "activations"
+  train = _write_pooled(str(act / "pooled_mean.npz"), src, 600, seed=11, first_id=10_000)
+  _write_pooled(str(act / "eval" / "pooled_mean.npz"), src, 300, seed=12, first_id=0)
+  r = config.retrieval
+  r.source, r.split, r.fit_on = "pooled", "eval", "train"
+  r.attribution, r.sae_workdir = "sae", trained_sae.workdir
+  r.variants, r.tasks = ("mean",), ("image_to_text",)
+  r.removal_fraction, r.removal_rank = 0.015, -1
+  r.removal_compare = ("energy", "abs_attribution")
+  r.sweep_ranks = (1, 2)
+  r.whitening = False
+  res = retrieve.run_retrieval(config, str(tmp_path))["image_to_text"]
+  s = res["mean+removal"]["settings"]
+  assert s["fit_on"] == "train" and s["fit_split"] == str(act / "pooled_mean.npz")
+  assert s["eval_split"] == str(act / "eval" / "pooled_mean.npz")
+  assert (s["fit_disjoint"], s["fit_rows_sharing_eval_images"], s["fit_pairs"]) == (True, 0, 600)
+  assert res["mean"]["n_queries"] == 300
+  # The removed atoms are the top ones by attribution over the TRAINING pairs; the other rules too.
+  loaded = workdir_lib.load_sae(trained_sae.workdir)
+  scores = retrieve.concept_scores_from_sae(
+    loaded.params, loaded.k, train.image, train.text, spec=loaded.spec
+  )
+  proj = R.Projector.load(str(tmp_path / "retrieval" / "removal_projector.npz"))
+  assert proj.info["atoms"] == R.top_fraction(scores["attribution"], 0.015).tolist()
+  for rule in ("energy", "abs_attribution"):
+    rec = res[f"mean+removal_by_{rule}"]
+    assert rec["settings"]["removal_by"] == rule
+  sweep = json.loads((tmp_path / "retrieval" / "rank_sweep.json").read_text())
+  assert sorted(sweep["by_rule"]) == ["abs_attribution", "attribution", "energy"]
+  assert sweep["by_rule"]["attribution"]["metrics"] == sweep["metrics"]
+  full = sweep["ranks"].index(4)  # r = all 4 selected atoms: the same as the scored removal
+  for rule, name in (("attribution", "mean+removal"), ("energy", "mean+removal_by_energy")):
+    assert sweep["by_rule"][rule]["metrics"]["R@1"][full] == pytest.approx(res[name]["R@1"])
+  # Overlapping image ids are reported; the same file for both is refused.
+  _write_pooled(str(act / "pooled_mean.npz"), src, 600, seed=11, first_id=0)
+  res = retrieve.run_retrieval(config, str(tmp_path))["image_to_text"]
+  assert res["mean+removal"]["settings"]["fit_disjoint"] is False
+  assert res["mean+removal"]["settings"]["fit_rows_sharing_eval_images"] == 300
+  r.split = "train"
+  with pytest.raises(SaeJaxError) as e:
+    retrieve.run_retrieval(config, str(tmp_path))
+  assert "\n" not in str(e.value) and 'fit_on="train"' in str(e.value)
+
+
+def test_synthetic_fit_on_is_recorded():
+  config = base_cfg.get_config()
+  r = config.retrieval
+  for fit_on, disjoint in (("auto", True), ("train", True), ("eval", False)):
+    r.fit_on = fit_on
+    inputs = retrieve.load_inputs(config, "/nonexistent")
+    assert inputs.fit_info["fit_disjoint"] is disjoint
+    fit_img = inputs.fit_pairs[0]
+    same = fit_img.shape == inputs.variants["mean"]["image"].shape and np.array_equal(
+      fit_img, inputs.variants["mean"]["image"]
+    )
+    assert same is (not disjoint)
+  r.fit_on = "test"
+  with pytest.raises(SaeJaxError) as e:
+    retrieve.load_inputs(config, "/nonexistent")
+  assert "\n" not in str(e.value) and "config.retrieval.fit_on" in str(e.value)
