@@ -108,7 +108,27 @@ def default_backward(platform: Optional[str] = None) -> str:
   return "scatter" if _platform(platform) == "cpu" else "dense"
 
 
-_AUTO = {"decoder": default_decoder, "backward": default_backward}
+def _cpu_flags() -> frozenset:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return frozenset(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+def default_compute_dtype(platform: Optional[str] = None) -> str:
+  """The matmul dtype for "auto": bf16 on accelerators; on CPU bf16 only where the CPU has native
+  bf16 dot products (avx512_bf16 / amx_bf16). Without them XLA's bf16 GEMM ran slower than its
+  fp32 one (figures in benchmarks/README.md)."""
+  if _platform(platform) != "cpu":
+    return "bfloat16"
+  return "bfloat16" if {"avx512_bf16", "amx_bf16"} & _cpu_flags() else "float32"
+
+
+_AUTO = {"decoder": default_decoder, "backward": default_backward, "compute_dtype": default_compute_dtype}
 
 
 def spec_from_config(sae_cfg: Any, platform: Optional[str] = None) -> SAESpec:
@@ -125,9 +145,11 @@ def spec_from_config(sae_cfg: Any, platform: Optional[str] = None) -> SAESpec:
   if base["aux_k"] is None:
     base["aux_k"] = min(d // 2, c)
   out = dict(d=d, c=c, k=k, preset=preset, dead_tokens=int(sae_cfg.dead_tokens))
-  for name in ("decoder", "backward", "top_k", "compute_dtype", "b_dec_init", "enc_init", "decoder_norm"):
+  for name in ("backward", "decoder", "top_k", "compute_dtype", "b_dec_init", "enc_init", "decoder_norm"):
     value = str(sae_cfg[name])
-    if value == "auto" and name in _AUTO:
+    if value == "auto" and name == "decoder" and out["backward"] == "dense":
+      value = "dense"  # the dense backward decodes with z D
+    elif value == "auto" and name in _AUTO:
       value = _AUTO[name](platform)
     elif value == "auto" and name in base:
       value = base[name]
@@ -301,8 +323,14 @@ def loss_fn(
       lambda _: jnp.zeros((), jnp.float32),
       (params, err),
     )
-    loss = loss + spec.aux_coef * aux
+    loss = loss + spec.aux_coef * aux_scale(jnp.sum(dead), spec.aux_k) * aux
   return loss, LossOutput(loss, mse, l1, aux, SparseCode(values, indices), x_hat)
+
+
+def aux_scale(n_dead: jax.Array, aux_k: int) -> jax.Array:
+  """min(n_dead / aux_k, 1), the weight of AuxK in the loss (as sparsify and OpenAI's code): with
+  fewer dead latents than aux_k, the few that exist are not asked to explain the whole residual."""
+  return jnp.minimum(n_dead.astype(jnp.float32) / aux_k, 1.0)
 
 
 def aux_loss_fn(
@@ -314,7 +342,7 @@ def aux_loss_fn(
   dead: jax.Array,
   top_k: TopKFn = kernels.local_top_k,
 ) -> jax.Array:
-  """AuxK (Gao et al. 2024), unscaled: the top aux_k dead latents reconstruct the residual `err`
+  """AuxK (Gao et al. 2024), unscaled (the loss weighs it by `aux_scale`): the top aux_k dead latents reconstruct the residual `err`
   (x - x_hat of the main loss, a constant here), normalised by its variance.
 
   Differentiating through a lax.cond makes XLA copy the branch's residuals (W_enc and D among

@@ -44,7 +44,8 @@ def _reference_loss(params, x, spec, valid, dead=None):
     e_mean = jnp.sum(w[:, None] * e, axis=0) / n  # over the valid rows only
     e_var = jnp.sum(w[:, None] * (e - e_mean) ** 2)
     aux = jnp.sum(w[:, None] * (e - e_hat) ** 2) / jnp.maximum(e_var, 1e-12)
-    loss = loss + spec.aux_coef * jnp.where(jnp.any(dead), aux, 0.0)
+    scale = jnp.minimum(jnp.sum(dead) / spec.aux_k, 1.0)  # sparsify / OpenAI
+    loss = loss + spec.aux_coef * scale * jnp.where(jnp.any(dead), aux, 0.0)
   return loss
 
 
@@ -90,7 +91,8 @@ def test_loss_and_grads_match_autodiff(preset, decoder, with_dead, monkeypatch):
   spec, params, x = _setup(preset)
   spec = dataclasses.replace(spec, decoder=decoder)
   valid = jnp.asarray(np.arange(B) % 7 != 3)  # some rows masked out
-  dead = jnp.asarray(np.arange(C) % 3 == 0) if with_dead else jnp.zeros((C,), bool)
+  # 8 dead latents, fewer than aux_k = 16: AuxK weighs 1/2 (min(n_dead / aux_k, 1)).
+  dead = jnp.asarray(np.arange(C) % 32 == 0) if with_dead else jnp.zeros((C,), bool)
   (loss, out), grads = jax.jit(jax.value_and_grad(sae_lib.loss_fn, has_aux=True), static_argnums=2)(
     params, x, spec, valid, dead
   )

@@ -126,8 +126,8 @@ def main_equality():
     batches.append((codes @ atoms + 0.05 * rng.standard_normal((b, d)) + 0.3).astype(np.float32))
   valid = np.ones((b,), np.float32)
   valid[5] = 0.0  # a masked row
-  # 1/4 of the latents start dead, so AuxK (modern) runs from the first step.
-  since = np.where(np.arange(c) % 4 == 1, 10**6, 0).astype(np.int32)
+  # 4 latents start dead, so AuxK (modern) runs from the first step, weighed min(4 / 8, 1).
+  since = np.where(np.arange(c) % 16 == 1, 10**6, 0).astype(np.int32)
   cases = [
     (p, bw, m, False) for p in ("paper", "modern") for bw in ("scatter", "dense") for m in ((1, 1),) + MESHES
   ]

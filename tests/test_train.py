@@ -312,3 +312,37 @@ def test_cli_overrides_and_unknown_field(tmp_path):
     r.returncode == 1
     and r.stderr.strip() == "error: config.sae.preset='fancy': expected one of ('paper', 'modern')"
   )
+
+
+_RESUME_SCRIPT = """
+import sys
+import numpy as np
+from tests.helpers.run_training import final_state, tiny_config
+from sae_jax.training import trainer
+workdir, out, data, model, steps, backward, top_k, zero = sys.argv[1:9]
+config = tiny_config(int(data), int(model), int(steps))
+config.sae.backward, config.sae.top_k = backward, top_k
+config.mesh.shard_optimizer = zero == "1"
+trainer.train_and_evaluate(config, workdir)
+np.savez(out, **final_state(workdir, config))
+"""
+
+
+def test_resume_across_backward_top_k_and_mesh_changes(tmp_path):
+  """10 steps on a 4x2 mesh (scatter backward, exact top-k, ZeRO-1 moments), resumed to 20 on one
+  device with the dense backward and approx top-k, equals 20 uninterrupted steps on one device."""
+  work, ref = tmp_path / "w", tmp_path / "ref"
+
+  def run(workdir, out, mesh, steps, backward, top_k, zero, env):
+    args = [str(workdir), str(tmp_path / out), str(mesh[0]), str(mesh[1]), str(steps), backward, top_k, zero]
+    r = _run(["-c", _RESUME_SCRIPT, *args], env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+  run(work, "a.npz", (4, 2), 10, "scatter", "exact", "1", FAKE8)
+  r = run(work, "b.npz", (1, 1), 20, "dense", "approx", "0", ENV)
+  assert "Resumed from" in r.stdout
+  run(ref, "c.npz", (1, 1), 20, "scatter", "exact", "0", ENV)
+  _assert_states_equal(
+    dict(np.load(tmp_path / "b.npz")), dict(np.load(tmp_path / "c.npz")), rtol=2e-5, atol=2e-6
+  )

@@ -187,6 +187,7 @@ def _local_step(spec: sae_lib.SAESpec, plan: _Plan, params, since, x, valid):
   n = jnp.maximum(n_valid, 1.0)
   use_aux = spec.aux_k > 0
   with_aux = n_dead > 0 if use_aux else jnp.zeros((), bool)
+  scale = sae_lib.aux_scale(n_dead, spec.aux_k) if use_aux else 0.0
 
   xc = x - b_dec if spec.pre_bias else x
   kl, akl = min(spec.k, cl), (min(spec.aux_k, cl) if use_aux else 0)
@@ -218,7 +219,7 @@ def _local_step(spec: sae_lib.SAESpec, plan: _Plan, params, since, x, valid):
         a = _sparse_aux(fwd, D, akl, spec, plan, exact)
       r = e - _psum_model(a["x_hat"], plan)
       value = jax.lax.psum(jnp.sum(w[:, None] * r**2), DATA) / e_var
-      ge = (spec.aux_coef * -2.0 / e_var) * w[:, None] * r
+      ge = (spec.aux_coef * scale * -2.0 / e_var) * w[:, None] * r
       if spec.backward == "dense":
         extra = _dense_backward(a, xc, D, ge, None, spec, plan)
       else:
@@ -269,7 +270,7 @@ def _local_step(spec: sae_lib.SAESpec, plan: _Plan, params, since, x, valid):
   mse = sse / (n * d)
   l1 = l1_sum / (n * spec.c)
   stats = {
-    "loss": mse + spec.l1_coef * l1 + spec.aux_coef * aux,
+    "loss": mse + spec.l1_coef * l1 + spec.aux_coef * scale * aux,
     "mse": mse,
     "l1": l1,
     "aux_loss": aux,
