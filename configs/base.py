@@ -29,9 +29,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   sae.backward = "auto"  # "scatter" (B*k-row scatter-adds) | "dense" (GEMMs) | "auto" (per platform)
   sae.top_k = "exact"  # "exact" (lax.top_k, ties to the lower index) | "approx" (lax.approx_max_k)
   sae.approx_recall = 0.95  # recall_target of sae.top_k="approx"
-  sae.backward = "auto"  # "scatter" (B*k-row scatter-adds) | "dense" (GEMMs) | "auto" (per platform)
-  sae.top_k = "exact"  # "exact" (lax.top_k, ties to the lower index) | "approx" (lax.approx_max_k)
-  sae.approx_recall = 0.95  # recall_target of sae.top_k="approx"
   sae.compute_dtype = "float32"  # "float32" | "bfloat16" (bf16 matmuls, fp32 params and Adam) | "auto"
   sae.pre_bias = "auto"  # "yes" | "no": subtract b_dec before encoding, add it after decoding
   sae.b_dec_init = "auto"  # "zeros" | "mean" | "geometric_median" (of the first batches)
@@ -77,7 +74,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # devices on the batch axis; -1 = all devices / mesh.model
   mesh.model = 1  # devices on the dictionary axis
-  mesh.shard_optimizer = False  # ZeRO-1: Adam moments split over the data axis too
   mesh.shard_optimizer = False  # ZeRO-1: Adam moments split over the data axis too
   mesh.multihost = False  # call jax.distributed.initialize (TPU pods / SLURM set the rest)
   mesh.coordinator_address = ""
