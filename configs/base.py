@@ -56,6 +56,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   data.nonfinite = "error"  # NaN/Inf rows: "error" stops the run, "skip" masks and counts them
   data.prefetch = 2  # batches prepared ahead by grain
   data.synthetic = default_synthetic_config()
+  data.shuffle = "global"  # shards: "global" (rows from anywhere, random reads) | "block" (data/pipeline.py)
+  data.block_rows = 1024  # shuffle="block": contiguous rows read in one copy
+  data.shuffle_buffer_rows = 262144  # shuffle="block": rows shuffled together in RAM (~3 buffers held)
+  data.reader_threads = 2  # shards: grain reader threads (and block-copy threads of shuffle="block")
+  data.device_prefetch = 2  # batches transferred to the device ahead of the step
 
   config.train = train = ml_collections.ConfigDict()
   train.num_steps = 2000

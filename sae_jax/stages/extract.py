@@ -154,8 +154,7 @@ class Extractor:
     os.makedirs(self.act_dir, exist_ok=True)
     fp_path = os.path.join(self.act_dir, "extract_config.json")
     if os.path.exists(fp_path):
-      with open(fp_path) as f:
-        old = json.load(f)
+      old = workdir_lib.read_json(fp_path)  # a damaged file: one line naming it
       if old != json.loads(json.dumps(self.fingerprint)):
         diff = sorted(
           k
@@ -170,8 +169,7 @@ class Extractor:
       workdir_lib.atomic_write_json(fp_path, self.fingerprint)
     summary = os.path.join(self.act_dir, "summary.json")
     if os.path.exists(summary):
-      with open(summary) as f:
-        return json.load(f)
+      return workdir_lib.read_json(summary)
     return None
 
   def _open_writer(self):
