@@ -225,3 +225,161 @@ def test_block_shuffle_training_resumes_exactly_after_sigkill(tmp_path):
   assert set(a) == set(b)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# ---- extraction split across processes ------------------------------------------------------------
+
+
+class _Crash(Exception):
+  pass
+
+
+class _CrashingEncoder:
+  """A real encoder that raises after `n` forwards (a killed process)."""
+
+  def __init__(self, enc, n):
+    self._enc, self._n = enc, n
+
+  def forward(self, prepared):
+    self._n -= 1
+    if self._n < 0:
+      raise _Crash()
+    return self._enc.forward(prepared)
+
+  def __getattr__(self, name):
+    return getattr(self._enc, name)
+
+
+def _clip_config(**extract):
+  from configs import clip_coco
+
+  cfg = clip_coco.get_config("tiny")
+  cfg.extract.chunk_size = 2  # 6 image chunks over the 11 fixture images
+  cfg.extract.rows_per_shard = 4  # finished shards are what a resumed run skips
+  cfg.extract.pooling = ("embed", "mean")
+  cfg.extract.contrastive_tokens = True
+  for k, v in extract.items():
+    setattr(cfg.extract, k, v)
+  return cfg
+
+
+def _merged_rows(wd):
+  from sae_jax.data.shards import ActivationStore
+
+  store = ActivationStore(os.path.join(wd, "activations", "shards"))
+  rows = store.rows(np.arange(len(store)))
+  ids = np.concatenate(
+    [np.load(os.path.join(store.directory, s["name"] + ".sample_ids.npy")) for s in store.index["shards"]]
+  )
+  order = np.lexsort((rows[:, 0], ids))
+  return store.index, ids[order], rows[order]
+
+
+def _assert_same_extraction(wd, ref):
+  index, ids, rows = _merged_rows(wd)
+  rindex, rids, rrows = _merged_rows(ref)
+  assert index["format"] == "sae_jax.activations.v2" and rindex["format"] == "sae_jax.activations.v1"
+  np.testing.assert_array_equal(ids, rids)  # the same rows as a set
+  np.testing.assert_allclose(rows, rrows, atol=1e-5)
+  for v in ("embed", "mean"):
+    a = np.load(os.path.join(wd, "activations", f"pooled_{v}.npz"))
+    b = np.load(os.path.join(ref, "activations", f"pooled_{v}.npz"))
+    assert set(a.files) == set(b.files)
+    for key in b.files:
+      if b[key].dtype.kind == "f":
+        np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=key)  # row for row
+      else:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+  from sae_jax.stages import extract as extract_stage
+  from tests.helpers.env import require_fixture
+
+  require_fixture()
+  wd = tmp_path_factory.mktemp("one")
+  summary = extract_stage.run_extraction(_clip_config(), str(wd))
+  return str(wd), summary
+
+
+def test_process_split_from_config_and_launcher_env():
+  from sae_jax.errors import SaeJaxError
+  from sae_jax.stages import extract_parts
+
+  ex = _clip_config().extract
+  assert extract_parts.process_split(ex, {}) == (0, 1)
+  assert extract_parts.process_split(ex, {"RANK": "3", "WORLD_SIZE": "4"}) == (3, 4)
+  assert extract_parts.process_split(ex, {"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}) == (1, 2)
+  ex.process_index, ex.process_count = 2, 3
+  assert extract_parts.process_split(ex, {"RANK": "0", "WORLD_SIZE": "4"}) == (2, 3)
+  ex.process_index = 3
+  with pytest.raises(SaeJaxError, match="process_index/process_count=3/3"):
+    extract_parts.process_split(ex, {})
+
+
+def test_two_parts_one_killed_and_resumed_merge_to_the_single_process_extraction(one_process, tmp_path):
+  from sae_jax import encoders
+  from sae_jax.stages import extract as extract_stage
+  from sae_jax.stages import extract_parts
+
+  ref, ref_summary = one_process
+  cfg = _clip_config(process_count=2)
+  enc = encoders.load_encoder(cfg.extract)
+  cfg.extract.process_index = 1
+  with pytest.raises(_Crash):  # process 1 dies after 4 batches (some of its chunks are saved)
+    extract_parts.run_part(cfg, str(tmp_path), 1, 2, encoder=_CrashingEncoder(enc, 4))
+  cfg.extract.process_index = 0
+  part0 = extract_stage.run_extraction(cfg, str(tmp_path))
+  assert "merged" not in part0 and not (tmp_path / "activations" / "shards").exists()
+  assert not list((tmp_path / "activations").glob("pooled_*.npz"))
+  p0 = tmp_path / "activations" / "process-00000-of-00002"
+  stamps = {f: os.stat(f).st_mtime_ns for f in p0.rglob("*") if f.is_file()}
+  cfg.extract.process_index = 1
+  part1 = extract_parts.run_part(cfg, str(tmp_path), 1, 2, encoder=enc)
+  # Only process 1's unfinished chunks ran again; process 0's files are untouched.
+  assert 0 < part1["rows_written_this_run"] < part1["counts"]["shard_rows"]
+  assert stamps == {f: os.stat(f).st_mtime_ns for f in p0.rglob("*") if f.is_file()}
+  assert part0["counts"]["images"] + part1["counts"]["images"] == 11
+  merged = part1["merged"]
+  assert merged["counts"] == ref_summary["counts"] and merged["processes"] == 2
+  _assert_same_extraction(str(tmp_path), ref)
+  # The merged workdir is complete for a single-process run of the same config, and trains.
+  again = extract_stage.run_extraction(_clip_config(), str(tmp_path))
+  assert again["processes"] == 2
+  config = base.get_config()
+  config.data.source, config.data.batch_size = "shards", 32
+  config.data.shard_dir = str(tmp_path / "activations" / "shards")
+  for shuffle in ("global", "block"):
+    config.data.shuffle = shuffle
+    batch = pipeline.batch_fn(config)(0)
+    assert batch.shape == (32, merged["d"]) and np.isfinite(batch).all()
+
+
+def test_two_concurrent_processes_with_torchrun_env_match_one(one_process, tmp_path):
+  ref, _ = one_process
+  args = [
+    sys.executable,
+    "-m",
+    "experiments.extract",
+    "--config=configs/clip_coco.py:tiny",
+    f"--workdir={tmp_path}",
+    "--config.extract.chunk_size=2",
+    "--config.extract.rows_per_shard=4",
+    "--config.extract.pooling=('embed','mean')",
+    "--config.extract.contrastive_tokens=True",
+  ]
+  procs = [
+    subprocess.Popen(
+      args,
+      cwd=ROOT,
+      env={**ENV, "RANK": str(p), "WORLD_SIZE": "2"},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for p in range(2)
+  ]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+  _assert_same_extraction(str(tmp_path), ref)

@@ -1,6 +1,7 @@
 """The on-disk activation store: a directory of fixed-width `.npy` shards plus `index.json`.
 
-Format `sae_jax.activations.v1`::
+Format `sae_jax.activations.v1` (v2, written by a multi-process extraction, is the same index
+with shard names that are paths relative to its directory, into the parts' v1 directories)::
 
   index.json                    {"format", "d", "dtype", "total_rows", "shards": [{"name", "rows"}], "metadata"}
   shard-00000.npy               [rows, d] activations (np.save; memory-mapped for reading)
@@ -26,6 +27,9 @@ from sae_jax import workdir as workdir_lib
 from sae_jax.errors import SaeJaxError
 
 FORMAT = "sae_jax.activations.v1"
+# v2: an index that lists the shards of several directories (an extraction split across processes,
+# `sae_jax.stages.extract_parts`): a shard's "name" is its path relative to the index's directory.
+FORMAT_V2 = "sae_jax.activations.v2"
 INDEX_FILE = "index.json"
 TOKEN_TYPES = ("special", "image", "text", "prompt")
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -62,6 +66,8 @@ class ShardWriter:
     index_path = os.path.join(directory, INDEX_FILE)
     if os.path.exists(index_path):
       index = read_index(directory, allow_empty=True)
+      if index["format"] != FORMAT:
+        raise SaeJaxError(f"{index_path}: a merged {index['format']} index is read-only; use a new directory")
       if index["d"] != self.d or index["dtype"] != dtype:
         raise SaeJaxError(
           f"{index_path}: existing shards have d={index['d']} dtype={index['dtype']}, "
@@ -175,8 +181,8 @@ def read_index(directory: str, allow_empty: bool = False) -> dict:
   for key in ("format", "d", "dtype", "shards"):
     if key not in index:
       raise SaeJaxError(f"{path}: missing field {key!r}")
-  if index["format"] != FORMAT:
-    raise SaeJaxError(f"{path}: format {index['format']!r}, expected {FORMAT!r}")
+  if index["format"] not in (FORMAT, FORMAT_V2):
+    raise SaeJaxError(f"{path}: format {index['format']!r}, expected {FORMAT!r} or {FORMAT_V2!r}")
   if not index["shards"] and not allow_empty:
     raise SaeJaxError(f"{path}: the directory holds no finished shard")
   for s in index["shards"]:

@@ -45,7 +45,7 @@ from sae_jax import workdir as workdir_lib
 from sae_jax.data import coco
 from sae_jax.data import shards as shards_lib
 from sae_jax.errors import SaeJaxError
-from sae_jax.stages import extract_mbeir
+from sae_jax.stages import extract_mbeir, extract_parts
 from sae_jax.stages.pooled import Progress, check_variants, pool_batch
 
 # Shard `sample_ids`: the image id for rows of image inputs, CAPTION_ID_OFFSET + caption id for rows
@@ -410,6 +410,9 @@ def run_extraction(config, workdir: str) -> dict:
   if config.extract.dataset == "mbeir":
     return extract_mbeir.run_mbeir_extraction(config, workdir)
   with preemption.watch():  # SIGTERM: finish the chunk, exit PREEMPTED_EXIT_CODE; a re-run resumes
+    index, count = extract_parts.process_split(config.extract)
+    if count > 1:  # one part per process, merged by the last to finish
+      return extract_parts.run_part(config, workdir, index, count)
     train = Extractor(config, workdir)
     summary = train.run()
     if config.extract.eval_dataset:
