@@ -42,15 +42,6 @@ def require_fixture(path: pathlib.Path = COCO_MINI) -> pathlib.Path:
   return path
 
 
-def fixture_captions(n: int | None = None) -> list[str]:
-  """The real COCO captions of the mini fixture (the first `n`)."""
-  import json
-
-  with open(require_fixture() / "captions.json") as f:
-    captions = [a["caption"] for a in json.load(f)["annotations"]]
-  return captions if n is None else captions[:n]
-
-
 def overcomplete_topk_sae() -> Any:
   """overcomplete==0.3.0's TopKSAE class (the reference implementation of the paper's SAE).
 
