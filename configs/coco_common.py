@@ -13,9 +13,14 @@ the pool of their positives, ReAlign whitening as the baseline, the removal fitt
 split's pairs and its attribution rule compared with energy / |attribution| selection. "tiny" scores
 its one fixture split (no separate test split: the removal is fitted on the scored pairs).
 
-The "tiny" fixture is a directory with `captions.json` and `images/` (the project's 11-image COCO
-val2017 sample); it is not part of this repository: set $COCO_MINI to it (default: a
-`shared/data/coco-val2017-mini` directory beside the repository checkout).
+Data roots (environment variables, read when the preset is loaded):
+  $COCO_ROOT  COCO 2017 (annotations/captions_train2017.json, train2017/, dataset_coco.json,
+              COCO-Caption/data/*.parquet); default `data/coco` relative to the working directory.
+  $COCO_MINI  the "tiny" fixture: a directory with `captions.json` and `images/` (an 11-image COCO
+              val2017 sample, not part of this repository); default `../shared/data/coco-val2017-mini`
+              beside the repository checkout.
+Each path is also a config field (`--config.extract.captions_json=...`, `--config.extract.image_dir=...`).
+A missing file is reported as one line naming the field and these variables.
 """
 
 import os
@@ -92,4 +97,8 @@ def apply(config, arg, preset_file, *, model_name, tiny_family, d, c, decoder=Tr
     config.train.num_steps = 20
     config.train.log_every = 5
     config.train.checkpoint_every = 10
+    config.preset_note = (
+      "tiny preset: a random-weight model on the 11-image fixture; it tests the plumbing, not the quality "
+      "(a held-out FVU above 1 is expected)"
+    )
   return config

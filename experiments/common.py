@@ -1,10 +1,22 @@
-"""What every main shares: one-line errors instead of tracebacks for bad flags and bad input."""
+"""What every main shares: one-line errors instead of tracebacks for bad flags and bad input,
+`--print_config`, and the summary lines each main prints when it is done."""
 
+import os
 import sys
+import time
+from typing import Any, Callable, Optional
 
 from absl import flags, logging
 
 from sae_jax.errors import SaeJaxError
+
+_PRINT_CONFIG = flags.DEFINE_bool(
+  "print_config",
+  False,
+  "Print every field of --config (preset and --config.<section>.<field>=value overrides applied) and "
+  "exit without running; e.g. --config=configs/synthetic.py --print_config. Every field printed can be "
+  "overridden with --config.<section>.<field>=value; the defaults and their meaning are in configs/base.py.",
+)
 
 
 def parse_flags(argv):
@@ -27,13 +39,37 @@ def parse_flags(argv):
     sys.exit(2)
 
 
-def run_main(argv, fn):
+def run_main(
+  argv,
+  fn,
+  config: Optional[Any] = None,
+  workdir: Optional[Any] = None,
+  report: Optional[Callable[[Any, float], list]] = None,
+):
+  """Runs `fn()`; with `report`, prints `report(result, seconds)` (lines) when it returns.
+
+  `config`: the main's config flag, printed instead of running under --print_config; `workdir`: its
+  --workdir flag, required unless --print_config.
+  """
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(2)
   try:
-    return fn()
+    if _PRINT_CONFIG.value:
+      if config is None:
+        print("error: --print_config: this main has no --config", file=sys.stderr)
+        sys.exit(2)
+      print(config.value)
+      return None
+    if workdir is not None and not workdir.value:
+      print("error: --workdir is required (the run directory)", file=sys.stderr)
+      sys.exit(2)
+    t0 = time.perf_counter()
+    result = fn()
+    if report is not None:
+      print("\n".join(report(result, time.perf_counter() - t0)), flush=True)
+    return result
   except SaeJaxError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -44,3 +80,49 @@ def run_main(argv, fn):
     reason = str(e).strip().splitlines()[-1].strip()
     print(f"error: --config could not be loaded: {reason}", file=sys.stderr)
     sys.exit(2)
+
+
+def note_lines(config: Any) -> list:
+  """The preset's note (the tiny presets: they test the plumbing, not the quality)."""
+  return [f"  {config.preset_note}"] if config.preset_note else []
+
+
+def train_report(config_flag: Any) -> Callable[[dict, float], list]:
+  """Summary lines of experiments.train: the workdir, the final step's FVU / L0 / dead share, time."""
+
+  def report(summary: dict, seconds: float) -> list:
+    config = config_flag.value
+    wd = summary["workdir"]
+    lines = [
+      f"train: {wd} at step {summary['step']} in {seconds:.1f} s "
+      f"(checkpoints/, metrics.jsonl, config.json{', tensorboard/' if config.train.tensorboard else ''})",
+      f"  held-out FVU {summary['eval_fvu']:.4f} over {summary['eval_rows']} rows (1 = no better than the "
+      f"mean); last logged FVU {summary['fvu']:.4f}, L0 {summary['l0']:.1f}, "
+      f"dead {100 * summary['dead_fraction']:.1f}%",
+    ]
+    if "planted_mean_max_cos" in summary:
+      lines.append(
+        f"  planted atoms recovered: mean max cosine {summary['planted_mean_max_cos']:.3f} (1 = all)"
+      )
+    return lines + note_lines(config)
+
+  return report
+
+
+def extract_report(config_flag: Any, workdir_flag: Any) -> Callable[[dict, float], list]:
+  """Summary lines of experiments.extract: files written, counts, time."""
+
+  def report(summary: dict, seconds: float) -> list:
+    config = config_flag.value
+    act = os.path.join(workdir_flag.value, "activations")
+    files = sorted(f for f in os.listdir(act) if f.endswith((".npz", ".json")))
+    counts = ", ".join(f"{v} {k}" for k, v in summary["counts"].items() if not k.startswith("shard"))
+    lines = [f"extract: {summary['model']} -> {act}/ ({', '.join(files)}) in {seconds:.1f} s", f"  {counts}"]
+    if summary.get("shard_dir"):  # the M-BEIR extraction writes no training shards
+      c = summary["counts"]
+      lines.append(
+        f"  training shards: {summary['shard_dir']} ({c['shards']} shards, {c['shard_rows']} rows)"
+      )
+    return lines + note_lines(config)
+
+  return report

@@ -1,4 +1,8 @@
-"""Zero-shot retrieval tables: python -m experiments.retrieve --config=configs/synthetic.py --workdir=/tmp/sae"""
+"""Zero-shot retrieval tables: python -m experiments.retrieve --config=configs/synthetic.py --workdir=/tmp/sae
+
+List every config field with its value: add --print_config (e.g. --config=configs/synthetic.py --print_config);
+set one with --config.<section>.<field>=value.
+"""
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -8,11 +12,17 @@ from sae_jax.stages import retrieve
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; writes <workdir>/retrieval/.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])  # --workdir is checked after --print_config
+flags.declare_key_flag("print_config")  # defined in experiments.common; shown by --help
 
 
 def main(argv):
-  common.run_main(argv, lambda: retrieve.run_retrieval(_CONFIG.value, _WORKDIR.value))
+  common.run_main(
+    argv,
+    lambda: retrieve.run_retrieval(_CONFIG.value, _WORKDIR.value, log=print),
+    config=_CONFIG,
+    workdir=_WORKDIR,
+  )
 
 
 if __name__ == "__main__":

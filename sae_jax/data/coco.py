@@ -142,9 +142,16 @@ class PairedCaptions:
     )
 
 
+# Where the configs/*_coco.py presets look (configs/coco_common.py), named in the missing-file error.
+DATA_ROOT_HINT = (
+  " (the configs/*_coco.py presets read COCO under $COCO_ROOT, default data/coco, and the :tiny "
+  "fixture from $COCO_MINI; or set the field itself)"
+)
+
+
 def _read_json(path: str, what: str):
   if not os.path.exists(path):
-    raise SaeJaxError(f"{what}: {path} does not exist")
+    raise SaeJaxError(f"{what}: {path} does not exist{DATA_ROOT_HINT if what.startswith('config.') else ''}")
   try:
     with open(path) as f:
       return json.load(f)

@@ -8,78 +8,99 @@ from typing import Mapping, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.figure  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sae_jax.errors import SaeJaxError  # noqa: E402
 from sae_jax.workdir import atomic_savefig  # noqa: E402
 
 MASK_VARIANTS = (("mean", "Base"), ("mean_no_image", "w/o image"), ("mean_no_prompt", "w/o prompt"))
 
 
-def fig_masking(
+def masking_tasks(results: Mapping, variants: Sequence[tuple[str, str]] = MASK_VARIANTS) -> list[str]:
+  """Tasks of `results` with at least one masked variant (Figure 4 is drawn only for these)."""
+  return [t for t in results if any(v in results[t] for v, _ in variants[1:])]
+
+
+def draw_masking(
   results: Mapping,
-  path: str,
   tasks: Sequence[str] | None = None,
   variants: Sequence[tuple[str, str]] = MASK_VARIANTS,
-  metrics: Sequence[str] = ("R@1", "R@5", "R@10"),
+  metrics: Sequence[str] | None = None,
   task_labels: Mapping | None = None,
-):
-  """Paper Figure 4: per task, grouped bars of Recall@K for Base / w/o image / w/o prompt.
+) -> tuple[matplotlib.figure.Figure, list]:
+  """Paper Figure 4: per task with a masked variant, grouped bars of Recall@K for Base / w/o image /
+  w/o prompt (`metrics`: default every R@K the results hold, in increasing K; a K a task could not
+  report is left out of its panel). Variants missing from `results` are left out.
 
-  Variants missing from `results` are left out of the legend (the title says which ones are).
-  Returns the list of (task, variant) pairs drawn.
+  Returns (figure, the (task, variant) pairs drawn); raises when no task has a masked variant (an
+  empty figure would say nothing: callers check `masking_tasks` first).
   """
-  tasks = [t for t in (tasks or list(results)) if t in results]
-  masked = [t for t in tasks if any(v in results[t] for v, _ in variants[1:])]
-  # Tasks with a masking ablation (the paper shows CIRR and OVEN); else every task with a base.
-  tasks = masked or [t for t in tasks if any(v in results[t] for v, _ in variants)]
+  masked = masking_tasks(results, variants)
+  tasks = [t for t in (tasks or masked) if t in masked]
+  if not tasks:
+    raise SaeJaxError("fig_masking: no task has a mean_no_image / mean_no_prompt variant to compare")
+  if metrics is None:
+    ks = {int(m[2:]) for t in tasks for r in results[t].values() for m in r if m.startswith("R@")}
+    metrics = [f"R@{k}" for k in sorted(ks)]
   drawn = []
-  n = max(1, len(tasks))
-  fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+  n = len(tasks)
+  fig, axes = plt.subplots(1, n, figsize=(max(4.2 * n, 6.0), 3.6), squeeze=False)
   for ax, task in zip(axes[0], tasks):
     present = [(v, lab) for v, lab in variants if v in results[task]]
+    shown = [m for m in metrics if all(m in results[task][v] for v, _ in present)]
     width = 0.8 / max(1, len(present))
-    x = np.arange(len(metrics))
+    x = np.arange(len(shown))
     for j, (v, lab) in enumerate(present):
-      vals = [results[task][v][m] for m in metrics]
+      vals = [results[task][v][m] for m in shown]
       bars = ax.bar(x + (j - (len(present) - 1) / 2) * width, vals, width, label=lab)
       ax.bar_label(bars, fmt="%.1f", fontsize=7)
       drawn.append((task, v))
-    ax.set_xticks(x, metrics)
+    ax.set_xticks(x, shown)
     ax.set_ylabel("Recall (%)")
     ax.set_title((task_labels or {}).get(task, task), fontsize=9)
     ax.legend(fontsize=8)
-  if not tasks:
-    axes[0][0].text(0.5, 0.5, "no masking variants evaluated", ha="center", va="center")
-    axes[0][0].set_axis_off()
   fig.suptitle(
-    "Retrieval with token positions masked before mean pooling (paper Figure 4): "
-    "Base / w/o image / w/o prompt",
-    fontsize=10,
+    "Token positions masked before mean pooling (paper Figure 4)\nBase / w/o image / w/o prompt", fontsize=10
   )
   fig.tight_layout()
+  return fig, drawn
+
+
+def fig_masking(results: Mapping, path: str, **kwargs) -> list:
+  """`draw_masking` written to `path` (atomically); returns the (task, variant) pairs drawn."""
+  fig, drawn = draw_masking(results, **kwargs)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   atomic_savefig(fig, path, dpi=120)
   plt.close(fig)
   return drawn
 
 
-def fig_rank_sweep(sweep: Mapping, path: str, title: str = ""):
-  """Recall@K against the removal rank r (r = 0 is the base embedding)."""
+def draw_rank_sweep(sweep: Mapping, title: str = "") -> matplotlib.figure.Figure:
+  """Recall@K against the removal rank r (r = 0 is the base embedding); dashed lines, one per metric in
+  its colour, are the oracle removal of the planted distractors when the sweep has them."""
   ranks = [int(r) for r in sweep["ranks"]]
-  fig, ax = plt.subplots(figsize=(5, 3.4))
+  fig, ax = plt.subplots(figsize=(5.6, 3.8))
   for m in sweep["metrics"]:
     ax.plot(ranks, sweep["metrics"][m], marker="o", label=m)
-  if sweep.get("oracle"):
-    for j, (m, val) in enumerate(sweep["oracle"].items()):
-      ax.axhline(val, ls="--", lw=0.8, color="gray", label="oracle" if j == 0 else None)
+  colors = {m: line.get_color() for m, line in zip(sweep["metrics"], ax.get_lines())}
+  for m, val in (sweep.get("oracle") or {}).items():
+    # The planted distractor subspace removed exactly (synthetic source only), per metric.
+    ax.axhline(val, ls="--", lw=0.9, color=colors.get(m, "gray"), label=f"{m}, oracle removal")
   ax.set_xlabel("removal rank r")
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # ranks are whole numbers
   ax.set_ylabel("Recall (%)")
-  ax.set_title(
-    "Removing the top right singular vectors of the high-attribution atoms (Eq. 8-10)\n" + title, fontsize=9
-  )
-  ax.legend(fontsize=8)
+  ax.set_title("Recall after removing the top-r attribution directions\n" + title, fontsize=9, wrap=True)
+  ax.legend(fontsize=7, ncol=2 if sweep.get("oracle") else 1)
   fig.tight_layout()
+  return fig
+
+
+def fig_rank_sweep(sweep: Mapping, path: str, title: str = "") -> None:
+  """`draw_rank_sweep` written to `path` (atomically)."""
+  fig = draw_rank_sweep(sweep, title)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   atomic_savefig(fig, path, dpi=120)
   plt.close(fig)

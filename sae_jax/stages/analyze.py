@@ -33,7 +33,7 @@ import csv
 import io
 import os
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import ml_collections
 import numpy as np
@@ -549,6 +549,10 @@ def analyze(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir: s
   write_table1(out_dir, runs, fraction, reduction)
   write_top_pairs(out_dir, result, D, int(acfg.top_pairs))
   write_figures(out_dir, runs, fraction, reverse)
+  written = ["concepts.npz"] + (["codes.npz"] if bool(acfg.save_codes) else []) + ["table1.json", "table1.md"]
+  written += ["top_bridge_pairs.csv"] if result.bridge is not None and int(acfg.top_pairs) > 0 else []
+  written += ["fig_modality_kde.png", "fig_cumulative_energy.png", "summary.json"]
+  ms = cm.modality_score[np.isfinite(cm.modality_score)]
   summary = {
     "run_name": name,
     "sae_workdir": sae_dir,
@@ -568,6 +572,13 @@ def analyze(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir: s
     "mean_pair_dot": cm.mean_pair_dot,
     "compute_dtype": str(acfg.compute_dtype),
     "seconds": {**result.seconds, "total": time.time() - t0},
+    "out_dir": out_dir,
+    "outputs": written,
+    # Shares of the scored concepts below / above 0.5 (the split of Figure 2).
+    "modality_split": [
+      float(np.mean(ms < 0.5)) if ms.size else 0.0,
+      float(np.mean(ms > 0.5)) if ms.size else 0.0,
+    ],
   }
   if synthetic is not None:
     summary["synthetic"] = synthetic
@@ -575,12 +586,39 @@ def analyze(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir: s
   return summary
 
 
-def run_analysis(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Loads the SAE (this workdir or config.analysis.sae_workdir) and runs the analysis stage."""
+def summary_lines(summary: dict) -> list[str]:
+  """What the analysis main prints: where the outputs are, the Table 1 row, the inputs, the time."""
+  t = summary["table1"]
+  low, high = ("text", "image") if summary["modality_reverse"] else ("image", "text")
+  where = summary["embeddings_path"] or "synthetic planted source"
+  return [
+    f"analysis: wrote {summary['out_dir']}/ ({', '.join(summary['outputs'])}) in {summary['seconds']['total']:.1f} s",
+    f"  pairs: {summary['n_pairs']} from {where}; SAE {summary['sae_workdir']} step {summary['sae_step']} "
+    f"(c={summary['c']}, d={summary['d']}, k={summary['k']})",
+    f"  Table 1 (top {100 * summary['top_fraction']:g}% = {t['set_size']} of {t['c']} concepts, bridge "
+    f"{summary['bridge_reduction']}): J(S_E,S_A) {t['J(S_E,S_A)']:.4f} | J(S_E,S_B) {t['J(S_E,S_B)']:.4f} | "
+    f"J(S_A,S_B) {t['J(S_A,S_B)']:.4f} | triple overlap {t['triple_overlap']:.4f}",
+    f"  modality: {100 * summary['modality_split'][0]:.1f}% of scored concepts {low}-dominant, "
+    f"{100 * summary['modality_split'][1]:.1f}% {high}-dominant; {summary['n_silent']} never fire",
+  ]
+
+
+def run_analysis(
+  config: ml_collections.ConfigDict, workdir: str, log: Optional[Callable[[str], None]] = None
+) -> dict:
+  """Loads the SAE (this workdir or config.analysis.sae_workdir) and runs the analysis stage.
+
+  `log` (e.g. `print`) receives the summary lines (`summary_lines`) at the end."""
   if not workdir:
     raise SaeJaxError("--workdir is required")
   acfg = config.analysis
   sae_dir = str(acfg.sae_workdir) or workdir
   step = int(acfg.sae_step)
   loaded = workdir_lib.load_sae(sae_dir, None if step < 0 else step)
-  return analyze(config, workdir, loaded, sae_dir)
+  summary = analyze(config, workdir, loaded, sae_dir)
+  if log is not None:
+    for line in summary_lines(summary):
+      log(line)
+    if config.preset_note:
+      log(f"  {config.preset_note}")
+  return summary

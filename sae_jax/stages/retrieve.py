@@ -28,8 +28,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -44,6 +46,15 @@ from sae_jax.plots import retrieval as plots
 from sae_jax.stages.block_encoder import encode_rows
 
 RESULTS_FILE = "results.json"
+SMALL_EVAL = 1000  # queries; below this the tables and the summary say the numbers are not full-size
+TABLE3_MISSING = (
+  "Not available: no task was evaluated with both the `last_token` and the `mean` variant. Decoder "
+  "presets extract both (config.extract.pooling); contrastive models (CLIP, SigLIP2) have one embedding."
+)
+FIG_MASKING_MISSING = (
+  "no mean_no_image / mean_no_prompt variants evaluated; decoder presets extract them with "
+  "config.extract.pooling"
+)
 
 
 def _mask_of(variant: str) -> str:
@@ -543,16 +554,32 @@ class _Search(NamedTuple):
   subset_seed: int = 42
   denominator: str = "all_queries"  # "all_queries" (misses count) | "scorable"
 
+  def ks_within(self, data: retrieval_tasks.TaskData) -> tuple:
+    """The configured K that fit the task's candidate pool (one fewer when the reference is excluded)."""
+    pool = data.n_candidates - (1 if self.exclude_reference and data.exclude is not None else 0)
+    return tuple(k for k in self.ks if k <= pool)
+
   def recall(self, unit_rows: retrieval_tasks.TaskData) -> dict:
-    """Recall@K of a task whose rows are already L2-normalised."""
-    return evaluate_task(
+    """Recall@K of a task whose rows are already L2-normalised; K above the pool are left out and
+    listed under `ks_dropped`."""
+    ks = self.ks_within(unit_rows)
+    if not ks:
+      raise SaeJaxError(
+        f"config.retrieval.ks={self.ks}: every K is larger than the candidate pool "
+        f"({unit_rows.n_candidates} candidates); lower the K or evaluate on more candidates"
+      )
+    rec = evaluate_task(
       unit_rows,
-      self.ks,
+      ks,
       exclude_reference=self.exclude_reference,
       normalize=False,
       allow_unscorable=self.denominator == "all_queries",
       **self.kwargs,
     )
+    dropped = [k for k in self.ks if k not in ks]
+    if dropped:
+      rec["ks_dropped"] = dropped
+    return rec
 
 
 def _settings_of(variant: str, name: str, spec, search: _Search, d_run, source: str, extra: dict) -> dict:
@@ -632,7 +659,7 @@ def sweep_removal_rank(
   m, full = _full_rank(attribution, fraction)
   wanted = {int(r) for r in config_utils.as_tuple(rcfg.sweep_ranks) if 0 < int(r) <= full}
   ranks = [0] + sorted(wanted | {full})
-  ks = search.ks
+  ks = search.ks_within(data)
   by_rule = {}
   for rule in removal_rules(rcfg):
     per_metric: dict = {f"R@{k}": [] for k in ks}
@@ -685,20 +712,65 @@ def _fmt(x) -> str:
   return f"{x:.2f}"
 
 
+def result_ks(results: dict) -> list[str]:
+  """The R@K columns present in `results`, in increasing K (a K some task reports)."""
+  ks = {
+    int(key[2:]) for by_var in results.values() for r in by_var.values() for key in r if key.startswith("R@")
+  }
+  return [f"R@{k}" for k in sorted(ks)]
+
+
+def subset_of(record: dict) -> str:
+  """How the queries of a result were chosen, for the tables and the stdout summary."""
+  s = record["settings"]
+  m = int(s["max_queries"])
+  if not m or record["n_queries"] < m:
+    return "all"
+  mode = str(s["subset"]) if "subset" in s else "first"
+  return f"{mode} {m}" + (f" (seed {s['subset_seed']})" if "subset_seed" in s and mode != "first" else "")
+
+
+def _recall_cells(record: dict, columns: list[str]) -> str:
+  # "-": K larger than the task's candidate pool (listed under the table).
+  return " | ".join(_fmt(record[c]) if c in record else "-" for c in columns)
+
+
+def _size_notes(results: dict) -> list[str]:
+  notes = []
+  dropped = sorted(
+    {(t, k) for t, by in results.items() for r in by.values() for k in r.get("ks_dropped", ())}
+  )
+  for task, k in dropped:
+    n = next(iter(results[task].values()))["n_candidates"]
+    notes.append(f"R@{k} not reported for {retrieval_tasks.TASKS[task].label}: only {n} candidates.")
+  n_min = min((r["n_queries"] for by in results.values() for r in by.values()), default=0)
+  if 0 < n_min < SMALL_EVAL:
+    notes.append(
+      f"Small evaluation set: with {n_min} queries one query moves R@K by {100 / n_min:.1f} points; "
+      "these numbers test the pipeline and are not comparable with full-size results."
+    )
+  return notes
+
+
 def table2_markdown(results: dict, base: str, description: str) -> str:
   rows = [
     ("Base", base),
     ("Removal", f"{base}+removal"),
+    # The other removal_by rules (retrieval.removal_compare), side by side with the paper's.
+    ("Removal, top energy", f"{base}+removal_by_energy"),
+    ("Removal, top attribution", f"{base}+removal_by_attribution"),
+    ("Removal, top |attribution|", f"{base}+removal_by_abs_attribution"),
     ("Whitening (baseline)", f"{base}+whitening"),
     ("Oracle removal", f"{base}+oracle_removal"),
   ]
+  cols = result_ks(results)
   lines = [
     "# Table 2: Base vs Removal of the attribution subspace (paper Eq. 8-10)",
     "",
     f"Source: {description}",
     "",
-    "| Task | Setting | R@1 | R@5 | R@10 | settings |",
-    "|---|---|---|---|---|---|",
+    f"| Task | Setting | queries | candidates | subset | {' | '.join(cols)} | settings |",
+    "|---|---|---:|---:|---|" + "---:|" * len(cols) + "---|",
   ]
   any_row = False
   for task, by_var in results.items():
@@ -708,50 +780,85 @@ def table2_markdown(results: dict, base: str, description: str) -> str:
         s = r["settings"]
         note = ", ".join(
           f"{key}={s[key]}"
-          for key in ("removal_rank", "removal_fraction", "n_atoms", "whitening_alpha")
+          for key in (
+            "removal_by",
+            "removal_rank",
+            "removal_fraction",
+            "n_atoms",
+            "fit_on",
+            "fit_disjoint",
+            "whitening_mode",
+            "whitening_alpha",
+          )
           if key in s
         )
         lines.append(
-          f"| {retrieval_tasks.TASKS[task].label} | {label} | {_fmt(r['R@1'])} | {_fmt(r['R@5'])} | "
-          f"{_fmt(r['R@10'])} | {note} |"
+          f"| {retrieval_tasks.TASKS[task].label} | {label} | {r['n_queries']} | {r['n_candidates']} | "
+          f"{subset_of(r)} | {_recall_cells(r, cols)} | {note} |"
         )
         any_row = True
   if not any_row:
-    lines.append("| (no base variant evaluated) | | | | | |")
+    lines.append(f"| (no base variant evaluated) |{' |' * (len(cols) + 5)}")
   if not any(f"{base}+removal" in v for v in results.values()):
     lines += ["", "Removal not run: no SAE checkpoint and no analysis/concepts.npz for the attribution."]
-  return "\n".join(lines) + "\n"
+  notes = _size_notes(results)
+  return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def table3_markdown(results: dict) -> str:
-  lines = [
-    "# Table 3: last token vs mean pooling",
-    "",
-    "| Task | Setting | R@1 | R@5 | R@10 |",
-    "|---|---|---|---|---|",
+  """Last token vs mean pooling per task that has both; otherwise says what is missing."""
+  cols = result_ks(results)
+  both = [t for t, by in results.items() if "last_token" in by and "mean" in by]
+  lines = ["# Table 3: last token vs mean pooling", ""]
+  if not both:
+    return "\n".join(lines + [TABLE3_MISSING]) + "\n"
+  lines += [
+    f"| Task | Setting | queries | candidates | subset | {' | '.join(cols)} |",
+    "|---|---|---:|---:|---|" + "---:|" * len(cols),
   ]
-  n = 0
-  for task, by_var in results.items():
+  for task in both:
     for label, v in (("Last token", "last_token"), ("Mean pooling", "mean")):
-      if v in by_var:
-        r = by_var[v]
-        lines.append(
-          f"| {retrieval_tasks.TASKS[task].label} | {label} | {_fmt(r['R@1'])} | {_fmt(r['R@5'])} | "
-          f"{_fmt(r['R@10'])} |"
-        )
-        n += 1
-  if not n:
-    lines.append("| (no last_token / mean variants evaluated) | | | | |")
-  return "\n".join(lines) + "\n"
+      r = results[task][v]
+      lines.append(
+        f"| {retrieval_tasks.TASKS[task].label} | {label} | {r['n_queries']} | {r['n_candidates']} | "
+        f"{subset_of(r)} | {_recall_cells(r, cols)} |"
+      )
+  notes = _size_notes({t: results[t] for t in both})
+  return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def _staged_embeddings(staging: Optional[str], out_dir: str) -> None:
+  if staging is None:
+    return
+  for name in sorted(os.listdir(staging)):
+    os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+
+
+def _remove_stale(path: str) -> None:
+  if os.path.exists(path):  # left by an earlier run: it would not match these results
+    os.remove(path)
 
 
 def write_outputs(
-  out_dir: str, results: dict, projectors: dict, sweep: Optional[dict], base: str, description: str
-) -> None:
-  """Projectors, results.json, Tables 2-3, Figure 4 and the rank sweep (when run)."""
+  out_dir: str,
+  results: dict,
+  projectors: dict,
+  sweep: Optional[dict],
+  base: str,
+  description: str,
+  staging: Optional[str] = None,
+) -> list[str]:
+  """Projectors, results.json, Tables 2-3, Figure 4 and the rank sweep (when run); the scored
+  embeddings are moved in from `staging`. Returns the files written."""
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
   for name, file in (("removal", "removal_projector.npz"), ("whitening", "whitening_projector.npz")):
+    path = os.path.join(out_dir, file)
     if name in projectors:
-      projectors[name][0].save(os.path.join(out_dir, file))
+      projectors[name][0].save(path)
+      written.append(file)
+    else:
+      _remove_stale(path)
   if sweep is not None:
     workdir_lib.atomic_write_json(os.path.join(out_dir, "rank_sweep.json"), sweep, indent=2)
     m, fraction = sweep["n_atoms"], sweep["removal_fraction"]
@@ -760,16 +867,47 @@ def write_outputs(
       os.path.join(out_dir, "rank_sweep.png"),
       title=f"{retrieval_tasks.TASKS[sweep['task']].label}, top {fraction * 100:g}% concepts ({m} atoms)",
     )
+    written += ["rank_sweep.json", "rank_sweep.png"]
+  else:
+    for file in ("rank_sweep.json", "rank_sweep.png"):
+      _remove_stale(os.path.join(out_dir, file))
   workdir_lib.atomic_write_json(os.path.join(out_dir, RESULTS_FILE), results, indent=2)
   workdir_lib.atomic_write_text(
     os.path.join(out_dir, "table2.md"), table2_markdown(results, base, description)
   )
   workdir_lib.atomic_write_text(os.path.join(out_dir, "table3.md"), table3_markdown(results))
-  plots.fig_masking(
-    results,
-    os.path.join(out_dir, "fig_masking.png"),
-    task_labels={t: retrieval_tasks.TASKS[t].label for t in retrieval_tasks.TASKS},
-  )
+  written += [RESULTS_FILE, "table2.md", "table3.md"]
+  fig = os.path.join(out_dir, "fig_masking.png")
+  if plots.masking_tasks(results):
+    plots.fig_masking(
+      results,
+      fig,
+      task_labels={t: retrieval_tasks.TASKS[t].label for t in retrieval_tasks.TASKS},
+    )
+    written.append("fig_masking.png")
+  else:
+    _remove_stale(fig)
+  _staged_embeddings(staging, out_dir)
+  return written
+
+
+def summary_lines(results: dict, base: str, out_dir: str, written: list[str], seconds: float) -> list[str]:
+  """What the retrieval main prints: where the outputs are, R@1 per task and setting, the sizes."""
+  lines = [f"retrieval: wrote {out_dir}/ ({', '.join(written)}) in {seconds:.1f} s"]
+  settings = (("base", base), ("removal", f"{base}+removal"), ("whitening", f"{base}+whitening"))
+  for task, by_var in results.items():
+    r0 = next(iter(by_var.values()))
+    shown = [f"{label} {by_var[v]['R@1']:.2f}" for label, v in settings if v in by_var]
+    lines.append(
+      f"  {task}: {r0['n_queries']} queries x {r0['n_candidates']} candidates ({subset_of(r0)}); "
+      f"R@1 {' | '.join(shown) if shown else '(no base variant)'}"
+    )
+  lines += [f"  note: {n}" for n in _size_notes(results)]
+  if "fig_masking.png" not in written:
+    lines.append(f"  fig_masking.png: skipped ({FIG_MASKING_MISSING})")
+  if not any("last_token" in by and "mean" in by for by in results.values()):
+    lines.append("  table3.md: no last_token / mean pair to compare (see the file)")
+  return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -777,15 +915,29 @@ def write_outputs(
 # --------------------------------------------------------------------------------------------
 
 
-def run_retrieval(config, workdir: str) -> dict:
-  """Evaluates every configured task and variant; writes <workdir>/retrieval/. Returns results."""
+def _check_ks(ks) -> tuple:
+  try:
+    out = tuple(int(k) for k in config_utils.as_tuple(ks))
+  except (TypeError, ValueError):
+    out = ()
+  if not out or any(k < 1 for k in out) or len(set(out)) != len(out):
+    raise SaeJaxError(f"config.retrieval.ks={ks!r}: expected distinct positive integers, e.g. (1, 5, 10)")
+  return tuple(sorted(out))
+
+
+def run_retrieval(config, workdir: str, log: Optional[Callable[[str], None]] = None) -> dict:
+  """Evaluates every configured task and variant; writes <workdir>/retrieval/. Returns results.
+
+  Nothing is written before every task has been scored, so a failure leaves no partial outputs.
+  `log` (e.g. `print`) receives the summary lines: output files, R@1 per task, sizes, time.
+  """
   rcfg = config.retrieval
   t0 = time.time()
   tasks = config_utils.as_tuple(rcfg.tasks)
   for t in tasks:
     retrieval_tasks.get_task(t)
   search = _Search(
-    ks=tuple(int(k) for k in config_utils.as_tuple(rcfg.ks)),
+    ks=_check_ks(rcfg.ks),
     exclude_reference=bool(rcfg.exclude_reference),
     max_queries=int(rcfg.max_queries),
     kwargs=dict(
@@ -797,7 +949,6 @@ def run_retrieval(config, workdir: str) -> dict:
   )
   base = rcfg.base_variant
   out_dir = os.path.join(workdir, "retrieval")
-  os.makedirs(out_dir, exist_ok=True)
 
   # Load: embeddings, and the attribution the removal is fitted on.
   inputs = load_inputs(config, workdir)
@@ -806,14 +957,29 @@ def run_retrieval(config, workdir: str) -> dict:
 
   # Compute: projectors, every task x variant, the rank sweep.
   projectors = fit_projectors(rcfg, inputs, attribution)
-  embeddings_dir = out_dir if bool(rcfg.save_embeddings) else None
-  results, base_data = evaluate_all(tasks, inputs, base, projectors, search, embeddings_dir)
-  sweep = None
-  if attribution is not None and rcfg.sweep_task in base_data:
-    oracle = results.get(rcfg.sweep_task, {}).get(f"{base}+oracle_removal")
-    sweep = sweep_removal_rank(rcfg, attribution, base_data[rcfg.sweep_task], search, oracle)
+  # The scored embeddings are written as they are scored (one task's arrays in memory at a time) into
+  # a staging directory, moved into retrieval/ only once everything else succeeded.
+  staging = None
+  if bool(rcfg.save_embeddings):
+    os.makedirs(workdir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".retrieval-staging-", dir=workdir)
+  try:
+    results, base_data = evaluate_all(tasks, inputs, base, projectors, search, staging)
+    sweep = None
+    if attribution is not None and rcfg.sweep_task in base_data:
+      oracle = results.get(rcfg.sweep_task, {}).get(f"{base}+oracle_removal")
+      sweep = sweep_removal_rank(rcfg, attribution, base_data[rcfg.sweep_task], search, oracle)
 
-  # Write.
-  write_outputs(out_dir, results, projectors, sweep, base, inputs.description)
-  logging.info("retrieval: wrote %s in %.1f s", out_dir, time.time() - t0)
+    # Write.
+    written = write_outputs(out_dir, results, projectors, sweep, base, inputs.description, staging)
+  finally:
+    if staging is not None:
+      shutil.rmtree(staging, ignore_errors=True)
+  seconds = time.time() - t0
+  logging.info("retrieval: wrote %s in %.1f s", out_dir, seconds)
+  if log is not None:
+    for line in summary_lines(results, base, out_dir, written, seconds):
+      log(line)
+    if config.preset_note:
+      log(f"  {config.preset_note}")
   return results
