@@ -197,6 +197,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   extract.log_every_s = 10.0  # progress line period
   extract.online_buffer_batches = 8  # data.source="online": shuffle window, in SAE batches
   extract.online_window_items = 0  # data.source="online": samples encoded per window; 0 = sized from
+  extract.process_index = 0  # with process_count > 0: this process's part (sae_jax/stages/extract_parts.py)
+  extract.process_count = 0  # 0 = from $RANK/$WORLD_SIZE, $SLURM_PROCID/$SLURM_NTASKS, Open MPI, else 1
   # online_buffer_batches and a probe of rows per sample
 
   config.shapes = shapes = ml_collections.ConfigDict()  # sae_jax/data/shapes.py (experiments.make_shapes)
