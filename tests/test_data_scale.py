@@ -383,3 +383,47 @@ def test_two_concurrent_processes_with_torchrun_env_match_one(one_process, tmp_p
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
   _assert_same_extraction(str(tmp_path), ref)
+
+
+class _CountingEncoder:
+  """A real encoder that counts the images and captions it encodes."""
+
+  def __init__(self, enc):
+    self._enc, self.encoded = enc, 0
+
+  def encode(self, images=None, texts=None):
+    self.encoded += len(images or texts or [])
+    return self._enc.encode(images=images, texts=texts)
+
+  def __getattr__(self, name):
+    return getattr(self._enc, name)
+
+
+def test_online_source_on_two_processes_encodes_each_window_once():
+  from sae_jax import encoders
+  from sae_jax.data import online
+  from tests.helpers.env import require_fixture
+
+  require_fixture()
+  cfg = _clip_config()
+  cfg.data.source, cfg.data.batch_size = "online", 16
+  cfg.extract.online_buffer_batches, cfg.extract.online_window_items = 2, 24
+  enc = encoders.load_encoder(cfg.extract)
+  whole = online.online_batch_fn(cfg, encoder=_CountingEncoder(enc))
+  parts = [online.online_batch_fn(cfg, _CountingEncoder(enc), None, p, 2) for p in range(2)]
+  for w in (0, 3):  # window 3 is in the second epoch (66 samples, 24 per window)
+    items = [part.window_items(w) for part in parts]
+    np.testing.assert_array_equal(np.sort(np.concatenate(items)), np.sort(whole.window_items(w)))
+    counts = [part.encoder.encoded for part in parts]
+    rows = [part._encode([part.items[i] for i in idx])[0] for part, idx in zip(parts, items)]
+    assert [part.encoder.encoded - c for part, c in zip(parts, counts)] == [len(i) for i in items] == [12, 12]
+    ref = whole._encode([whole.items[i] for i in whole.window_items(w)])[0]
+    # The two shares' rows are the window's rows (CLIP: one embedding row per sample).
+    both = np.concatenate(rows)
+    np.testing.assert_allclose(both[np.lexsort(both.T[::-1])], ref[np.lexsort(ref.T[::-1])], atol=1e-5)
+  before = [part.encoder.encoded for part in parts]
+  batch = [part(2 * 5 + 1) for part in parts]  # window 5 (the epoch's last, 18 samples), second batch
+  assert [part.encoder.encoded - b for part, b in zip(parts, before)] == [9, 9]
+  assert batch[0].shape == batch[1].shape == (8, enc.d)
+  mine = parts[1]._encode([parts[1].items[i] for i in parts[1].window_items(5)])[0]
+  assert ((batch[1][:, None, :] - mine[None]) ** 2).sum(-1).min(1).max() < 1e-8

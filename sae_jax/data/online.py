@@ -12,6 +12,10 @@ resume state: a restored run recomputes only the current window.
 
 `items_per_window` is `config.extract.online_window_items`, or (0) chosen so that a window holds
 about 1.2 * K * B rows, from the rows per sample of a fixed probe of the first 16 samples.
+
+With several processes (hosts), process p encodes only its share of each window (the window's
+samples p, p + P, ...), shuffles its own rows and serves its B / P rows of each global batch: the
+encoder work is split, not repeated.
 """
 
 from __future__ import annotations
@@ -31,9 +35,15 @@ from sae_jax.errors import SaeJaxError
 class OnlineBatches:
   """batch index -> [batch_size, d] float32 rows of encoder activations (see module docstring)."""
 
-  def __init__(self, config, encoder=None, source=None):
+  def __init__(self, config, encoder=None, source=None, process_index: int = 0, process_count: int = 1):
     ex, data = config.extract, config.data
     self.batch_size = int(data.batch_size)
+    if self.batch_size % process_count:
+      raise SaeJaxError(
+        f"config.data.batch_size={self.batch_size} is not divisible by the {process_count} processes"
+      )
+    self.process_index, self.process_count = int(process_index), int(process_count)
+    self.local_size = self.batch_size // self.process_count
     self.batches_per_window = max(1, int(ex.online_buffer_batches))
     self.seed = int(data.shuffle_seed)
     self.encoder_batch = max(1, int(ex.batch_size))
@@ -91,20 +101,29 @@ class OnlineBatches:
       return np.zeros((0, self.d), np.float32), np.zeros((0,), np.uint8)
     return np.concatenate(rows).astype(np.float32, copy=False), np.concatenate(types)
 
-  def window(self, w: int) -> np.ndarray:
-    """The K shuffled batches [K, batch_size, d] of window w."""
-    if self._cache[0] == w:
-      return self._cache[1]
+  def window_items(self, w: int) -> np.ndarray:
+    """Indices into `items` that this process encodes for window w (its share of the window)."""
     epoch, j = divmod(int(w), self.windows_per_epoch)
     idx = self._order(epoch)[j * self.items_per_window : (j + 1) * self.items_per_window]
-    rows, _ = self._encode([self.items[i] for i in idx])
+    return idx[self.process_index :: self.process_count]
+
+  def window(self, w: int) -> np.ndarray:
+    """This process's K shuffled batches [K, batch_size / process_count, d] of window w."""
+    if self._cache[0] == w:
+      return self._cache[1]
+    rows, _ = self._encode([self.items[i] for i in self.window_items(w)])
     if rows.shape[0] == 0:
-      raise SaeJaxError(f"online: window {w} produced no activation rows (all images unreadable?)")
-    need = self.batches_per_window * self.batch_size
-    rng = np.random.default_rng([self.seed, int(w), 13])
+      raise SaeJaxError(
+        f"online: window {w} produced no activation rows on process {self.process_index} "
+        "(all images unreadable, or fewer samples per window than processes?)"
+      )
+    need = self.batches_per_window * self.local_size
+    # One process keeps the key it always had, so single-process streams do not change.
+    key = [self.seed, int(w), 13] + ([self.process_index] if self.process_count > 1 else [])
+    rng = np.random.default_rng(key)
     picks = [rng.permutation(rows.shape[0]) for _ in range(math.ceil(need / rows.shape[0]))]
     order = np.concatenate(picks)[:need]
-    batches = rows[order].reshape(self.batches_per_window, self.batch_size, self.d)
+    batches = rows[order].reshape(self.batches_per_window, self.local_size, self.d)
     self._cache = (int(w), batches)
     return batches
 
@@ -113,6 +132,9 @@ class OnlineBatches:
     return self.window(w)[k]
 
 
-def online_batch_fn(config, encoder=None, source=None) -> OnlineBatches:
-  """For `config.data.source == "online"`: the function i -> batch i, like pipeline.batch_fn."""
-  return OnlineBatches(config, encoder=encoder, source=source)
+def online_batch_fn(
+  config, encoder=None, source=None, process_index: int = 0, process_count: int = 1
+) -> OnlineBatches:
+  """For `config.data.source == "online"`: the function i -> this process's rows of batch i, like
+  pipeline.batch_fn."""
+  return OnlineBatches(config, encoder, source, process_index, process_count)

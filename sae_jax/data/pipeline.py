@@ -327,11 +327,8 @@ def batch_fn(
   if data.source == "online":
     from sae_jax.data import online  # needs torch/transformers (the `extract` extra)
 
-    batches = online.online_batch_fn(config)
-    if process_count == 1:
-      return batches
-    # Every process encodes the same window (a pure function of the batch index) and keeps its rows.
-    return lambda i: batches(i)[process_index * per : (process_index + 1) * per]
+    # Each process encodes only its share of each window and serves its rows of every batch.
+    return online.online_batch_fn(config, process_index=process_index, process_count=process_count)
   raise SaeJaxError(f"config.data.source={data.source!r}: expected 'synthetic', 'shards' or 'online'")
 
 
