@@ -123,6 +123,11 @@ def extract_report(config_flag: Any, workdir_flag: Any) -> Callable[[dict, float
       lines.append(
         f"  training shards: {summary['shard_dir']} ({c['shards']} shards, {c['shard_rows']} rows)"
       )
+    if "eval" in summary:  # the evaluation split, extracted by the same run (pooled only)
+      e = summary["eval"]["counts"]
+      lines.append(
+        f"  evaluation split -> {act}/eval/: {e['images']} images, {e['captions']} captions, {e['pairs']} pairs"
+      )
     return lines + note_lines(config)
 
   return report
