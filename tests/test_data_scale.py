@@ -332,17 +332,18 @@ def test_two_parts_one_killed_and_resumed_merge_to_the_single_process_extraction
   cfg.extract.process_index = 0
   part0 = extract_stage.run_extraction(cfg, str(tmp_path))
   assert "merged" not in part0 and not (tmp_path / "activations" / "shards").exists()
+  assert part0["counts"] == part0["part"]["counts"]
   assert not list((tmp_path / "activations").glob("pooled_*.npz"))
   p0 = tmp_path / "activations" / "process-00000-of-00002"
   stamps = {f: os.stat(f).st_mtime_ns for f in p0.rglob("*") if f.is_file()}
   cfg.extract.process_index = 1
   part1 = extract_parts.run_part(cfg, str(tmp_path), 1, 2, encoder=enc)
   # Only process 1's unfinished chunks ran again; process 0's files are untouched.
-  assert 0 < part1["rows_written_this_run"] < part1["counts"]["shard_rows"]
+  assert 0 < part1["part"]["rows_written_this_run"] < part1["part"]["counts"]["shard_rows"]
   assert stamps == {f: os.stat(f).st_mtime_ns for f in p0.rglob("*") if f.is_file()}
-  assert part0["counts"]["images"] + part1["counts"]["images"] == 11
-  merged = part1["merged"]
-  assert merged["counts"] == ref_summary["counts"] and merged["processes"] == 2
+  assert part0["counts"]["images"] + part1["part"]["counts"]["images"] == 11
+  merged = part1
+  assert merged["merged"] and merged["counts"] == ref_summary["counts"] and merged["processes"] == 2
   _assert_same_extraction(str(tmp_path), ref)
   # The merged workdir is complete for a single-process run of the same config, and trains.
   again = extract_stage.run_extraction(_clip_config(), str(tmp_path))

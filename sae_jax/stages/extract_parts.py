@@ -81,7 +81,8 @@ def subset(source: coco.PairedCaptions, index: int, count: int, chunk_size: int)
 
 
 def run_part(config, workdir: str, index: int, count: int, encoder=None, source=None) -> dict:
-  """Extracts this process's part, then merges if every part is complete."""
+  """Extracts this process's part, then merges if every part is complete; returns the merged
+  summary (`merged: True`) or, while other parts are unfinished, this part's, with `part` = its own."""
   from sae_jax.stages import extract as extract_stage
 
   ex = config.extract
@@ -99,13 +100,12 @@ def run_part(config, workdir: str, index: int, count: int, encoder=None, source=
   extractor.act_dir = part_dir(workdir, index, count)
   extractor.parts_dir = os.path.join(extractor.act_dir, "parts")
   extractor.shard_dir = os.path.join(extractor.act_dir, "shards")
-  summary = extractor.run()
-  summary["process_index"], summary["process_count"] = index, count
+  part = extractor.run()
   merged = merge_if_complete(workdir, count, source, extractor.fingerprint)
-  if merged is not None:
-    summary["merged"] = merged
-  else:
+  if merged is None:
     logging.info("extract: part %d of %d complete; the last process to finish merges", index, count)
+  # The merging process reports the merged extraction, the others their part.
+  summary = {**(merged or part), "process_index": index, "process_count": count, "part": part}
   if index == 0 and ex.eval_dataset:
     summary["eval"] = extract_stage.Extractor(config, workdir, encoder=extractor.encoder, split="eval").run()
   return summary
@@ -160,6 +160,7 @@ def merge_if_complete(
       k: parts[0][k] for k in ("split", "captions_per_image", "d", "model", "family", "variants", "pairing")
     },
     "complete": True,
+    "merged": True,
     "processes": count,
     "counts": counts,
     "shard_dir": os.path.join(act, "shards") if index else "",
