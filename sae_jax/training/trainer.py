@@ -319,8 +319,19 @@ def _exit_preempted(run: _Run, watch: preemption.SignalWatch, logger: "MetricsLo
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) the SAE of `config` in `workdir`; returns the final summary."""
+  """Trains (or resumes) the SAE of `config` in `workdir`; returns the final summary.
+
+  SIGTERM / SIGINT (from the start, so a signal during restore or compilation counts too): the
+  run finishes its step, saves at it and raises `preemption.Preempted` (exit status 75)."""
+  # First: jax.distributed's own SIGTERM notifier must not replace the watch's handler.
   shard_lib.maybe_initialize_distributed(config.mesh)
+  with preemption.watch() as watch:
+    return _train_and_evaluate(config, workdir, watch)
+
+
+def _train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, watch: preemption.SignalWatch
+) -> dict:
   if config.data.source == "shards" and not config.data.shard_dir:
     # Default: the shards that experiments.extract wrote into this workdir.
     config = config.copy_and_resolve_references()
@@ -333,15 +344,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, run.resolved)
   logger = MetricsLogger(workdir, bool(config.train.tensorboard), config.train, run.resolved)
-  with preemption.watch() as watch:
-    try:
-      state, last_logged = _train_loop(run, state, manager, logger, watch)
-    finally:
-      manager.wait_until_finished()  # a preemption save is synchronous: it is on storage after this
-      manager.close()
-      logger.close()
-    if watch.stopped_at is not None:
-      _exit_preempted(run, watch, logger)
+  try:
+    state, last_logged = _train_loop(run, state, manager, logger, watch)
+  finally:
+    manager.wait_until_finished()  # a preemption save is synchronous: it is on storage after this
+    manager.close()
+    logger.close()
+  if watch.stopped_at is not None:
+    _exit_preempted(run, watch, logger)
   summary = {
     "step": run.num_steps,
     "workdir": workdir,
