@@ -168,6 +168,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   extract.mbeir_queries = ""  # mbeir: query jsonl
   extract.mbeir_pool = ""  # mbeir: candidate pool jsonl
   extract.mbeir_image_root = ""  # mbeir: root the jsonl image paths are relative to
+  extract.mbeir_parquet_dir = ""  # mbeir: query-/corpus-/qrels-*.parquet (the authors' layout), not jsonl
   extract.max_images = 0  # 0 = all
   extract.captions_per_image = 0  # first N captions of each image; 0 = all
   # The evaluation split: pooled embeddings only, in <workdir>/activations/eval/ (retrieval.split="eval").

@@ -355,3 +355,63 @@ def test_synthetic_fit_on_is_recorded():
   with pytest.raises(SaeJaxError) as e:
     retrieve.load_inputs(config, "/nonexistent")
   assert "\n" not in str(e.value) and "config.retrieval.fit_on" in str(e.value)
+
+
+# ------------------------------------------------------------------ the authors' parquet layout
+
+
+def test_mbeir_parquet_layout_extracts_and_scores(coco_mini, tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  from configs import qwen2vl_coco
+  from sae_jax import encoders
+  from sae_jax.data import mbeir
+  from sae_jax.stages import extract_mbeir
+
+  images = sorted((coco_mini / "images").iterdir())[:4]
+  raw = [p.read_bytes() for p in images]
+  d = tmp_path / "cirr"
+  d.mkdir()
+  # CIRR-like: (reference image, edit text) -> target image; the corpus also holds each reference.
+  pq.write_table(
+    pa.table(
+      {
+        "id": ["q0", "q1"],
+        "text": ["make it red", "add a dog"],
+        "image": [{"bytes": raw[0]}, {"bytes": raw[1]}],
+      }
+    ),
+    d / "query-00000-of-00001.parquet",
+  )
+  for n, part in enumerate(((0, 1), (2, 3))):
+    pq.write_table(
+      pa.table(
+        {"id": [f"c{j}" for j in part], "text": [None, None], "image": [{"bytes": raw[j]} for j in part]}
+      ),
+      d / f"corpus-0000{n}-of-00002.parquet",
+    )
+  pq.write_table(
+    pa.table({"query-id": ["q0", "q1", "q1"], "corpus-id": ["c2", "c3", "c0"], "score": [1, 1, 0]}),
+    d / "qrels-00000-of-00001.parquet",
+  )
+  corpus = mbeir.MBeirParquet(str(d), "corpus")
+  assert [r["id"] for r in corpus.records] == ["c0", "c1", "c2", "c3"]
+  assert {r["modality"] for r in corpus.records} == {"image"}
+  queries = mbeir.MBeirParquet(str(d), "query")
+  assert [r["modality"] for r in queries.records] == ["image,text"] * 2
+  assert queries.records[0]["image"].path == corpus.records[0]["image"].path  # same bytes, same label
+  assert mbeir.read_parquet_qrels(str(d)) == {"q0": ["c2"], "q1": ["c3"]}
+
+  cfg = qwen2vl_coco.get_config("tiny")
+  cfg.extract.dataset, cfg.extract.mbeir_parquet_dir, cfg.extract.pooling = "mbeir", str(d), ("mean",)
+  enc = encoders.load_encoder(cfg.extract)
+  summary = extract_mbeir.run_mbeir_extraction(cfg, str(tmp_path / "wd"), encoder=enc)
+  assert summary["counts"] == {"queries": 2, "pool": 4}
+  act = tmp_path / "wd" / "activations"
+  with np.load(act / "mbeir_queries_pooled_mean.npz") as q, np.load(act / "mbeir_pool_pooled_mean.npz") as c:
+    arrays = T.mbeir_task_arrays(
+      {k: q[k] for k in q.files}, {k: c[k] for k in c.files}, {"q0": ["c2"], "q1": ["c3"]}
+    )
+  assert arrays["image_text_to_image__exclude"].tolist() == [0, 1]  # each query's own reference image
+  assert arrays["image_text_to_image__positives_indices"].tolist() == [2, 3]

@@ -17,7 +17,7 @@ from absl import logging
 
 from sae_jax import workdir as workdir_lib
 from sae_jax.data import coco
-from sae_jax.data.mbeir import MODALITIES, MBeirPool, MBeirQueries
+from sae_jax.data.mbeir import MODALITIES, MBeirParquet, MBeirPool, MBeirQueries, read_parquet_qrels
 from sae_jax.errors import SaeJaxError
 from sae_jax.stages.pooled import Progress, check_variants, pool_batch
 
@@ -59,7 +59,7 @@ def run_mbeir_extraction(config, workdir: str, encoder=None) -> dict:
   from sae_jax import encoders  # torch and transformers: the `extract` extra
 
   ex = config.extract
-  if not ex.mbeir_queries and not ex.mbeir_pool:
+  if not ex.mbeir_queries and not ex.mbeir_pool and not ex.mbeir_parquet_dir:
     raise SaeJaxError('config.extract.dataset="mbeir" needs config.extract.mbeir_queries and/or mbeir_pool')
   encoder = encoder or encoders.load_encoder(ex)
   variants = check_variants(ex.pooling, encoder)
@@ -68,11 +68,18 @@ def run_mbeir_extraction(config, workdir: str, encoder=None) -> dict:
   summary = {"skipped": {}, "counts": {}, "variants": list(variants), "model": ex.model_name}
   t0 = time.perf_counter()
   qrels = {}
-  for name, cls, path in (("queries", MBeirQueries, ex.mbeir_queries), ("pool", MBeirPool, ex.mbeir_pool)):
+  if ex.mbeir_parquet_dir:  # the authors' layout: query-/corpus-/qrels-*.parquet
+    pq_dir = ex.mbeir_parquet_dir
+    sources = [("queries", lambda p, _: MBeirParquet(p, "query"), pq_dir)]
+    sources += [("pool", lambda p, _: MBeirParquet(p, "corpus"), pq_dir)]
+    qrels = read_parquet_qrels(pq_dir)
+  else:
+    sources = [("queries", MBeirQueries, ex.mbeir_queries), ("pool", MBeirPool, ex.mbeir_pool)]
+  for name, cls, path in sources:
     if not path:
       continue
     src = cls(path, ex.mbeir_image_root)
-    if name == "queries":
+    if name == "queries" and not ex.mbeir_parquet_dir:
       qrels = {r["id"]: r["positives"] for r in src.records if r["positives"]}
     arrays, kept = encode_records(encoder, src.records, variants, int(ex.batch_size), float(ex.log_every_s))
     ids = np.array([r["id"] for r, k in zip(src.records, kept) if k])
