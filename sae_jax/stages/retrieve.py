@@ -6,7 +6,8 @@ every configured task and variant by exact cosine search, applies the attributio
 (paper Eq. 8-10) and the shrinkage-whitening baseline to the base variant, sweeps the removal rank,
 and writes `<workdir>/retrieval/`:
 
-  results.json        {task: {variant: {"R@1", "R@5", "R@10", "n_queries", "n_candidates", "settings"}}}
+  results.json        {task: {variant: {"R@<k>" per retrieval.ks, "n_queries", "n_candidates", "settings",
+                      "ks_dropped" (the K larger than that task's candidate pool, when any)}}}
   table2.md           Base vs Removal (and the whitening baseline; the oracle on synthetic data)
   table3.md           last-token vs mean pooling
   fig_masking.png     Figure 4: Base / w/o image / w/o prompt per task
