@@ -8,7 +8,7 @@ gather, block = `data.shuffle="block"`) x page cache (warm: every file read once
 cold: the store's pages dropped from the page cache with posix_fadvise(DONTNEED) before timing,
 which needs no root; the files are re-read from the disk), one JSON line with rows/s of what the
 trainer consumes: `pipeline.make_checked_dataset` (grain, `--threads` reader threads, the
-finiteness check) over `pipeline.batch_fn(..., native_dtype=True)`, host batches ready, median over
+finiteness check) over `pipeline.batch_fn(..., training=True)`, host batches ready, median over
 `--reps` passes of one epoch (warm) or one pass after each drop (cold). Then one line with the
 rows/s of the jitted train step (`sae_jax.training.step.jit_train_step`) at the same d (c, k and
 batch from the flags) on this machine's default device, and the ratio reader / step.

@@ -96,7 +96,7 @@ def test_block_shuffle_split_over_processes_is_the_same_stream(tmp_path):
     np.testing.assert_array_equal(np.concatenate([p(i) for p in parts]), whole(i))
   # Each process holds only the rows of its slices (process 1: rows 25-49 of each batch of 100).
   size = int(np.diff(whole.epoch_layout(0)[1])[0])
-  rows, _ = parts[1]._buffer(0, 0)
+  rows, _, _ = parts[1]._buffer(0, 0)
   assert rows.shape[0] == np.sum((np.arange(size) % 100 >= 25) & (np.arange(size) % 100 < 50)) < size
 
 
@@ -110,8 +110,11 @@ def test_bf16_shards_stay_bf16_and_grain_threads_give_the_same_stream(tmp_path):
   b = native(4)
   assert b.dtype == BF16
   np.testing.assert_array_equal(b.astype(np.float32), rows[_ids(b)].astype(BF16).astype(np.float32))
-  assert pipeline.batch_fn(config)(4).dtype == np.float32
-  np.testing.assert_array_equal(pipeline.batch_fn(config)(4), b.astype(np.float32))
+  # Init and evaluation batches: float32 through the exact shuffle (no RAM buffer for a few batches).
+  init = pipeline.batch_fn(config)(4)
+  assert init.dtype == np.float32
+  np.testing.assert_array_equal(init, pipeline.ShardBatches(str(tmp_path), 100, 0)(4))
+  np.testing.assert_array_equal(init, rows[_ids(init)].astype(BF16).astype(np.float32))
   config.data.shuffle = "global"
   assert pipeline.batch_fn(config, 0, 1, True)(4).dtype == BF16
   config.data.shuffle = "block"
@@ -134,6 +137,37 @@ def test_all_finite_matches_isfinite(dtype):
       assert not pipeline.all_finite(y)
       _, valid = pipeline.check_batch(y, 1000, "skip", "test")
       np.testing.assert_array_equal(valid, np.isfinite(y.astype(np.float32)).all(axis=1))
+
+
+def test_block_shuffle_checks_rows_as_it_fills_its_buffers(tmp_path):
+  from sae_jax.errors import SaeJaxError
+
+  _write(tmp_path, d=8)
+  shard = np.load(tmp_path / "shard-00001.npy", mmap_mode="r+")  # storage damage after writing
+  shard[17, 5], shard[250, 2] = np.nan, -np.inf  # rows 317 and 550
+  shard.flush()
+  del shard
+  config = base.get_config()
+  config.data.source, config.data.shard_dir, config.data.batch_size = "shards", str(tmp_path), 100
+  config.data.shuffle, config.data.block_rows, config.data.shuffle_buffer_rows = "block", 64, 256
+  config.data.nonfinite = "skip"
+  fn = pipeline.batch_fn(config, 0, 1, True)
+  it = iter(pipeline.make_checked_dataset(config, fn, 8))
+  masked = []
+  for i in range(10):
+    batch, valid = next(it)
+    ids = _ids(fn(i))  # the rows as read, before the bad ones are zeroed
+    np.testing.assert_array_equal(valid, np.isin(ids, [317, 550], invert=True).astype(np.float32))
+    assert np.isfinite(batch.astype(np.float32)).all()  # bad rows zeroed
+    masked += [(i, int(k)) for k in np.nonzero(valid == 0)[0]]
+  assert len(masked) == 2
+  config.data.nonfinite = "error"
+  it = iter(pipeline.make_checked_dataset(config, fn, 8))
+  with pytest.raises(
+    SaeJaxError, match=rf"batch {masked[0][0]}: 1 row\(s\) contain NaN/Inf \(first at row {masked[0][1]}\)"
+  ):
+    for _ in range(10):
+      next(it)
 
 
 def test_device_feed_checkpoints_the_batch_in_use_not_the_ones_ahead(tmp_path):
@@ -353,7 +387,7 @@ def test_two_parts_one_killed_and_resumed_merge_to_the_single_process_extraction
   config.data.shard_dir = str(tmp_path / "activations" / "shards")
   for shuffle in ("global", "block"):
     config.data.shuffle = shuffle
-    batch = pipeline.batch_fn(config)(0)
+    batch = pipeline.batch_fn(config, 0, 1, True)(0).astype(np.float32)
     assert batch.shape == (32, merged["d"]) and np.isfinite(batch).all()
 
 

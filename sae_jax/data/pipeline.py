@@ -208,8 +208,9 @@ class BlockShuffleBatches:
     out[dest] = src
     return out
 
-  def _fill(self, epoch: int, t: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Buffer t of `epoch` as this process holds it: (rows, local position of each buffer slot)."""
+  def _fill(self, epoch: int, t: int) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
+    """Buffer t of `epoch` as this process holds it: (rows, local position of each buffer slot,
+    sorted positions in `rows` of rows with NaN/Inf)."""
     order, bstart = self.epoch_layout(epoch)
     blocks = order[t * self.blocks_per_buffer : (t + 1) * self.blocks_per_buffer]
     lens = self.block_len[blocks]
@@ -226,21 +227,30 @@ class BlockShuffleBatches:
     else:
       rows = np.empty((total, self.store.d), self.dtype)
 
-    def copy(m: int) -> None:
+    step = max(1, (1 << 18) // self.store.d)  # rows per piece: checked while in cache, then placed
+
+    def copy(m: int) -> list:
       b = blocks[m]
       a = int(self.block_start[b])
-      src = self.store.arrays[self.block_shard[b]][a : a + int(lens[m])]  # one contiguous read
-      slots = dest[offsets[m] : offsets[m + 1]]
-      if local is None:
+      block = self.store.arrays[self.block_shard[b]][a : a + int(lens[m])]  # one contiguous read
+      block_slots = dest[offsets[m] : offsets[m + 1]]
+      bad = []
+      for c in range(0, block.shape[0], step):
+        src, slots = block[c : c + step], block_slots[c : c + step]
+        finite = None if all_finite(src) else np.isfinite(src).all(axis=1)
+        if local is not None:
+          sel = keep[slots]
+          src, slots = src[sel], local[slots[sel]]
+          finite = None if finite is None else finite[sel]
         rows[slots] = src
-      else:
-        sel = keep[slots]
-        rows[local[slots[sel]]] = src[sel]
+        if finite is not None:
+          bad.append(slots[~finite])
+      return bad
 
-    list(self._copy_pool.map(copy, range(len(blocks))))
-    return rows, local
+    bad = [x for part in self._copy_pool.map(copy, range(len(blocks))) for x in part]
+    return rows, local, np.sort(np.concatenate(bad)) if bad else np.zeros(0, np.int64)
 
-  def _buffer(self, epoch: int, t: int, ahead: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  def _buffer(self, epoch: int, t: int, ahead: bool = True) -> tuple:
     key = (epoch, t)
     with self._lock:
       if key in self._buffers:
@@ -272,29 +282,39 @@ class BlockShuffleBatches:
       self._ahead_pool.submit(self._buffer, *nxt, False)
     return value
 
-  def __call__(self, i: int) -> np.ndarray:
+  def checked(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """(this process's rows of batch i, finite mask [rows] bool): the rows were checked for NaN/Inf
+    as their buffer was filled, so a batch needs no second pass."""
     pos = int(i) * self.batch_size + self.local_offset
-    need, pieces = self.local_size, []
+    need, pieces, masks = self.local_size, [], []
     while need:
       epoch, q = divmod(pos, self.rows_per_epoch)
       _, bstart = self.epoch_layout(epoch)
       t = int(np.searchsorted(bstart, q, side="right")) - 1
       take = min(need, int(bstart[t + 1]) - q)
-      rows, local = self._buffer(epoch, t)
+      rows, local, bad = self._buffer(epoch, t)
       j = q - int(bstart[t])
       first = j if local is None else int(local[j])
       pieces.append(rows[first : first + take])
+      masks.append(~np.isin(np.arange(first, first + take), bad))
       pos, need = pos + take, need - take
-    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    if len(pieces) == 1:
+      return pieces[0], masks[0]
+    return np.concatenate(pieces), np.concatenate(masks)
+
+  def __call__(self, i: int) -> np.ndarray:
+    return self.checked(i)[0]
 
 
 def batch_fn(
-  config: Any, process_index: int = 0, process_count: int = 1, native_dtype: bool = False
+  config: Any, process_index: int = 0, process_count: int = 1, training: bool = False
 ) -> Callable[[int], np.ndarray]:
   """The function i -> this process's rows of global batch i, [batch_size / process_count, d].
 
-  Rows are float32, or with `native_dtype` (the training stream) the shards' own dtype, so bf16
-  shards cross to the device as bf16 (`DeviceFeed` casts them there).
+  `training`: the stream the steps train on, in the shards' own dtype (bf16 crosses to the device
+  as bf16, `DeviceFeed` casts it there) and with `data.shuffle`. Otherwise (the few batches of
+  init and evaluation, far from the training stream) float32 rows, shards read by the exact
+  shuffle, which needs no RAM buffer.
   """
   data = config.data
   bs = int(data.batch_size)
@@ -307,23 +327,21 @@ def batch_fn(
   if data.source == "shards":
     if not data.shard_dir:
       raise SaeJaxError("config.data.source='shards' needs config.data.shard_dir")
-    if data.shuffle == "global":
-      return ShardBatches(
-        data.shard_dir, bs, int(data.shuffle_seed), process_index, process_count, native_dtype
-      )
-    if data.shuffle == "block":
-      return BlockShuffleBatches(
-        data.shard_dir,
-        bs,
-        int(data.shuffle_seed),
-        int(data.block_rows),
-        int(data.shuffle_buffer_rows),
-        process_index,
-        process_count,
-        int(data.reader_threads),
-        native_dtype,
-      )
-    raise SaeJaxError(f"config.data.shuffle={data.shuffle!r}: expected 'global' or 'block'")
+    if data.shuffle not in ("global", "block"):
+      raise SaeJaxError(f"config.data.shuffle={data.shuffle!r}: expected 'global' or 'block'")
+    if data.shuffle == "global" or not training:
+      return ShardBatches(data.shard_dir, bs, int(data.shuffle_seed), process_index, process_count, training)
+    return BlockShuffleBatches(
+      data.shard_dir,
+      bs,
+      int(data.shuffle_seed),
+      int(data.block_rows),
+      int(data.shuffle_buffer_rows),
+      process_index,
+      process_count,
+      int(data.reader_threads),
+      True,
+    )
   if data.source == "online":
     from sae_jax.data import online  # needs torch/transformers (the `extract` extra)
 
@@ -361,7 +379,12 @@ def make_checked_dataset(config: Any, fn: Callable[[int], np.ndarray], d: int) -
   policy, source = str(config.data.nonfinite), config.data.source
 
   def read(i: int) -> tuple[np.ndarray, np.ndarray]:
-    return check_batch(fn(i), d, policy, f"config.data.source={source!r} batch {i}")
+    where = f"config.data.source={source!r} batch {i}"
+    if isinstance(fn, BlockShuffleBatches):  # checked while its buffer was filled
+      batch, finite = fn.checked(i)
+      _check_shape(batch, d, where)
+      return apply_nonfinite_policy(batch, finite, policy, where)
+    return check_batch(fn(i), d, policy, where)
 
   ds = grain.MapDataset.range(2**62).map(read)
   return ds.to_iter_dataset(_read_options(config))
@@ -386,13 +409,24 @@ def all_finite(batch: np.ndarray) -> bool:
   return True
 
 
-def check_batch(batch: np.ndarray, d: int, policy: str, where: str) -> tuple[np.ndarray, np.ndarray]:
-  """Validates a host batch; returns (batch with bad rows zeroed, valid mask [B] float32)."""
+def _check_shape(batch: np.ndarray, d: int, where: str) -> None:
   if batch.ndim != 2 or batch.shape[1] != d:
     raise SaeJaxError(f"{where}: batch has shape {batch.shape}, expected [batch, config.sae.d={d}]")
+
+
+def check_batch(batch: np.ndarray, d: int, policy: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+  """Validates a host batch; returns (batch with bad rows zeroed, valid mask [B] float32)."""
+  _check_shape(batch, d, where)
   if batch.flags.c_contiguous and all_finite(batch):
     return batch, np.ones(batch.shape[0], np.float32)
-  finite = np.isfinite(batch).all(axis=1)
+  return apply_nonfinite_policy(batch, np.isfinite(batch).all(axis=1), policy, where)
+
+
+def apply_nonfinite_policy(
+  batch: np.ndarray, finite: np.ndarray, policy: str, where: str
+) -> tuple[np.ndarray, np.ndarray]:
+  """`config.data.nonfinite` on a batch whose finite rows are `finite` [B] bool: 'error' raises,
+  'skip' returns (batch with bad rows zeroed, valid mask [B] float32)."""
   if finite.all():
     return batch, np.ones(batch.shape[0], np.float32)
   bad = int((~finite).sum())
