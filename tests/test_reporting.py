@@ -227,7 +227,7 @@ def test_train_analyze_retrieve_print_their_summary(trained_sae, tmp_path):
     f"--workdir={wd}",
     f"--config.analysis.sae_workdir={trained_sae.workdir}",
   ]
-  ana = _main("analyze", *common)
+  ana = _main("analyze", *common, "--config.analysis.num_pairs=1000", "--config.analysis.top_pairs=0")
   assert ana.returncode == 0, ana.stderr[-2000:]
   lines = ana.stdout.splitlines()
   s = json.loads((tmp_path / "run" / "analysis" / "summary.json").read_text())
