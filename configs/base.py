@@ -212,24 +212,24 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # sae_jax/stages/train_encoder.py: the two image-text models the shapes study trains (torch, CPU).
   config.encoder_training = et = ml_collections.ConfigDict()
   et.seed = 0
-  et.threads = 2  # torch.set_num_threads
+  et.threads = 1  # torch threads (training, extraction); intra-op threads stall on shared cores
   et.log_every_s = 15.0  # progress line period
   et.weight_decay = 0.01
   et.warmup_steps = 100
   et.eval_images = 1000  # test images for the quality figures (first N of the split)
   et.vocab_size = 400  # byte-level BPE trained on the train captions (+ the model's special tokens)
   et.clip = ml_collections.ConfigDict()
-  et.clip.steps = 1000
+  et.clip.steps = 2000
   et.clip.batch_size = 128
   et.clip.lr = 1e-3
   et.clip.hidden = 64
   et.clip.layers = 2
   et.clip.heads = 4
-  et.clip.patch_size = 8
+  et.clip.patch_size = 16  # 64x64 images -> 16 patches (a 4x4 grid, finer than the 3x3 scene grid)
   et.clip.projection_dim = 64
   et.clip.max_text_len = 48
   et.qwen2_vl = ml_collections.ConfigDict()
-  et.qwen2_vl.steps = 800
+  et.qwen2_vl.steps = 2000
   et.qwen2_vl.batch_size = 24  # captioner sequences per step (plus as many text-only sequences)
   et.qwen2_vl.lr = 2e-3
   et.qwen2_vl.hidden = 64
@@ -261,7 +261,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # / local directory; SAE width c, k; pooling variants extracted on the test split.
   study.model = ml_collections.ConfigDict()
   study.model.clip = ml_collections.ConfigDict(
-    {"source": "train:clip", "label": "CLIP (trained here)", "c": 512, "k": 8, "pooling": ("embed",), "batch_size": 64}
+    {
+      "source": "train:clip",
+      "label": "CLIP (trained here)",
+      "c": 512,
+      "k": 8,
+      "pooling": ("embed",),
+      "batch_size": 64,
+    }
   )
   study.model.qwen2_vl = ml_collections.ConfigDict(
     {

@@ -1,0 +1,449 @@
+"""The study report: the stages' JSON outputs of every model -> report.md, report.html, report.json.
+
+`write_report(config, workdir)` reads, for each model of `config.study.models`, <workdir>/<name>/
+steps.json (model quality, extraction counts), sae/analysis/{table1.json, concepts.npz} and
+sae/retrieval/{results.json, rank_sweep.json}, and writes <workdir>/report/:
+
+  report.md          Tables 1-3, Figures 2-4, each model's settings and quality, and a findings
+                     section generated from the numbers
+  report.html        the same, self-contained (figures embedded as base64 PNG)
+  report.json        every number the tables print, as read from the stage outputs
+  figures/*.png      Fig. 2 (modality KDE) and Fig. 3 (cumulative energy) with all models side by
+                     side, Fig. 4 (masking) and the removal-rank sweep per model
+
+When `config.study.published` holds the paper's numbers for a model (configs/study_paper.py), the
+tables print them beside the measured ones.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import re
+from typing import Any, Callable
+
+import numpy as np
+
+from sae_jax import config_utils, metrics
+from sae_jax import workdir as workdir_lib
+from sae_jax.errors import SaeJaxError
+
+GENERATIVE_FAMILIES = ("qwen_vl", "paligemma", "chameleon")
+TABLE1_KEYS = ("J(S_E,S_A)", "J(S_E,S_B)", "J(S_A,S_B)", "triple_overlap")
+PUBLISHED_TABLE1_KEYS = ("J_EA", "J_EB", "J_AB", "triple")  # the same columns in config.study.published
+KS = ("R@1", "R@5", "R@10")
+TASK_ARROWS = {"image_to_text": "q_i -> c_t", "text_to_image": "q_t -> c_i"}
+
+
+def _load_json(path: str) -> Any:
+  if not os.path.exists(path):
+    raise SaeJaxError(
+      f"{path} is missing: the study step that writes it has not run (re-run experiments.study)"
+    )
+  with open(path) as f:
+    return json.load(f)
+
+
+def task_label(task: str, dataset: str) -> str:
+  return f"{dataset} {TASK_ARROWS.get(task, task)}"
+
+
+def collect(config: Any, workdir: str) -> dict:
+  """Every number the report prints, read from the stage outputs (report.json)."""
+  from sae_jax.stages import study
+
+  names = config_utils.as_tuple(config.study.models)
+  dataset = study.data_paths(config, workdir)["name"]
+  models = {}
+  for name in names:
+    root = os.path.join(workdir, name)
+    sae_dir = study.sae_workdir(workdir, name)
+    steps = _load_json(os.path.join(root, study.STEPS_FILE))
+    t1 = _load_json(os.path.join(sae_dir, "analysis", "table1.json"))
+    results = _load_json(os.path.join(sae_dir, "retrieval", "results.json"))
+    sweep_path = os.path.join(sae_dir, "retrieval", "rank_sweep.json")
+    sweep = _load_json(sweep_path) if os.path.exists(sweep_path) else None
+    with np.load(os.path.join(sae_dir, "analysis", "concepts.npz"), allow_pickle=False) as z:
+      energy = np.asarray(z["energy"], np.float64)
+    fraction = float(t1["fraction"])
+    e_sorted = np.sort(energy)[::-1]
+    cum = np.cumsum(e_sorted) / max(e_sorted.sum(), 1e-30)
+    m_top = metrics.top_fraction_size(fraction, energy.size)
+    base = study.base_variant(config, name)
+    ms = study.model_settings(config, name)
+    sae_cfg = workdir_lib.read_config(sae_dir)
+    models[name] = {
+      "label": str(ms.label),
+      "source": str(ms.source),
+      "family": steps["extract_train"]["summary"]["family"],
+      "kind": "generative"
+      if steps["extract_train"]["summary"]["family"] in GENERATIVE_FAMILIES
+      else "contrastive",
+      "quality": steps["model"]["summary"],
+      "seconds": {k: v["seconds"] for k, v in steps.items()},
+      "settings": {
+        "d": int(steps["extract_train"]["summary"]["d"]),
+        "c": int(sae_cfg.sae_spec.c),
+        "k": int(sae_cfg.sae_spec.k),
+        "sae_preset": str(sae_cfg.sae.preset),
+        "sae_steps": int(sae_cfg.train.num_steps),
+        "sae_batch_size": int(sae_cfg.data.batch_size),
+        "sae_train_rows": int(_load_json(os.path.join(sae_cfg.data.shard_dir, "index.json"))["total_rows"]),
+        "train_images_extracted": int(steps["extract_train"]["summary"]["counts"]["images"]),
+        "test_pairs": int(steps["extract_test"]["summary"]["counts"]["pairs"]),
+        "pooling": list(config_utils.as_tuple(ms.pooling)),
+        "base_variant": base,
+        "top_fraction": fraction,
+        "bridge_reduction": t1["bridge_reduction"],
+        "eval_fvu": steps["sae"]["summary"].get("eval_fvu"),
+      },
+      "table1": {k: t1["rows"][0][k] for k in ("c", "set_size") + TABLE1_KEYS},
+      "retrieval": results,
+      "rank_sweep": sweep,
+      "energy": {
+        "top_fraction": fraction,
+        "top_share": float(cum[m_top - 1]),
+        "concepts_for_half": int(np.searchsorted(cum, 0.5) + 1),
+        "c": int(energy.size),
+      },
+    }
+  return {"dataset": dataset, "models": models, "paper_name": str(config.study.paper_name)}
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+
+def _f(x: float, nd: int = 2) -> str:
+  return f"{x:.{nd}f}"
+
+
+def _published(config: Any, name: str, *keys) -> Any:
+  node = config.study.published
+  for k in (name,) + keys:
+    if node is None or k not in node:
+      return None
+    node = node[k]
+  return node
+
+
+def table1_md(config: Any, data: dict) -> list:
+  lines = [
+    "| Model | c | set size | J(S_E,S_A) | J(S_E,S_B) | J(S_A,S_B) | Triple overlap |",
+    "|---|---:|---:|---:|---:|---:|---:|",
+  ]
+  for name, m in data["models"].items():
+    t = m["table1"]
+    lines.append(
+      f"| {m['label']} | {t['c']} | {t['set_size']} | " + " | ".join(_f(t[k], 4) for k in TABLE1_KEYS) + " |"
+    )
+    pub = _published(config, name, "table1")
+    if pub is not None:
+      lines.append(
+        f"| {m['label']} (paper) | | | "
+        + " | ".join(_f(float(pub[k]), 4) for k in PUBLISHED_TABLE1_KEYS)
+        + " |"
+      )
+  return lines
+
+
+TABLE2_ROWS = (("Base", ""), ("Removal", "+removal"), ("Whitening (baseline)", "+whitening"))
+
+
+def table2_md(config: Any, data: dict) -> list:
+  lines = ["| Model | Task | Setting | R@1 | R@5 | R@10 | settings |", "|---|---|---|---:|---:|---:|---|"]
+  for name, m in data["models"].items():
+    base = m["settings"]["base_variant"]
+    for task, by in m["retrieval"].items():
+      for label, suffix in TABLE2_ROWS:
+        v = base + suffix
+        if v not in by:
+          continue
+        r = by[v]
+        s = r["settings"]
+        note = ", ".join(
+          f"{k}={s[k]}" for k in ("removal_rank", "removal_fraction", "n_atoms", "whitening_alpha") if k in s
+        )
+        note = f"pooling={base}" + (f", {note}" if note else "")
+        lines.append(
+          f"| {m['label']} | {task_label(task, data['dataset'])} | {label} | "
+          + " | ".join(_f(r[k]) for k in KS)
+          + f" | {note} |"
+        )
+        pub = _published(config, name, "table2", task, label.split(" ")[0].lower())
+        if pub is not None:
+          lines.append(
+            f"| {m['label']} (paper) | {task_label(task, 'MSCOCO')} | {label} | "
+            + " | ".join(_f(float(x)) for x in pub)
+            + " | published |"
+          )
+  return lines
+
+
+def table3_md(config: Any, data: dict) -> list:
+  lines = ["| Model | Task | Setting | R@1 | R@5 | R@10 |", "|---|---|---|---:|---:|---:|"]
+  n = 0
+  for name, m in data["models"].items():
+    for task, by in m["retrieval"].items():
+      if not ("last_token" in by and "mean" in by):
+        continue
+      for label, v in (("Last token", "last_token"), ("Mean pooling", "mean")):
+        lines.append(
+          f"| {m['label']} | {task_label(task, data['dataset'])} | {label} | "
+          + " | ".join(_f(by[v][k]) for k in KS)
+          + " |"
+        )
+        n += 1
+        pub = _published(config, name, "table3", task, v)
+        if pub is not None:
+          lines.append(
+            f"| {m['label']} (paper) | {task_label(task, 'MSCOCO')} | {label} | "
+            + " | ".join(_f(float(x)) for x in pub)
+            + " |"
+          )
+  if not n:
+    lines.append("| (no model with both last-token and mean pooling) | | | | | |")
+  return lines
+
+
+# ---------------------------------------------------------------------------------------- findings
+
+
+def findings(data: dict) -> list:
+  """Sentences stating what the numbers say, whichever way they come out."""
+  ms = data["models"]
+  gen = [n for n, m in ms.items() if m["kind"] == "generative"]
+  con = [n for n, m in ms.items() if m["kind"] == "contrastive"]
+  out = []
+  task = "image_to_text"
+  label = task_label(task, data["dataset"])
+
+  def r1(n, suffix=""):
+    m = ms[n]
+    return m["retrieval"].get(task, {}).get(m["settings"]["base_variant"] + suffix, {}).get("R@1")
+
+  for g in gen:
+    for c in con:
+      a, b = r1(g), r1(c)
+      if a is None or b is None:
+        continue
+      verdict = "worse than" if a < b else ("as well as" if a == b else "better than")
+      ratio = f" ({b / a:.1f}x lower)" if 0 < a < b else ""
+      out.append(
+        f"Retrieval: the generative {ms[g]['label']} retrieves {verdict} the contrastive {ms[c]['label']} "
+        f"on {label}: R@1 {a:.2f} vs {b:.2f}{ratio}."
+      )
+  for n, m in ms.items():
+    e = m["energy"]
+    out.append(
+      f"Energy ({m['label']}): the top {100 * e['top_fraction']:g}% of concepts ({m['table1']['set_size']} of "
+      f"{e['c']}) carry {100 * e['top_share']:.1f}% of the energy; {e['concepts_for_half']} concepts carry half "
+      f"of it ({100 * e['concepts_for_half'] / e['c']:.1f}% of the dictionary)."
+    )
+  for n, m in ms.items():
+    a, b = r1(n), r1(n, "+removal")
+    if a is None or b is None:
+      continue
+    verb = "helps" if b > a else ("does not change" if b == a else "hurts")
+    s = m["retrieval"][task][m["settings"]["base_variant"] + "+removal"]["settings"]
+    w = r1(n, "+whitening")
+    wt = f"; the whitening baseline gives {w:.2f}" if w is not None else ""
+    out.append(
+      f"Removal ({m['label']}): removing the top-attribution subspace (rank {s.get('removal_rank')}) {verb} "
+      f"{label} R@1: {a:.2f} -> {b:.2f} ({b - a:+.2f}){wt}."
+    )
+  for n, m in ms.items():
+    t = m["table1"]
+    out.append(
+      f"Overlap ({m['label']}): J(S_E,S_A) {t['J(S_E,S_A)']:.2f}, J(S_E,S_B) {t['J(S_E,S_B)']:.2f}, "
+      f"triple overlap {t['triple_overlap']:.2f}."
+    )
+  return out
+
+
+# ----------------------------------------------------------------------------------------- figures
+
+
+def _figures(data: dict, workdir: str, fig_dir: str) -> list:
+  """(caption, file name) of every figure, drawn into fig_dir."""
+  from sae_jax.plots import analysis as plot_a
+  from sae_jax.plots import retrieval as plot_r
+  from sae_jax.stages import study
+
+  os.makedirs(fig_dir, exist_ok=True)
+  runs = []
+  for name, m in data["models"].items():
+    with np.load(
+      os.path.join(study.sae_workdir(workdir, name), "analysis", "concepts.npz"), allow_pickle=False
+    ) as z:
+      ms = np.asarray(z["modality_score"], np.float64)
+      if bool(z["modality_reverse"]):
+        ms = 1.0 - ms
+      runs.append({"name": m["label"], "energy": np.asarray(z["energy"]), "modality_score": ms})
+  fraction = next(iter(data["models"].values()))["settings"]["top_fraction"]
+  figs = []
+  plot_a.plot_modality_kde(runs, os.path.join(fig_dir, "fig2_modality_kde.png"))
+  figs.append(("Figure 2: modality score of the concepts (test pairs)", "fig2_modality_kde.png"))
+  plot_a.plot_cumulative_energy(runs, os.path.join(fig_dir, "fig3_cumulative_energy.png"), fraction)
+  figs.append(("Figure 3: cumulative energy over concepts ranked by energy", "fig3_cumulative_energy.png"))
+  labels = {t: task_label(t, data["dataset"]) for t in TASK_ARROWS}
+  for name, m in data["models"].items():
+    res = m["retrieval"]
+    if any("mean_no_image" in by or "mean_no_prompt" in by for by in res.values()):
+      f = f"fig4_masking_{name}.png"
+      plot_r.fig_masking(res, os.path.join(fig_dir, f), task_labels=labels)
+      figs.append((f"Figure 4 ({m['label']}): image / prompt token positions masked before mean pooling", f))
+  for name, m in data["models"].items():
+    sw = m["rank_sweep"]
+    if sw:
+      f = f"rank_sweep_{name}.png"
+      plot_r.fig_rank_sweep(
+        sw,
+        os.path.join(fig_dir, f),
+        title=f"{m['label']}: {task_label(sw['task'], data['dataset'])}, top {100 * sw['removal_fraction']:g}% ({sw['n_atoms']} atoms)",
+      )
+      figs.append((f"Removal rank sweep ({m['label']})", f))
+  return figs
+
+
+# ------------------------------------------------------------------------------------------ writer
+
+
+def _quality_line(m: dict) -> str:
+  q = m["quality"]
+  if q.get("kind") == "clip":
+    return (
+      f"image->text R@1 {q['i2t_R@1']:.2f}% on {q['test_images']} test images (chance {q['i2t_chance']:.2f}%, "
+      f"{q['i2t_over_chance']:.0f}x), text->image R@1 {q['t2i_R@1']:.2f}% (chance {q['t2i_chance']:.2f}%); "
+      f"{q['steps']} steps, {q['train_seconds']:.0f} s, {q['parameters']:,} parameters"
+    )
+  if q.get("kind") == "qwen2_vl":
+    s = "; ".join(f"“{x['generated']}” (ref. “{x['reference'][0]}”)" for x in q["samples"])
+    return (
+      f"teacher-forced caption token accuracy {q['token_accuracy']:.2f}% on {q['token_accuracy_images']} test "
+      f"captions; {q['steps']} steps, {q['train_seconds']:.0f} s, {q['parameters']:,} parameters; greedy "
+      f"samples: {s}"
+    )
+  return f"not trained here ({q.get('source', '')})"
+
+
+def render_md(config: Any, data: dict, figs: list) -> str:
+  L = [f"# The study on {data['dataset']}", ""]
+  L += [
+    "Every number below is read from the stages' outputs (`<model>/sae/analysis/table1.json`, "
+    "`<model>/sae/retrieval/results.json`); `report.json` holds them all.",
+    "",
+    "## Models and settings",
+    "",
+    "| Model | kind | d | SAE c | k | SAE steps x batch | SAE train rows | test pairs | pooling | eval FVU |",
+    "|---|---|---:|---:|---:|---|---:|---:|---|---:|",
+  ]
+  for m in data["models"].values():
+    s = m["settings"]
+    fvu = "" if s["eval_fvu"] is None else f"{s['eval_fvu']:.3f}"
+    L.append(
+      f"| {m['label']} | {m['kind']} ({m['family']}) | {s['d']} | {s['c']} | {s['k']} | "
+      f"{s['sae_steps']} x {s['sae_batch_size']} | {s['sae_train_rows']} | {s['test_pairs']} | "
+      f"{', '.join(s['pooling'])} | {fvu} |"
+    )
+  L += [""]
+  for m in data["models"].values():
+    L.append(f"- **{m['label']}** quality: {_quality_line(m)}.")
+  L += ["", "## Findings", ""] + [f"- {x}" for x in findings(data)]
+  fr = next(iter(data["models"].values()))["settings"]
+  L += [
+    "",
+    f"## Table 1: Jaccard similarity between the top {100 * fr['top_fraction']:g}% concept sets",
+    "",
+    f"S_E energy, S_A retrieval attribution, S_B bridge score (reduction `{fr['bridge_reduction']}`); "
+    "SAEs trained on the train split, metrics on the test pairs.",
+    "",
+  ]
+  L += table1_md(config, data)
+  L += ["", "## Table 2: Recall@K before and after removing the top-attribution subspace", ""]
+  L += table2_md(config, data)
+  L += ["", "## Table 3: last-token vs mean pooling", ""]
+  L += table3_md(config, data)
+  L += ["", "## Figures", ""]
+  for cap, f in figs:
+    L += [f"**{cap}**", "", f"![{cap}](figures/{f})", ""]
+  secs = {m["label"]: m["seconds"] for m in data["models"].values()}
+  L += ["## Wall time per step (s)", "", "```", json.dumps(secs, indent=1), "```", ""]
+  return "\n".join(L)
+
+
+def _inline(text: str) -> str:
+  t = html.escape(text, quote=False)
+  t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+  return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+
+def render_html(md: str, fig_dir: str) -> str:
+  """The markdown subset render_md writes -> one self-contained HTML page (PNG as data URIs)."""
+  out, rows, in_code, items = [], [], False, []
+
+  def flush():
+    nonlocal rows, items
+    if rows:
+      head, body = rows[0], rows[2:]
+      out.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>")
+      out.extend("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
+      out.append("</table>")
+      rows = []
+    if items:
+      out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in items) + "</ul>")
+      items = []
+
+  for line in md.splitlines():
+    if line.startswith("```"):
+      flush()
+      out.append("</pre>" if in_code else "<pre>")
+      in_code = not in_code
+      continue
+    if in_code:
+      out.append(html.escape(line))
+      continue
+    if line.startswith("|"):
+      rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+      continue
+    if line.startswith("- "):
+      items.append(line[2:])
+      continue
+    flush()
+    img = re.match(r"!\[(.*)\]\(figures/(.+)\)", line)
+    if img:
+      with open(os.path.join(fig_dir, img.group(2)), "rb") as f:
+        b64 = base64.b64encode(f.read()).decode("ascii")
+      out.append(f'<img alt="{html.escape(img.group(1))}" src="data:image/png;base64,{b64}">')
+    elif line.startswith("#"):
+      level = len(line) - len(line.lstrip("#"))
+      out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+    elif line.strip():
+      out.append(f"<p>{_inline(line)}</p>")
+  flush()
+  style = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;font-size:14px}"
+    "img{max-width:100%;border:1px solid #ddd}"
+  )
+  return (
+    f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>sae-jax study report</title><style>{style}</style></head><body>\n"
+    + "\n".join(out)
+    + "\n</body></html>\n"
+  )
+
+
+def write_report(config: Any, workdir: str, log: Callable = print) -> dict:
+  """Writes <workdir>/report/{report.md, report.html, report.json, figures/}; returns their paths."""
+  out_dir = os.path.join(workdir, "report")
+  fig_dir = os.path.join(out_dir, "figures")
+  data = collect(config, workdir)
+  figs = _figures(data, workdir, fig_dir)
+  md = render_md(config, data, figs)
+  paths = {k: os.path.join(out_dir, f"report.{k}") for k in ("md", "html", "json")}
+  workdir_lib.atomic_write_json(paths["json"], {**data, "findings": findings(data)})
+  workdir_lib.atomic_write_text(paths["md"], md)
+  workdir_lib.atomic_write_text(paths["html"], render_html(md, fig_dir))
+  log("\n".join(["findings:"] + [f"  {x}" for x in findings(data)]))
+  return {**paths, "figures": [os.path.join(fig_dir, f) for _, f in figs]}

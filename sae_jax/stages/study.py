@@ -1,0 +1,229 @@
+"""The whole study, one command: data -> models -> extract -> SAE -> analyze -> retrieve -> report.
+
+`run_study(config, workdir)` runs, for each name in `config.study.models` (settings in
+`config.study.model.<name>`):
+
+  data        the shapes world under `study.data_dir` (default <workdir>/data), unless present
+  model       `source="train:<kind>"`: trained here into <workdir>/models/<name> (HF checkpoint);
+              any other source is a hub id or a local directory used as is
+  extract     train split -> <workdir>/<name>/train_extract/activations/shards (SAE training rows);
+              test split -> <workdir>/<name>/sae/activations/pooled_<variant>.npz (every variant)
+  sae         Top-K SAE in <workdir>/<name>/sae on the train shards
+  analyze     <workdir>/<name>/sae/analysis/ (Table 1, Fig. 2-3) on the test pairs
+  retrieve    <workdir>/<name>/sae/retrieval/ (Tables 2-3, Fig. 4) on the test pairs
+
+then writes <workdir>/report/ (`sae_jax.stages.report`). Each finished step is recorded in
+<workdir>/<name>/steps.json and skipped on a re-run; an interrupted step is re-run and resumes
+through the stage's own resume (extraction part files and finished shards, SAE checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import ml_collections
+
+from sae_jax import config_utils
+from sae_jax import workdir as workdir_lib
+from sae_jax.data import shapes as shapes_lib
+from sae_jax.errors import SaeJaxError
+
+STEPS = ("model", "extract_train", "extract_test", "sae", "analyze", "retrieve")
+STEPS_FILE = "steps.json"
+
+
+def data_paths(config: Any, workdir: str) -> dict:
+  """captions JSON and image dir of the train and test splits."""
+  st = config.study
+  if st.dataset == "shapes":
+    root = st.data_dir or os.path.join(workdir, "data")
+    return {
+      "root": root,
+      "train_json": shapes_lib.captions_json(root, "train"),
+      "train_images": shapes_lib.image_dir(root),
+      "test_json": shapes_lib.captions_json(root, "test"),
+      "test_images": shapes_lib.image_dir(root),
+      "name": "shapes",
+    }
+  if st.dataset == "coco":
+    for f in ("coco_train_json", "coco_train_images", "coco_test_json", "coco_test_images"):
+      if not st[f]:
+        raise SaeJaxError(f'config.study.{f} is empty; study.dataset="coco" needs all four COCO paths')
+    return {
+      "root": "",
+      "train_json": st.coco_train_json,
+      "train_images": st.coco_train_images,
+      "test_json": st.coco_test_json,
+      "test_images": st.coco_test_images,
+      "name": "MSCOCO",
+    }
+  raise SaeJaxError(f'config.study.dataset={st.dataset!r}: expected "shapes" or "coco"')
+
+
+def model_settings(config: Any, name: str) -> Any:
+  if name not in config.study.model:
+    raise SaeJaxError(
+      f"config.study.models: {name!r} has no settings in config.study.model (known: {sorted(config.study.model)})"
+    )
+  return config.study.model[name]
+
+
+def model_dir(config: Any, workdir: str, name: str) -> str:
+  src = str(model_settings(config, name).source)
+  return os.path.join(workdir, "models", name) if src.startswith("train:") else src
+
+
+def sae_workdir(workdir: str, name: str) -> str:
+  return os.path.join(workdir, name, "sae")
+
+
+def base_variant(config: Any, name: str) -> str:
+  pooling = config_utils.as_tuple(model_settings(config, name).pooling)
+  return "embed" if "embed" in pooling else ("mean" if "mean" in pooling else pooling[0])
+
+
+def stage_config(config: Any, workdir: str, name: str, split: str) -> ml_collections.ConfigDict:
+  """The config every stage of model `name` runs with (`split`: which split extraction reads)."""
+  st = config.study
+  m = model_settings(config, name)
+  paths = data_paths(config, workdir)
+  c = ml_collections.ConfigDict(config.to_dict())
+  ex = c.extract
+  ex.model_name = model_dir(config, workdir, name)
+  ex.dataset = "coco"
+  ex.captions_json = paths[f"{split}_json"]
+  ex.image_dir = paths[f"{split}_images"]
+  ex.batch_size = int(m.batch_size)
+  ex.num_workers = 2
+  pooling = config_utils.as_tuple(m.pooling)
+  base = base_variant(config, name)
+  if split == "train":  # SAE rows only: the shards (one pooled variant is written regardless)
+    ex.max_images = int(st.train_extract_images)
+    ex.pooling = (base,)
+    ex.write_shards = True
+  else:
+    ex.max_images = 0
+    ex.pooling = pooling
+    ex.write_shards = False
+  c.sae.c = int(m.c)
+  c.sae.k = int(m.k)
+  c.data.source = "shards"
+  c.data.shard_dir = os.path.join(workdir, name, "train_extract", "activations", "shards")
+  c.data.batch_size = int(st.sae_batch_size)
+  c.train.num_steps = int(st.sae_steps)
+  c.train.log_every = max(1, int(st.sae_steps) // 10)
+  c.train.checkpoint_every = max(1, int(st.sae_steps) // 4)
+  c.train.tensorboard = False
+  c.analysis.variant = base
+  c.analysis.run_name = str(m.label)
+  c.analysis.source = "pooled"
+  c.retrieval.source = "pooled"
+  c.retrieval.variants = pooling
+  c.retrieval.base_variant = base
+  c.retrieval.tasks = ("image_to_text", "text_to_image")
+  return c
+
+
+def _read_steps(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_model(config: Any, workdir: str, name: str, log: Callable = print) -> dict:
+  """Every step of one model; returns {step: summary} (steps done earlier are read back)."""
+  from sae_jax.stages import analyze, extract, retrieve, train_encoder
+  from sae_jax.training import trainer
+
+  m = model_settings(config, name)
+  paths = data_paths(config, workdir)
+  root = os.path.join(workdir, name)
+  os.makedirs(root, exist_ok=True)
+  steps_path = os.path.join(root, STEPS_FILE)
+  done = _read_steps(steps_path)
+  sae_dir = sae_workdir(workdir, name)
+
+  def record(step, summary, seconds):
+    done[step] = {"seconds": round(seconds, 1), "summary": summary}
+    workdir_lib.atomic_write_json(steps_path, done)
+
+  for step in STEPS:
+    if step in done:
+      log(f"study {name}: {step} done earlier, skipped")
+      continue
+    t0 = time.perf_counter()
+    log(f"study {name}: {step} ...")
+    if step == "model":
+      src = str(m.source)
+      if src.startswith("train:"):
+        q = train_encoder.train_encoder(
+          config, src[len("train:") :], paths["root"], model_dir(config, workdir, name), log
+        )
+      else:
+        q = {"source": src, "trained_here": False}
+      record(step, q, time.perf_counter() - t0)
+    elif step in ("extract_train", "extract_test"):
+      split = step.split("_")[1]
+      wd = os.path.join(root, "train_extract") if split == "train" else sae_dir
+      s = extract.run_extraction(stage_config(config, workdir, name, split), wd)
+      record(
+        step,
+        {k: s[k] for k in ("counts", "d", "model", "family", "variants", "elapsed_s")},
+        time.perf_counter() - t0,
+      )
+    elif step == "sae":
+      c = stage_config(config, workdir, name, "test")
+      c.sae.d = int(done["extract_train"]["summary"]["d"])
+      s = trainer.train_and_evaluate(c, sae_dir)
+      record(step, s, time.perf_counter() - t0)
+    elif step == "analyze":
+      c = stage_config(config, workdir, name, "test")
+      c.sae.d = int(done["extract_train"]["summary"]["d"])
+      s = analyze.run_analysis(c, sae_dir)
+      record(
+        step,
+        {k: s[k] for k in ("c", "d", "k", "n_pairs", "table1", "embeddings_path")},
+        time.perf_counter() - t0,
+      )
+    elif step == "retrieve":
+      c = stage_config(config, workdir, name, "test")
+      c.sae.d = int(done["extract_train"]["summary"]["d"])
+      res = retrieve.run_retrieval(c, sae_dir)
+      brief = {
+        t: {v: {k: r[k] for k in ("R@1", "R@5", "R@10")} for v, r in by.items()} for t, by in res.items()
+      }
+      record(step, brief, time.perf_counter() - t0)
+    log(f"study {name}: {step} done in {time.perf_counter() - t0:.1f} s")
+  return done
+
+
+def run_study(config: Any, workdir: str, log: Callable = print) -> dict:
+  """Runs (or resumes) the study of `config.study` in `workdir` and writes <workdir>/report/."""
+  from sae_jax.stages import report
+
+  if not workdir:
+    raise SaeJaxError("--workdir is required")
+  st = config.study
+  names = config_utils.as_tuple(st.models)
+  if not names:
+    raise SaeJaxError("config.study.models is empty; expected model names from config.study.model")
+  for n in names:
+    model_settings(config, n)
+  os.makedirs(workdir, exist_ok=True)
+  import torch
+
+  torch.set_num_threads(int(config.encoder_training.threads))  # model training and extraction
+  t0 = time.perf_counter()
+  paths = data_paths(config, workdir)
+  if st.dataset == "shapes":
+    shapes_lib.write_shapes(config.shapes, paths["root"], log=log)
+  steps = {}
+  for n in names:
+    steps[n] = run_model(config, workdir, n, log)
+  out = report.write_report(config, workdir, log=log)
+  log(f"study: done in {time.perf_counter() - t0:.1f} s; report {out['md']}")
+  return {"steps": steps, "report": out, "seconds": time.perf_counter() - t0}

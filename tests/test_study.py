@@ -1,0 +1,180 @@
+"""The whole study end to end on the tiny shapes preset: two models trained here, report from the
+stages' JSON, saved models loadable like hub checkpoints, resume after SIGKILL."""
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import study_shapes
+from sae_jax import encoders
+from sae_jax.stages import report, study
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHANCE_FACTOR = 3.0  # the tiny CLIP (120 steps, 400 images) must beat chance image->text R@1 by this
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("study"))
+  config = study_shapes.get_config("tiny")
+  t0 = time.perf_counter()
+  out = study.run_study(config, wd, log=print)
+  print(f"tiny study: {time.perf_counter() - t0:.1f} s")
+  return wd, config, out
+
+
+def _json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _md_rows(md: str, heading: str) -> list:
+  """Cells of the table under `heading` (header and separator dropped)."""
+  section = md.split(heading, 1)[1].split("\n## ", 1)[0]
+  rows = [line for line in section.splitlines() if line.startswith("|")]
+  return [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows[2:]]
+
+
+def test_every_report_artifact_exists_and_parses(tiny):
+  wd, config, out = tiny
+  md = open(out["report"]["md"]).read()
+  page = open(out["report"]["html"]).read()
+  data = _json(out["report"]["json"])
+  assert set(data["models"]) == {"clip", "qwen2_vl"}
+  figs = out["report"]["figures"]
+  names = {os.path.basename(f) for f in figs}
+  assert {"fig2_modality_kde.png", "fig3_cumulative_energy.png", "fig4_masking_qwen2_vl.png"} <= names
+  for f in figs:
+    assert f"(figures/{os.path.basename(f)})" in md
+    with Image.open(f) as im:
+      assert im.size[0] > 300 and im.size[1] > 200
+  embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+  assert len(embedded) == len(figs)
+  for b in embedded:
+    with Image.open(io.BytesIO(base64.b64decode(b))) as im:
+      im.load()
+  assert 'src="figures/' not in page and page.count("<table>") == 4
+  for h in ("## Table 1", "## Table 2", "## Table 3", "## Findings"):
+    assert h in md
+  assert len(data["findings"]) >= 5 and "retrieves" in data["findings"][0]
+
+
+def test_trained_clip_beats_chance_and_reloads_as_extracted(tiny):
+  wd, config, _ = tiny
+  steps = _json(os.path.join(wd, "clip", study.STEPS_FILE))
+  q = steps["model"]["summary"]
+  assert q["test_images"] == 100 and q["test_captions"] == 500
+  assert q["i2t_chance"] == pytest.approx(1.0)
+  assert q["i2t_R@1"] >= CHANCE_FACTOR * q["i2t_chance"], q
+  # The extraction stage loaded the saved directory through load_encoder: same model, same R@1.
+  res = _json(os.path.join(wd, "clip", "sae", "retrieval", "results.json"))
+  assert res["image_to_text"]["embed"]["R@1"] == pytest.approx(q["i2t_R@1"], abs=1.0)
+  assert (
+    res["image_to_text"]["embed"]["n_queries"] == 100 and res["image_to_text"]["embed"]["n_candidates"] == 500
+  )
+  qq = _json(os.path.join(wd, "qwen2_vl", study.STEPS_FILE))["model"]["summary"]
+  assert 0 < qq["token_accuracy"] <= 100 and len(qq["samples"]) == 1
+
+
+@pytest.mark.parametrize("name,family", [("clip", "clip"), ("qwen2_vl", "qwen_vl")])
+def test_saved_model_loads_like_a_hub_checkpoint(tiny, name, family):
+  from safetensors.numpy import load_file
+
+  wd, config, _ = tiny
+  path = os.path.join(wd, "models", name)
+  c = study.stage_config(config, wd, name, "test")
+  assert c.extract.model_name == path
+  enc = encoders.load_encoder(c.extract)
+  assert enc.family == family
+  saved = load_file(os.path.join(path, "model.safetensors"))
+  loaded = {k: v.detach().numpy() for k, v in enc.model.state_dict().items()}
+  # Every tensor of the loaded model is the saved one (none left at a fresh random init).
+  matched = 0
+  for k, v in loaded.items():
+    cands = [s for s in saved if s.endswith(k.split(".", 1)[-1]) and saved[s].shape == v.shape]
+    if cands:
+      assert any(np.array_equal(saved[s], v) for s in cands), k
+      matched += 1
+  assert matched >= 0.9 * len(loaded)
+  out = enc.forward(enc.prepare(texts=["a small red circle in the top left"]))
+  assert np.isfinite(out.hidden.detach().numpy()).all()
+
+
+def test_report_tables_equal_the_stage_json(tiny):
+  wd, config, out = tiny
+  md = open(out["report"]["md"]).read()
+  data = _json(out["report"]["json"])
+  t1 = {r[0]: r for r in _md_rows(md, "## Table 1")}
+  t2 = {(r[0], r[1], r[2]): r for r in _md_rows(md, "## Table 2")}
+  t3 = {(r[0], r[1], r[2]): r for r in _md_rows(md, "## Table 3")}
+  for name in ("clip", "qwen2_vl"):
+    sae = os.path.join(wd, name, "sae")
+    label = config.study.model[name].label
+    table1 = _json(os.path.join(sae, "analysis", "table1.json"))["rows"][0]
+    results = _json(os.path.join(sae, "retrieval", "results.json"))
+    assert data["models"][name]["retrieval"] == results
+    keys = ("J(S_E,S_A)", "J(S_E,S_B)", "J(S_A,S_B)", "triple_overlap")
+    assert t1[label][1:] == [str(table1["c"]), str(table1["set_size"])] + [f"{table1[k]:.4f}" for k in keys]
+    base = study.base_variant(config, name)
+    for task, by in results.items():
+      tl = report.task_label(task, "shapes")
+      for setting, suffix in (("Base", ""), ("Removal", "+removal"), ("Whitening (baseline)", "+whitening")):
+        row = t2[(label, tl, setting)]
+        assert row[3:6] == [f"{by[base + suffix][k]:.2f}" for k in ("R@1", "R@5", "R@10")]
+      if name == "qwen2_vl":
+        for setting, v in (("Last token", "last_token"), ("Mean pooling", "mean")):
+          assert t3[(label, tl, setting)][3:6] == [f"{by[v][k]:.2f}" for k in ("R@1", "R@5", "R@10")]
+  assert not any(k[0] == config.study.model.clip.label for k in t3)  # CLIP has no token pooling
+
+
+def test_resume_after_sigkill_ends_with_the_same_report(tiny, tmp_path):
+  wd, config, out = tiny
+  wd2 = str(tmp_path / "resumed")
+  shutil.copytree(wd, wd2)
+  # Forget every step of the generative model after its training, and the report.
+  steps_path = os.path.join(wd2, "qwen2_vl", study.STEPS_FILE)
+  steps = _json(steps_path)
+  with open(steps_path, "w") as f:
+    json.dump({"model": steps["model"]}, f)
+  for d in ("qwen2_vl/train_extract", "qwen2_vl/sae", "report"):
+    shutil.rmtree(os.path.join(wd2, d))
+  log_path = str(tmp_path / "log.txt")
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.study",
+    "--config=configs/study_shapes.py:tiny",
+    f"--workdir={wd2}",
+  ]
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+  parts = os.path.join(wd2, "qwen2_vl", "train_extract", "activations", "parts")
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(parts) and any(f.endswith(".npz") for f in os.listdir(parts)):
+      break
+    time.sleep(0.1)
+  assert proc.poll() is None, open(log_path).read()[-3000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  text = open(log_path).read()
+  assert "qwen2_vl: extract_train ..." in text and "qwen2_vl: extract_train done" not in text, text[-2000:]
+  study.run_study(config, wd2, log=print)
+  a = _json(os.path.join(wd, "report", "report.json"))
+  with open(os.path.join(wd2, "report", "report.json")) as f:
+    b = json.loads(f.read().replace(wd2, wd))  # the paths it records differ, nothing else may
+  for name in ("clip", "qwen2_vl"):
+    for key in ("table1", "retrieval", "energy", "rank_sweep", "settings"):
+      assert b["models"][name][key] == a["models"][name][key], (name, key)
+  assert b["findings"] == a["findings"]
