@@ -118,6 +118,10 @@ def extract_report(config_flag: Any, workdir_flag: Any) -> Callable[[dict, float
     files = sorted(f for f in os.listdir(act) if f.endswith((".npz", ".json")))
     counts = ", ".join(f"{v} {k}" for k, v in summary["counts"].items() if not k.startswith("shard"))
     lines = [f"extract: {summary['model']} -> {act}/ ({', '.join(files)}) in {seconds:.1f} s", f"  {counts}"]
+    if "process_count" in summary and not summary.get("merged"):  # one part of a multi-process run
+      p, n = summary["process_index"], summary["process_count"]
+      lines[0] = f"extract: part {p} of {n} of {summary['model']} -> {act}/ in {seconds:.1f} s"
+      lines.append(f"  {act}/ is merged by the last of the {n} processes to finish")
     if summary.get("shard_dir"):  # the M-BEIR extraction writes no training shards
       c = summary["counts"]
       lines.append(
