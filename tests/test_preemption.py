@@ -29,7 +29,7 @@ from sae_jax.training import trainer
 from tests.conftest import ROOT
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-# 64-row batches: ~1,000 steps/s here, so a 600-step run costs seconds and a signal lands mid-run.
+# 64-row batches: ~1,000 steps/s here, so a 1000-step run costs seconds and a signal lands mid-run.
 TRAIN = [
   "-m",
   "experiments.train",
@@ -78,9 +78,9 @@ def _assert_identical(a, b):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """An uninterrupted 600-step run (checkpoints 200, 400, 600)."""
+  """An uninterrupted 1000-step run (checkpoints every 200; max_to_keep 3 keeps 600, 800, 1000)."""
   wd = tmp_path_factory.mktemp("reference")
-  r = _run(_train_args(wd, 600))
+  r = _run(_train_args(wd, 1000))
   assert r.returncode == 0, r.stderr[-2000:]
   return wd
 
@@ -95,7 +95,7 @@ def _wait_for(path, proc, timeout=300):
 def test_sigterm_saves_at_the_step_reached_exits_75_and_resumes_bit_identical(reference, tmp_path):
   work = tmp_path / "w"
   proc = subprocess.Popen(
-    [sys.executable, *_train_args(work, 600)],
+    [sys.executable, *_train_args(work, 1000)],
     cwd=ROOT,
     env=ENV,
     stdout=subprocess.PIPE,
@@ -110,13 +110,13 @@ def test_sigterm_saves_at_the_step_reached_exits_75_and_resumes_bit_identical(re
   event = lines[-1]
   assert event["event"] == "preempted" and event["signal"] == "SIGTERM"
   reached = event["step"]
-  assert 200 < reached < 600, "the signal landed too late to test an off-schedule save"
+  assert 200 < reached < 1000, "the signal landed too late to test an off-schedule save"
   assert _steps(work)[-1] == reached  # saved at the step reached, past the last periodic one
   assert event["signal_to_saved_s"] >= 0 and "SUMMARY" not in out
   assert f"saved {work}/checkpoints/{reached}" in err
   # The preemption checkpoint is the state after exactly `reached` steps, and a re-run of the same
   # command ends where an uninterrupted run does.
-  r = _run(_train_args(work, 600))
+  r = _run(_train_args(work, 1000))
   assert r.returncode == 0, r.stderr[-2000:]
   assert f"Resumed from {work}/checkpoints/{reached}" in r.stdout
   _assert_identical(_state(work), _state(reference))
@@ -146,7 +146,7 @@ def test_second_signal_exits_at_once():
 def test_damaged_newest_checkpoint_falls_back_with_one_warning(reference, tmp_path, damage):
   work = tmp_path / "w"
   shutil.copytree(reference, work)
-  newest = work / "checkpoints" / "600"
+  newest = work / "checkpoints" / "1000"
   if damage == "truncate":  # the largest array file, as a storage failure mid-write leaves it
     victim = max((newest / "state").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else -1)
     with open(victim, "r+b") as f:
@@ -161,27 +161,27 @@ def test_damaged_newest_checkpoint_falls_back_with_one_warning(reference, tmp_pa
   manager = ckpt_lib.make_manager(wd)
   state, meta, step = ckpt_lib.restore_newest(manager, abstract)
   manager.close()
-  assert step == 400 and meta["step"] == 400
-  assert (work / "checkpoints" / "600.corrupt").is_dir() and not newest.exists()  # moved, not deleted
+  assert step == 800 and meta["step"] == 800
+  assert (work / "checkpoints" / "1000.corrupt").is_dir() and not newest.exists()  # moved, not deleted
   _assert_identical(
     {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state)[0]},
-    _state(reference, 400),
+    _state(reference, 800),
   )
 
 
 def test_training_resumes_past_a_truncated_checkpoint_bit_identical(reference, tmp_path):
   work = tmp_path / "w"
   shutil.copytree(reference, work)
-  victim = max((work / "checkpoints" / "600" / "state").rglob("*"), key=lambda p: p.stat().st_size)
+  victim = max((work / "checkpoints" / "1000" / "state").rglob("*"), key=lambda p: p.stat().st_size)
   with open(victim, "r+b") as f:
     f.truncate(100)
-  r = _run(_train_args(work, 600))
+  r = _run(_train_args(work, 1000))
   assert r.returncode == 0, r.stderr[-2000:]
   warnings = [ln for ln in r.stderr.splitlines() if "does not restore" in ln]
   assert len(warnings) == 1, r.stderr[-2000:]
-  assert "checkpoints/600 does not restore" in warnings[0] and "resuming from step 400" in warnings[0]
-  assert f"Resumed from {work}/checkpoints/400" in r.stdout
-  assert (work / "checkpoints" / "600.corrupt").is_dir() and _steps(work)[-1] == 600
+  assert "checkpoints/1000 does not restore" in warnings[0] and "resuming from step 800" in warnings[0]
+  assert f"Resumed from {work}/checkpoints/800" in r.stdout
+  assert (work / "checkpoints" / "1000.corrupt").is_dir() and _steps(work)[-1] == 1000
   _assert_identical(_state(work), _state(reference))  # the 200 steps re-run give the same state
 
 
@@ -195,10 +195,10 @@ def test_no_step_restores_raises_the_newest_error(reference, tmp_path):
   config.sae_spec.c = 2 * config.sae_spec.c
   abstract = state_lib.abstract_state(workdir_lib.spec_of_config(config), config)
   manager = ckpt_lib.make_manager(str(work))
-  with pytest.raises(SaeJaxError, match=r"checkpoints/600: params/\w+ has shape"):
+  with pytest.raises(SaeJaxError, match=r"checkpoints/1000: params/\w+ has shape"):
     ckpt_lib.restore_newest(manager, abstract)
   manager.close()
-  assert _steps(work) == [200, 400, 600] and not list((work / "checkpoints").glob("*.corrupt"))
+  assert _steps(work) == [600, 800, 1000] and not list((work / "checkpoints").glob("*.corrupt"))
 
 
 # ------------------------------------------------------------------------------------ extraction
