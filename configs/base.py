@@ -95,6 +95,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   analysis.num_pairs = 4096  # synthetic source: matched pairs drawn
   analysis.pair_seed = 1
   analysis.codes = "encode_pooled"  # "encode_pooled" (paper App. B) | "pool_token_codes"
+  analysis.energy_weighting = "pairs"  # Eq. 3: "pairs" (images and captions 50/50) | "unique_images"
   analysis.tokens_per_sample = 8  # pool_token_codes on the synthetic source
   analysis.token_noise = 0.05
   analysis.bridge_reduction = "diag"  # diag | row | col | sym (= attribution) | max (needs blockwise B)

@@ -415,3 +415,45 @@ def test_mbeir_parquet_layout_extracts_and_scores(coco_mini, tmp_path):
     )
   assert arrays["image_text_to_image__exclude"].tolist() == [0, 1]  # each query's own reference image
   assert arrays["image_text_to_image__positives_indices"].tolist() == [2, 3]
+
+
+# ----------------------------------------------------------------- energy weighting (analysis)
+
+
+def test_energy_weighting_unique_images(trained_sae, tmp_path):
+  from sae_jax.stages import analyze
+  from tests.helpers.reference import dense_codes
+
+  config = trained_sae.config()
+  src = synthetic.PlantedSource(config.data.synthetic)
+  pairs = src.paired(480, seed=21)
+  # 60 images with 1..7 captions each: uneven repetition, so the two weightings differ.
+  reps = np.random.default_rng(9).integers(1, 8, 60)
+  image_ids = np.repeat(np.arange(60), reps)
+  n = image_ids.size
+  path = str(tmp_path / "pooled_mean.npz")
+  np.savez(
+    path, image=pairs.image[image_ids], text=pairs.text[:n], sample_ids=np.arange(n), image_ids=image_ids
+  )
+  energy = {}
+  for weighting in ("pairs", "unique_images"):
+    cfg = trained_sae.config()
+    a = cfg.analysis
+    a.sae_workdir, a.embeddings_path, a.source = trained_sae.workdir, path, "pooled"
+    a.top_pairs, a.save_codes, a.energy_weighting = 0, True, weighting
+    summary = analyze.run_analysis(cfg, str(tmp_path / weighting))
+    assert summary["energy_weighting"] == weighting
+    out = tmp_path / weighting / "analysis"
+    with np.load(out / "concepts.npz") as conc, np.load(out / "codes.npz") as codes:
+      c = conc["energy"].shape[0]
+      img = dense_codes(codes["image_values"], codes["image_indices"], c)
+      txt = dense_codes(codes["text_values"], codes["text_indices"], c)
+      energy[weighting] = conc["energy"]
+      first = np.unique(image_ids, return_index=True)[1]
+      img_mean = img.mean(0) if weighting == "pairs" else img[first].mean(0)
+      np.testing.assert_allclose(conc["energy"], (img_mean + txt.mean(0)) / 2, rtol=1e-4, atol=1e-7)
+  assert np.abs(energy["pairs"] - energy["unique_images"]).max() > 1e-3
+  cfg.analysis.energy_weighting = "images"
+  with pytest.raises(SaeJaxError) as e:
+    analyze.run_analysis(cfg, str(tmp_path / "bad"))
+  assert "\n" not in str(e.value) and "config.analysis.energy_weighting" in str(e.value)

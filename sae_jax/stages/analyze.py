@@ -30,6 +30,7 @@ file through the atomic writers of `sae_jax.workdir`).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import time
@@ -58,6 +59,7 @@ class Pairs(NamedTuple):
   source: str  # "synthetic" | "pooled"
   path: str  # file read, or "" for synthetic
   planted: Any  # PlantedSource for the synthetic source, else None
+  image_ids: Optional[np.ndarray] = None  # [N] rows with the same id are one image (pooled files)
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -106,11 +108,12 @@ def load_pairs(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir
       image = np.asarray(f["image"], np.float32)
       text = np.asarray(f["text"], np.float32)
       ids = np.asarray(f["sample_ids"]) if "sample_ids" in f else np.arange(image.shape[0])
+      image_ids = np.asarray(f["image_ids"]) if "image_ids" in f else None
   except (OSError, ValueError) as e:
     if isinstance(e, SaeJaxError):
       raise
     raise SaeJaxError(f"{path}: not a readable .npz file ({type(e).__name__})") from None
-  return Pairs(image, text, ids, "pooled", path, None)
+  return Pairs(image, text, ids, "pooled", path, None, image_ids)
 
 
 def check_pairs(pairs: Pairs, d: int, sae_dir: str) -> None:
@@ -336,6 +339,24 @@ def _check_settings(acfg: Any) -> None:
   metrics.top_fraction_size(float(acfg.top_fraction), 1, "config.analysis.top_fraction")
 
 
+# Eq. 3's expectation: "pairs" = over matched pairs, images and captions 50/50 (an image with 5
+# captions counts 5 times); "unique_images" = the image half over each image once.
+ENERGY_WEIGHTINGS = ("pairs", "unique_images")
+
+
+def unique_image_energy(
+  cm: metrics.ConceptMetrics, image_codes: tuple, image_ids: np.ndarray
+) -> metrics.ConceptMetrics:
+  """`cm` with the image energy averaged over unique images (first row of each id) and
+  energy = (E_image + E_text) / 2 recomputed from it; the other metrics are unchanged."""
+  values, indices = (np.asarray(a) for a in image_codes)
+  _, first = np.unique(np.asarray(image_ids), return_index=True)
+  e_img = np.zeros(cm.energy.shape[0], np.float64)
+  np.add.at(e_img, indices[first].ravel(), values[first].astype(np.float64).ravel())
+  e_img /= first.size
+  return dataclasses.replace(cm, energy_image=e_img, energy=(e_img + cm.energy_text) / 2.0)
+
+
 def compute_analysis(config: Any, pairs: Pairs, loaded: workdir_lib.LoadedSAE) -> AnalysisResult:
   """Codes of both sides, per-concept metrics (Eq. 3-6) and, when asked for, the blockwise bridge."""
   acfg = config.analysis
@@ -346,10 +367,17 @@ def compute_analysis(config: Any, pairs: Pairs, loaded: workdir_lib.LoadedSAE) -
   compute_dtype = str(acfg.compute_dtype)
   acc = metrics.ConceptAccumulator(D, block_size=int(acfg.block_size), compute_dtype=compute_dtype)
   need_bridge = top_pairs > 0 or reduction == "max"
+  weighting = str(acfg.energy_weighting)
+  if weighting not in ENERGY_WEIGHTINGS:
+    raise SaeJaxError(f"config.analysis.energy_weighting={weighting!r}: expected one of {ENERGY_WEIGHTINGS}")
+  by_image = weighting == "unique_images"
   image, text, code_info = stream_codes(
-    pairs, loaded, acfg, acc, keep_codes=need_bridge or bool(acfg.save_codes)
+    pairs, loaded, acfg, acc, keep_codes=need_bridge or bool(acfg.save_codes) or by_image
   )
   cm = metrics.concept_metrics(acc.sums(), reverse_modality=bool(acfg.modality_reverse))
+  code_info["energy_weighting"] = weighting
+  if by_image:
+    cm = unique_image_energy(cm, image, pairs.image_ids if pairs.image_ids is not None else pairs.sample_ids)
   t_metrics = time.time() - t0
 
   bridge = None
