@@ -7,8 +7,9 @@ finishes its chunk. A second signal exits at once with 128 + signal number (the 
 checkpoint, written atomically, stays valid).
 
 On multi-process runs the signal may reach one host first, so the hosts agree on the step to stop
-at: every `every` steps each process contributes its flag to an all-gather and all stop if any is
-set. Single-process runs read the flag directly (no collective).
+at: every `config.train.preempt_check_every` steps each process contributes its flag to an
+all-gather and all stop if any is set. Single-process runs read the flag directly (no collective).
+Install the handlers after `jax.distributed.initialize`: its own SIGTERM notifier would replace them.
 """
 
 from __future__ import annotations

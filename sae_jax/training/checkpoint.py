@@ -96,7 +96,7 @@ def restore(
 
 
 def _reason(e: BaseException) -> str:
-  text = str(e).strip()
+  text = str(e).strip().split(" See full TensorStore details")[0]  # the rest is a C++ object repr
   return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
