@@ -46,26 +46,36 @@ def gather_weighted_sum(weights: jax.Array, indices: jax.Array, table: jax.Array
   return jax.lax.fori_loop(0, weights.shape[1], body, init)
 
 
+_GATHER_BLOCK_BYTES = 1 << 26
+
+
 def gather_dot(rows: jax.Array, indices: jax.Array, table: jax.Array, chunk: int = 128) -> jax.Array:
   """out[b, j] = <rows[b], table[indices[b, j]]>:  [B, d], [B, k], [n, d] -> [B, k].
 
-  Row chunks keep the gathered block at [chunk, k, d] (a per-column loop of row dots ran slower).
+  Row chunks keep the gathered block at [chunk, k, d] (a per-column loop of row dots ran slower);
+  with a large k (AuxK: k = d/2) the chunk shrinks so that block stays under 64 MB.
   """
   (n_rows, d), k = rows.shape, indices.shape[1]
-  chunk = math.gcd(n_rows, chunk)
+  cap = max(1, _GATHER_BLOCK_BYTES // (4 * k * d))
+  chunk = math.gcd(n_rows, min(chunk, 1 << (cap.bit_length() - 1)))
   blocks = (rows.reshape(-1, chunk, d), indices.reshape(-1, chunk, k))
   out = jax.lax.map(lambda a: jnp.einsum("bd,bkd->bk", a[0], jnp.take(table, a[1], axis=0)), blocks)
   return out.reshape(n_rows, k)
 
 
-def scatter_weighted_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, n: int) -> jax.Array:
-  """out[i] = sum over (b, j) with indices[b, j] = i of weights[b, j] * rows[b]:  -> [n, d]."""
+def scatter_weighted_rows(
+  weights: jax.Array, indices: jax.Array, rows: jax.Array, n: int, init: Optional[jax.Array] = None
+) -> jax.Array:
+  """out[i] = init[i] + sum over (b, j) with indices[b, j] = i of weights[b, j] * rows[b]: [n, d].
+
+  `init` (default zeros) lets a second scatter accumulate into the first one's buffer."""
   w_t, i_t = weights.T, indices.T
 
   def body(j, acc):
     return acc.at[i_t[j]].add(w_t[j][:, None] * rows)
 
-  init = jnp.zeros((n, rows.shape[1]), jnp.float32)
+  if init is None:
+    init = jnp.zeros((n, rows.shape[1]), jnp.float32)
   return jax.lax.fori_loop(0, weights.shape[1], body, init)
 
 

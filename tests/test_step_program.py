@@ -259,7 +259,7 @@ def test_meshes_and_backward_modes_equal_one_device():
   for (preset, backward, mesh, zero), rec in by.items():
     ref = by[(preset, "scatter", (1, 1), False)]
     if preset == "modern":
-      assert min(rec["aux"]) > 0, rec["aux"]  # AuxK ran on every step
+      assert rec["aux"][0] > 0, rec["aux"]  # AuxK ran (weighed 1/2) until the dead latents fired
     for name, value in rec["state"].items():
       np.testing.assert_allclose(
         np.asarray(value),

@@ -209,7 +209,7 @@ def _local_step(spec: sae_lib.SAESpec, plan: _Plan, params, since, x, valid):
   aux = jnp.zeros((), jnp.float32)
   if use_aux:
 
-    def aux_branch(_):
+    def aux_branch(grads):
       e = err  # the main residual, a constant of AuxK
       e_mean = jax.lax.psum(jnp.sum(w[:, None] * e, axis=0), DATA) / n
       e_var = jnp.maximum(jax.lax.psum(jnp.sum(w[:, None] * (e - e_mean) ** 2), DATA), 1e-12)
@@ -222,17 +222,13 @@ def _local_step(spec: sae_lib.SAESpec, plan: _Plan, params, since, x, valid):
       ge = (spec.aux_coef * scale * -2.0 / e_var) * w[:, None] * r
       if spec.backward == "dense":
         extra = _dense_backward(a, xc, D, ge, None, spec, plan)
-      else:
-        extra = _sparse_backward(a, xc, D, ge, None, spec, plan)
-      return value, extra
+        return value, jax.tree.map(jnp.add, grads, extra)
+      # The AuxK scatter-adds accumulate into the main gradients' buffers.
+      return value, _sparse_backward(a, xc, D, ge, None, spec, plan, grads)
 
-    def no_aux(_):
-      return aux, jax.tree.map(jnp.zeros_like, grads)
+    aux, grads = jax.lax.cond(with_aux, aux_branch, lambda grads: (aux, grads), grads)
 
-    aux, extra = jax.lax.cond(with_aux, aux_branch, no_aux, None)
-    grads = jax.tree.map(jnp.add, grads, extra)
-
-  dW, db, dD = grads["W_enc"], grads["b_enc"], grads["D"]
+  dW, db, dD = grads["W_enc_t"].T, grads["b_enc"], grads["D"]
   if spec.decoder_norm == "unit_grad":
     dD = remove_parallel_component(dD, D)  # linear per row: the same before or after the psum
   # b_dec: through x_hat (replicated over "model": counted once) and through x - b_dec.
@@ -312,24 +308,27 @@ def _sparse_aux(fwd, D, akl, spec, plan, exact):
   return {"values": values, "indices": ai, "x_hat": kernels.gather_weighted_sum(values, ai, D)}
 
 
-def _sparse_backward(fwd, xc, D, g, l1_grad, spec, plan):
+def _sparse_backward(fwd, xc, D, g, l1_grad, spec, plan, acc=None):
+  """Gradients {W_enc_t [c_local, d], b_enc, D}, added to `acc` (same structure) if given."""
   values, idx = fwd["values"], fwd["indices"]
   cl = D.shape[0]
   dtype = sae_lib.matmul_dtype(spec)
+  acc = acc or {}
   if "z" in fwd:  # dense decoder: two GEMMs (bf16 cotangents with bf16 compute)
     dz = _mm(g, _t(D, plan), dtype)
     dvalues = jnp.take_along_axis(dz, idx, axis=1)
     dD = _mm(_t(fwd["z"], plan), g, dtype)
+    dD = dD + acc["D"] if "D" in acc else dD
   else:
     dvalues = kernels.gather_dot(g, idx, D)
-    dD = kernels.scatter_weighted_rows(values, idx, g, cl)
+    dD = kernels.scatter_weighted_rows(values, idx, g, cl, acc.get("D"))
   if l1_grad is not None:
     dvalues = dvalues + l1_grad[:, None]
   # ReLU'(pre) at the selected entries; 0 for the entries that lost (their value is 0).
   G = jnp.where(values > 0, dvalues, 0.0)
-  dW = kernels.scatter_weighted_rows(G, idx, xc, cl).T
-  db = jnp.zeros((cl,), jnp.float32).at[idx.reshape(-1)].add(G.reshape(-1))
-  return {"W_enc": dW, "b_enc": db, "D": dD}
+  dW_t = kernels.scatter_weighted_rows(G, idx, xc, cl, acc.get("W_enc_t"))
+  db = acc.get("b_enc", jnp.zeros((cl,), jnp.float32)).at[idx.reshape(-1)].add(G.reshape(-1))
+  return {"W_enc_t": dW_t, "b_enc": db, "D": dD}
 
 
 # --- backward="dense": codes as a dense [N, c_local] array from a threshold; GEMMs only
@@ -369,7 +368,7 @@ def _dense_backward(fwd, xc, D, g, l1_grad, spec, plan):
     dz = dz + l1_grad[:, None]
   G = jnp.where(fwd["mask"], dz, 0.0)
   return {
-    "W_enc": _mm(_t(xc, plan), G, dtype),
+    "W_enc_t": _mm(_t(G, plan), xc, dtype),
     "b_enc": jnp.sum(G, axis=0),
     "D": _mm(_t(fwd["z"], plan), g, dtype),
   }
