@@ -29,6 +29,9 @@ import numpy as np
 from sae_jax import config_utils, metrics
 from sae_jax import workdir as workdir_lib
 from sae_jax.errors import SaeJaxError
+from sae_jax.plots import analysis as plot_a
+from sae_jax.plots import retrieval as plot_r
+from sae_jax.stages import study_layout as study
 
 GENERATIVE_FAMILIES = ("qwen_vl", "paligemma", "chameleon")
 TABLE1_KEYS = ("J(S_E,S_A)", "J(S_E,S_B)", "J(S_A,S_B)", "triple_overlap")
@@ -52,8 +55,6 @@ def task_label(task: str, dataset: str) -> str:
 
 def collect(config: Any, workdir: str) -> dict:
   """Every number the report prints, read from the stage outputs (report.json)."""
-  from sae_jax.stages import study
-
   names = config_utils.as_tuple(config.study.models)
   dataset = study.data_paths(config, workdir)["name"]
   models = {}
@@ -267,10 +268,6 @@ def findings(data: dict) -> list:
 
 def _figures(data: dict, workdir: str, fig_dir: str) -> list:
   """(caption, file name) of every figure, drawn into fig_dir."""
-  from sae_jax.plots import analysis as plot_a
-  from sae_jax.plots import retrieval as plot_r
-  from sae_jax.stages import study
-
   os.makedirs(fig_dir, exist_ok=True)
   runs = []
   for name, m in data["models"].items():

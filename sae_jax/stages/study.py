@@ -30,59 +30,18 @@ from sae_jax import config_utils
 from sae_jax import workdir as workdir_lib
 from sae_jax.data import shapes as shapes_lib
 from sae_jax.errors import SaeJaxError
+from sae_jax.stages import analyze, extract, report, retrieve, train_encoder
+from sae_jax.stages.study_layout import (  # noqa: F401  (re-exported: the study's layout)
+  STEPS_FILE,
+  base_variant,
+  data_paths,
+  model_dir,
+  model_settings,
+  sae_workdir,
+)
+from sae_jax.training import trainer
 
 STEPS = ("model", "extract_train", "extract_test", "sae", "analyze", "retrieve")
-STEPS_FILE = "steps.json"
-
-
-def data_paths(config: Any, workdir: str) -> dict:
-  """captions JSON and image dir of the train and test splits."""
-  st = config.study
-  if st.dataset == "shapes":
-    root = st.data_dir or os.path.join(workdir, "data")
-    return {
-      "root": root,
-      "train_json": shapes_lib.captions_json(root, "train"),
-      "train_images": shapes_lib.image_dir(root),
-      "test_json": shapes_lib.captions_json(root, "test"),
-      "test_images": shapes_lib.image_dir(root),
-      "name": "shapes",
-    }
-  if st.dataset == "coco":
-    for f in ("coco_train_json", "coco_train_images", "coco_test_json", "coco_test_images"):
-      if not st[f]:
-        raise SaeJaxError(f'config.study.{f} is empty; study.dataset="coco" needs all four COCO paths')
-    return {
-      "root": "",
-      "train_json": st.coco_train_json,
-      "train_images": st.coco_train_images,
-      "test_json": st.coco_test_json,
-      "test_images": st.coco_test_images,
-      "name": "MSCOCO",
-    }
-  raise SaeJaxError(f'config.study.dataset={st.dataset!r}: expected "shapes" or "coco"')
-
-
-def model_settings(config: Any, name: str) -> Any:
-  if name not in config.study.model:
-    raise SaeJaxError(
-      f"config.study.models: {name!r} has no settings in config.study.model (known: {sorted(config.study.model)})"
-    )
-  return config.study.model[name]
-
-
-def model_dir(config: Any, workdir: str, name: str) -> str:
-  src = str(model_settings(config, name).source)
-  return os.path.join(workdir, "models", name) if src.startswith("train:") else src
-
-
-def sae_workdir(workdir: str, name: str) -> str:
-  return os.path.join(workdir, name, "sae")
-
-
-def base_variant(config: Any, name: str) -> str:
-  pooling = config_utils.as_tuple(model_settings(config, name).pooling)
-  return "embed" if "embed" in pooling else ("mean" if "mean" in pooling else pooling[0])
 
 
 def stage_config(config: Any, workdir: str, name: str, split: str) -> ml_collections.ConfigDict:
@@ -136,9 +95,6 @@ def _read_steps(path: str) -> dict:
 
 def run_model(config: Any, workdir: str, name: str, log: Callable = print) -> dict:
   """Every step of one model; returns {step: summary} (steps done earlier are read back)."""
-  from sae_jax.stages import analyze, extract, retrieve, train_encoder
-  from sae_jax.training import trainer
-
   m = model_settings(config, name)
   paths = data_paths(config, workdir)
   root = os.path.join(workdir, name)
@@ -203,8 +159,6 @@ def run_model(config: Any, workdir: str, name: str, log: Callable = print) -> di
 
 def run_study(config: Any, workdir: str, log: Callable = print) -> dict:
   """Runs (or resumes) the study of `config.study` in `workdir` and writes <workdir>/report/."""
-  from sae_jax.stages import report
-
   if not workdir:
     raise SaeJaxError("--workdir is required")
   st = config.study

@@ -255,10 +255,7 @@ def _train_clip(cfg: Any, data_dir: str, out_dir: str, log: Callable) -> dict:
 
 
 def build_qwen2_vl(tok, cfg: Any):
-  from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-  from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
-
-  from sae_jax.encoders.qwen_vl import make_processor
+  from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
   q = cfg.qwen2_vl
   h, heads = int(q.hidden), int(q.heads)
@@ -297,11 +294,7 @@ def build_qwen2_vl(tok, cfg: Any):
     vision_end_token_id=ids["<|vision_end|>"],
     tie_word_embeddings=True,
   )
-  return Qwen2VLForConditionalGeneration(model_cfg), (
-    Qwen2VLProcessor,
-    Qwen2VLImageProcessorPil,
-    make_processor,
-  )
+  return Qwen2VLForConditionalGeneration(model_cfg)
 
 
 def _qwen_processor(tok, cfg: Any, image_size: int):
@@ -428,7 +421,7 @@ def _train_qwen2_vl(cfg: Any, data_dir: str, out_dir: str, log: Callable) -> dic
   )
   size = coco.load_image(train.images[0]).size[0]
   torch.manual_seed(int(cfg.seed))
-  model, _ = build_qwen2_vl(tok, cfg)
+  model = build_qwen2_vl(tok, cfg)
   processor = _qwen_processor(tok, cfg, size)
   batcher = _CaptionBatcher(processor, model.config, str(q.prompt))
   steps, bs = int(q.steps), int(q.batch_size)
