@@ -1,6 +1,6 @@
 """Shard reading at scale: rows/s of the training input pipeline against the SAE step's rows/s.
 
-  python -m benchmarks.data_throughput                      # d=4096, 65536 rows per store, ~3 min on 2 cores
+  python -m benchmarks.data_throughput --reps=5            # d=4096, 65536 rows per store, ~6 min on 2 cores
   python -m benchmarks.data_throughput --rows=32768 --dtypes=bfloat16 --shuffles=block --caches=warm
 
 For each shard dtype (float32, bfloat16) x shuffle (global = exact Feistel shuffle with a per-row
@@ -9,9 +9,11 @@ cold: the store's pages dropped from the page cache with posix_fadvise(DONTNEED)
 which needs no root; the files are re-read from the disk), one JSON line with rows/s of what the
 trainer consumes: `pipeline.make_checked_dataset` (grain, `--threads` reader threads, the
 finiteness check) over `pipeline.batch_fn(..., training=True)`, host batches ready, median over
-`--reps` passes of one epoch (warm) or one pass after each drop (cold). Then one line with the
-rows/s of the jitted train step (`sae_jax.training.step.jit_train_step`) at the same d (c, k and
-batch from the flags) on this machine's default device, and the ratio reader / step.
+`--reps` passes of one epoch (warm: after one untimed epoch; cold: right after the drop); the
+repetitions interleave all cases (alternating their order), so other jobs' load falls on all
+alike. Then one line with the rows/s of the jitted train step
+(`sae_jax.training.step.jit_train_step`) at the same d (c, k and batch from the flags) on this
+machine's default device, and the ratio reader / step.
 Files larger than free memory (the other way to get cold reads) are not written: it would take
 tens of GB here. `load_avg_1m` is printed with each line: on a shared machine the figures are
 pessimistic.
@@ -63,27 +65,30 @@ def _config(directory: str, shuffle: str, a):
   return config
 
 
-def bench_reader(directory: str, dtype: str, shuffle: str, cache: str, a) -> dict:
+def time_reader(directory: str, dtype: str, shuffle: str, cache: str, a) -> float:
+  """Seconds for one epoch of host-ready (checked) batches through a fresh pipeline."""
   from sae_jax.data import pipeline
 
   config = _config(directory, shuffle, a)
   per_epoch = a.rows // a.batch_size
-  times = []
-  for rep in range(a.reps):
-    fn = pipeline.batch_fn(config, 0, 1, True)
-    it = iter(pipeline.make_checked_dataset(config, fn, a.d))
-    if cache == "cold":
-      _drop_cache(directory)
-    else:
-      for _ in range(per_epoch):  # the page cache and the reader's first buffers
-        next(it)
-    t0 = time.perf_counter()
-    for _ in range(per_epoch):
-      batch, _ = next(it)
-    times.append(time.perf_counter() - t0)
-    assert batch.dtype.name == dtype, batch.dtype
-    del it, fn
-  rows_per_s = per_epoch * a.batch_size / float(np.median(times))
+  fn = pipeline.batch_fn(config, 0, 1, True)
+  it = iter(pipeline.make_checked_dataset(config, fn, a.d))
+  if cache == "cold":
+    _drop_cache(directory)
+  else:
+    for _ in range(per_epoch):  # the page cache and the reader's first buffers
+      next(it)
+  t0 = time.perf_counter()
+  for _ in range(per_epoch):
+    batch, _ = next(it)
+  seconds = time.perf_counter() - t0
+  assert batch.dtype.name == dtype, batch.dtype
+  return seconds
+
+
+def reader_line(dtype: str, shuffle: str, cache: str, times: list, loads: list, a) -> dict:
+  rows = (a.rows // a.batch_size) * a.batch_size
+  rows_per_s = rows / float(np.median(times))
   return {
     "bench": "shard_reader_rows_per_s",
     "dtype": dtype,
@@ -95,14 +100,13 @@ def bench_reader(directory: str, dtype: str, shuffle: str, cache: str, a) -> dic
     "block_rows": a.block_rows if shuffle == "block" else None,
     "buffer_rows": a.buffer_rows if shuffle == "block" else None,
     "reader_threads": a.threads,
-    "reps": a.reps,
+    "reps": len(times),
     "rows_per_s": round(rows_per_s),
-    "gb_per_s": round(
-      rows_per_s * a.d * np.dtype(np.float32 if dtype == "float32" else np.float16).itemsize / 1e9, 2
-    ),
-    "min_rows_per_s": round(per_epoch * a.batch_size / float(np.min(times))),
+    "gb_per_s": round(rows_per_s * a.d * (4 if dtype == "float32" else 2) / 1e9, 2),
+    "min_rows_per_s": round(rows / float(np.max(times))),
+    "max_rows_per_s": round(rows / float(np.min(times))),
     "target_rows_per_s": 300_000 if (dtype, shuffle, cache) == ("bfloat16", "block", "warm") else None,
-    "load_avg_1m": round(os.getloadavg()[0], 2),
+    "load_avg_1m": [round(x, 2) for x in (min(loads), max(loads))],
     "cpus": os.cpu_count(),
   }
 
@@ -176,19 +180,25 @@ def main():
   a = p.parse_args()
   root = a.dir or tempfile.mkdtemp(prefix="sae_data_throughput_")
   reader_rates = {}
+  dtypes, shuffles, caches = a.dtypes.split(","), a.shuffles.split(","), a.caches.split(",")
+  cases = [(t, s, c) for t in dtypes for s in shuffles for c in caches]
+  times = {case: [] for case in cases}
+  loads = {case: [] for case in cases}
   try:
-    for dtype in a.dtypes.split(","):
-      directory = os.path.join(root, dtype)
-      _write_store(directory, a.rows, a.d, dtype)
-      for shuffle in a.shuffles.split(","):
-        for cache in a.caches.split(","):
-          result = bench_reader(directory, dtype, shuffle, cache, a)
-          reader_rates[(dtype, shuffle, cache)] = result["rows_per_s"]
-          print(json.dumps(result), flush=True)
-      shutil.rmtree(directory, ignore_errors=True)
+    for dtype in dtypes:
+      _write_store(os.path.join(root, dtype), a.rows, a.d, dtype)
+    # Repetitions interleave the cases, so load from other jobs falls on all of them alike.
+    for rep in range(a.reps):
+      for case in cases if rep % 2 == 0 else cases[::-1]:
+        times[case].append(time_reader(os.path.join(root, case[0]), *case, a))
+        loads[case].append(os.getloadavg()[0])
   finally:
     if not a.dir:
       shutil.rmtree(root, ignore_errors=True)
+  for case in cases:
+    result = reader_line(*case, times[case], loads[case], a)
+    reader_rates[case] = result["rows_per_s"]
+    print(json.dumps(result), flush=True)
   if not a.no_step:
     result = bench_step(a)
     result["reader_rows_per_s_over_step"] = {
