@@ -56,12 +56,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   data.shuffle_seed = 0
   data.nonfinite = "error"  # NaN/Inf rows: "error" stops the run, "skip" masks and counts them
   data.prefetch = 2  # batches prepared ahead by grain
-  data.synthetic = default_synthetic_config()
   data.shuffle = "global"  # shards: "global" (rows from anywhere, random reads) | "block" (data/pipeline.py)
   data.block_rows = 1024  # shuffle="block": contiguous rows read in one copy
   data.shuffle_buffer_rows = 262144  # shuffle="block": rows shuffled together in RAM (~3 buffers held)
   data.reader_threads = 2  # shards: grain reader threads (and block-copy threads of shuffle="block")
   data.device_prefetch = 2  # batches transferred to the device ahead of the step
+  data.synthetic = default_synthetic_config()
 
   config.train = train = ml_collections.ConfigDict()
   train.num_steps = 2000
@@ -197,10 +197,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   extract.chunk_size = 256  # samples per resumable unit (part file)
   extract.num_workers = 4  # image decoding threads
   extract.log_every_s = 10.0  # progress line period
-  extract.online_buffer_batches = 8  # data.source="online": shuffle window, in SAE batches
-  extract.online_window_items = 0  # data.source="online": samples encoded per window; 0 = sized from
   extract.process_index = 0  # with process_count > 0: this process's part (sae_jax/stages/extract_parts.py)
   extract.process_count = 0  # 0 = from $RANK/$WORLD_SIZE, $SLURM_PROCID/$SLURM_NTASKS, Open MPI, else 1
+  extract.online_buffer_batches = 8  # data.source="online": shuffle window, in SAE batches
+  extract.online_window_items = 0  # data.source="online": samples encoded per window; 0 = sized from
   # online_buffer_batches and a probe of rows per sample
 
   config.shapes = shapes = ml_collections.ConfigDict()  # sae_jax/data/shapes.py (experiments.make_shapes)
