@@ -188,6 +188,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       "pair": "{image} {text} Summarize the above image and sentence in one word:",
     }
   )
+  extract.chat_template = False  # decoders: prompts inside the family's chat format (scaffold typed special)
   extract.contrastive_tokens = False  # clip/siglip: also return tower token states (for mean/last)
   extract.write_shards = True  # token-level training shards under <workdir>/activations/shards
   extract.shard_token_types = ("special", "image", "text", "prompt")  # which token rows to keep

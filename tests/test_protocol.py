@@ -457,3 +457,72 @@ def test_energy_weighting_unique_images(trained_sae, tmp_path):
   with pytest.raises(SaeJaxError) as e:
     analyze.run_analysis(cfg, str(tmp_path / "bad"))
   assert "\n" not in str(e.value) and "config.analysis.energy_weighting" in str(e.value)
+
+
+# ---------------------------------------------------------------------------- chat templates
+
+
+@pytest.mark.parametrize(
+  "family,prefix",
+  [
+    ("qwen2_vl", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"),
+    ("qwen3_vl", "<|im_start|>user\n"),
+  ],
+)
+def test_chat_template_scaffold_is_typed_special(family, prefix):
+  from PIL import Image
+
+  from configs import qwen2vl_coco
+  from sae_jax import encoders
+  from sae_jax.data import shards
+
+  special, image, text, prompt = (shards.TOKEN_TYPES.index(t) for t in ("special", "image", "text", "prompt"))
+  cfg = qwen2vl_coco.get_config("tiny").extract
+  cfg.model_name = f"tiny:{family}"
+  assert not cfg.chat_template and qwen2vl_coco.get_config().extract.chat_template
+  plain = encoders.load_encoder(cfg)
+  cfg.chat_template = True
+  chat = encoders.load_encoder(cfg)
+  tok = chat.tokenizer
+  suffix = "<|im_end|>\n<|im_start|>assistant\n"
+  pre = tok(prefix, add_special_tokens=False)["input_ids"]
+  suf = tok(suffix, add_special_tokens=False)["input_ids"]
+  img = Image.new("RGB", (56, 56), (200, 30, 30))
+  for kw in ({"images": [img]}, {"texts": ["a red square on a table"]}, {"images": [img], "texts": ["red"]}):
+    ids0, mask0, types0, _ = plain.build(**kw)
+    ids1, mask1, types1, _ = chat.build(**kw)
+    ids0, types0 = ids0[0][mask0[0] > 0].tolist(), types0[0][mask0[0] > 0].tolist()
+    ids1, types1 = ids1[0][mask1[0] > 0].tolist(), types1[0][mask1[0] > 0].tolist()
+    # The chat sequence is the plain one inside the scaffold; the scaffold's tokens are all special
+    # (its words "system", "user", "assistant" too), the rest keeps its types.
+    assert ids1 == pre + ids0 + suf, kw
+    assert types1 == [special] * len(pre) + types0 + [special] * len(suf)
+    assert tok.decode(ids1[: len(pre)]) == prefix and tok.decode(ids1[len(ids1) - len(suf) :]) == suffix
+    assert ("images" in kw) == (image in types1) and ("texts" in kw) == (text in types1) and prompt in types1
+
+
+@pytest.mark.parametrize("family", ["paligemma", "chameleon", "clip"])
+def test_chat_template_elsewhere_is_one_line(family):
+  from configs import qwen2vl_coco
+  from sae_jax import encoders
+
+  cfg = qwen2vl_coco.get_config("tiny").extract
+  cfg.model_name, cfg.chat_template = f"tiny:{family}", True
+  with pytest.raises(SaeJaxError) as e:
+    encoders.load_encoder(cfg)
+  assert "\n" not in str(e.value) and "config.extract.chat_template=True" in str(e.value)
+
+
+def test_chat_template_recorded_in_pooled_files_and_summary(coco_mini, tmp_path):
+  from configs import qwen2vl_coco
+  from sae_jax.stages import extract as extract_stage
+
+  config = qwen2vl_coco.get_config("tiny")
+  ex = config.extract
+  ex.chat_template, ex.max_images, ex.write_shards, ex.pooling = True, 2, False, ("mean",)
+  summary = extract_stage.run_extraction(config, str(tmp_path))
+  assert summary["chat_template"] is True
+  with np.load(tmp_path / "activations" / "pooled_mean.npz") as z:
+    assert bool(z["chat_template"])
+  assert json.loads((tmp_path / "activations" / "summary.json").read_text())["chat_template"] is True
+  assert json.loads((tmp_path / "activations" / "extract_config.json").read_text())["chat_template"] is True

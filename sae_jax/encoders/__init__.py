@@ -104,6 +104,7 @@ def load_encoder(cfg):
   templates = dict(cfg.templates)
   family = cfg.family
   kw = dict(layer=int(cfg.layer), device=device, dtype=dtype, templates=templates, name=name)
+  kw["chat_template"] = bool(cfg.chat_template)
   if name.startswith("tiny:"):
     from sae_jax.encoders import tiny
 
@@ -129,6 +130,10 @@ def load_encoder(cfg):
     model = AutoModel.from_pretrained(name, dtype=dtype, **placement)
     processor = _load_processor(family, name)
   enc = encoder_class(family)(model, processor, **kw)
+  if enc.chat_template:
+    if enc.kind != "decoder":
+      raise SaeJaxError(f"config.extract.chat_template=True: {family} is not a decoder VLM; set it to False")
+    enc.chat_wrap()  # a family without a chat format fails here, before any work
   if family in ("clip", "siglip"):
     enc.tokens = bool(cfg.contrastive_tokens)
   return enc

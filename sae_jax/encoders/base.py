@@ -102,6 +102,7 @@ class Encoder(abc.ABC):
     dtype=None,
     templates: Optional[dict] = None,
     name: str = "",
+    chat_template: bool = False,
   ):
     self.device = torch.device(device)
     self.dtype = dtype or torch_dtype("auto", device)
@@ -109,6 +110,8 @@ class Encoder(abc.ABC):
     self.processor = processor
     self.layer = layer
     self.templates = dict(templates or {})  # config.extract.templates: the one place they are set
+    # config.extract.chat_template: wrap every prompt in the family's chat format (decoders only).
+    self.chat_template = bool(chat_template)
     self.name = name or self.family
     self.check_layer()
 
@@ -221,6 +224,14 @@ class DecoderEncoder(Encoder):
   def extra_special_ids(self) -> list[int]:
     return []
 
+  def chat_wrap(self) -> tuple[str, str]:
+    """(prefix, suffix) of a one-turn user message in the family's chat format, generation prompt
+    included: what the processor's `apply_chat_template` puts around the message content."""
+    raise SaeJaxError(
+      f"config.extract.chat_template=True: no chat format is defined for the {self.family} family "
+      "here; set it to False"
+    )
+
   def text_model_config(self):
     cfg = self.model.config
     return getattr(cfg, "text_config", cfg)
@@ -251,6 +262,7 @@ class DecoderEncoder(Encoder):
         f"{ {'pair': '{image} and {text}', 'image': '{image}', 'text': '{text}'}[mode] }"
       )
     parts = split_template(self.templates[mode])
+    chat = self.chat_wrap() if self.chat_template else None
     if sum(p[0] == "image" for p in parts) != (images is not None) or sum(p[0] == "text" for p in parts) != (
       texts is not None
     ):
@@ -273,6 +285,10 @@ class DecoderEncoder(Encoder):
     for i in range(n):
       ids = list(self.prefix_ids(images is not None))
       ty = [TOKEN_SPECIAL] * len(ids)
+      if chat is not None:  # the chat scaffold is the same for every sample: typed special
+        seg = self._tokenize(chat[0])
+        ids += seg
+        ty += [TOKEN_SPECIAL] * len(seg)
       for j, (kind, lit) in enumerate(parts):
         if kind == "image":
           seg = [int(x) for x in img_ids[i]]
@@ -290,6 +306,10 @@ class DecoderEncoder(Encoder):
             seg = self._tokenize(lit)
             ids += seg
             ty += self._typed(seg, TOKEN_PROMPT)
+      if chat is not None:
+        seg = self._tokenize(chat[1])
+        ids += seg
+        ty += [TOKEN_SPECIAL] * len(seg)
       seqs.append(ids)
       types.append(ty)
     t = max(len(s) for s in seqs)

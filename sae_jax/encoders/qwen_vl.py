@@ -49,5 +49,13 @@ class QwenVLEncoder(base.DecoderEncoder):
       self.processor, images, placeholder, ("pixel_values", "image_grid_thw")
     )
 
+  def chat_wrap(self):
+    # The chat templates of the released Qwen-VL checkpoints, one user turn plus the generation
+    # prompt; Qwen2/2.5-VL insert a default system message, Qwen3-VL does not.
+    user = "<|im_start|>user\n"
+    system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    prefix = user if self.model.config.model_type.startswith("qwen3") else system + user
+    return prefix, "<|im_end|>\n<|im_start|>assistant\n"
+
   def extra_inputs(self, input_ids, token_types):
     return {"mm_token_type_ids": (input_ids == self.image_token_id).long()}

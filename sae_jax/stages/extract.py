@@ -115,6 +115,8 @@ def _fingerprint(ex, encoder) -> dict:
     fp[k] = list(v) if isinstance(v, tuple) else v
   if int(ex.captions_per_image):  # only when set, so earlier extractions keep their fingerprint
     fp["captions_per_image"] = int(ex.captions_per_image)
+  if bool(ex.chat_template):
+    fp["chat_template"] = True
   fp["d"] = encoder.d
   fp["family_resolved"] = encoder.family
   return fp
@@ -348,6 +350,7 @@ class Extractor:
       "complete": True,
       "split": self.split,
       "captions_per_image": int(self.ex.captions_per_image),
+      "chat_template": bool(self.encoder.chat_template),
       "counts": counts,
       "d": self.encoder.d,
       "model": self.ex.model_name,
@@ -401,6 +404,7 @@ class Extractor:
         modality=np.array(["image", "text"]),
         pairing=np.array(pairing),
         variant=np.array(v),
+        chat_template=np.array(bool(self.encoder.chat_template)),
       )
     return {"images": int(img_ids.shape[0]), "captions": int(txt_ids.shape[0]), "pairs": int(sel.shape[0])}
 
