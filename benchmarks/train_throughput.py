@@ -13,6 +13,28 @@ Implementations (all one full step: forward, backward, optimizer, per-step bookk
   sparsify                  eai-sparsify SparseCoder (fused sparse encoder backward, embedding_bag
                             decoder; eager on CPU), its trainer's step: fvu + auxk/32, parallel-gradient
                             removal, Adam, unit-norm decoder, dead-latent counters, float32.
+  sae_jax@<ref>/<preset>/<dtype>  the step of another commit (e.g. sae_jax@68f6c5e/paper/bfloat16, the
+                            step before the shard_map rewrite), run in a worker process from
+                            `git archive <ref>`, timed in the same rotation.
+A 4th part of a sae_jax name sets the decoder (gather | dense) or, as field=value, any config.sae
+field (sae_jax/paper/bfloat16/backward=dense).
+
+Bounded time on any CPU: the GEMM rates of each framework and dtype are measured FIRST; an
+implementation whose GEMM rate is below 1/--drop_factor of the fastest one is dropped before its
+warm-up (e.g. torch bf16 on a CPU without avx512_bf16: 0.8 GFLOP/s), and one whose last warm-up step
+takes more than --drop_factor x the fastest implementation's is dropped before the timed
+repetitions; each drop prints a JSON line with the reason. A peer named in --impls that cannot be
+imported is an error. Installing every peer (their pins would replace the CPU torch with a CUDA
+build, hence --no-deps):
+
+  pip install -e ".[bench]" && pip install --no-deps overcomplete==0.3.0 eai-sparsify==1.3.3 \
+      && pip install einops scipy scikit-learn matplotlib simple-parsing natsort accelerate datasets schedulefree
+
+GPU mode (`--gpu`; written for an accelerator, NOT run in this repository's sessions, unverified):
+d=4096, c=32768, batches 4096 and 16384, bf16, `paper` with backward=scatter and backward=dense;
+prints the step time and MFU = (matmul FLOPs of the compiled step, while bodies counted by their
+trip counts: `program_stats.flops_with_trip_counts`) / step time / --peak_tflops.
+
 Every repetition runs one timed step of each implementation, in a rotating order, so load from
 other processes falls on all of them alike. Prints one JSON line per implementation and size.
 
@@ -38,11 +60,14 @@ import types
 from sae_jax.training import state as state_lib
 from sae_jax.training import step as step_lib
 
+_INSTALL = (
+  "install every peer with the command in this script's docstring (python -m benchmarks.train_throughput -h)"
+)
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
 def _parse():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--sizes", default="768x7168,2048x16384", help="comma-separated DxC")
   p.add_argument("--k", type=int, default=50)
   p.add_argument("--batch", type=int, default=4096)
@@ -54,6 +79,10 @@ def _parse():
     "overcomplete,overcomplete_bf16,sparsify",
   )
   p.add_argument("--decoder", default="auto", help="sae_jax decoder: auto | dense | gather")
+  p.add_argument("--drop_factor", type=float, default=10.0, help="drop impls this many times slower")
+  p.add_argument("--gpu", action="store_true", help="accelerator mode (see the docstring)")
+  p.add_argument("--peak_tflops", type=float, default=989.0, help="--gpu: the device's bf16 peak")
+  p.add_argument("--worker", default="", help=argparse.SUPPRESS)
   p.add_argument("--malloc", default="tuned", choices=("tuned", "default"))
   p.add_argument("--threads", type=int, default=0, help="torch threads (0 = os.cpu_count())")
   return p.parse_args()
@@ -81,7 +110,7 @@ def _bare_package(name: str):
 # ------------------------------------------------------------------------------ implementations
 
 
-def _sae_jax(preset: str, dtype: str, decoder: str, d: int, c: int, k: int, x_np):
+def _sae_jax(preset: str, dtype: str, decoder: str, d: int, c: int, k: int, x_np, fields=()):
   import jax
   import jax.numpy as jnp
 
@@ -92,6 +121,11 @@ def _sae_jax(preset: str, dtype: str, decoder: str, d: int, c: int, k: int, x_np
   config = base.get_config()
   config.sae.preset, config.sae.d, config.sae.c, config.sae.k = preset, d, c, k
   config.sae.compute_dtype, config.sae.decoder = dtype, decoder
+  for field in fields:
+    name, value = field.split("=", 1)
+    if name not in config.sae:
+      raise SystemExit(f"--impls: config.sae has no field {name!r} (in {field!r})")
+    config.sae[name] = type(config.sae[name])(value)
   config.data.batch_size = x_np.shape[0]
   spec = sae_lib.spec_from_config(config.sae)
   optimizer = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
@@ -108,14 +142,67 @@ def _sae_jax(preset: str, dtype: str, decoder: str, d: int, c: int, k: int, x_np
     holder["state"], metrics = step(holder["state"], batch, valid)
     return float(metrics["loss"])  # blocks until the step is done
 
-  return run, {"decoder": spec.decoder, "dtype": dtype, "framework": "jax"}
+  info = {"decoder": spec.decoder, "dtype": dtype, "framework": "jax"}
+  if hasattr(spec, "backward"):
+    info["backward"] = spec.backward
+  run.step, run.args = step, (holder, batch, valid)
+  return run, info
+
+
+def _worker(args) -> None:
+  """Runs in a process whose PYTHONPATH is another commit's tree: one step per line of stdin."""
+  import numpy as np
+
+  preset, dtype, decoder = args.worker.split("/")
+  d, c = (int(v) for v in args.sizes.split("x"))
+  rng = np.random.default_rng(0)
+  scales = np.exp(rng.normal(size=d) * 0.5).astype(np.float32)
+  x_np = (rng.standard_normal((int(args.batch), d), dtype=np.float32) * scales + 0.1).astype(np.float32)
+  run, info = _sae_jax(preset, dtype, decoder, d, c, args.k, x_np)
+  print(json.dumps(info), flush=True)
+  for _ in sys.stdin:
+    print(run(), flush=True)
+
+
+def _sae_jax_at(ref: str, preset: str, dtype: str, decoder: str, size: str, args, trees: dict):
+  """The step of commit `ref` in a worker process; run() asks it for one step."""
+  import subprocess
+  import tempfile
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if ref not in trees:
+    trees[ref] = tempfile.TemporaryDirectory()
+    archive = subprocess.run(["git", "-C", root, "archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", trees[ref].name], input=archive, check=True)
+  tree = trees[ref].name
+  cmd = [sys.executable, os.path.abspath(__file__), f"--worker={preset}/{dtype}/{decoder}", f"--sizes={size}"]
+  cmd += [f"--k={args.k}", f"--batch={args.batch}"]
+  proc = subprocess.Popen(
+    cmd,
+    cwd=tree,
+    env={**os.environ, "PYTHONPATH": tree},
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  info = json.loads(proc.stdout.readline() or "{}")
+  if not info:
+    raise SystemExit(f"--impls: the step of {ref} did not start (see its stderr above)")
+
+  def run():
+    proc.stdin.write("step\n")
+    proc.stdin.flush()
+    return float(proc.stdout.readline())
+
+  run.proc = proc
+  return run, {**info, "ref": ref}
 
 
 def _overcomplete(d: int, c: int, k: int, x_np, bf16: bool):
   import torch
 
   if _bare_package("overcomplete") is None:
-    return None
+    raise SystemExit(f"--impls: overcomplete is not installed; {_INSTALL}")
   from overcomplete.sae.topk_sae import TopKSAE
 
   torch.manual_seed(0)
@@ -141,7 +228,7 @@ def _sparsify(d: int, c: int, k: int, x_np):
   import torch
 
   if _bare_package("sparsify") is None:
-    return None
+    raise SystemExit(f"--impls: sparsify (eai-sparsify) is not installed; {_INSTALL}")
   try:
     import contextlib
 
@@ -149,8 +236,7 @@ def _sparsify(d: int, c: int, k: int, x_np):
       from sparsify.config import SparseCoderConfig
       from sparsify.sparse_coder import SparseCoder
   except ImportError as e:  # its trainer-side deps (simple-parsing, accelerate, natsort) missing
-    print(f"# sparsify skipped: {e}", file=sys.stderr)
-    return None
+    raise SystemExit(f"--impls: sparsify does not import ({e}); {_INSTALL}") from None
   torch.manual_seed(0)
   sae = SparseCoder(d, SparseCoderConfig(num_latents=c, k=k), device="cpu", dtype=torch.float32)
   lr = 2e-4 / (c / 2**14) ** 0.5  # its trainer's default for Adam
@@ -177,12 +263,35 @@ def _sparsify(d: int, c: int, k: int, x_np):
   return run, {"dtype": "float32", "framework": "torch"}
 
 
-def _gemm_benchmarks(batch: int, d: int, c: int, x_np):
+def _framework_dtype(name: str) -> tuple[str, str]:
+  if name.startswith("sae_jax"):
+    return "jax", "bfloat16" if "/bfloat16" in name else "float32"
+  return "torch", "bfloat16" if name.endswith("bf16") else "float32"
+
+
+def _dropped(name: str, size: str, reason: str) -> None:
+  print(json.dumps({"impl": name, "size": size, "dropped": reason}), flush=True)
+
+
+def _mfu(run, step_s: float, peak_tflops: float) -> dict:
+  """Matmul FLOPs of the compiled step (trip-counted) and the fraction of the device's peak."""
+  from sae_jax.training import program_stats
+
+  holder, batch, valid = run.args
+  compiled = run.step.lower(holder["state"], batch, valid).compile()
+  flops = program_stats.flops_with_trip_counts(compiled)
+  return {
+    "step_matmul_flops": flops,
+    "mfu": round(flops / step_s / (peak_tflops * 1e12), 4),
+    "peak_tflops": peak_tflops,
+  }
+
+
+def _gemm_benchmarks(batch: int, d: int, c: int, x_np, with_torch: bool = True):
   """One GEMM [batch, d] x [d, c] per framework and dtype, timed alongside the steps."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import torch
 
   rng = np.random.default_rng(1)
   w_np = rng.standard_normal((d, c), dtype=np.float32) / np.sqrt(d)
@@ -191,6 +300,10 @@ def _gemm_benchmarks(batch: int, d: int, c: int, x_np):
     a, b = jnp.asarray(x_np, dt), jnp.asarray(w_np, dt)
     f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
     out[name] = lambda f=f, a=a, b=b: f(a, b).block_until_ready()
+  if not with_torch:
+    return out
+  import torch
+
   for name, dt in (("torch/float32", torch.float32), ("torch/bfloat16", torch.bfloat16)):
     a, b = torch.from_numpy(x_np).to(dt), torch.from_numpy(w_np).to(dt)
     out[name] = lambda a=a, b=b: torch.mm(a, b)
@@ -200,8 +313,24 @@ def _gemm_benchmarks(batch: int, d: int, c: int, x_np):
 # ------------------------------------------------------------------------------------- main
 
 
+def _gpu_defaults(args) -> None:
+  """--gpu: the accelerator comparison (sizes, batches, impls) unless given explicitly."""
+  given = " ".join(sys.argv[1:])
+  if "--sizes" not in given:
+    args.sizes = "4096x32768"
+  if "--impls" not in given:
+    args.impls = "sae_jax/paper/bfloat16/backward=scatter,sae_jax/paper/bfloat16/backward=dense"
+
+
 def main() -> None:
   args = _parse()
+  if args.worker:
+    _worker(args)
+    return
+  if args.gpu:
+    _gpu_defaults(args)
+    if "," in str(args.batch):
+      raise SystemExit("--batch: one batch size per run (run --gpu --batch=4096, then --batch=16384)")
   _maybe_reexec(args)
   sizes = args.sizes.split(",")
   if len(sizes) > 1:
@@ -234,29 +363,61 @@ def main() -> None:
     # Anisotropic, non-centred rows (like residual-stream activations), fixed across steps.
     scales = np.exp(rng.normal(size=d) * 0.5).astype(np.float32)
     x_np = (rng.standard_normal((args.batch, d), dtype=np.float32) * scales + 0.1).astype(np.float32)
+    # GEMM rates first: they bound what each framework/dtype can do on this CPU.
+    gemms = _gemm_benchmarks(args.batch, d, c, x_np, with_torch=not args.gpu)
+    gemm_rate = {}
+    for name, fn in gemms.items():
+      fn()
+      t0 = time.perf_counter()
+      fn()
+      gemm_rate[name] = 2.0 * args.batch * d * c / (time.perf_counter() - t0)
+    print(
+      f"# {size} GEMM GFLOP/s: " + json.dumps({n: round(r / 1e9, 1) for n, r in gemm_rate.items()}),
+      file=sys.stderr,
+    )
+    best_rate = max(gemm_rate.values())
     impls: dict = {}
+    trees: dict = {}
     for name in args.impls.split(","):
-      if name.startswith("sae_jax/"):
-        _, preset, dtype, *decoder = name.split("/")  # optional 4th part: the decoder
-        made = _sae_jax(preset, dtype, (decoder or [args.decoder])[0], d, c, args.k, x_np)
+      framework, dtype = _framework_dtype(name)
+      rate = gemm_rate.get(f"{framework}/{dtype}", best_rate)
+      if rate * args.drop_factor < best_rate:
+        _dropped(
+          name,
+          size,
+          f"{framework} {dtype} GEMM at {rate / 1e9:.1f} GFLOP/s is below 1/{args.drop_factor:g} of the fastest GEMM ({best_rate / 1e9:.1f})",
+        )
+        continue
+      if name.startswith("sae_jax@"):
+        ref, preset, dtype, *decoder = name[len("sae_jax@") :].split("/")
+        made = _sae_jax_at(ref, preset, dtype, (decoder or [args.decoder])[0], size, args, trees)
+      elif name.startswith("sae_jax/"):
+        _, preset, dtype, *extra = name.split("/")
+        fields = [e for e in extra if "=" in e]
+        decoder = ([e for e in extra if "=" not in e] or [args.decoder])[0]
+        made = _sae_jax(preset, dtype, decoder, d, c, args.k, x_np, fields)
       elif name in ("overcomplete", "overcomplete_bf16"):
         made = _overcomplete(d, c, args.k, x_np, bf16=name.endswith("bf16"))
       elif name == "sparsify":
         made = _sparsify(d, c, args.k, x_np)
       else:
         raise SystemExit(f"--impls: unknown implementation {name!r}")
-      if made is None:
-        print(f"# {name} skipped: package not installed", file=sys.stderr)
-        continue
       impls[name] = made
-    gemms = _gemm_benchmarks(args.batch, d, c, x_np)
-    for name, (run, _) in impls.items():  # compile / first-touch
+    warm = {}
+    for name, (run, _) in impls.items():  # compile / first-touch; the last warm-up step is timed
       t0 = time.perf_counter()
-      for _ in range(args.warmup):
+      for _ in range(max(args.warmup, 1)):
+        t1 = time.perf_counter()
         run()
+      warm[name] = time.perf_counter() - t1
       print(f"# {size} {name}: warmup {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-    for fn in gemms.values():
-      fn()
+    fastest = min(warm.values())
+    for name, seconds in warm.items():
+      if seconds > args.drop_factor * fastest:
+        _dropped(
+          name, size, f"warm-up step {seconds:.2f} s > {args.drop_factor:g} x the fastest ({fastest:.2f} s)"
+        )
+        del impls[name]
     load_before = os.getloadavg()[0]
     times = {name: [] for name in impls}
     gemm_times = {name: [] for name in gemms}
@@ -281,11 +442,14 @@ def main() -> None:
     gemm_rate = {n: gemm_flops / float(np.median(t)) for n, t in gemm_times.items()}
     medians = {n: float(np.median(t)) for n, t in times.items()}
     ref = medians.get("overcomplete")
+    old = {n: m for n, m in medians.items() if n.startswith("sae_jax@")}
     for name, (_, info) in impls.items():
       tok_s = args.batch / medians[name]
       dtype_key = "bfloat16" if info["dtype"].startswith("bfloat16") else "float32"
       rate = gemm_rate[f"{info['framework']}/{dtype_key}"]
       floor_s = 4.0 * args.batch * d * c / rate
+      if args.gpu and hasattr(impls[name][0], "step"):
+        info = {**info, **_mfu(impls[name][0], medians[name], args.peak_tflops)}
       record = {
         "impl": name,
         "d": d,
@@ -297,6 +461,7 @@ def main() -> None:
         "median_step_s": round(medians[name], 4),
         "step_s": [round(t, 4) for t in times[name]],
         "ratio_to_overcomplete": round(ref / medians[name], 3) if ref else None,
+        "ratio_to_ref_steps": {n: round(m / medians[name], 3) for n, m in old.items()},
         "gemm_gflops": round(rate / 1e9, 1),
         "flop_floor_s": round(floor_s, 4),
         "fraction_of_floor": round(floor_s / medians[name], 3),
@@ -319,6 +484,10 @@ def main() -> None:
       ),
       flush=True,
     )
+    for run, _ in impls.values():
+      if hasattr(run, "proc"):
+        run.proc.stdin.close()
+        run.proc.wait(timeout=60)
     del impls, gemms
 
 
