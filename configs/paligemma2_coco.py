@@ -1,4 +1,7 @@
-"""PaliGemma2-3B-Mix-224 last-layer residual stream (d=2304), SAE width 20736, on COCO captions (paper Section 2, Appendix A).
+"""PaliGemma2-3B-Mix-224 last-layer residual stream (d=2304), SAE width 20736, on COCO captions.
+
+c=20736 is the width of the authors' released PaliGemma2 SAE; the paper's text gives 32768 for every
+MLLM (set --config.sae.c=32768 for that reading).
 
   python -m experiments.extract --config=configs/paligemma2_coco.py --workdir=/tmp/paligemma2_coco
   python -m experiments.train --config=configs/paligemma2_coco.py --workdir=/tmp/paligemma2_coco \

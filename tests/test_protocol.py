@@ -312,6 +312,7 @@ def test_fit_split_is_disjoint_and_recorded(trained_sae, tmp_path):
   assert s["eval_split"] == str(act / "eval" / "pooled_mean.npz")
   assert (s["fit_disjoint"], s["fit_rows_sharing_eval_images"], s["fit_pairs"]) == (True, 0, 600)
   assert res["mean"]["n_queries"] == 300
+  assert (s["mbeir_task"], s["authors_task"]) == (3, 4)  # image_to_text in both numberings
   # The removed atoms are the top ones by attribution over the TRAINING pairs; the other rules too.
   loaded = workdir_lib.load_sae(trained_sae.workdir)
   scores = retrieve.concept_scores_from_sae(
@@ -444,6 +445,7 @@ def test_energy_weighting_unique_images(trained_sae, tmp_path):
     summary = analyze.run_analysis(cfg, str(tmp_path / weighting))
     assert summary["energy_weighting"] == weighting
     out = tmp_path / weighting / "analysis"
+    assert "0.6831 is no Jaccard index" in (out / "table1.md").read_text()
     with np.load(out / "concepts.npz") as conc, np.load(out / "codes.npz") as codes:
       c = conc["energy"].shape[0]
       img = dense_codes(codes["image_values"], codes["image_indices"], c)

@@ -487,6 +487,18 @@ def write_codes(out_dir: str, result: AnalysisResult, sample_ids: np.ndarray, sa
   )
 
 
+# Reading choices behind Table 1, printed under it.
+TABLE1_NOTES = (
+  "Notes: every set holds ceil(fraction * c) concepts, so a Jaccard index here is i / (2m - i) for "
+  "set size m. The paper's Table 1 cannot come from such single sets: e.g. its CLIP J(S_E,S_B) = "
+  "0.6831 is no Jaccard index of two sets of at most 90 elements (the nearest, 69/101, is 0.6832); "
+  "it was presumably averaged over seeds or subsets.",
+  "Eq. 6 is read with M = D D^T (c x c), the reading under which the product types (the paper "
+  "prints D^T D). Energy (Eq. 3) averages over matched pairs, images and captions 50/50, unless "
+  'analysis.energy_weighting="unique_images".',
+)
+
+
 def write_table1(out_dir: str, rows: list[dict], fraction: float, reduction: str) -> None:
   payload = {
     "fraction": fraction,
@@ -507,6 +519,7 @@ def write_table1(out_dir: str, rows: list[dict], fraction: float, reduction: str
       f"| {r['name']} | {t['c']} | {t['set_size']} | {t['J(S_E,S_A)']:.4f} | "
       f"{t['J(S_E,S_B)']:.4f} | {t['J(S_A,S_B)']:.4f} | {t['triple_overlap']:.4f} |"
     )
+  lines += ["", *TABLE1_NOTES]
   workdir_lib.atomic_write_text(os.path.join(out_dir, "table1.md"), "\n".join(lines) + "\n")
 
 

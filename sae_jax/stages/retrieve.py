@@ -588,7 +588,8 @@ def _settings_of(variant: str, name: str, spec, search: _Search, d_run, source: 
     "pooling": _pooling_of(variant),
     "mask": _mask_of(variant),
     "transform": name.split("+", 1)[1] if "+" in name else "none",
-    "mbeir_task": spec.mbeir_task,
+    "mbeir_task": spec.mbeir_task,  # M-BEIR / UniIR numbering
+    "authors_task": spec.authors_task,  # the paper authors' loader numbering
     "dataset": spec.dataset,
     "exclude_reference": bool(search.exclude_reference and d_run.exclude is not None),
     "max_queries": search.max_queries,
