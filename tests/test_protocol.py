@@ -338,6 +338,38 @@ def test_fit_split_is_disjoint_and_recorded(trained_sae, tmp_path):
   with pytest.raises(SaeJaxError) as e:
     retrieve.run_retrieval(config, str(tmp_path))
   assert "\n" not in str(e.value) and 'fit_on="train"' in str(e.value)
+  # No training split on disk and no concepts.npz: one line naming the missing file.
+  r.split = "eval"
+  os.remove(act / "pooled_mean.npz")
+  with pytest.raises(SaeJaxError) as e:
+    retrieve.run_retrieval(config, str(tmp_path))
+  assert "\n" not in str(e.value) and f"{act / 'pooled_mean.npz'} is missing" in str(e.value)
+
+
+def test_mbeir_files_are_read_with_the_eval_split(tmp_path):
+  rng = np.random.default_rng(10)
+  act = tmp_path / "activations"
+  act.mkdir()
+  emb = rng.standard_normal((12, 6)).astype(np.float32)
+  np.savez(
+    act / "mbeir_queries_pooled_mean.npz",
+    embeddings=emb[:4] + 0.01,
+    ids=np.array(["q0", "q1", "q2", "q3"]),
+    modality=np.array(["image"] * 4),
+  )
+  np.savez(
+    act / "mbeir_pool_pooled_mean.npz",
+    embeddings=emb,
+    ids=np.array([f"c{j}" for j in range(12)]),
+    modality=np.array(["text"] * 12),
+  )
+  (act / "mbeir_qrels.json").write_text(json.dumps({f"q{i}": [f"c{i}"] for i in range(4)}))
+  config = base_cfg.get_config()
+  r = config.retrieval
+  r.source, r.split, r.variants, r.tasks = "pooled", "eval", ("mean",), ("image_to_text",)
+  r.removal, r.whitening, r.ks = False, False, (1,)
+  res = retrieve.run_retrieval(config, str(tmp_path))["image_to_text"]["mean"]
+  assert (res["n_queries"], res["n_candidates"], res["R@1"]) == (4, 12, 100.0)
 
 
 def test_synthetic_fit_on_is_recorded():

@@ -172,7 +172,8 @@ def _pooled_inputs(rcfg, workdir) -> Inputs:
         variants[v] = {k: z[k] for k in z.files}
     except (OSError, ValueError) as e:
       raise SaeJaxError(f"{path}: cannot read pooled embeddings ({e})") from e
-  _add_mbeir_tasks(rcfg, pooled_dir, variants)
+  # An M-BEIR extraction is evaluation data whatever the split: its files stay in <activations>/.
+  _add_mbeir_tasks(rcfg, _pooled_dir(rcfg, workdir), variants)
   if not variants:
     raise SaeJaxError(
       f"{pooled_dir}: no pooled_<variant>.npz for config.retrieval.variants="
@@ -190,16 +191,13 @@ def _pooled_inputs(rcfg, workdir) -> Inputs:
         f'config.retrieval.fit_on="train" but the scored file {eval_path} is the training split\'s; '
         'set config.retrieval.split="eval" (extract.eval_dataset) or fit_on="eval"'
       )
-    if not os.path.exists(train_path):
-      raise SaeJaxError(
-        f'{train_path}: missing (config.retrieval.fit_on="train" fits the removal on the training '
-        'split\'s pooled embeddings); run experiments.extract or set config.retrieval.fit_on="eval"'
-      )
-    image, text, fit_ids = _read_pairs(train_path)
-    fit = (image, text)
-    eval_ids = variants.get(base, {}).get("image_ids")
-    shared = 0 if fit_ids is None or eval_ids is None else int(np.isin(fit_ids, eval_ids).sum())
-    fit_info.update(fit_split=train_path, fit_disjoint=shared == 0, fit_rows_sharing_eval_images=shared)
+    fit_info["fit_split"] = train_path
+    if os.path.exists(train_path):  # else only analysis/concepts.npz can give the attribution
+      image, text, fit_ids = _read_pairs(train_path)
+      fit = (image, text)
+      eval_ids = variants.get(base, {}).get("image_ids")
+      shared = 0 if fit_ids is None or eval_ids is None else int(np.isin(fit_ids, eval_ids).sum())
+      fit_info.update(fit_disjoint=shared == 0, fit_rows_sharing_eval_images=shared)
   elif base in variants and "image" in variants[base] and "text" in variants[base]:
     fit = (variants[base]["image"], variants[base]["text"])
     fit_info.update(fit_split=eval_path, fit_disjoint=False)
@@ -356,9 +354,10 @@ def load_attribution(config, workdir, inputs: Inputs):
       raise
     return None
   if inputs.fit_pairs is None:
+    where = inputs.fit_info.get("fit_split") or f"pooled_{rcfg.base_variant}.npz"
     raise SaeJaxError(
-      f"attribution needs matched image/text pairs: pooled_{rcfg.base_variant}"
-      '.npz has no "image" and "text" arrays'
+      f'attribution needs matched image/text pairs: {where} is missing or has no "image" and "text" '
+      f"arrays (config.retrieval.fit_on={rcfg.fit_on!r}); run experiments.extract or experiments.analyze"
     )
   scores = concept_scores_from_sae(loaded.params, loaded.k, *inputs.fit_pairs, spec=loaded.spec)
   return scores, np.asarray(loaded.params["D"], np.float32), f"{sae_workdir} step {loaded.step}"
