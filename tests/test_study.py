@@ -178,3 +178,26 @@ def test_resume_after_sigkill_ends_with_the_same_report(tiny, tmp_path):
     for key in ("table1", "retrieval", "energy", "rank_sweep", "settings"):
       assert b["models"][name][key] == a["models"][name][key], (name, key)
   assert b["findings"] == a["findings"]
+
+
+def test_paper_preset_prints_the_published_numbers_beside(tiny):
+  from configs import study_paper
+
+  wd, _, _ = tiny
+  paper = study_paper.get_config()
+  assert paper.study.models == ("clip", "siglip2", "qwen2vl", "qwen3vl", "paligemma2", "chameleon")
+  assert paper.study.model.qwen2vl.source == "Qwen/Qwen2-VL-7B-Instruct"
+  data = _json(os.path.join(wd, "report", "report.json"))
+  # The measured tiny Qwen2-VL under the paper's model name: its published rows follow its own.
+  data = {
+    "dataset": "MSCOCO",
+    "models": {"qwen2vl": dict(data["models"]["qwen2_vl"], label="Qwen2-VL-7B-Instruct")},
+  }
+  t1 = report.table1_md(paper, data)
+  assert t1[-1] == "| Qwen2-VL-7B-Instruct (paper) | | | 0.6494 | 0.7957 | 0.7146 | 0.5989 |"
+  t2 = "\n".join(report.table2_md(paper, data))
+  assert (
+    "| Qwen2-VL-7B-Instruct (paper) | MSCOCO q_i -> c_t | Removal | 7.18 | 20.91 | 31.18 | published |" in t2
+  )
+  t3 = "\n".join(report.table3_md(paper, data))
+  assert "| Qwen2-VL-7B-Instruct (paper) | MSCOCO q_i -> c_t | Last token | 0.20 | 2.65 | 3.81 |" in t3
