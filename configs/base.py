@@ -96,6 +96,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   analysis.pair_seed = 1
   analysis.codes = "encode_pooled"  # "encode_pooled" (paper App. B) | "pool_token_codes"
   analysis.energy_weighting = "pairs"  # Eq. 3: "pairs" (images and captions 50/50) | "unique_images"
+  analysis.table1_resamples = 0  # Table 1 also as mean ± std over this many random pair subsets; 0 = off
+  analysis.table1_resample_fraction = 0.5  # pairs per subset, as a fraction of all
   analysis.tokens_per_sample = 8  # pool_token_codes on the synthetic source
   analysis.token_noise = 0.05
   analysis.bridge_reduction = "diag"  # diag | row | col | sym (= attribution) | max (needs blockwise B)

@@ -560,3 +560,41 @@ def test_chat_template_recorded_in_pooled_files_and_summary(coco_mini, tmp_path)
     assert bool(z["chat_template"])
   assert json.loads((tmp_path / "activations" / "summary.json").read_text())["chat_template"] is True
   assert json.loads((tmp_path / "activations" / "extract_config.json").read_text())["chat_template"] is True
+
+
+def test_table1_resampled_over_pair_subsets(trained_sae, tmp_path):
+  from sae_jax import metrics
+  from sae_jax.stages import analyze
+  from tests.helpers.reference import concept_reference
+
+  cfg = trained_sae.config()
+  a = cfg.analysis
+  a.sae_workdir, a.source, a.num_pairs, a.top_pairs, a.save_codes = (
+    trained_sae.workdir,
+    "synthetic",
+    600,
+    0,
+    True,
+  )
+  a.table1_resamples, a.table1_resample_fraction = 3, 0.5
+  a.top_fraction = 0.1  # 26 of 256 concepts: sets that overlap, and overlaps that vary between subsets
+  summary = analyze.run_analysis(cfg, str(tmp_path / "run"))
+  out = tmp_path / "run" / "analysis"
+  row = json.loads((out / "table1.json").read_text())["rows"][0]
+  res = row["table1_resampled"]
+  assert (res["resamples"], res["pairs_per_resample"], res["seed"]) == (3, 300, a.pair_seed)
+  # Independent recomputation: the same draws, dense codes, M = D D^T, the diag bridge score.
+  with np.load(out / "codes.npz") as z, np.load(out / "concepts.npz") as conc:
+    iv, ii, tv, ti, D = z["image_values"], z["image_indices"], z["text_values"], z["text_indices"], conc["D"]
+  rng = np.random.default_rng(a.pair_seed)
+  got = []
+  for _ in range(3):
+    idx = np.sort(rng.choice(600, size=300, replace=False))
+    ref = concept_reference(D, (iv[idx], ii[idx]), (tv[idx], ti[idx]))
+    got.append(metrics.table1(ref["energy"], ref["attribution"], ref["diag"], a.top_fraction))
+  for k in ("J(S_E,S_A)", "J(S_E,S_B)", "J(S_A,S_B)", "triple_overlap"):
+    vals = np.array([g[k] for g in got])
+    assert res["mean"][k] == pytest.approx(vals.mean()) and res["std"][k] == pytest.approx(vals.std(ddof=1))
+  assert "random subsets of 300 pairs" in (out / "table1.md").read_text()
+  assert max(res["std"].values()) > 0  # the subsets do differ
+  assert summary["table1"] == {k: row[k] for k in summary["table1"]}

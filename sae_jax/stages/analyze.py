@@ -357,6 +357,52 @@ def unique_image_energy(
   return dataclasses.replace(cm, energy_image=e_img, energy=(e_img + cm.energy_text) / 2.0)
 
 
+J_KEYS = ("J(S_E,S_A)", "J(S_E,S_B)", "J(S_A,S_B)", "triple_overlap")
+
+
+def table1_resampled(acfg: Any, D: np.ndarray, result: "AnalysisResult", pairs: Pairs) -> Optional[dict]:
+  """Table 1 averaged over `analysis.table1_resamples` random subsets (without replacement) of
+  `analysis.table1_resample_fraction` of the pairs (seed `analysis.pair_seed`); None when off.
+
+  One run's Table 1 is a Jaccard of ceil(fraction * c)-element sets; the spread over subsets says
+  how much of a difference between two runs is sampling noise.
+  """
+  n_res = int(acfg.table1_resamples)
+  if n_res <= 0:
+    return None
+  frac = float(acfg.table1_resample_fraction)
+  reduction = str(acfg.bridge_reduction)
+  if not 0.0 < frac <= 1.0:
+    raise SaeJaxError(f"config.analysis.table1_resample_fraction={frac}: expected a value in (0, 1]")
+  if reduction == "max":
+    raise SaeJaxError(
+      'config.analysis.table1_resamples > 0 needs a per-concept bridge reduction ("diag", "row", "col" '
+      'or "sym"), not "max" (the blockwise B is not recomputed per subset)'
+    )
+  (iv, ii), (tv, ti) = result.image_codes, result.text_codes
+  n = iv.shape[0]
+  m = max(1, int(round(frac * n)))
+  rng = np.random.default_rng(int(acfg.pair_seed))
+  ids = pairs.image_ids if pairs.image_ids is not None else pairs.sample_ids
+  rows = []
+  for _ in range(n_res):
+    idx = np.sort(rng.choice(n, size=m, replace=False))
+    cm = metrics.compute_concept_metrics(D, (iv[idx], ii[idx]), (tv[idx], ti[idx]))
+    if str(acfg.energy_weighting) == "unique_images":
+      cm = unique_image_energy(cm, (iv[idx], ii[idx]), np.asarray(ids)[idx])
+    rows.append(
+      metrics.table1(cm.energy, cm.attribution, cm.bridge_score(reduction), float(acfg.top_fraction))
+    )
+  vals = {k: np.array([r[k] for r in rows], np.float64) for k in J_KEYS}
+  return {
+    "resamples": n_res,
+    "pairs_per_resample": m,
+    "seed": int(acfg.pair_seed),
+    "mean": {k: float(v.mean()) for k, v in vals.items()},
+    "std": {k: float(v.std(ddof=1)) if n_res > 1 else 0.0 for k, v in vals.items()},
+  }
+
+
 def compute_analysis(config: Any, pairs: Pairs, loaded: workdir_lib.LoadedSAE) -> AnalysisResult:
   """Codes of both sides, per-concept metrics (Eq. 3-6) and, when asked for, the blockwise bridge."""
   acfg = config.analysis
@@ -371,8 +417,9 @@ def compute_analysis(config: Any, pairs: Pairs, loaded: workdir_lib.LoadedSAE) -
   if weighting not in ENERGY_WEIGHTINGS:
     raise SaeJaxError(f"config.analysis.energy_weighting={weighting!r}: expected one of {ENERGY_WEIGHTINGS}")
   by_image = weighting == "unique_images"
+  resamples = int(acfg.table1_resamples)
   image, text, code_info = stream_codes(
-    pairs, loaded, acfg, acc, keep_codes=need_bridge or bool(acfg.save_codes) or by_image
+    pairs, loaded, acfg, acc, keep_codes=need_bridge or bool(acfg.save_codes) or by_image or resamples > 0
   )
   cm = metrics.concept_metrics(acc.sums(), reverse_modality=bool(acfg.modality_reverse))
   code_info["energy_weighting"] = weighting
@@ -492,7 +539,7 @@ TABLE1_NOTES = (
   "Notes: every set holds ceil(fraction * c) concepts, so a Jaccard index here is i / (2m - i) for "
   "set size m. The paper's Table 1 cannot come from such single sets: e.g. its CLIP J(S_E,S_B) = "
   "0.6831 is no Jaccard index of two sets of at most 90 elements (the nearest, 69/101, is 0.6832); "
-  "it was presumably averaged over seeds or subsets.",
+  "it was presumably averaged over seeds or subsets (analysis.table1_resamples does that here).",
   "Eq. 6 is read with M = D D^T (c x c), the reading under which the product types (the paper "
   "prints D^T D). Energy (Eq. 3) averages over matched pairs, images and captions 50/50, unless "
   'analysis.energy_weighting="unique_images".',
@@ -503,7 +550,15 @@ def write_table1(out_dir: str, rows: list[dict], fraction: float, reduction: str
   payload = {
     "fraction": fraction,
     "bridge_reduction": reduction,
-    "rows": [dict(run=r["name"], workdir=r["workdir"], **r["table1"]) for r in rows],
+    "rows": [
+      dict(
+        run=r["name"],
+        workdir=r["workdir"],
+        **r["table1"],
+        **{k: r[k] for k in ("table1_resampled",) if k in r},
+      )
+      for r in rows
+    ],
   }
   workdir_lib.atomic_write_json(os.path.join(out_dir, "table1.json"), payload, indent=2)
   lines = [
@@ -519,6 +574,14 @@ def write_table1(out_dir: str, rows: list[dict], fraction: float, reduction: str
       f"| {r['name']} | {t['c']} | {t['set_size']} | {t['J(S_E,S_A)']:.4f} | "
       f"{t['J(S_E,S_B)']:.4f} | {t['J(S_A,S_B)']:.4f} | {t['triple_overlap']:.4f} |"
     )
+  for r in rows:
+    if "table1_resampled" in r:
+      s = r["table1_resampled"]
+      lines += [
+        "",
+        f"{r['name']}, mean ± std over {s['resamples']} random subsets of {s['pairs_per_resample']} pairs "
+        f"(seed {s['seed']}): " + " | ".join(f"{k} {s['mean'][k]:.4f} ± {s['std'][k]:.4f}" for k in J_KEYS),
+      ]
   lines += ["", *TABLE1_NOTES]
   workdir_lib.atomic_write_text(os.path.join(out_dir, "table1.md"), "\n".join(lines) + "\n")
 
@@ -572,6 +635,9 @@ def analyze(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir: s
   cm = result.cm
   name = _run_name(acfg, workdir)
   this = _this_run(name, workdir, result, fraction)
+  resampled = table1_resampled(acfg, D, result, pairs)
+  if resampled is not None:
+    this["table1_resampled"] = resampled
   others = [
     load_compare_run(p.strip(), fraction, reduction, reverse)
     for p in str(acfg.compare_workdirs).split(",")
