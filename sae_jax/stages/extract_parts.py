@@ -144,7 +144,11 @@ def merge_if_complete(
     img_order = np.argsort([image_rank[int(i)] for i in image_ids], kind="stable")
     merged["image_unique"] = np.concatenate([f["image_unique"] for f in files])[img_order]
     merged["image_unique_ids"] = image_ids[img_order]
-    for key in ("modality", "pairing", "variant"):
+    # Every other key is metadata of the extraction (modality, pairing, variant, chat template...):
+    # the same in every part, else the merge would be wrong, so it stops.
+    for key in sorted(set(files[0].files) - set(merged)):
+      if any(key not in f.files or not np.array_equal(f[key], files[0][key]) for f in files[1:]):
+        raise SaeJaxError(f"{act}/process-*/pooled_{v}.npz: {key!r} differs between the parts; cannot merge")
       merged[key] = files[0][key]
     workdir_lib.atomic_savez(os.path.join(act, f"pooled_{v}.npz"), **merged)
   counts = {
