@@ -164,6 +164,20 @@ def _block_sums(D: jax.Array, iv: jax.Array, ii: jax.Array, tv: jax.Array, ti: j
   )
 
 
+@jax.jit
+def _two_sum_add(hi, lo, x):
+  """hi + x per element in float32, its rounding error (Knuth's TwoSum) added to lo: many block
+  sums accumulate on the device about as accurately as a float64 host sum."""
+
+  def add(h, e, v):
+    s = h + v
+    bv = s - h
+    return s, e + ((h - (s - bv)) + (v - bv))
+
+  pairs = jax.tree.map(add, hi, lo, x)
+  return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+
 class ConceptAccumulator:
   """Streams matched code pairs through `update` in any number of chunks; `sums()` at the end.
 
@@ -194,7 +208,7 @@ class ConceptAccumulator:
     self.micro = int(micro_size)
     self.block = int(math.ceil(block_size / micro_size) * micro_size)
     self.workers = int(workers)
-    self._acc = [np.zeros(self.c, np.float64) for _ in range(7)] + [0.0]
+    self._hi = self._lo = None  # float32 sums and their rounding errors, on the device
     self.n_pairs = 0
 
   def _run(self, iv, ii, tv, ti):
@@ -203,11 +217,13 @@ class ConceptAccumulator:
     if n < size:  # zero values at index 0 contribute nothing (fires count values > 0 only)
       pad = lambda x: np.concatenate([x, np.zeros((size - n,) + x.shape[1:], x.dtype)])
       iv, ii, tv, ti = map(pad, (iv, ii, tv, ti))
-    return jax.device_get(_block_sums(self._D, iv, ii, tv, ti, micro=self.micro))
+    return _block_sums(self._D, iv, ii, tv, ti, micro=self.micro)
 
   def _add(self, out) -> None:
-    for j, x in enumerate(out):
-      self._acc[j] = self._acc[j] + np.asarray(x, np.float64)
+    # On the device, no host round-trip per block; fetched once by `sums()`.
+    if self._hi is None:
+      self._hi = self._lo = jax.tree.map(jnp.zeros_like, out)
+    self._hi, self._lo = _two_sum_add(self._hi, self._lo, out)
 
   def update(self, image: Any, text: Any) -> None:
     """Adds matched pairs. Blocks run `workers` at a time (the micro-chunk scan inside one block
@@ -235,7 +251,8 @@ class ConceptAccumulator:
   def sums(self) -> ConceptSums:
     if self.n_pairs == 0:
       raise SaeJaxError("no image/text pairs were given to the concept metrics (empty input)")
-    a = self._acc
+    hi, lo = jax.device_get((self._hi, self._lo))
+    a = [np.asarray(h, np.float64) + np.asarray(e, np.float64) for h, e in zip(hi, lo)]
     return ConceptSums(
       self.n_pairs,
       a[0],
