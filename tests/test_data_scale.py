@@ -355,14 +355,13 @@ def test_process_split_from_config_and_launcher_env():
 def test_two_parts_one_killed_and_resumed_merge_to_the_single_process_extraction(one_process, tmp_path):
   from sae_jax import encoders
   from sae_jax.stages import extract as extract_stage
-  from sae_jax.stages import extract_parts
 
   ref, ref_summary = one_process
   cfg = _clip_config(process_count=2)
   enc = encoders.load_encoder(cfg.extract)
   cfg.extract.process_index = 1
   with pytest.raises(_Crash):  # process 1 dies after 4 batches (some of its chunks are saved)
-    extract_parts.run_part(cfg, str(tmp_path), 1, 2, encoder=_CrashingEncoder(enc, 4))
+    extract_stage.run_part(cfg, str(tmp_path), 1, 2, encoder=_CrashingEncoder(enc, 4))
   cfg.extract.process_index = 0
   part0 = extract_stage.run_extraction(cfg, str(tmp_path))
   assert "merged" not in part0 and not (tmp_path / "activations" / "shards").exists()
@@ -371,7 +370,7 @@ def test_two_parts_one_killed_and_resumed_merge_to_the_single_process_extraction
   p0 = tmp_path / "activations" / "process-00000-of-00002"
   stamps = {f: os.stat(f).st_mtime_ns for f in p0.rglob("*") if f.is_file()}
   cfg.extract.process_index = 1
-  part1 = extract_parts.run_part(cfg, str(tmp_path), 1, 2, encoder=enc)
+  part1 = extract_stage.run_part(cfg, str(tmp_path), 1, 2, encoder=enc)
   # Only process 1's unfinished chunks ran again; process 0's files are untouched.
   assert 0 < part1["part"]["rows_written_this_run"] < part1["part"]["counts"]["shard_rows"]
   assert stamps == {f: os.stat(f).st_mtime_ns for f in p0.rglob("*") if f.is_file()}

@@ -409,6 +409,35 @@ class Extractor:
     return {"images": int(img_ids.shape[0]), "captions": int(txt_ids.shape[0]), "pairs": int(sel.shape[0])}
 
 
+def run_part(config, workdir: str, index: int, count: int, encoder=None, source=None) -> dict:
+  """Extracts this process's part, then merges if every part is complete; returns the merged
+  summary (`merged: True`) or, while other parts are unfinished, this part's, with `part` = its own."""
+  ex = config.extract
+  source = source if source is not None else coco.open_paired(ex)
+  chunk = max(1, int(ex.chunk_size))
+  if index * chunk >= len(source.images):
+    raise SaeJaxError(
+      f"config.extract.process_count={count}: process {index} has no images ({len(source.images)} images in "
+      f"chunks of config.extract.chunk_size={chunk}); use fewer processes or smaller chunks"
+    )
+  extractor = Extractor(
+    config, workdir, encoder=encoder, source=extract_parts.subset(source, index, count, chunk)
+  )
+  # The part's own directory (the Extractor's resume logic is unchanged inside it).
+  extractor.act_dir = extract_parts.part_dir(workdir, index, count)
+  extractor.parts_dir = os.path.join(extractor.act_dir, "parts")
+  extractor.shard_dir = os.path.join(extractor.act_dir, "shards")
+  part = extractor.run()
+  merged = extract_parts.merge_if_complete(workdir, count, source, extractor.fingerprint)
+  if merged is None:
+    logging.info("extract: part %d of %d complete; the last process to finish merges", index, count)
+  # The merging process reports the merged extraction, the others their part.
+  summary = {**(merged or part), "process_index": index, "process_count": count, "part": part}
+  if index == 0 and ex.eval_dataset:
+    summary["eval"] = Extractor(config, workdir, encoder=extractor.encoder, split="eval").run()
+  return summary
+
+
 def run_extraction(config, workdir: str) -> dict:
   """Extract activations for `config.extract` into `<workdir>/activations/`; returns the summary."""
   if config.extract.dataset == "mbeir":
@@ -416,7 +445,7 @@ def run_extraction(config, workdir: str) -> dict:
   with preemption.watch():  # SIGTERM: finish the chunk, exit PREEMPTED_EXIT_CODE; a re-run resumes
     index, count = extract_parts.process_split(config.extract)
     if count > 1:  # one part per process, merged by the last to finish
-      return extract_parts.run_part(config, workdir, index, count)
+      return run_part(config, workdir, index, count)
     train = Extractor(config, workdir)
     summary = train.run()
     if config.extract.eval_dataset:

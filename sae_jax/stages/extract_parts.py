@@ -80,37 +80,6 @@ def subset(source: coco.PairedCaptions, index: int, count: int, chunk_size: int)
   return part
 
 
-def run_part(config, workdir: str, index: int, count: int, encoder=None, source=None) -> dict:
-  """Extracts this process's part, then merges if every part is complete; returns the merged
-  summary (`merged: True`) or, while other parts are unfinished, this part's, with `part` = its own."""
-  from sae_jax.stages import extract as extract_stage
-
-  ex = config.extract
-  source = source if source is not None else coco.open_paired(ex)
-  chunk = max(1, int(ex.chunk_size))
-  if index * chunk >= len(source.images):
-    raise SaeJaxError(
-      f"config.extract.process_count={count}: process {index} has no images ({len(source.images)} images in "
-      f"chunks of config.extract.chunk_size={chunk}); use fewer processes or smaller chunks"
-    )
-  extractor = extract_stage.Extractor(
-    config, workdir, encoder=encoder, source=subset(source, index, count, chunk)
-  )
-  # The part's own directory (the Extractor's resume logic is unchanged inside it).
-  extractor.act_dir = part_dir(workdir, index, count)
-  extractor.parts_dir = os.path.join(extractor.act_dir, "parts")
-  extractor.shard_dir = os.path.join(extractor.act_dir, "shards")
-  part = extractor.run()
-  merged = merge_if_complete(workdir, count, source, extractor.fingerprint)
-  if merged is None:
-    logging.info("extract: part %d of %d complete; the last process to finish merges", index, count)
-  # The merging process reports the merged extraction, the others their part.
-  summary = {**(merged or part), "process_index": index, "process_count": count, "part": part}
-  if index == 0 and ex.eval_dataset:
-    summary["eval"] = extract_stage.Extractor(config, workdir, encoder=extractor.encoder, split="eval").run()
-  return summary
-
-
 def merge_if_complete(
   workdir: str, count: int, source: coco.PairedCaptions, fingerprint: dict
 ) -> Optional[dict]:
