@@ -20,6 +20,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
 D, C, K, B = 64, 512, 8, 256  # program shapes: small, so compiling all cases stays quick
+C_TIES = 64  # dictionary size of the tie test
 
 
 def _spec(preset, backward, d, c, k, **kw):
@@ -150,6 +151,35 @@ def main_equality():
     print(json.dumps(record), flush=True)
 
 
+def main_ties():
+  """One step where every latent has an exact twin (W_enc columns and b_enc duplicated) and k is
+  odd, so the k-th value of every row is tied: the winners must be the lower-index twins on every
+  mesh and in both backward modes (the dense mode ranks ties; a model shard may hold either twin)."""
+  import jax
+  import jax.numpy as jnp
+
+  from sae_jax import sae as sae_lib
+  from sae_jax.training import state as state_lib
+
+  d, c, k, b = 16, 64, 5, 64
+  x = np.random.default_rng(2).standard_normal((b, d)).astype(np.float32) + 0.2
+  for backward in ("scatter", "dense"):
+    for data, model in ((1, 1), (2, 4), (1, 8), (4, 2)):
+      spec = _spec("paper", backward, d, c, k)
+      step, _, optimizer = _jitted(spec, _mesh(data, model))
+      params = sae_lib.init_params(jax.random.key(3), spec)
+      W = params["W_enc"].at[:, c // 2 :].set(params["W_enc"][:, : c // 2])
+      bias = params["b_enc"].at[c // 2 :].set(params["b_enc"][: c // 2])
+      state = state_lib.init_state({**params, "W_enc": W, "b_enc": bias}, optimizer)
+      state, metrics = step(state, jnp.asarray(x), jnp.ones((b,), jnp.float32))
+      out = {k_: np.asarray(v).tolist() for k_, v in state["params"].items()}
+      out["tokens_since_fired"] = np.asarray(state["tokens_since_fired"]).tolist()
+      print(
+        json.dumps(dict(backward=backward, mesh=[data, model], l0=float(metrics["l0"]), state=out)),
+        flush=True,
+      )
+
+
 def main_zero():
   """Per-device argument bytes of the compiled step, replicated vs ZeRO-1 Adam moments."""
   import jax
@@ -271,6 +301,28 @@ def test_meshes_and_backward_modes_equal_one_device():
     np.testing.assert_allclose(rec["aux"], ref["aux"], rtol=1e-5)
 
 
+def test_tied_activations_pick_the_lower_index_on_every_mesh():
+  records = _run("ties")
+  assert len(records) == 8
+  ref = records[0]
+  assert (ref["backward"], ref["mesh"]) == ("scatter", [1, 1])
+  # Ties go to the lower index: a latent whose upper twin fired fired itself, and the split pair of
+  # some rows left upper twins that never fired beside lower ones that did.
+  since = np.asarray(ref["state"]["tokens_since_fired"])
+  lower, upper = since[: C_TIES // 2] == 0, since[C_TIES // 2 :] == 0
+  assert np.all(lower[upper]) and np.any(lower & ~upper)
+  for rec in records:
+    assert rec["l0"] == pytest.approx(5.0), rec["l0"]
+    for name, value in rec["state"].items():
+      np.testing.assert_allclose(
+        np.asarray(value),
+        np.asarray(ref["state"][name]),
+        rtol=2e-5,
+        atol=2e-6,
+        err_msg=f"{rec['backward']} {rec['mesh']} {name}",
+      )
+
+
 def test_zero1_divides_optimizer_bytes_by_the_data_axis():
   records = {(tuple(r["mesh"]), r["zero"]): r for r in _run("zero")}
   for mesh in ((8, 1), (4, 2)):
@@ -285,4 +337,4 @@ def test_zero1_divides_optimizer_bytes_by_the_data_axis():
 
 
 if __name__ == "__main__":
-  {"program": main_program, "equality": main_equality, "zero": main_zero}[sys.argv[1]]()
+  {"program": main_program, "equality": main_equality, "ties": main_ties, "zero": main_zero}[sys.argv[1]]()
