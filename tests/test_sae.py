@@ -161,6 +161,9 @@ def test_modern_init_is_tied_and_centred():
     ("decoder", "sparse", "config.sae.decoder='sparse'"),
     ("compute_dtype", "fp8", "config.sae.compute_dtype='fp8'"),
     ("aux_k", 10_000, "config.sae.aux_k=10000"),
+    ("backward", "sparse", "config.sae.backward='sparse'"),
+    ("top_k", "fast", "config.sae.top_k='fast'"),
+    ("approx_recall", 1.5, "config.sae.approx_recall=1.5"),
   ],
 )
 def test_bad_sae_fields(field, value, message):
@@ -168,6 +171,31 @@ def test_bad_sae_fields(field, value, message):
   cfg.sae[field] = value
   with pytest.raises(SaeJaxError, match=message.replace("(", r"\(")):
     sae_lib.spec_from_config(cfg.sae)
+
+
+@pytest.mark.parametrize(
+  "platform, backward, decoder, dtype",
+  [
+    ("cpu", "scatter", "gather", None),
+    ("tpu", "dense", "dense", "bfloat16"),
+    ("gpu", "dense", "dense", "bfloat16"),
+  ],
+)
+def test_auto_fields_follow_the_platform(platform, backward, decoder, dtype):
+  cfg = base.get_config()
+  cfg.sae.backward, cfg.sae.decoder, cfg.sae.compute_dtype = "auto", "auto", "auto"
+  spec = sae_lib.spec_from_config(cfg.sae, platform=platform)
+  assert (spec.backward, spec.decoder) == (backward, decoder)
+  if dtype is None:  # CPU: bf16 only with native bf16 dot products
+    with open("/proc/cpuinfo") as f:
+      flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    dtype = "bfloat16" if {"avx512_bf16", "amx_bf16"} & flags else "float32"
+  assert spec.compute_dtype == dtype
+  cfg.sae.backward = "dense"  # an explicit dense backward takes the dense decoder under "auto"
+  assert sae_lib.spec_from_config(cfg.sae, platform="cpu").decoder == "dense"
+  cfg.sae.decoder = "gather"
+  with pytest.raises(SaeJaxError, match=r"config.sae.decoder='gather' needs config.sae.backward='scatter'"):
+    sae_lib.spec_from_config(cfg.sae, platform="cpu")
 
 
 def test_flax_module_matches_functions():
