@@ -66,7 +66,8 @@ def _jitted(spec, mesh, shard_optimizer=False):
   from sae_jax.training import state as state_lib
   from sae_jax.training import step as step_lib
 
-  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+  clip = getattr(state_lib, "clip_by_global_norm", optax.clip_by_global_norm)  # older commits: optax's
+  optimizer = optax.chain(clip(1.0), optax.adam(1e-3))
   abstract = jax.eval_shape(
     lambda: state_lib.init_state(sae_lib.init_params(jax.random.key(0), spec), optimizer)
   )
@@ -97,11 +98,14 @@ def main_program():
     for backward in ("scatter", "dense"):
       for data, model in ((8, 1), (4, 2), (2, 4)):
         spec = _spec(preset, backward, D, C, K)
-        stats = program_stats.program_stats(_compile(spec, _mesh(data, model), B))
+        compiled = _compile(spec, _mesh(data, model), B)
+        stats = program_stats.program_stats(compiled)
+        text = compiled.as_text()
         record = dict(
           preset=preset,
           backward=backward,
           mesh=[data, model],
+          scalar_sqrts=text.count("= f32[] sqrt("),  # gradient norms (row norms are not scalars)
           in_loops=len(stats.collectives_in_loops()),
           bytes_per_step=stats.collective_bytes_per_step(),
           scatter_shapes=[list(s) for _, s, _ in stats.scatters],
@@ -253,6 +257,13 @@ def test_no_collective_inside_a_loop(program_records):
   assert len(program_records) == 12
   for rec in program_records:
     assert rec["in_loops"] == 0, rec
+
+
+def test_one_gradient_norm_per_step(program_records):
+  # The metric's norm feeds the clip: one scalar sqrt (two before, with sharded gradients).
+  assert all(rec["scalar_sqrts"] == 1 for rec in program_records), [
+    r["scalar_sqrts"] for r in program_records
+  ]
 
 
 def test_collective_bytes_are_about_the_gradient_size(program_records):

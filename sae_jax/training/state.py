@@ -35,8 +35,30 @@ def make_optimizer(optim_cfg: Any, num_steps: int) -> optax.GradientTransformati
     raise SaeJaxError(f"config.optim.decay={optim_cfg.decay!r}: expected 'constant' or 'cosine'")
   adam = optax.adam(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2), eps=float(optim_cfg.eps))
   if float(optim_cfg.clip_norm) > 0:
-    return optax.chain(optax.clip_by_global_norm(float(optim_cfg.clip_norm)), adam)
+    return optax.chain(clip_by_global_norm(float(optim_cfg.clip_norm)), adam)
   return adam
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm (same empty state, same result) that takes the norm the train step
+  already computed (`update(..., grad_norm=...)`), so a step computes one gradient norm: with
+  sharded gradients each norm is its own all-reduce, and XLA does not merge the two."""
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None, *, grad_norm=None, **extra):
+    del params, extra
+    norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+    keep = norm < max_norm  # optax's formula, so results are identical
+
+    def clip(t):
+      return jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm)
+
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def init_state(params: sae_lib.Params, optimizer: optax.GradientTransformation) -> State:

@@ -410,7 +410,8 @@ def make_train_step(
       params = {**params, "D": sae_lib.normalize_rows(params["D"])}
     grads, fired, stats = sharded(params, state["tokens_since_fired"], batch, valid)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    # grad_norm reaches state.clip_by_global_norm (other transforms ignore it): one norm per step.
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params, grad_norm=grad_norm)
     new_params = optax.apply_updates(params, updates)
     if spec.decoder_norm == "unit_grad":
       new_params = {**new_params, "D": sae_lib.normalize_rows(new_params["D"])}
