@@ -121,30 +121,3 @@ def check_divisible(mesh: Mesh, batch_size: int, c: int, d: int = 0, shard_optim
       f"config.mesh.shard_optimizer=True needs config.sae.d={d} and config.sae.c/mesh.model={c // mp} "
       f"divisible by the mesh data axis {dp}"
     )
-
-
-def sharded_top_k(mesh: Mesh):
-  """Top-k over a dictionary sharded on "model" without gathering the [B, c] activations.
-
-  Each model shard takes its local top-k, the k*m candidates (values, global indices) are
-  all-gathered, and a second top-k picks the global winners: the same set as one lax.top_k.
-  """
-  m = mesh.shape[MODEL]
-  if m == 1:
-    return lambda acts, k: jax.lax.top_k(acts, k)
-
-  def top_k(acts, k):
-    def local(a):
-      # A shard narrower than k offers all its columns; m shards still offer >= k in total.
-      v, i = jax.lax.top_k(a, min(k, a.shape[1]))
-      i = i + jax.lax.axis_index(MODEL) * a.shape[1]
-      v = jax.lax.all_gather(v, MODEL, axis=1, tiled=True)
-      i = jax.lax.all_gather(i, MODEL, axis=1, tiled=True)
-      v2, j = jax.lax.top_k(v, k)
-      return v2, jax.numpy.take_along_axis(i, j, axis=1)
-
-    return jax.shard_map(
-      local, mesh=mesh, in_specs=P(DATA, MODEL), out_specs=(P(DATA, None),) * 2, check_vma=False
-    )(acts)
-
-  return top_k
