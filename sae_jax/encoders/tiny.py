@@ -24,11 +24,11 @@ _CORPUS = (
 )
 
 
-@functools.lru_cache(maxsize=None)
-def tiny_tokenizer(
-  specials: tuple, vocab_size: int = 512, bos=None, eos=None, pad=None, unk=None, add_bos: bool = False
+def bpe_tokenizer(
+  corpus: list, specials: tuple, vocab_size: int, bos=None, eos=None, pad=None, unk=None, add_bos=False
 ):
-  """A byte-level BPE PreTrainedTokenizerFast trained in-process; `specials` get the first ids."""
+  """A byte-level BPE `PreTrainedTokenizerFast` trained in-process on `corpus`; `specials` get the
+  first ids. `add_bos` wraps every text in BOS (`add_bos="eos"`: BOS ... EOS, as CLIP)."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
   from transformers import PreTrainedTokenizerFast
 
@@ -41,8 +41,8 @@ def tiny_tokenizer(
     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     show_progress=False,
   )
-  tok.train_from_iterator([_CORPUS] * 4, trainer)
-  if add_bos and bos:  # add_bos='eos' also appends EOS (CLIP-style)
+  tok.train_from_iterator(corpus, trainer)
+  if add_bos and bos:
     wrap = [(bos, tok.token_to_id(bos))] + ([(eos, tok.token_to_id(eos))] if add_bos == "eos" else [])
     tail = f" {eos}" if add_bos == "eos" else ""
     tok.post_processor = processors.TemplateProcessing(
@@ -52,17 +52,28 @@ def tiny_tokenizer(
   return PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
 
 
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer(
+  specials: tuple, vocab_size: int = 512, bos=None, eos=None, pad=None, unk=None, add_bos: bool = False
+):
+  """`bpe_tokenizer` on a small built-in caption corpus (cached: tests build many tiny models)."""
+  return bpe_tokenizer([_CORPUS] * 4, specials, vocab_size, bos, eos, pad, unk, add_bos)
+
+
+# The special tokens the Qwen2/2.5/3-VL processors need.
+QWEN_SPECIALS = (
+  "<|endoftext|>",
+  "<|im_start|>",
+  "<|im_end|>",
+  "<|vision_start|>",
+  "<|vision_end|>",
+  "<|image_pad|>",
+  "<|video_pad|>",
+)
+
+
 def _qwen_tokenizer():
-  specials = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-  )
-  return tiny_tokenizer(specials, eos="<|endoftext|>", pad="<|endoftext|>"), specials
+  return tiny_tokenizer(QWEN_SPECIALS, eos="<|endoftext|>", pad="<|endoftext|>"), QWEN_SPECIALS
 
 
 QWEN2_PATTERN = (

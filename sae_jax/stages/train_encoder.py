@@ -30,42 +30,19 @@ from sae_jax.errors import SaeJaxError
 KINDS = ("clip", "qwen2_vl")
 QUALITY_FILE = "quality.json"
 CLIP_SPECIALS = ("<|endoftext|>", "<|startoftext|>")
-QWEN_SPECIALS = (
-  "<|endoftext|>",
-  "<|im_start|>",
-  "<|im_end|>",
-  "<|vision_start|>",
-  "<|vision_end|>",
-  "<|image_pad|>",
-  "<|video_pad|>",
-)
 
 
 def train_tokenizer(corpus: list, specials: tuple, vocab_size: int, clip_style: bool):
-  """Byte-level BPE `PreTrainedTokenizerFast` trained on `corpus`; `specials` get the first ids."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-  from transformers import PreTrainedTokenizerFast
+  """Byte-level BPE tokenizer trained on `corpus`; CLIP style wraps texts in BOS ... EOS (the text
+  tower pools at the EOS token), the Qwen style adds nothing."""
+  from sae_jax.encoders import tiny  # torch: the `extract` extra
 
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-    vocab_size=vocab_size,
-    special_tokens=list(specials),
-    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    show_progress=False,
-  )
-  tok.train_from_iterator(corpus, trainer)
   eos = "<|endoftext|>"
-  if clip_style:  # CLIP: <|startoftext|> text <|endoftext|>; the text tower pools at the EOS token
-    bos = "<|startoftext|>"
-    tok.post_processor = processors.TemplateProcessing(
-      single=f"{bos} $A {eos}",
-      pair=f"{bos} $A $B {eos}",
-      special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))],
+  if clip_style:
+    return tiny.bpe_tokenizer(
+      corpus, specials, vocab_size, bos="<|startoftext|>", eos=eos, pad=eos, add_bos="eos"
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos)
-  return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
+  return tiny.bpe_tokenizer(corpus, specials, vocab_size, eos=eos, pad=eos)
 
 
 def _split(data_dir: str, split: str, max_images: int = 0) -> coco.CocoCaptionsJson:
@@ -257,11 +234,13 @@ def _train_clip(cfg: Any, data_dir: str, out_dir: str, log: Callable) -> dict:
 def build_qwen2_vl(tok, cfg: Any):
   from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
+  from sae_jax.encoders import tiny
+
   q = cfg.qwen2_vl
   h, heads = int(q.hidden), int(q.heads)
   half = h // heads // 2  # rotary frequencies per head, split over (time, height, width)
   sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-  ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIALS}
+  ids = {s: tok.convert_tokens_to_ids(s) for s in tiny.QWEN_SPECIALS}
   eos = ids["<|endoftext|>"]
   model_cfg = Qwen2VLConfig(
     text_config=dict(
@@ -412,12 +391,14 @@ def _greedy_captions(model, batcher, images, max_new_tokens: int = 40) -> list:
 def _train_qwen2_vl(cfg: Any, data_dir: str, out_dir: str, log: Callable) -> dict:
   import torch
 
+  from sae_jax.encoders import tiny
+
   q = cfg.qwen2_vl
   train = _split(data_dir, "train")
   caps = _captions_by_image(train)
   prompts = [q.prompt]
   tok = train_tokenizer(
-    [t for cs in caps for t in cs] + prompts, QWEN_SPECIALS, int(cfg.vocab_size), clip_style=False
+    [t for cs in caps for t in cs] + prompts, tiny.QWEN_SPECIALS, int(cfg.vocab_size), clip_style=False
   )
   size = coco.load_image(train.images[0]).size[0]
   torch.manual_seed(int(cfg.seed))
