@@ -35,6 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   sae.b_dec_init = "auto"  # "zeros" | "mean" | "geometric_median" (of the first batches)
   sae.enc_init = "auto"  # "uniform" (torch Linear default) | "tied" (W_enc = D^T)
   sae.decoder_norm = "auto"  # "renorm" (rows renormalised before each step) | "unit_grad"
+  sae.mse = "auto"  # "plain" (paper) | "normalized" (modern: sse / batch variance, Gao et al.)
   sae.l1_coef = -1.0  # paper 0.01 on mean|z|; modern 0
   sae.aux_k = -1  # AuxK latents; modern d/2, paper 0 (off)
   sae.aux_coef = -1.0  # modern 1/32

@@ -56,6 +56,7 @@ class SAESpec:
   b_dec_init: str = "zeros"
   enc_init: str = "uniform"
   decoder_norm: str = "renorm"
+  mse: str = "plain"
   l1_coef: float = 0.01
   aux_k: int = 0
   aux_coef: float = 0.0
@@ -68,6 +69,7 @@ _PRESETS = {
     b_dec_init="zeros",
     enc_init="uniform",
     decoder_norm="renorm",
+    mse="plain",
     l1_coef=0.01,
     aux_k=0,
     aux_coef=0.0,
@@ -77,6 +79,7 @@ _PRESETS = {
     b_dec_init="geometric_median",
     enc_init="tied",
     decoder_norm="unit_grad",
+    mse="normalized",
     l1_coef=0.0,
     aux_k=None,
     aux_coef=1 / 32,
@@ -90,6 +93,7 @@ _CHOICES = {
   "b_dec_init": ("zeros", "mean", "geometric_median"),
   "enc_init": ("uniform", "tied"),
   "decoder_norm": ("renorm", "unit_grad"),
+  "mse": ("plain", "normalized"),
 }
 
 
@@ -145,7 +149,16 @@ def spec_from_config(sae_cfg: Any, platform: Optional[str] = None) -> SAESpec:
   if base["aux_k"] is None:
     base["aux_k"] = min(d // 2, c)
   out = dict(d=d, c=c, k=k, preset=preset, dead_tokens=int(sae_cfg.dead_tokens))
-  for name in ("backward", "decoder", "top_k", "compute_dtype", "b_dec_init", "enc_init", "decoder_norm"):
+  for name in (
+    "backward",
+    "decoder",
+    "top_k",
+    "compute_dtype",
+    "b_dec_init",
+    "enc_init",
+    "decoder_norm",
+    "mse",
+  ):
     value = str(sae_cfg[name])
     if value == "auto" and name == "decoder" and out["backward"] == "dense":
       value = "dense"  # the dense backward decodes with z D
@@ -312,7 +325,7 @@ def loss_fn(
   mse = jnp.sum(w[:, None] * err**2) / (n_valid * spec.d)
   # mean|z| over the dense [B, c] codes, as Overcomplete's z.abs().mean(); values are >= 0.
   l1 = jnp.sum(w[:, None] * values) / (n_valid * spec.c)
-  loss = mse + spec.l1_coef * l1
+  loss = mse * reconstruction_scale(x, w, spec) + spec.l1_coef * l1
   aux = jnp.zeros((), jnp.float32)
   if spec.aux_k > 0 and dead is not None:
     # Computed only when some latent is dead (0 otherwise). The train step differentiates it
@@ -325,6 +338,18 @@ def loss_fn(
     )
     loss = loss + spec.aux_coef * aux_scale(jnp.sum(dead), spec.aux_k) * aux
   return loss, LossOutput(loss, mse, l1, aux, SparseCode(values, indices), x_hat)
+
+
+def reconstruction_scale(x: jax.Array, w: jax.Array, spec: SAESpec) -> jax.Array:
+  """Factor on the plain MSE in the loss: 1, or for `mse="normalized"` (Gao et al.) d*n / sum_n
+  ||x_n - mean(x)||^2 over the batch's valid rows, so the loss is the batch FVU and AuxK's weight
+  does not scale with the activations' variance. A constant of the parameters (no gradient)."""
+  if spec.mse == "plain":
+    return jnp.ones((), jnp.float32)
+  n = jnp.maximum(w.sum(), 1.0)
+  mean = jnp.sum(w[:, None] * x, axis=0) / n
+  ss = jnp.sum(w[:, None] * (x - mean) ** 2)
+  return (n * x.shape[1]) / jnp.maximum(ss, 1e-12)
 
 
 def aux_scale(n_dead: jax.Array, aux_k: int) -> jax.Array:

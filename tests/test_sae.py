@@ -36,7 +36,9 @@ def _np_forward(params, x, spec, dead=None):
       za[n, top] = da[n, top]
     aux = np.sum((e - za @ D) ** 2) / np.sum((e - e.mean(0)) ** 2)
   scale = min(dead.sum() / spec.aux_k, 1.0) if spec.aux_k and dead is not None else 0.0
-  loss = mse + spec.l1_coef * l1 + spec.aux_coef * scale * aux
+  # modern: normalised MSE (Gao et al.), the batch FVU: sum of squared errors over sum_n ||x_n - x̄||^2.
+  recon = mse if spec.mse == "plain" else np.sum((x - x_hat) ** 2) / np.sum((x - x.mean(0)) ** 2)
+  loss = recon + spec.l1_coef * l1 + spec.aux_coef * scale * aux
   return z, x_hat, loss, mse, l1, aux
 
 

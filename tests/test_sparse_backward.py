@@ -34,9 +34,13 @@ def _reference_loss(params, x, spec, valid, dead=None):
   w = valid.astype(jnp.float32)
   n = jnp.maximum(w.sum(), 1.0)
   err = x - x_hat
-  loss = jnp.sum(w[:, None] * err**2) / (n * spec.d) + spec.l1_coef * jnp.sum(w[:, None] * values) / (
-    n * spec.c
-  )
+  sse = jnp.sum(w[:, None] * err**2)
+  if spec.mse == "normalized":  # the batch FVU: sse over the valid rows' total squared deviation
+    x_mean = jnp.sum(w[:, None] * x, axis=0) / n
+    recon = sse / jnp.sum(w[:, None] * (x - x_mean) ** 2)
+  else:
+    recon = sse / (n * spec.d)
+  loss = recon + spec.l1_coef * jnp.sum(w[:, None] * values) / (n * spec.c)
   if spec.aux_k > 0:
     av, ai = jax.lax.top_k(jnp.where(dead[None, :], acts, 0.0), spec.aux_k)
     e = jax.lax.stop_gradient(err)
@@ -63,6 +67,7 @@ def _setup(preset, seed=0):
       l1_coef=0.0,
       aux_k=D_IN // 2,
       aux_coef=1 / 32,
+      mse="normalized",
     )
   else:
     spec = dataclasses.replace(spec, l1_coef=0.01)

@@ -185,6 +185,13 @@ def _local_step(spec: sae_lib.SAESpec, plan: _Plan, params, since, x, valid):
   first = jax.lax.psum(first, (DATA, MODEL))
   n_valid, n_bad, n_dead, sum_x = first[0], first[1], first[2], first[3:]
   n = jnp.maximum(n_valid, 1.0)
+  mean_d = sum_x / n
+  ss_dim_local = model_0 * jnp.sum(w[:, None] * (x - mean_d) ** 2)
+  if spec.mse == "normalized":  # the loss is sse / ss_dim (Gao et al.): one more scalar psum
+    ss_dim = jax.lax.psum(ss_dim_local, (DATA, MODEL))
+    recon_scale = (n * d) / jnp.maximum(ss_dim, 1e-12)
+  else:
+    recon_scale = 1.0
   use_aux = spec.aux_k > 0
   with_aux = n_dead > 0 if use_aux else jnp.zeros((), bool)
   scale = sae_lib.aux_scale(n_dead, spec.aux_k) if use_aux else 0.0
@@ -199,7 +206,7 @@ def _local_step(spec: sae_lib.SAESpec, plan: _Plan, params, since, x, valid):
   if spec.pre_bias:
     x_hat = x_hat + b_dec
   err = x - x_hat
-  g = (-2.0 / (n * d)) * w[:, None] * err  # dL/dx_hat
+  g = (-2.0 * recon_scale / (n * d)) * w[:, None] * err  # dL/dx_hat
   l1_grad = spec.l1_coef * w / (n * spec.c)  # dL/dvalue of every active latent (values >= 0)
   if spec.backward == "dense":
     grads = _dense_backward(fwd, xc, D, g, l1_grad, spec, plan)
@@ -251,14 +258,13 @@ def _local_step(spec: sae_lib.SAESpec, plan: _Plan, params, since, x, valid):
     dW, db, dD, fired = jax.lax.psum((dW, db, dD, fired), DATA)
 
   # Metric sums (replicated quantities counted on model shard 0 only): one psum.
-  mean_d = sum_x / n
   mean_all = jnp.sum(sum_x) / (n * d)
   sums = jnp.stack(
     [
       model_0 * jnp.sum(w[:, None] * err**2),
       jnp.sum(w * fwd["value_sum"]),
       jnp.sum(w * fwd["active"]),
-      model_0 * jnp.sum(w[:, None] * (x - mean_d) ** 2),
+      ss_dim_local,
       model_0 * jnp.sum(w[:, None] * (x - mean_all) ** 2),
     ]
   )
@@ -266,7 +272,7 @@ def _local_step(spec: sae_lib.SAESpec, plan: _Plan, params, since, x, valid):
   mse = sse / (n * d)
   l1 = l1_sum / (n * spec.c)
   stats = {
-    "loss": mse + spec.l1_coef * l1 + spec.aux_coef * scale * aux,
+    "loss": mse * recon_scale + spec.l1_coef * l1 + spec.aux_coef * scale * aux,
     "mse": mse,
     "l1": l1,
     "aux_loss": aux,
