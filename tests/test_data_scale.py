@@ -16,6 +16,7 @@ from configs import base
 from sae_jax.data import pipeline
 from sae_jax.data.shards import ShardWriter
 from tests.helpers.env import ROOT
+from tests.helpers.faults import Crash, CrashingEncoder
 from tests.helpers.run_training import final_state, tiny_config
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -264,26 +265,6 @@ def test_block_shuffle_training_resumes_exactly_after_sigkill(tmp_path):
 # ---- extraction split across processes ------------------------------------------------------------
 
 
-class _Crash(Exception):
-  pass
-
-
-class _CrashingEncoder:
-  """A real encoder that raises after `n` forwards (a killed process)."""
-
-  def __init__(self, enc, n):
-    self._enc, self._n = enc, n
-
-  def forward(self, prepared):
-    self._n -= 1
-    if self._n < 0:
-      raise _Crash()
-    return self._enc.forward(prepared)
-
-  def __getattr__(self, name):
-    return getattr(self._enc, name)
-
-
 def _clip_config(**extract):
   from configs import clip_coco
 
@@ -360,8 +341,8 @@ def test_two_parts_one_killed_and_resumed_merge_to_the_single_process_extraction
   cfg = _clip_config(process_count=2)
   enc = encoders.load_encoder(cfg.extract)
   cfg.extract.process_index = 1
-  with pytest.raises(_Crash):  # process 1 dies after 4 batches (some of its chunks are saved)
-    extract_stage.run_part(cfg, str(tmp_path), 1, 2, encoder=_CrashingEncoder(enc, 4))
+  with pytest.raises(Crash):  # process 1 dies after 4 batches (some of its chunks are saved)
+    extract_stage.run_part(cfg, str(tmp_path), 1, 2, encoder=CrashingEncoder(enc, 4))
   cfg.extract.process_index = 0
   part0 = extract_stage.run_extraction(cfg, str(tmp_path))
   assert "merged" not in part0 and not (tmp_path / "activations" / "shards").exists()

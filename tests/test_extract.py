@@ -21,6 +21,7 @@ from sae_jax.stages import extract as extract_stage
 from sae_jax.stages import extract_mbeir
 from sae_jax.training import trainer
 from tests.helpers.env import COCO_MINI, require_fixture
+from tests.helpers.faults import Crash, CrashingEncoder
 
 # Every test here reads the real COCO mini fixture (skipped when absent; a failure under CI).
 pytestmark = pytest.mark.usefixtures("coco_mini")
@@ -171,31 +172,11 @@ def test_rerun_of_complete_extraction_is_a_noop(clip_run):
   assert again["counts"] == summary["counts"] and os.stat(shard).st_mtime_ns == before
 
 
-class _Crash(Exception):
-  pass
-
-
-class _CrashingEncoder:
-  """Delegates to a real encoder and raises after `n` encode calls (a killed run)."""
-
-  def __init__(self, enc, n):
-    self._enc, self._n = enc, n
-
-  def forward(self, prepared):
-    self._n -= 1
-    if self._n < 0:
-      raise _Crash()
-    return self._enc.forward(prepared)
-
-  def __getattr__(self, name):
-    return getattr(self._enc, name)
-
-
 def test_resume_after_crash_gives_the_same_shards(qwen_run, tmp_path):
   ref_wd, ref_summary = qwen_run
   enc = _encoder("qwen2_vl")
-  with pytest.raises(_Crash):
-    _run("qwen2_vl", tmp_path, encoder=_CrashingEncoder(enc, 9))
+  with pytest.raises(Crash):
+    _run("qwen2_vl", tmp_path, encoder=CrashingEncoder(enc, 9))
   act = tmp_path / "activations"
   assert not list(act.glob("pooled_*.npz"))  # nothing half-written
   partial = shards_lib.read_index(str(act / "shards"), allow_empty=True)

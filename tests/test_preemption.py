@@ -27,6 +27,7 @@ from sae_jax.training import checkpoint as ckpt_lib
 from sae_jax.training import state as state_lib
 from sae_jax.training import trainer
 from tests.conftest import ROOT
+from tests.helpers.faults import start_two_trainers
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 # 64-row batches: ~1,000 steps/s here, so a 1000-step run costs seconds and a signal lands mid-run.
@@ -374,24 +375,8 @@ def test_workdir_contract_on_an_in_memory_gcs(fake_gcs, tmp_path):
 
 def test_two_processes_agree_on_the_step_when_one_is_signalled(tmp_path):
   """SIGTERM reaches one host only: both save the same step and exit 75 (the all-gathered flag)."""
-  import socket
-
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   work = tmp_path / "mp"
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-m", "tests.helpers.run_multiprocess", str(work), str(port), "2", str(pid), "100000"],
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for pid in (0, 1)
-  ]
+  procs = start_two_trainers(work, 100000, ENV, stderr=subprocess.PIPE)
   _wait_for(work / "checkpoints" / "20", procs[0])
   procs[1].send_signal(signal.SIGTERM)
   errs = [p.communicate(timeout=300)[1] for p in procs]

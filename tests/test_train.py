@@ -16,6 +16,7 @@ from sae_jax.data.synthetic import PlantedSource
 from sae_jax.errors import SaeJaxError
 from sae_jax.training import trainer
 from tests.helpers.env import ROOT
+from tests.helpers.faults import start_two_trainers
 from tests.helpers.run_training import final_state, tiny_config
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -138,24 +139,8 @@ def test_checkpoint_saved_on_8_devices_resumes_on_1(tmp_path):
 
 def test_two_processes_match_one(tmp_path):
   """Two jax processes (2 CPU devices each, coordinator on 127.0.0.1) == one process."""
-  import socket
-
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   work = tmp_path / "mp"
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-m", "tests.helpers.run_multiprocess", str(work), str(port), "2", str(pid), "10"],
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for pid in (0, 1)
-  ]
+  procs = start_two_trainers(work, 10, ENV)
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
   assert "SUMMARY" in outs[0] and "SUMMARY" not in outs[1]  # only process 0 logs
