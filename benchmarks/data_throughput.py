@@ -114,28 +114,13 @@ def reader_line(dtype: str, shuffle: str, cache: str, times: list, loads: list, 
 def bench_step(a) -> dict:
   import jax
 
+  from benchmarks import sae_step
   from configs import base
-  from sae_jax import sae as sae_lib
-  from sae_jax import sharding as shard_lib
-  from sae_jax.training import state as state_lib
-  from sae_jax.training import step as step_lib
 
   cfg = base.get_config()
   cfg.sae.d, cfg.sae.c, cfg.sae.k, cfg.data.batch_size = a.d, a.c, a.k, a.step_batch
-  spec = sae_lib.spec_from_config(cfg.sae)
-  optimizer = state_lib.make_optimizer(cfg.optim, 100)
-  mesh = shard_lib.make_mesh(cfg.mesh)
-  abstract = state_lib.abstract_state(spec, cfg)
-  state_sharding = shard_lib.state_shardings(abstract, mesh)
-  state = jax.device_put(
-    state_lib.init_state(sae_lib.init_params(jax.random.key(0), spec, None), optimizer), state_sharding
-  )
-  step = step_lib.jit_train_step(spec, optimizer, mesh, state_sharding)
-  batch = jax.device_put(
-    np.random.default_rng(0).standard_normal((a.step_batch, a.d)).astype(np.float32),
-    shard_lib.batch_sharding(mesh),
-  )
-  valid = jax.device_put(np.ones(a.step_batch, np.float32), shard_lib.rows_sharding(mesh))
+  step, state, put_batch = sae_step.fresh_step(cfg)
+  batch, valid = put_batch(np.random.default_rng(0).standard_normal((a.step_batch, a.d)).astype(np.float32))
   state, m = step(state, batch, valid)
   jax.block_until_ready(m)
   times = []

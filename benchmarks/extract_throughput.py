@@ -39,8 +39,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 
 from sae_jax.stages import extract as extract_stage
-from sae_jax.training import state as state_lib
-from sae_jax.training import step as step_lib
 
 FIXTURE = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "coco-val2017-mini"
@@ -220,9 +218,8 @@ def bench_extraction(family: str, scale: int, reps: int, captions_json: str, ima
 def bench_reading(reps: int, rows: int):
   import jax
 
+  from benchmarks import sae_step
   from configs import clip_coco
-  from sae_jax import sae as sae_lib
-  from sae_jax import sharding as shard_lib
   from sae_jax.data import pipeline
   from sae_jax.data import shards as shards_lib
 
@@ -242,25 +239,14 @@ def bench_reading(reps: int, rows: int):
     for i in range(8):
       reader(r * 8 + i)
     t_read.append((time.perf_counter() - t0) / 8)
-  spec = sae_lib.spec_from_config(cfg.sae)
-  optimizer = state_lib.make_optimizer(cfg.optim, 100)
-  mesh = shard_lib.make_mesh(cfg.mesh)
-  abstract = state_lib.abstract_state(spec, cfg)
-  state_sharding = shard_lib.state_shardings(abstract, mesh)
-  state = jax.device_put(
-    state_lib.init_state(sae_lib.init_params(jax.random.key(0), spec, None), optimizer), state_sharding
-  )
-  step = step_lib.jit_train_step(spec, optimizer, mesh, state_sharding)
-  bsh = shard_lib.batch_sharding(mesh)
-  vsh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shard_lib.DATA))
+  step, state, put_batch = sae_step.fresh_step(cfg)
   batch = reader(1)
-  valid = np.ones(bs, np.float32)
-  state, m = step(state, jax.device_put(batch, bsh), jax.device_put(valid, vsh))
+  state, m = step(state, *put_batch(batch))
   jax.block_until_ready(m)
   t_step = []
   for r in range(reps):
     t0 = time.perf_counter()
-    state, m = step(state, jax.device_put(batch, bsh), jax.device_put(valid, vsh))
+    state, m = step(state, *put_batch(batch))
     jax.block_until_ready(m)
     t_step.append(time.perf_counter() - t0)
   shutil.rmtree(tmp, ignore_errors=True)
