@@ -201,3 +201,25 @@ def test_paper_preset_prints_the_published_numbers_beside(tiny):
   )
   t3 = "\n".join(report.table3_md(paper, data))
   assert "| Qwen2-VL-7B-Instruct (paper) | MSCOCO q_i -> c_t | Last token | 0.20 | 2.65 | 3.81 |" in t3
+
+
+def test_report_tables_show_a_k_the_run_did_not_score_as_a_dash():
+  """`retrieval.ks=(1,5)` (or a pool under 10 candidates) leaves no R@10: the paper's column says "-"."""
+  from configs import study_shapes
+  from sae_jax.stages import report
+
+  cfg = study_shapes.get_config("tiny")
+  by = {"embed": {"R@1": 10.0, "R@5": 20.0, "settings": {}}}
+  data = {
+    "dataset": "shapes",
+    "models": {
+      "clip": {"label": "CLIP", "settings": {"base_variant": "embed"}, "retrieval": {"image_to_text": by}}
+    },
+  }
+  assert (
+    report.table2_md(cfg, data)[2]
+    == "| CLIP | shapes q_i -> c_t | Base | 10.00 | 20.00 | - | pooling=embed |"
+  )
+  by3 = {v: {"R@1": 1.0, "R@5": 2.0} for v in ("last_token", "mean")}
+  data["models"]["clip"]["retrieval"] = {"image_to_text": by3}
+  assert report.table3_md(cfg, data)[2].endswith("| Last token | 1.00 | 2.00 | - |")

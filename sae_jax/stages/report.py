@@ -22,7 +22,7 @@ import html
 import json
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from sae_jax.stages import study_layout as study
 GENERATIVE_FAMILIES = ("qwen_vl", "paligemma", "chameleon")
 TABLE1_KEYS = ("J(S_E,S_A)", "J(S_E,S_B)", "J(S_A,S_B)", "triple_overlap")
 PUBLISHED_TABLE1_KEYS = ("J_EA", "J_EB", "J_AB", "triple")  # the same columns in config.study.published
-KS = ("R@1", "R@5", "R@10")
+KS = ("R@1", "R@5", "R@10")  # the paper's columns; a K the run did not score shows as "-"
 TASK_ARROWS = {"image_to_text": "q_i -> c_t", "text_to_image": "q_t -> c_i"}
 
 
@@ -116,8 +116,8 @@ def collect(config: Any, workdir: str) -> dict:
 # ------------------------------------------------------------------------------------------ tables
 
 
-def _f(x: float, nd: int = 2) -> str:
-  return f"{x:.{nd}f}"
+def _f(x: Optional[float], nd: int = 2) -> str:
+  return "-" if x is None else f"{x:.{nd}f}"
 
 
 def _published(config: Any, name: str, *keys) -> Any:
@@ -169,7 +169,7 @@ def table2_md(config: Any, data: dict) -> list:
         note = f"pooling={base}" + (f", {note}" if note else "")
         lines.append(
           f"| {m['label']} | {task_label(task, data['dataset'])} | {label} | "
-          + " | ".join(_f(r[k]) for k in KS)
+          + " | ".join(_f(r.get(k)) for k in KS)
           + f" | {note} |"
         )
         pub = _published(config, name, "table2", task, label.split(" ")[0].lower())
@@ -192,7 +192,7 @@ def table3_md(config: Any, data: dict) -> list:
       for label, v in (("Last token", "last_token"), ("Mean pooling", "mean")):
         lines.append(
           f"| {m['label']} | {task_label(task, data['dataset'])} | {label} | "
-          + " | ".join(_f(by[v][k]) for k in KS)
+          + " | ".join(_f(by[v].get(k)) for k in KS)
           + " |"
         )
         n += 1

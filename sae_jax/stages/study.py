@@ -150,7 +150,8 @@ def run_model(config: Any, workdir: str, name: str, log: Callable = print) -> di
       c.sae.d = int(done["extract_train"]["summary"]["d"])
       res = retrieve.run_retrieval(c, sae_dir)
       brief = {
-        t: {v: {k: r[k] for k in ("R@1", "R@5", "R@10")} for v, r in by.items()} for t, by in res.items()
+        t: {v: {k: x for k, x in r.items() if k.startswith("R@")} for v, r in by.items()}
+        for t, by in res.items()
       }
       record(step, brief, time.perf_counter() - t0)
     log(f"study {name}: {step} done in {time.perf_counter() - t0:.1f} s")
