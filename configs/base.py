@@ -142,8 +142,26 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   retrieval.attribution = "auto"  # "auto" (analysis/concepts.npz, else the SAE) | "concepts" | "sae"
   retrieval.removal_fraction = 0.01  # top fraction of concepts by attribution (paper: 1%)
   retrieval.removal_rank = -1  # r right singular vectors removed; -1 = all selected atoms
-  retrieval.removal_by = "attribution"  # top concepts by "attribution" (paper) | "energy" | "abs_attribution"
+  # Top concepts by "attribution" (paper Eq. 6) | "energy" | "abs_attribution" | "negatives" (Eq. 6 over
+  # unmatched pairs) | "margin" (2 negatives - attribution); README, equation table.
+  retrieval.removal_by = "attribution"
   retrieval.removal_compare = ()  # other removal_by rules scored and swept beside it (model presets: all)
+  retrieval.negatives_draws = 4  # seeded derangements of the fit pairs the unmatched-pair rules average
+  retrieval.negatives_seed = 0
+  # "none": removal_fraction / removal_rank as set | "validation": rule (removal_by + removal_compare),
+  # fraction and rank, and all-but-the-top's D, chosen by R@1 on a split disjoint by image from the
+  # scored one (the fit split where one exists, else validation_fraction of the scored images, left out).
+  retrieval.select_on = "none"
+  retrieval.select_how = "one_se"  # "best" R@1 | "one_se": the least removed within 1 s.e. of the best
+  retrieval.select_fractions = (0.005, 0.01, 0.02, 0.05)
+  retrieval.select_ranks = (1, 2, 4, 8, 16, 32, -1)  # -1 = every selected atom
+  retrieval.validation_fraction = 0.2
+  retrieval.validation_seed = 0
+  retrieval.validation_max_pairs = 5000  # seeded subset of the validation pairs (0 = all)
+  retrieval.abtt = True  # baselines: mean-centring (+center) and all-but-the-top (+abtt, needs validation)
+  retrieval.abtt_components = (1, 2, 4, 8, 16)  # D candidates of all-but-the-top
+  retrieval.bootstrap_n = 1000  # resamples of the Recall@K intervals (R@K_ci95, delta_vs_base)
+  retrieval.bootstrap_seed = 0
   retrieval.sweep_task = "image_to_text"
   retrieval.sweep_ranks = (1, 2, 4, 8, 16, 32, 64, 128, 256)
   retrieval.whitening = True  # shrinkage-whitening baseline on the base variant

@@ -400,6 +400,8 @@ class Projector:
 
   kind 'removal':   h -> normalise(h - (h @ basis) @ basis.T)      basis [d, r] orthonormal.
   kind 'whitening': h -> normalise((h - mean) @ matrix)           matrix [d, d] symmetric.
+  kind 'abtt':      h -> normalise(c - (c @ basis) @ basis.T), c = h - mean   (all-but-the-top,
+                    `removal.fit_abtt`; basis [d, D] orthonormal, D = 0 centres only).
   With `prenormalize`, h is L2-normalised before the map (ReAlign fits and applies it that way).
   """
 
@@ -465,8 +467,11 @@ def _apply_projector(kind, h, basis, mean, matrix):
     out = h - (h @ basis) @ basis.T
   elif kind == "whitening":
     out = (h - mean) @ matrix
+  elif kind == "abtt":
+    centred = h - mean
+    out = centred - (centred @ basis) @ basis.T
   else:
-    raise SaeJaxError(f'projector kind: expected "removal" or "whitening", got {kind!r}')
+    raise SaeJaxError(f'projector kind: expected "removal", "whitening" or "abtt", got {kind!r}')
   return l2_normalize(out)
 
 

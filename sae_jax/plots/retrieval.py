@@ -1,4 +1,5 @@
-"""Figures of the retrieval stage: Figure 4 (masking ablation bars) and the removal rank sweep."""
+"""Figures of the retrieval stage: Figure 4 (masking ablation bars), the removal rank sweep and the
+removed concepts among all concepts."""
 
 from __future__ import annotations
 
@@ -43,7 +44,13 @@ def draw_masking(
   if not tasks:
     raise SaeJaxError("fig_masking: no task has a mean_no_image / mean_no_prompt variant to compare")
   if metrics is None:
-    ks = {int(m[2:]) for t in tasks for r in results[t].values() for m in r if m.startswith("R@")}
+    ks = {
+      int(m[2:])
+      for t in tasks
+      for r in results[t].values()
+      for m in r
+      if m.startswith("R@") and m[2:].isdigit()
+    }
     metrics = [f"R@{k}" for k in sorted(ks)]
   drawn = []
   n = len(tasks)
@@ -102,5 +109,46 @@ def fig_rank_sweep(sweep: Mapping, path: str, title: str = "") -> None:
   """`draw_rank_sweep` written to `path` (atomically)."""
   fig = draw_rank_sweep(sweep, title)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  atomic_savefig(fig, path, dpi=120)
+  plt.close(fig)
+
+
+def draw_removal_concepts(diagnostics: Mapping, removed: Mapping) -> matplotlib.figure.Figure:
+  """Every concept by what it adds to matched pairs (attribution A⁺, x) and to unmatched pairs
+  (negatives A⁻, y; energy when A⁻ is missing), the concepts of each removal in `removed`
+  ({name: [concept ids]}) marked. Distractors sit near the diagonal A⁻ = A⁺, content below it."""
+  if "attribution" not in diagnostics:
+    raise SaeJaxError(f"removed-concepts figure: no attribution among {sorted(diagnostics)}")
+  y_key = "negatives" if "negatives" in diagnostics else "energy"
+  x = np.asarray(diagnostics["attribution"], np.float64)
+  y = np.asarray(diagnostics[y_key], np.float64)
+  fig, ax = plt.subplots(figsize=(5.5, 4.5))
+  ax.scatter(x, y, s=8, c="0.7", label=f"all {x.size} concepts", zorder=1)
+  markers = ("o", "s", "^", "D", "v", "P", "X", "*")
+  for j, (name, atoms) in enumerate(removed.items()):
+    a = np.asarray(atoms, np.int64)
+    ax.scatter(
+      x[a],
+      y[a],
+      s=40,
+      facecolors="none",
+      edgecolors=f"C{j}",
+      marker=markers[j % len(markers)],
+      label=f"{name} ({a.size})",
+      zorder=2,
+    )
+  if y_key == "negatives":
+    lim = [min(x.min(), y.min()), max(x.max(), y.max())]
+    ax.plot(lim, lim, ls=":", c="k", lw=0.8, label="A⁻ = A⁺", zorder=0)
+  ax.set_xlabel("attribution A⁺ (matched pairs, Eq. 6)")
+  ax.set_ylabel("negatives A⁻ (unmatched pairs)" if y_key == "negatives" else "energy (Eq. 3)")
+  ax.set_title("Removed concepts among all concepts")
+  ax.legend(fontsize=7, loc="best")
+  fig.tight_layout()
+  return fig
+
+
+def fig_removal_concepts(diagnostics: Mapping, removed: Mapping, path: str) -> None:
+  fig = draw_removal_concepts(diagnostics, removed)
   atomic_savefig(fig, path, dpi=120)
   plt.close(fig)

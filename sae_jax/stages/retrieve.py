@@ -2,26 +2,31 @@
 
 `run_retrieval(config, workdir)` reads embeddings (the synthetic planted source, or the pooled
 embeddings the extraction stage wrote to `<workdir>/activations/pooled_<variant>.npz`), evaluates
-every configured task and variant by exact cosine search, applies the attribution-subspace removal
-(paper Eq. 8-10) and the shrinkage-whitening baseline to the base variant, sweeps the removal rank,
-and writes `<workdir>/retrieval/`:
+every configured task and variant by exact cosine search, applies the concept-subspace removal
+(paper Eq. 8-10, rules of `sae_jax.removal`) and the baselines (whitening, mean-centring,
+all-but-the-top) to the base variant, sweeps the removal rank, and writes `<workdir>/retrieval/`:
 
-  results.json        {task: {variant: {"R@<k>" per retrieval.ks, "n_queries", "n_candidates", "settings",
-                      "ks_dropped" (the K larger than that task's candidate pool, when any)}}}
-  table2.md           Base vs Removal (and the whitening baseline; the oracle on synthetic data)
+  results.json        {task: {variant: {"R@<k>" and "R@<k>_ci95" (bootstrap over queries) per
+                      retrieval.ks, "delta_vs_base" (paired, for the base variant's transforms),
+                      "n_queries", "n_candidates", "settings", "ks_dropped" (K larger than the pool)}}}
+  table2.md           Base vs Removal and the baselines, with the paired change vs base
   table3.md           last-token vs mean pooling
+  removal_concepts.md, fig_removal_concepts.png   the removed concepts among all (diagnostics)
   fig_masking.png     Figure 4: Base / w/o image / w/o prompt per task
-  rank_sweep.json/png Recall@K against the removal rank r
-  removal_projector.npz, whitening_projector.npz   reusable `retrieval.Projector`s
+  rank_sweep.json/png Recall@K against the removal rank r (on the test split: an oracle)
+  removal_projector.npz, removal_selected_projector.npz, whitening_projector.npz
   embeddings_<task>_<variant>.npz (retrieval.save_embeddings): queries / candidates exactly as
                       scored plus CSR positives, so any result can be checked independently.
 
 Variant names: a pooling variant (`mean`, `last_token`, `mean_no_image`, `mean_no_prompt`, ...) or
-`<base>+removal`, `<base>+whitening`, `<base>+oracle_removal` (synthetic source only).
+`<base>+removal`, `<base>+removal_by_<rule>` (retrieval.removal_compare), `<base>+whitening`,
+`<base>+center`, `<base>+oracle_removal` (synthetic source only), and with
+`retrieval.select_on="validation"`: `<base>+removal_selected` (rule, fraction and rank chosen by R@1
+on a validation split disjoint by image from the scored one) and `<base>+abtt` (D chosen there).
 
-Steps: load (`load_inputs`, `load_attribution`) -> compute (`fit_projectors`, `evaluate_all`,
-`sweep_removal_rank`) -> write (`write_outputs`, each file through the atomic writers of
-`sae_jax.workdir`).
+Steps: load (`load_inputs`, `load_attribution`) -> compute (`fit_projectors`, `select_settings`,
+`evaluate_all`, `sweep_removal_rank`) -> write (`write_outputs`, each file through the atomic
+writers of `sae_jax.workdir`; tables in `sae_jax.stages.retrieval_tables`).
 """
 
 from __future__ import annotations
@@ -38,24 +43,18 @@ import jax
 import numpy as np
 from absl import logging
 
-from sae_jax import config_utils, metrics, retrieval, retrieval_tasks, sharding
+from sae_jax import config_utils, metrics, removal, retrieval, retrieval_tasks, sharding, uncertainty
 from sae_jax import sae as sae_lib
 from sae_jax import workdir as workdir_lib
 from sae_jax.data import synthetic
 from sae_jax.errors import SaeJaxError
 from sae_jax.plots import retrieval as plots
+from sae_jax.stages import retrieval_tables as tables
 from sae_jax.stages.block_encoder import encode_rows
 
 RESULTS_FILE = "results.json"
-SMALL_EVAL = 1000  # queries; below this the tables and the summary say the numbers are not full-size
-TABLE3_MISSING = (
-  "Not available: no task was evaluated with both the `last_token` and the `mean` variant. Decoder "
-  "presets extract both (config.extract.pooling); contrastive models (CLIP, SigLIP2) have one embedding."
-)
-FIG_MASKING_MISSING = (
-  "no mean_no_image / mean_no_prompt variants evaluated; decoder presets extract them with "
-  "config.extract.pooling"
-)
+SELECTION_FILE = "selection.json"
+SELECT_ON = ("none", "validation")
 
 
 def _mask_of(variant: str) -> str:
@@ -85,6 +84,7 @@ class Inputs:
     oracle: Optional[np.ndarray] = None,
     description: str = "",
     fit_info: Optional[dict] = None,
+    validation: Optional[tuple] = None,
   ):
     self.source = source
     self.variants = variants  # variant -> {name: array}
@@ -93,6 +93,55 @@ class Inputs:
     self.description = description
     # Where the fit pairs come from: {"fit_on", "fit_split", "eval_split", "fit_disjoint", ...}.
     self.fit_info = fit_info or {}
+    # (image [N, d], text [N, d], image ids [N]) the settings are chosen on (retrieval.select_on =
+    # "validation"), disjoint by image from every scored row; None without a selection.
+    self.validation = validation
+
+
+def _select_on(rcfg) -> str:
+  return _choice(rcfg.select_on, SELECT_ON, "config.retrieval.select_on")
+
+
+def _row_ids(arrays: dict) -> np.ndarray:
+  n = np.shape(arrays["image"])[0]
+  return np.asarray(arrays.get("image_ids", arrays.get("sample_ids", np.arange(n))))
+
+
+def _cap_rows(rcfg, image, text, ids) -> tuple:
+  """The validation pairs, at most `retrieval.validation_max_pairs` of them (a seeded subset)."""
+  cap = int(rcfg.validation_max_pairs)
+  n = np.shape(image)[0]
+  if cap and n > cap:
+    rows = np.sort(np.random.default_rng([int(rcfg.validation_seed), 23]).choice(n, cap, replace=False))
+    image, text, ids = image[rows], text[rows], ids[rows]
+  return np.asarray(image, np.float32), np.asarray(text, np.float32), np.asarray(ids)
+
+
+def _carve_validation(rcfg, variants: dict, base: str) -> tuple[tuple, dict]:
+  """Moves a seeded, image-disjoint `retrieval.validation_fraction` of the base variant's pairs out of
+  every variant's paired rows (they are no longer scored). Returns (validation pairs, fit_info)."""
+  arrays = variants.get(base, {})
+  if "image" not in arrays or "text" not in arrays:
+    raise SaeJaxError(
+      f'config.retrieval.select_on="validation": the base variant {base!r} has no matched "image" and '
+      '"text" arrays to draw a validation split from'
+    )
+  ids = _row_ids(arrays)
+  n = ids.shape[0]
+  val, scored = removal.validation_split(ids, float(rcfg.validation_fraction), int(rcfg.validation_seed))
+  pairs = _cap_rows(rcfg, np.asarray(arrays["image"])[val], np.asarray(arrays["text"])[val], ids[val])
+  for arr in variants.values():
+    if "image" not in arr or np.shape(arr["image"])[0] != n or not np.array_equal(_row_ids(arr), ids):
+      continue  # explicit (e.g. M-BEIR) tasks are not paired rows: they stay whole
+    for key in list(arr):
+      if "__" not in key and np.ndim(arr[key]) >= 1 and np.shape(arr[key])[0] == n:
+        arr[key] = np.asarray(arr[key])[scored]
+  info = {
+    "validation_split": f"{float(rcfg.validation_fraction):g} of the scored images (seed {int(rcfg.validation_seed)})",
+    "validation_pairs": int(pairs[0].shape[0]),
+    "validation_images": int(np.unique(pairs[2]).size),
+  }
+  return pairs, info
 
 
 FIT_ON = ("auto", "train", "eval")
@@ -118,21 +167,31 @@ def _synthetic_inputs(config, rcfg) -> Inputs:
   ev = src.paired(n, seed=seed)
   kinds = np.asarray(src.kinds)
   oracle = src.dictionary[kinds == synthetic.KINDS.index("distractor")]
-  arrays = {"image": ev.image, "text": ev.text, "sample_ids": np.arange(n)}
+  variants = {"mean": {"image": ev.image, "text": ev.text, "sample_ids": np.arange(n)}}
+  validation = None
   if _fit_on(rcfg, True) == "train":  # the attribution is fitted on separate pairs
-    fit = src.paired(n_fit, seed=seed + 1)
+    fit = (*src.paired(n_fit, seed=seed + 1)[:2], np.arange(n_fit))
     fit_info = {"fit_on": "train", "fit_split": f"synthetic seed {seed + 1}", "fit_disjoint": True}
+    if _select_on(rcfg) == "validation":  # the fit split is the validation split
+      validation = _cap_rows(rcfg, *fit)
+      fit_info.update(validation_split=fit_info["fit_split"], validation_pairs=int(validation[0].shape[0]))
+  elif _select_on(rcfg) == "validation":  # carved out of the eval pairs, fitted on too
+    validation, info = _carve_validation(rcfg, variants, "mean")
+    fit = validation
+    fit_info = {"fit_on": "validation", "fit_split": info["validation_split"], "fit_disjoint": True, **info}
   else:
-    fit = ev
+    fit = (ev.image, ev.text)
     fit_info = {"fit_on": "eval", "fit_split": f"synthetic seed {seed}", "fit_disjoint": False}
-  fit_info.update(eval_split=f"synthetic seed {seed}", fit_pairs=int(fit.image.shape[0]))
+  fit_info.update(eval_split=f"synthetic seed {seed}", fit_pairs=int(fit[0].shape[0]))
   return Inputs(
     "synthetic",
-    {"mean": arrays},
-    (fit.image, fit.text),
+    variants,
+    (fit[0], fit[1]),
     oracle,
-    f"PlantedSource: {n} eval pairs (seed {seed}), fit pairs: {fit_info['fit_split']}",
+    f"PlantedSource: {variants['mean']['image'].shape[0]} eval pairs (seed {seed}), fit pairs: "
+    f"{fit_info['fit_split']}",
     fit_info,
+    validation,
   )
 
 
@@ -184,7 +243,8 @@ def _pooled_inputs(rcfg, workdir) -> Inputs:
   eval_path = os.path.join(pooled_dir, f"pooled_{base}.npz")
   train_path = os.path.join(_pooled_dir(rcfg, workdir), f"pooled_{base}.npz")
   fit_on = _fit_on(rcfg, rcfg.split == "eval")
-  fit, fit_info = None, {"fit_on": fit_on, "eval_split": eval_path}
+  fit, fit_info, validation = None, {"fit_on": fit_on, "eval_split": eval_path}, None
+  select = _select_on(rcfg) == "validation"
   if fit_on == "train":
     if os.path.abspath(train_path) == os.path.abspath(eval_path):
       raise SaeJaxError(
@@ -198,12 +258,26 @@ def _pooled_inputs(rcfg, workdir) -> Inputs:
       eval_ids = variants.get(base, {}).get("image_ids")
       shared = 0 if fit_ids is None or eval_ids is None else int(np.isin(fit_ids, eval_ids).sum())
       fit_info.update(fit_disjoint=shared == 0, fit_rows_sharing_eval_images=shared)
+      if select:  # the fit split is the validation split, less any row that shows a scored image
+        ids = np.arange(image.shape[0]) if fit_ids is None else np.asarray(fit_ids)
+        keep = np.ones(ids.shape[0], bool) if eval_ids is None else ~np.isin(ids, eval_ids)
+        validation = _cap_rows(rcfg, image[keep], text[keep], ids[keep])
+        fit_info.update(validation_split=train_path, validation_pairs=int(validation[0].shape[0]))
+  elif select and base in variants:  # carved out of the scored pairs (and fitted on)
+    validation, info = _carve_validation(rcfg, variants, base)
+    fit = validation[:2]
+    fit_info.update(fit_on="validation", fit_split=info["validation_split"], fit_disjoint=True, **info)
   elif base in variants and "image" in variants[base] and "text" in variants[base]:
     fit = (variants[base]["image"], variants[base]["text"])
     fit_info.update(fit_split=eval_path, fit_disjoint=False)
+  if select and validation is None and base in variants:  # no fit pairs on disk (concepts.npz)
+    validation, info = _carve_validation(rcfg, variants, base)
+    fit_info.update(info)
   if fit is not None:
     fit_info["fit_pairs"] = int(fit[0].shape[0])
-  return Inputs("pooled", variants, fit, None, f"{pooled_dir}: variants {sorted(variants)}", fit_info)
+  return Inputs(
+    "pooled", variants, fit, None, f"{pooled_dir}: variants {sorted(variants)}", fit_info, validation
+  )
 
 
 def _add_mbeir_tasks(rcfg, pooled_dir, variants: dict) -> None:
@@ -264,10 +338,10 @@ def attribution_from_sae(
   streaming computation as the analysis stage (no c x c matrix). Without `spec` the rows are encoded
   with b_dec subtracted (`sae.encode`'s default, right for both presets: b_dec is 0 in `paper`).
   """
-  return np.asarray(concept_scores_from_sae(params, k, image, text, batch_size, spec)["attribution"])
+  return np.asarray(concept_scores_from_sae(params, k, image, text, batch_size, spec, draws=0)["attribution"])
 
 
-REMOVAL_BY = ("attribution", "energy", "abs_attribution")
+REMOVAL_BY = removal.RULES
 DENOMINATORS = ("all_queries", "scorable")
 
 
@@ -277,13 +351,37 @@ def _choice(value: str, allowed: tuple, field: str) -> str:
   return value
 
 
-def _scores_by_rule(attribution: np.ndarray, energy: Optional[np.ndarray]) -> dict:
-  """The per-concept scores each `retrieval.removal_by` rule ranks the concepts by."""
-  a = np.asarray(attribution, np.float64)
-  out = {"attribution": a, "abs_attribution": np.abs(a)}
-  if energy is not None:
-    out["energy"] = np.asarray(energy, np.float64)
+class Attribution(NamedTuple):
+  """What the removal is fitted from: per-rule scores, the dictionary, where they come from."""
+
+  scores: dict  # {rule: [c] float64} for the `REMOVAL_BY` rules available
+  D: np.ndarray  # [c, d]
+  source: str
+  diagnostics: dict  # {name: [c]} for the removed-concepts table (energy, modality_score, bridge, ...)
+
+
+def _diagnostics(scores: dict, modality: Optional[np.ndarray], bridge: Optional[np.ndarray]) -> dict:
+  out = {k: scores[k] for k in ("energy", "attribution", "negatives", "margin") if k in scores}
+  if modality is not None:
+    out["modality_score"] = np.asarray(modality, np.float64)
+  if bridge is not None:
+    out["bridge"] = np.asarray(bridge, np.float64)
   return out
+
+
+def _sae_scores(params, k, image, text, batch_size=4096, spec=None, draws=removal.DEFAULT_DRAWS, seed=0):
+  image = np.asarray(image, np.float32)
+  text = np.asarray(text, np.float32)
+  if image.shape != text.shape:
+    raise SaeJaxError(f"attribution: image {image.shape} and text {text.shape} must be matched pairs")
+  d, c = np.shape(params["W_enc"])
+  spec = spec or sae_lib.SAESpec(d=d, c=c, k=k, pre_bias=True)
+  code_i = encode_rows(params, spec, image, batch_size)
+  code_t = encode_rows(params, spec, text, batch_size)
+  D = np.asarray(params["D"], np.float32)
+  cm = metrics.compute_concept_metrics(D, code_i, code_t)
+  neg = removal.negatives_attribution(D, code_i, code_t, draws, seed) if draws else None
+  return removal.rule_scores(cm.attribution, cm.energy, neg), cm
 
 
 def concept_scores_from_sae(
@@ -293,26 +391,21 @@ def concept_scores_from_sae(
   text: np.ndarray,
   batch_size: int = 4096,
   spec: Optional[sae_lib.SAESpec] = None,
+  draws: int = removal.DEFAULT_DRAWS,
+  seed: int = 0,
 ) -> dict:
-  """{rule: [c] float64} for every `REMOVAL_BY` rule, from an SAE over matched pairs."""
-  image = np.asarray(image, np.float32)
-  text = np.asarray(text, np.float32)
-  if image.shape != text.shape:
-    raise SaeJaxError(f"attribution: image {image.shape} and text {text.shape} must be matched pairs")
-  d, c = np.shape(params["W_enc"])
-  spec = spec or sae_lib.SAESpec(d=d, c=c, k=k, pre_bias=True)
-  code_i = encode_rows(params, spec, image, batch_size)
-  code_t = encode_rows(params, spec, text, batch_size)
-  cm = metrics.compute_concept_metrics(np.asarray(params["D"], np.float32), code_i, code_t)
-  return _scores_by_rule(cm.attribution, cm.energy)
+  """{rule: [c] float64} for every `REMOVAL_BY` rule, from an SAE over matched pairs; the unmatched
+  rules (`negatives`, `margin`) over `draws` seeded derangements of the pairs (none when 0)."""
+  return _sae_scores(params, k, image, text, batch_size, spec, draws, seed)[0]
 
 
-def load_attribution(config, workdir, inputs: Inputs):
-  """({rule: scores [c]} for `REMOVAL_BY`, D [c, d], source description), or None without an SAE.
+def load_attribution(config, workdir, inputs: Inputs) -> Optional[Attribution]:
+  """The `Attribution` the removal is fitted from, or None without an SAE.
 
   The scores come from `analysis/concepts.npz` (the analysis stage's pairs, by default the training
   split) unless `retrieval.fit_on` resolves to "eval", in which case they are computed from the SAE
-  on the scored pairs (the authors' protocol).
+  on the scored pairs (the authors' protocol). The unmatched-pair rules (`negatives`, `margin`) need
+  the SAE: concepts.npz does not hold them.
   """
   rcfg = config.retrieval
   mode = rcfg.attribution
@@ -327,7 +420,13 @@ def load_attribution(config, workdir, inputs: Inputs):
   ]
   concepts = found[0] if found else os.path.join(workdir, "analysis", "concepts.npz")
   on_eval = rcfg.fit_on == "eval" and inputs.source == "pooled"
-  if mode == "concepts" or (mode == "auto" and found and not on_eval):
+  unmatched = [r for r in removal_rules(rcfg) if r in removal.UNMATCHED_RULES]
+  if mode == "concepts" and unmatched:
+    raise SaeJaxError(
+      f"config.retrieval.removal_by / removal_compare: {unmatched} need unmatched pairs, which "
+      'analysis/concepts.npz does not hold; set config.retrieval.attribution="sae" (or "auto")'
+    )
+  if mode == "concepts" or (mode == "auto" and found and not on_eval and not unmatched):
     if not found:
       raise SaeJaxError(
         f'{concepts}: missing (config.retrieval.attribution="concepts"); run experiments.analyze first'
@@ -335,7 +434,8 @@ def load_attribution(config, workdir, inputs: Inputs):
     with np.load(concepts, allow_pickle=False) as z:
       if "attribution" not in z.files or "D" not in z.files:
         raise SaeJaxError(f'{concepts}: expected arrays "attribution" and "D", got {z.files}')
-      scores = _scores_by_rule(z["attribution"], z["energy"] if "energy" in z.files else None)
+      get = lambda key: z[key] if key in z.files else None
+      scores = removal.rule_scores(z["attribution"], get("energy"))
       analysis_input = config.analysis.embeddings_path or os.path.join(
         _pooled_dir(rcfg, workdir), f"pooled_{config.analysis.variant}.npz"
       )
@@ -346,7 +446,8 @@ def load_attribution(config, workdir, inputs: Inputs):
         fit_disjoint=bool(eval_split)
         and os.path.dirname(os.path.abspath(analysis_input)) != os.path.dirname(os.path.abspath(eval_split)),
       )
-      return scores, np.asarray(z["D"], np.float32), concepts
+      diag = _diagnostics(scores, get("modality_score"), get("bridge_diag"))
+      return Attribution(scores, np.asarray(z["D"], np.float32), concepts, diag)
   try:
     loaded = workdir_lib.load_sae(sae_workdir)
   except SaeJaxError:
@@ -359,8 +460,20 @@ def load_attribution(config, workdir, inputs: Inputs):
       f'attribution needs matched image/text pairs: {where} is missing or has no "image" and "text" '
       f"arrays (config.retrieval.fit_on={rcfg.fit_on!r}); run experiments.extract or experiments.analyze"
     )
-  scores = concept_scores_from_sae(loaded.params, loaded.k, *inputs.fit_pairs, spec=loaded.spec)
-  return scores, np.asarray(loaded.params["D"], np.float32), f"{sae_workdir} step {loaded.step}"
+  scores, cm = _sae_scores(
+    loaded.params,
+    loaded.k,
+    *inputs.fit_pairs,
+    spec=loaded.spec,
+    draws=int(rcfg.negatives_draws),
+    seed=int(rcfg.negatives_seed),
+  )
+  return Attribution(
+    scores,
+    np.asarray(loaded.params["D"], np.float32),
+    f"{sae_workdir} step {loaded.step}",
+    _diagnostics(scores, cm.modality_score, cm.bridge_diag),
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,9 +481,9 @@ def load_attribution(config, workdir, inputs: Inputs):
 # --------------------------------------------------------------------------------------------
 
 
-def _full_rank(scores_and_d: tuple, fraction: float) -> tuple[int, int]:
+def _full_rank(attribution: Attribution, fraction: float) -> tuple[int, int]:
   """(number of atoms selected, the largest removal rank they allow)."""
-  _, D, _ = scores_and_d
+  D = attribution.D
   m = metrics.top_fraction_size(fraction, D.shape[0], "config.retrieval.removal_fraction")
   return m, min(m, D.shape[1])
 
@@ -404,9 +517,28 @@ class RealignWhitening:
     workdir_lib.atomic_savez(path, **arrays)
 
 
+class PerSideAbtt:
+  """All-but-the-top (`removal.fit_abtt`) per task and side, fitted on that side's rows like
+  `RealignWhitening` (transductive, no labels); `n_components` = 0 is mean-centring only."""
+
+  kind = "abtt"
+
+  def __init__(self, n_components: int):
+    self.n_components = int(n_components)
+
+  def apply(self, task: str, data: retrieval_tasks.TaskData) -> retrieval_tasks.TaskData:
+    del task
+    qp = removal.fit_abtt(data.queries, self.n_components)
+    cp = removal.fit_abtt(data.candidates, self.n_components)
+    return dataclasses.replace(
+      data, queries=qp.transform(data.queries), candidates=cp.transform(data.candidates)
+    )
+
+
 def apply_projector(proj, task: str, data: retrieval_tasks.TaskData) -> retrieval_tasks.TaskData:
-  """`data` under a fitted `retrieval.Projector` (both sides) or a per-task `RealignWhitening`."""
-  if isinstance(proj, RealignWhitening):
+  """`data` under a fitted `retrieval.Projector` (both sides) or a per-task, per-side fit
+  (`RealignWhitening`, `PerSideAbtt`)."""
+  if isinstance(proj, (RealignWhitening, PerSideAbtt)):
     return proj.apply(task, data)
   return data.map(proj.transform)
 
@@ -425,12 +557,83 @@ def removal_name(rcfg: Any, rule: str) -> str:
   return "removal" if rule == rcfg.removal_by else f"removal_by_{rule}"
 
 
-def fit_projectors(rcfg: Any, inputs: Inputs, attribution: Optional[tuple]) -> dict:
-  """{name: (projector, settings recorded with its results)} for the base variant."""
+def _validation_data(rcfg: Any, inputs: Inputs) -> tuple[str, retrieval_tasks.TaskData]:
+  """The task the settings are chosen on (`retrieval.sweep_task` when pairs can build it, else
+  image_to_text) over the validation pairs."""
+  task = rcfg.sweep_task if rcfg.sweep_task in retrieval_tasks.PAIRED_TASKS else "image_to_text"
+  image, text, ids = inputs.validation
+  return task, retrieval_tasks.paired_task(task, image, text, ids)
+
+
+def select_settings(rcfg: Any, inputs: Inputs, attribution: Optional[Attribution], search: "_Search") -> dict:
+  """{name: (projector, settings)} of the settings chosen by R@1 on the validation split only: the
+  removal (rule among `removal_rules`, `select_fractions`, `select_ranks`) and all-but-the-top's D."""
+  task, val = _validation_data(rcfg, inputs)
+  r1_search = search._replace(ks=(1,), max_queries=0)
+  r1 = lambda data: float(r1_search.recall(_normalized(data))["R@1"])
+  how = _choice(rcfg.select_how, removal.SELECT_HOW, "config.retrieval.select_how")
+  common = {
+    "selected_on": "validation",
+    "select_how": how,
+    "validation_task": task,
+    "validation_queries": val.n_queries,
+    "validation_R@1_base": r1(val),
+    **{k: v for k, v in inputs.fit_info.items() if k.startswith("validation")},
+  }
+  out = {}
+  if attribution is not None:
+    D = attribution.D
+    grid = removal.removal_grid(
+      removal_rules(rcfg),
+      config_utils.as_tuple(rcfg.select_fractions),
+      config_utils.as_tuple(rcfg.select_ranks),
+      D.shape[0],
+      D.shape[1],
+    )
+    sel = removal.select_removal(
+      D, attribution.scores, grid, lambda p: r1(val.map(p.transform)), how, val.n_queries
+    )
+    sel.projector.info.update(attribution_source=attribution.source, removal_by=sel.chosen.rule)
+    out["removal_selected"] = (
+      sel.projector,
+      {
+        **common,
+        "removal_by": sel.chosen.rule,
+        "removal_fraction": sel.chosen.fraction,
+        "removal_rank": int(sel.projector.info["rank"]),
+        "removal_rank_requested": sel.chosen.rank,
+        "n_atoms": int(sel.projector.info["n_atoms"]),
+        "attribution_source": attribution.source,
+        "validation_candidates": sel.table,
+        **inputs.fit_info,
+      },
+    )
+  if bool(rcfg.abtt):
+    comps = [int(x) for x in config_utils.as_tuple(rcfg.abtt_components)]
+    best, table = removal.select_abtt(
+      comps, lambda dd: r1(PerSideAbtt(dd).apply(task, val)), how, val.n_queries
+    )
+    out["abtt"] = (
+      PerSideAbtt(best),
+      {
+        **common,
+        "abtt_components": best,
+        "abtt_fit": "per side, scored rows",
+        "validation_candidates": table,
+      },
+    )
+  return out
+
+
+def fit_projectors(
+  rcfg: Any, inputs: Inputs, attribution: Optional[Attribution], search: Optional["_Search"] = None
+) -> dict:
+  """{name: (projector, settings recorded with its results)} for the base variant. With
+  `retrieval.select_on="validation"` (and `search`), also the settings chosen on the validation split."""
   projectors: dict[str, tuple[Any, dict]] = {}
   fraction = float(rcfg.removal_fraction)
   if attribution is not None:
-    scores, D, a_src = attribution
+    scores, D, a_src = attribution.scores, attribution.D, attribution.source
     m, full = _full_rank(attribution, fraction)
     rank = int(rcfg.removal_rank)
     rank = full if rank == -1 else rank
@@ -485,6 +688,14 @@ def fit_projectors(rcfg: Any, inputs: Inputs, attribution: Optional[tuple]) -> d
         wp,
         {"whitening_mode": "joint", "whitening_alpha": alpha, "whitening_fit_rows": wp.info["n_fit"]},
       )
+  if bool(rcfg.abtt) and base in inputs.variants:  # mean-centring only: all-but-the-top with D = 0
+    projectors["center"] = (PerSideAbtt(0), {"abtt_components": 0, "abtt_fit": "per side, scored rows"})
+  if _select_on(rcfg) == "validation" and search is not None and inputs.validation is not None:
+    projectors.update(select_settings(rcfg, inputs, attribution, search))
+  if inputs.oracle is not None:  # planted data: how much of each removed subspace is distractor span
+    for name, (proj, extra) in projectors.items():
+      if name.startswith("removal"):
+        extra["overlap_with_planted_distractors"] = removal.subspace_overlap(proj.basis, inputs.oracle)
   return projectors
 
 
@@ -509,10 +720,12 @@ def evaluate_task(
   exclude_reference=True,
   normalize=True,
   allow_unscorable=False,
-) -> dict:
+  return_ranks=False,
+):
   """Recall@K (percent) of one task by cosine similarity (`normalize=False`: rows already unit).
 
   `allow_unscorable`: queries without a positive count as misses (denominator: every query).
+  `return_ranks`: returns (recall, first-hit rank per query [Nq], >= max(ks) for a miss).
   """
   retrieval.check_positives(
     data.positives_indptr, data.positives_indices, data.n_queries, data.n_candidates, allow_unscorable
@@ -536,6 +749,9 @@ def evaluate_task(
     np.asarray(ids), data.positives_indptr, data.positives_indices, ks, allow_unscorable
   )
   rec.update(n_queries=data.n_queries, n_candidates=data.n_candidates, n_unscorable=data.n_unscorable)
+  if return_ranks:
+    ranks = jax.jit(retrieval.first_hit_rank)(ids, data.positives_indptr, data.positives_indices)
+    return rec, np.asarray(ranks)
   return rec
 
 
@@ -553,15 +769,17 @@ class _Search(NamedTuple):
   subset: str = "first"  # retrieval_tasks.SUBSET_MODES
   subset_seed: int = 42
   denominator: str = "all_queries"  # "all_queries" (misses count) | "scorable"
+  n_boot: int = uncertainty.DEFAULT_N_BOOT  # bootstrap resamples of the intervals
+  boot_seed: int = 0
 
   def ks_within(self, data: retrieval_tasks.TaskData) -> tuple:
     """The configured K that fit the task's candidate pool (one fewer when the reference is excluded)."""
     pool = data.n_candidates - (1 if self.exclude_reference and data.exclude is not None else 0)
     return tuple(k for k in self.ks if k <= pool)
 
-  def recall(self, unit_rows: retrieval_tasks.TaskData) -> dict:
+  def recall(self, unit_rows: retrieval_tasks.TaskData, with_ranks: bool = False):
     """Recall@K of a task whose rows are already L2-normalised; K above the pool are left out and
-    listed under `ks_dropped`."""
+    listed under `ks_dropped`. `with_ranks`: (recall, first-hit ranks [Nq]) for the intervals."""
     ks = self.ks_within(unit_rows)
     if not ks:
       raise SaeJaxError(
@@ -574,11 +792,26 @@ class _Search(NamedTuple):
       exclude_reference=self.exclude_reference,
       normalize=False,
       allow_unscorable=self.denominator == "all_queries",
+      return_ranks=with_ranks,
       **self.kwargs,
     )
+    if with_ranks:
+      rec, ranks = rec
     dropped = [k for k in self.ks if k not in ks]
     if dropped:
       rec["ks_dropped"] = dropped
+    return (rec, ranks) if with_ranks else rec
+
+  def intervals(self, rec: dict, ranks: np.ndarray, base_ranks: Optional[np.ndarray] = None) -> dict:
+    """`rec` with the bootstrap interval of each R@K (`R@K_ci95`) and, given the base variant's ranks
+    on the same queries, the paired change vs base (`delta_vs_base`: R@K in points, R@K_ci95)."""
+    ks = [int(k[2:]) for k in rec if k.startswith("R@") and k[2:].isdigit()]
+    ci = uncertainty.recall_with_ci(ranks, ks, n_boot=self.n_boot, seed=self.boot_seed)
+    rec.update({k: v for k, v in ci.items() if k.endswith("_ci95")})
+    if base_ranks is not None:
+      rec["delta_vs_base"] = uncertainty.paired_recall_delta(
+        base_ranks, ranks, ks, n_boot=self.n_boot, seed=self.boot_seed
+      )
     return rec
 
 
@@ -631,13 +864,20 @@ def evaluate_all(
         base_data[task] = data
         for name, (proj, extra) in projectors.items():
           runs.append((f"{variant}+{name}", apply_projector(proj, task, data), extra))
+      base_ranks = None
       for name, d_run, extra in runs:
         d_run = _normalized(d_run)
-        rec = search.recall(d_run)
+        rec, ranks = search.recall(d_run, with_ranks=True)
+        search.intervals(rec, ranks, base_ranks)
+        if name == variant == base:
+          base_ranks = ranks
         rec["settings"] = _settings_of(variant, name, spec, search, d_run, inputs.source, extra)
         results.setdefault(task, {})[name] = rec
         logging.info(
-          "retrieval %s %s: %s", task, name, {k: round(v, 2) for k, v in rec.items() if k.startswith("R@")}
+          "retrieval %s %s: %s",
+          task,
+          name,
+          {k: round(v, 2) for k, v in rec.items() if k.startswith("R@") and k[2:].isdigit()},
         )
         if embeddings_dir is not None:
           write_embeddings(os.path.join(embeddings_dir, f"embeddings_{task}_{name}.npz"), d_run)
@@ -647,15 +887,16 @@ def evaluate_all(
 
 
 def sweep_removal_rank(
-  rcfg: Any, attribution: tuple, data: retrieval_tasks.TaskData, search: _Search, oracle: Optional[dict]
+  rcfg: Any, attribution: Attribution, data: retrieval_tasks.TaskData, search: _Search, oracle: Optional[dict]
 ) -> dict:
   """Recall@K of the base variant of `rcfg.sweep_task` against the removal rank r (r = 0: none).
 
   Swept for every rule of `removal_rules` (`by_rule`); `metrics` / `ranks_used` are the
   `retrieval.removal_by` rule's. `ranks_used` is the rank removed after the cut of near-zero
-  singular values (`retrieval.removal_basis`), at most the requested r.
+  singular values (`retrieval.removal_basis`), at most the requested r. Scored on the test split, so
+  a rank read off it is an oracle choice (`selected_on`); `retrieval.select_on="validation"` is not.
   """
-  scores, D, a_src = attribution
+  scores, D, a_src = attribution.scores, attribution.D, attribution.source
   fraction = float(rcfg.removal_fraction)
   m, full = _full_rank(attribution, fraction)
   wanted = {int(r) for r in config_utils.as_tuple(rcfg.sweep_ranks) if 0 < int(r) <= full}
@@ -679,6 +920,7 @@ def sweep_removal_rank(
     "variant": rcfg.base_variant,
     "removal_fraction": fraction,
     "removal_by": rcfg.removal_by,
+    "selected_on": "test split (oracle: a rank chosen here has seen the scored labels)",
     "n_atoms": m,
     "attribution_source": a_src,
     "ranks": ranks,
@@ -709,125 +951,6 @@ def write_embeddings(path: str, data: retrieval_tasks.TaskData) -> None:
   workdir_lib.atomic_savez(path, **arrays)
 
 
-def _fmt(x) -> str:
-  return f"{x:.2f}"
-
-
-def result_ks(results: dict) -> list[str]:
-  """The R@K columns present in `results`, in increasing K (a K some task reports)."""
-  ks = {
-    int(key[2:]) for by_var in results.values() for r in by_var.values() for key in r if key.startswith("R@")
-  }
-  return [f"R@{k}" for k in sorted(ks)]
-
-
-def subset_of(record: dict) -> str:
-  """How the queries of a result were chosen, for the tables and the stdout summary."""
-  s = record["settings"]
-  m = int(s["max_queries"])
-  if not m or record["n_queries"] < m:
-    return "all"
-  mode = str(s["subset"]) if "subset" in s else "first"
-  return f"{mode} {m}" + (f" (seed {s['subset_seed']})" if "subset_seed" in s and mode != "first" else "")
-
-
-def _recall_cells(record: dict, columns: list[str]) -> str:
-  # "-": K larger than the task's candidate pool (listed under the table).
-  return " | ".join(_fmt(record[c]) if c in record else "-" for c in columns)
-
-
-def _size_notes(results: dict) -> list[str]:
-  notes = []
-  dropped = sorted(
-    {(t, k) for t, by in results.items() for r in by.values() for k in r.get("ks_dropped", ())}
-  )
-  for task, k in dropped:
-    n = next(iter(results[task].values()))["n_candidates"]
-    notes.append(f"R@{k} not reported for {retrieval_tasks.TASKS[task].label}: only {n} candidates.")
-  n_min = min((r["n_queries"] for by in results.values() for r in by.values()), default=0)
-  if 0 < n_min < SMALL_EVAL:
-    notes.append(
-      f"Small evaluation set: with {n_min} queries one query moves R@K by {100 / n_min:.1f} points; "
-      "these numbers test the pipeline and are not comparable with full-size results."
-    )
-  return notes
-
-
-def table2_markdown(results: dict, base: str, description: str) -> str:
-  rows = [
-    ("Base", base),
-    ("Removal", f"{base}+removal"),
-    # The other removal_by rules (retrieval.removal_compare), side by side with the paper's.
-    ("Removal, top energy", f"{base}+removal_by_energy"),
-    ("Removal, top attribution", f"{base}+removal_by_attribution"),
-    ("Removal, top |attribution|", f"{base}+removal_by_abs_attribution"),
-    ("Whitening (baseline)", f"{base}+whitening"),
-    ("Oracle removal", f"{base}+oracle_removal"),
-  ]
-  cols = result_ks(results)
-  lines = [
-    "# Table 2: Base vs Removal of the attribution subspace (paper Eq. 8-10)",
-    "",
-    f"Source: {description}",
-    "",
-    f"| Task | Setting | queries | candidates | subset | {' | '.join(cols)} | settings |",
-    "|---|---|---:|---:|---|" + "---:|" * len(cols) + "---|",
-  ]
-  any_row = False
-  for task, by_var in results.items():
-    for label, v in rows:
-      if v in by_var:
-        r = by_var[v]
-        s = r["settings"]
-        note = ", ".join(
-          f"{key}={s[key]}"
-          for key in (
-            "removal_by",
-            "removal_rank",
-            "removal_fraction",
-            "n_atoms",
-            "fit_on",
-            "fit_disjoint",
-            "whitening_mode",
-            "whitening_alpha",
-          )
-          if key in s
-        )
-        lines.append(
-          f"| {retrieval_tasks.TASKS[task].label} | {label} | {r['n_queries']} | {r['n_candidates']} | "
-          f"{subset_of(r)} | {_recall_cells(r, cols)} | {note} |"
-        )
-        any_row = True
-  if not any_row:
-    lines.append(f"| (no base variant evaluated) |{' |' * (len(cols) + 5)}")
-  if not any(f"{base}+removal" in v for v in results.values()):
-    lines += ["", "Removal not run: no SAE checkpoint and no analysis/concepts.npz for the attribution."]
-  notes = _size_notes(results)
-  return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
-
-
-def table3_markdown(results: dict) -> str:
-  """Last token vs mean pooling per task that has both; otherwise says what is missing."""
-  cols = result_ks(results)
-  both = [t for t, by in results.items() if "last_token" in by and "mean" in by]
-  lines = ["# Table 3: last token vs mean pooling", ""]
-  if not both:
-    return "\n".join(lines + [TABLE3_MISSING]) + "\n"
-  lines += [
-    f"| Task | Setting | queries | candidates | subset | {' | '.join(cols)} |",
-    "|---|---|---:|---:|---|" + "---:|" * len(cols),
-  ]
-  for task in both:
-    for label, v in (("Last token", "last_token"), ("Mean pooling", "mean")):
-      r = results[task][v]
-      lines.append(
-        f"| {retrieval_tasks.TASKS[task].label} | {label} | {r['n_queries']} | {r['n_candidates']} | "
-        f"{subset_of(r)} | {_recall_cells(r, cols)} |"
-      )
-  notes = _size_notes({t: results[t] for t in both})
-  return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
-
-
 def _staged_embeddings(staging: Optional[str], out_dir: str) -> None:
   if staging is None:
     return
@@ -848,12 +971,18 @@ def write_outputs(
   base: str,
   description: str,
   staging: Optional[str] = None,
+  attribution: Optional[Attribution] = None,
 ) -> list[str]:
-  """Projectors, results.json, Tables 2-3, Figure 4 and the rank sweep (when run); the scored
-  embeddings are moved in from `staging`. Returns the files written."""
+  """Projectors, results.json, Tables 2-3, Figure 4, the rank sweep (when run), the removed concepts'
+  diagnostics (table and figure, with an attribution); the scored embeddings are moved in from
+  `staging`. Returns the files written."""
   os.makedirs(out_dir, exist_ok=True)
   written = []
-  for name, file in (("removal", "removal_projector.npz"), ("whitening", "whitening_projector.npz")):
+  for name, file in (
+    ("removal", "removal_projector.npz"),
+    ("removal_selected", "removal_selected_projector.npz"),
+    ("whitening", "whitening_projector.npz"),
+  ):
     path = os.path.join(out_dir, file)
     if name in projectors:
       projectors[name][0].save(path)
@@ -872,11 +1001,26 @@ def write_outputs(
   else:
     for file in ("rank_sweep.json", "rank_sweep.png"):
       _remove_stale(os.path.join(out_dir, file))
+  removed = {
+    name: [int(a) for a in proj.info["atoms"]]
+    for name, (proj, _) in projectors.items()
+    if name.startswith("removal") and isinstance(proj, retrieval.Projector)
+  }
+  diag_files = ("removal_concepts.md", "fig_removal_concepts.png")
+  if attribution is not None and removed:
+    workdir_lib.atomic_write_text(
+      os.path.join(out_dir, diag_files[0]), tables.removal_concepts_markdown(attribution.diagnostics, removed)
+    )
+    plots.fig_removal_concepts(attribution.diagnostics, removed, os.path.join(out_dir, diag_files[1]))
+    written += list(diag_files)
+  else:
+    for file in diag_files:
+      _remove_stale(os.path.join(out_dir, file))
   workdir_lib.atomic_write_json(os.path.join(out_dir, RESULTS_FILE), results, indent=2)
   workdir_lib.atomic_write_text(
-    os.path.join(out_dir, "table2.md"), table2_markdown(results, base, description)
+    os.path.join(out_dir, "table2.md"), tables.table2_markdown(results, base, description)
   )
-  workdir_lib.atomic_write_text(os.path.join(out_dir, "table3.md"), table3_markdown(results))
+  workdir_lib.atomic_write_text(os.path.join(out_dir, "table3.md"), tables.table3_markdown(results))
   written += [RESULTS_FILE, "table2.md", "table3.md"]
   fig = os.path.join(out_dir, "fig_masking.png")
   if plots.masking_tasks(results):
@@ -890,25 +1034,6 @@ def write_outputs(
     _remove_stale(fig)
   _staged_embeddings(staging, out_dir)
   return written
-
-
-def summary_lines(results: dict, base: str, out_dir: str, written: list[str], seconds: float) -> list[str]:
-  """What the retrieval main prints: where the outputs are, R@1 per task and setting, the sizes."""
-  lines = [f"retrieval: wrote {out_dir}/ ({', '.join(written)}) in {seconds:.1f} s"]
-  settings = (("base", base), ("removal", f"{base}+removal"), ("whitening", f"{base}+whitening"))
-  for task, by_var in results.items():
-    r0 = next(iter(by_var.values()))
-    shown = [f"{label} {by_var[v]['R@1']:.2f}" for label, v in settings if v in by_var]
-    lines.append(
-      f"  {task}: {r0['n_queries']} queries x {r0['n_candidates']} candidates ({subset_of(r0)}); "
-      f"R@1 {' | '.join(shown) if shown else '(no base variant)'}"
-    )
-  lines += [f"  note: {n}" for n in _size_notes(results)]
-  if "fig_masking.png" not in written:
-    lines.append(f"  fig_masking.png: skipped ({FIG_MASKING_MISSING})")
-  if not any("last_token" in by and "mean" in by for by in results.values()):
-    lines.append("  table3.md: no last_token / mean pair to compare (see the file)")
-  return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -947,6 +1072,8 @@ def run_retrieval(config, workdir: str, log: Optional[Callable[[str], None]] = N
     subset=_choice(rcfg.subset, retrieval_tasks.SUBSET_MODES, "config.retrieval.subset"),
     subset_seed=int(rcfg.subset_seed),
     denominator=_choice(rcfg.denominator, DENOMINATORS, "config.retrieval.denominator"),
+    n_boot=int(rcfg.bootstrap_n),
+    boot_seed=int(rcfg.bootstrap_seed),
   )
   base = rcfg.base_variant
   out_dir = os.path.join(workdir, "retrieval")
@@ -957,7 +1084,7 @@ def run_retrieval(config, workdir: str, log: Optional[Callable[[str], None]] = N
   attribution = load_attribution(config, workdir, inputs) if bool(rcfg.removal) else None
 
   # Compute: projectors, every task x variant, the rank sweep.
-  projectors = fit_projectors(rcfg, inputs, attribution)
+  projectors = fit_projectors(rcfg, inputs, attribution, search)
   # The scored embeddings are written as they are scored (one task's arrays in memory at a time) into
   # a staging directory, moved into retrieval/ only once everything else succeeded.
   staging = None
@@ -972,14 +1099,16 @@ def run_retrieval(config, workdir: str, log: Optional[Callable[[str], None]] = N
       sweep = sweep_removal_rank(rcfg, attribution, base_data[rcfg.sweep_task], search, oracle)
 
     # Write.
-    written = write_outputs(out_dir, results, projectors, sweep, base, inputs.description, staging)
+    written = write_outputs(
+      out_dir, results, projectors, sweep, base, inputs.description, staging, attribution
+    )
   finally:
     if staging is not None:
       shutil.rmtree(staging, ignore_errors=True)
   seconds = time.time() - t0
   logging.info("retrieval: wrote %s in %.1f s", out_dir, seconds)
   if log is not None:
-    for line in summary_lines(results, base, out_dir, written, seconds):
+    for line in tables.summary_lines(results, base, out_dir, written, seconds):
       log(line)
     if config.preset_note:
       log(f"  {config.preset_note}")
