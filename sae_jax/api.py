@@ -11,8 +11,8 @@ files except `load_sae`. The stages (`python -m experiments.analyze / retrieve`)
 so these functions reproduce `analysis/concepts.npz`, `table1.json` and `retrieval/results.json`.
 
 Public names: `load_sae`, `LoadedSAE`, `SparseCodes`, `encode`, `concept_metrics`, `ConceptMetrics`,
-`table1`, `REMOVAL_BY`, `removal_scores`, `fit_removal`, `fit_whitening`, `Projector`, `positives_csr`,
-`recall`.
+`table1`, `REMOVAL_BY`, `negatives`, `removal_scores`, `fit_removal`, `fit_abtt`, `fit_whitening`,
+`Projector`, `positives_csr`, `recall`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import chex
 import numpy as np
 
-from sae_jax import metrics, retrieval
+from sae_jax import metrics, removal, retrieval
 from sae_jax.errors import SaeJaxError
 from sae_jax.metrics import ConceptMetrics
 from sae_jax.retrieval import Projector
@@ -38,15 +38,17 @@ __all__ = [
   "ConceptMetrics",
   "table1",
   "REMOVAL_BY",
+  "negatives",
   "removal_scores",
   "fit_removal",
+  "fit_abtt",
   "fit_whitening",
   "Projector",
   "positives_csr",
   "recall",
 ]
 
-REMOVAL_BY = ("attribution", "energy", "abs_attribution")
+REMOVAL_BY = removal.RULES
 DEFAULT_BATCH = 4096  # rows encoded per compiled block
 
 
@@ -126,20 +128,54 @@ def table1(cm: ConceptMetrics, fraction: float = 0.01, bridge_reduction: str = "
   return metrics.table1(cm.energy, cm.attribution, cm.bridge_score(bridge_reduction), fraction)
 
 
-def removal_scores(cm: ConceptMetrics, by: str = "attribution") -> np.ndarray:
-  """The per-concept score [c] (float64) a removal rule ranks the concepts by: "attribution" (the
-  paper, Eq. 6), "energy" (Eq. 3) or "abs_attribution" (|Eq. 6|)."""
+def negatives(
+  sae: LoadedSAE,
+  image: Any,
+  text: Any,
+  draws: int = removal.DEFAULT_DRAWS,
+  seed: int = 0,
+  batch_size: int = DEFAULT_BATCH,
+) -> np.ndarray:
+  """A⁻ [c] (float64): Eq. 6 over unmatched pairs, (image n, text π(n)) for `draws` seeded
+  derangements π of the N matched pairs, averaged: what each concept adds to the similarity of
+  pairs that do NOT match. The same numbers as the retrieval stage's `negatives` rule."""
+  d = sae.spec.d
+  image, text = _rows("image", image, d), _rows("text", text, d)
+  if image.shape[0] != text.shape[0] or image.shape[0] < 2:
+    raise SaeJaxError(
+      f"image {image.shape} and text {text.shape}: expected the same N >= 2 rows (matched pairs)"
+    )
+  code_i = encode_rows(sae.params, sae.spec, image, batch_size)
+  code_t = encode_rows(sae.params, sae.spec, text, batch_size)
+  return removal.negatives_attribution(np.asarray(sae.params["D"], np.float32), code_i, code_t, draws, seed)
+
+
+def removal_scores(
+  cm: ConceptMetrics, by: str = "attribution", negatives: Optional[Any] = None
+) -> np.ndarray:
+  """The per-concept score [c] (float64) a removal rule ranks the concepts by: "attribution" A⁺ (the
+  paper, Eq. 6), "energy" (Eq. 3), "abs_attribution" (|A⁺|), "negatives" A⁻ (`negatives(...)` of the
+  same pairs, passed in) or "margin" 2A⁻ − A⁺ (high for concepts that lift unmatched pairs about as
+  much as matched ones; README, equation table)."""
   if by not in REMOVAL_BY:
     raise SaeJaxError(f"removal_scores: by={by!r}, expected one of {REMOVAL_BY}")
-  a = np.asarray(cm.attribution, np.float64)
-  return {"attribution": a, "abs_attribution": np.abs(a), "energy": np.asarray(cm.energy, np.float64)}[by]
+  if by in removal.UNMATCHED_RULES and negatives is None:
+    raise SaeJaxError(f'removal_scores: by="{by}" needs negatives=api.negatives(sae, image, text)')
+  return removal.rule_scores(cm.attribution, cm.energy, negatives)[by]
+
+
+def fit_abtt(embeddings: Any, n_components: int) -> Projector:
+  """All-but-the-top (Mu & Viswanath, 2018), the stages' `+abtt` baseline for one side: rows are
+  L2-normalised, centred on their mean, and the top `n_components` principal directions removed;
+  0 centres only (`+center`). Fit one per side (queries, candidates) on that side's rows."""
+  return removal.fit_abtt(np.asarray(embeddings, np.float32), int(n_components))
 
 
 def fit_removal(sae: LoadedSAE, scores: Any, fraction: float = 0.01, rank: Optional[int] = None) -> Projector:
   """The removal projector of paper Eq. 8-10, from the SAE dictionary D [c, d].
 
   D_R = the rows of the top ceil(fraction · c) concepts by `scores` [c] (e.g. `cm.attribution` or
-  `removal_scores(cm, "energy")`); D_R = U Σ Vᵀ (Eq. 8); the projector maps h [N, d] to
+  `removal_scores(cm, "margin", negatives)`); D_R = U Σ Vᵀ (Eq. 8); the projector maps h [N, d] to
   normalise(h − V_r V_rᵀ h) (Eq. 9-10), float32, unit rows. `rank` r defaults to every selected
   atom, min(m, d); directions of numerically zero singular values are not removed
   (`projector.info["rank"]` is the rank used). Apply it with `projector(h)`; `projector.save(path)`

@@ -70,7 +70,17 @@ def test_configured_ks_are_every_column(tmp_path):
     for rec in by_var.values():
       assert sorted(k for k in rec if k.startswith("R@") and k[2:].isdigit()) == ["R@1", "R@5"]
   t2, t3 = (out / "table2.md").read_text(), (out / "table3.md").read_text()
-  assert _table_header(t2) == ["Task", "Setting", "queries", "candidates", "subset", "R@1", "R@5", "settings"]
+  assert _table_header(t2) == [
+    "Task",
+    "Setting",
+    "queries",
+    "candidates",
+    "subset",
+    "R@1",
+    "R@5",
+    "ΔR@1 vs base [95% CI]",
+    "settings",
+  ]
   assert _table_header(t3) == ["Task", "Setting", "queries", "candidates", "subset", "R@1", "R@5"]
   base = results["image_to_text"]["mean"]
   assert f"| MSCOCO q_i->c_t | Base | 120 | 120 | all | {base['R@1']:.2f} | {base['R@5']:.2f} |" in t2
@@ -111,7 +121,7 @@ def test_small_pool_reports_the_k_that_fit(tmp_path):
         )
       assert (rec["R@1"], rec["R@5"]) == (pytest.approx(ref["R@1"]), pytest.approx(ref["R@5"]))
   t2 = (out / "table2.md").read_text()
-  assert _table_header(t2)[5:8] == ["R@1", "R@5", "settings"]
+  assert _table_header(t2)[5:9] == ["R@1", "R@5", "ΔR@1 vs base [95% CI]", "settings"]
   assert "R@10 not reported for MSCOCO q_i->c_t: only 8 candidates." in t2
   assert "with 8 queries one query moves R@K by 12.5 points" in t2
   assert any("R@10 not reported for MSCOCO q_t->c_i" in line for line in lines)

@@ -134,8 +134,15 @@ def test_run_retrieval_on_pooled_files(tmp_path):
     "mean_no_image",
     "mean+removal",
     "mean+whitening",
+    "mean+center",
   }
-  assert set(on_disk["image_text_to_image"]) == {"mean", "mean_no_image", "mean+removal", "mean+whitening"}
+  assert set(on_disk["image_text_to_image"]) == {
+    "mean",
+    "mean_no_image",
+    "mean+removal",
+    "mean+whitening",
+    "mean+center",
+  }
   i2t = on_disk["image_to_text"]["mean"]
   assert (i2t["n_queries"], i2t["n_candidates"]) == (200, 400)
   assert on_disk["text_to_image"]["mean"]["n_queries"] == 400
@@ -154,6 +161,13 @@ def test_run_retrieval_on_pooled_files(tmp_path):
         ref = recall_reference(q @ c.T, z["positives_indptr"], z["positives_indices"], (1, 5, 10), ex)
       for k in ("R@1", "R@5", "R@10"):
         assert rec[k] == pytest.approx(ref[k]), (task, variant, k)
+      # Each figure sits in its bootstrap interval; the base variant's transforms carry the paired change.
+      for k in ("R@1", "R@5", "R@10"):
+        assert rec[f"{k}_ci95"][0] <= rec[k] <= rec[f"{k}_ci95"][1], (task, variant, k)
+      if variant.startswith("mean+"):
+        assert rec["delta_vs_base"]["R@1"] == pytest.approx(rec["R@1"] - by_var["mean"]["R@1"])
+      else:
+        assert "delta_vs_base" not in rec
   # Removal of the planted distractors helps; the noisy last-token variant is worse.
   assert on_disk["image_to_text"]["mean+removal"]["R@1"] > i2t["R@1"] + 5
   assert on_disk["image_to_text"]["last_token"]["R@1"] < i2t["R@1"]

@@ -115,13 +115,15 @@ def fig_rank_sweep(sweep: Mapping, path: str, title: str = "") -> None:
 
 def draw_removal_concepts(diagnostics: Mapping, removed: Mapping) -> matplotlib.figure.Figure:
   """Every concept by what it adds to matched pairs (attribution A⁺, x) and to unmatched pairs
-  (negatives A⁻, y; energy when A⁻ is missing), the concepts of each removal in `removed`
+  (negatives A⁻, y; energy, else the concept id, when A⁻ is missing), the concepts of each removal in `removed`
   ({name: [concept ids]}) marked. Distractors sit near the diagonal A⁻ = A⁺, content below it."""
   if "attribution" not in diagnostics:
     raise SaeJaxError(f"removed-concepts figure: no attribution among {sorted(diagnostics)}")
-  y_key = "negatives" if "negatives" in diagnostics else "energy"
+  y_key = next((k for k in ("negatives", "energy") if k in diagnostics), "concept")
   x = np.asarray(diagnostics["attribution"], np.float64)
-  y = np.asarray(diagnostics[y_key], np.float64)
+  y = (
+    np.asarray(diagnostics[y_key], np.float64) if y_key != "concept" else np.arange(x.size, dtype=np.float64)
+  )
   fig, ax = plt.subplots(figsize=(5.5, 4.5))
   ax.scatter(x, y, s=8, c="0.7", label=f"all {x.size} concepts", zorder=1)
   markers = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -141,7 +143,11 @@ def draw_removal_concepts(diagnostics: Mapping, removed: Mapping) -> matplotlib.
     lim = [min(x.min(), y.min()), max(x.max(), y.max())]
     ax.plot(lim, lim, ls=":", c="k", lw=0.8, label="A⁻ = A⁺", zorder=0)
   ax.set_xlabel("attribution A⁺ (matched pairs, Eq. 6)")
-  ax.set_ylabel("negatives A⁻ (unmatched pairs)" if y_key == "negatives" else "energy (Eq. 3)")
+  ax.set_ylabel(
+    {"negatives": "negatives A⁻ (unmatched pairs)", "energy": "energy (Eq. 3)", "concept": "concept id"}[
+      y_key
+    ]
+  )
   ax.set_title("Removed concepts among all concepts")
   ax.legend(fontsize=7, loc="best")
   fig.tight_layout()
