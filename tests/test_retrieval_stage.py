@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import base as base_cfg
-from sae_jax import retrieval, retrieval_tasks
+from sae_jax import removal, retrieval, retrieval_tasks
 from sae_jax.data import synthetic
 from sae_jax.errors import SaeJaxError
 from sae_jax.stages import retrieve
@@ -232,3 +232,88 @@ def test_nonfinite_embeddings_are_one_line():
   assert data.n_queries == 10 and data.n_candidates == 20
   np.testing.assert_array_equal(data.positives_indptr, np.arange(0, 21, 2))
   np.testing.assert_array_equal(data.positives_indices, np.arange(20))
+
+
+def _gate_config(trained_sae):
+  config = trained_sae.config()
+  r = config.retrieval
+  r.sae_workdir, r.attribution = trained_sae.workdir, "sae"
+  r.tasks = ("image_to_text",)
+  r.removal_compare = ("energy", "abs_attribution", "negatives", "margin")
+  r.select_on = "validation"
+  r.sweep_ranks = (1, 4)
+  r.bootstrap_n = 200
+  return config
+
+
+def test_validation_chosen_removal_finds_the_planted_distractors(trained_sae, tmp_path):
+  """The gate of the selection: on the planted world (4 distractor atoms), the removal chosen on the
+  fit split (never the scored pairs) lies in the distractor span and recovers most of the oracle gain."""
+  config = _gate_config(trained_sae)
+  r = config.retrieval
+  r.source, r.synthetic_pairs, r.synthetic_fit_pairs = "synthetic", 1500, 1500
+  res = retrieve.run_retrieval(config, str(tmp_path))["image_to_text"]
+  sel = res["mean+removal_selected"]
+  s = sel["settings"]
+  assert s["selected_on"] == "validation" and s["validation_split"] == s["fit_split"]
+  assert s["fit_disjoint"] is True and s["validation_queries"] == 1500
+  assert len(s["validation_candidates"]) > 20  # every rule x fraction x rank was scored
+  # The chosen subspace: the mean squared projection of its directions on the planted span.
+  proj = retrieval.Projector.load(str(tmp_path / "retrieval" / "removal_selected_projector.npz"))
+  src = synthetic.PlantedSource(config.data.synthetic)
+  truth = src.dictionary[np.asarray(src.kinds) == synthetic.DISTRACTOR]
+  q, _ = np.linalg.qr(truth.T.astype(np.float64))
+  overlap = float(np.mean(np.sum((q.T @ proj.basis.astype(np.float64)) ** 2, axis=0)))
+  assert overlap == pytest.approx(s["overlap_with_planted_distractors"], abs=1e-6)
+  assert overlap >= 0.9, s
+  base, orc = res["mean"]["R@1"], res["mean+oracle_removal"]["R@1"]
+  assert orc > base + 10
+  assert sel["R@1"] - base >= 0.85 * (orc - base), (base, sel["R@1"], orc)
+  assert sel["delta_vs_base"]["R@1_ci95"][0] > 0  # the paired interval excludes no change
+  # All-but-the-top with D chosen there, and the diagnostics of the removed concepts.
+  assert res["mean+abtt"]["settings"]["abtt_components"] in (1, 2, 4, 8, 16)
+  md = (tmp_path / "retrieval" / "removal_concepts.md").read_text()
+  assert "| removal_selected |" in md and "margin" in md
+  assert (tmp_path / "retrieval" / "fig_removal_concepts.png").stat().st_size > 1000
+  sweep = json.loads((tmp_path / "retrieval" / "rank_sweep.json").read_text())
+  assert sweep["selected_on"].startswith("test split (oracle")
+
+
+def _carved_run(config, tmp, image, text, ids):
+  _pooled(str(tmp / "activations"), "mean", image, text, image_ids=ids)
+  return retrieve.run_retrieval(config, str(tmp))["image_to_text"]
+
+
+def test_selection_ignores_the_scored_labels_and_is_seeded(trained_sae, tmp_path):
+  """Without a fit split, the validation split is a seeded image-disjoint part of the pooled pairs,
+  left out of scoring; permuting the scored pairs' labels changes no choice."""
+  config = _gate_config(trained_sae)
+  r = config.retrieval
+  r.source, r.variants, r.whitening = "pooled", ("mean",), False
+  r.validation_fraction, r.validation_seed = 0.4, 5
+  r.select_fractions, r.select_ranks = (0.01, 0.02), (1, 2, -1)
+  src = synthetic.PlantedSource(config.data.synthetic)
+  pairs = src.paired(500, seed=21)
+  ids = np.repeat(np.arange(250), 2)  # two captions per image
+  val, scored = removal.validation_split(ids, 0.4, 5)
+  first = _carved_run(config, tmp_path / "a", pairs.image, pairs.text, ids)
+  s = first["mean+removal_selected"]["settings"]
+  assert (s["fit_on"], s["validation_images"], s["validation_pairs"]) == ("validation", 100, 200)
+  assert first["mean"]["n_queries"] == np.unique(ids[scored]).size == 150  # only the other images
+  # The scored pairs' texts permuted among themselves: the scored numbers change, the choices do not.
+  text = pairs.text.copy()
+  text[scored] = text[scored][np.random.default_rng(0).permutation(scored.size)]
+  permuted = _carved_run(config, tmp_path / "b", pairs.image, text, ids)
+  assert permuted["mean"]["R@1"] < first["mean"]["R@1"] - 5
+  for v in ("mean+removal_selected", "mean+abtt"):
+    a, b = first[v]["settings"], permuted[v]["settings"]
+    keys = ("removal_by", "removal_fraction", "removal_rank", "abtt_components", "validation_candidates")
+    assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}, v
+  # Seeded: the same seed gives the same split and choice, another seed another split.
+  again = _carved_run(config, tmp_path / "c", pairs.image, pairs.text, ids)
+  same = lambda x: {k: v for k, v in x.items() if k != "eval_split"}  # the workdirs differ
+  assert same(again["mean+removal_selected"]["settings"]) == same(s)
+  assert again["mean+removal_selected"]["R@1"] == first["mean+removal_selected"]["R@1"]
+  r.validation_seed = 6
+  other = _carved_run(config, tmp_path / "d", pairs.image, pairs.text, ids)
+  assert other["mean+removal_selected"]["settings"]["validation_R@1_base"] != s["validation_R@1_base"]
