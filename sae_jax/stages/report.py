@@ -31,6 +31,7 @@ from sae_jax import workdir as workdir_lib
 from sae_jax.errors import SaeJaxError
 from sae_jax.plots import analysis as plot_a
 from sae_jax.plots import retrieval as plot_r
+from sae_jax.stages import retrieval_tables
 from sae_jax.stages import study_layout as study
 
 GENERATIVE_FAMILIES = ("qwen_vl", "paligemma", "chameleon")
@@ -149,35 +150,55 @@ def table1_md(config: Any, data: dict) -> list:
   return lines
 
 
-TABLE2_ROWS = (("Base", ""), ("Removal", "+removal"), ("Whitening (baseline)", "+whitening"))
+# (label, variant suffix, key of the published figures or None).
+TABLE2_ROWS = (
+  ("Base", "", "base"),
+  ("Removal", "+removal", "removal"),
+  ("Removal, chosen on validation", "+removal_selected", None),
+  ("Whitening (baseline)", "+whitening", "whitening"),
+  ("All-but-the-top (baseline)", "+abtt", None),
+)
 
 
 def table2_md(config: Any, data: dict) -> list:
-  lines = ["| Model | Task | Setting | R@1 | R@5 | R@10 | settings |", "|---|---|---|---:|---:|---:|---|"]
+  lines = [
+    "| Model | Task | Setting | R@1 | R@5 | R@10 | ΔR@1 vs base [95% CI] | settings |",
+    "|---|---|---|---:|---:|---:|---:|---|",
+  ]
   for name, m in data["models"].items():
     base = m["settings"]["base_variant"]
     for task, by in m["retrieval"].items():
-      for label, suffix in TABLE2_ROWS:
+      for label, suffix, published in TABLE2_ROWS:
         v = base + suffix
         if v not in by:
           continue
         r = by[v]
         s = r["settings"]
         note = ", ".join(
-          f"{k}={s[k]}" for k in ("removal_rank", "removal_fraction", "n_atoms", "whitening_alpha") if k in s
+          f"{k}={s[k]}"
+          for k in (
+            "selected_on",
+            "removal_by",
+            "removal_rank",
+            "removal_fraction",
+            "n_atoms",
+            "abtt_components",
+            "whitening_alpha",
+          )
+          if k in s and (k != "removal_by" or suffix == "+removal_selected")
         )
         note = f"pooling={base}" + (f", {note}" if note else "")
         lines.append(
           f"| {m['label']} | {task_label(task, data['dataset'])} | {label} | "
           + " | ".join(_f(r.get(k)) for k in KS)
-          + f" | {note} |"
+          + f" | {retrieval_tables.delta_cell(r)} | {note} |"
         )
-        pub = _published(config, name, "table2", task, label.split(" ")[0].lower())
+        pub = _published(config, name, "table2", task, published) if published else None
         if pub is not None:
           lines.append(
             f"| {m['label']} (paper) | {task_label(task, 'MSCOCO')} | {label} | "
             + " | ".join(_f(float(x)) for x in pub)
-            + " | published |"
+            + " | | published |"
           )
   return lines
 
