@@ -11,6 +11,7 @@ setting and the share of the oracle gain it recovers.
 
   python -m benchmarks.removal_rules                       # the two worlds of benchmarks/README.md
   python -m benchmarks.removal_rules --worlds=default_s0 --workdir=/tmp/removal-rules
+  python -m benchmarks.removal_rules --forms      # R@1 / overlap of each candidate form of `margin`
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ import json
 import os
 import time
 
+import numpy as np
 from absl import app, flags
 
 from configs import synthetic
+from sae_jax import removal, retrieval, retrieval_tasks
+from sae_jax import workdir as workdir_lib
+from sae_jax.data import synthetic as planted
 from sae_jax.stages import retrieve
+from sae_jax.stages.block_encoder import encode_rows
 from sae_jax.training import trainer
 
 WORLDS = {
@@ -37,6 +43,43 @@ RULES = ("attribution", "energy", "abs_attribution", "negatives", "margin")
 _WORLDS = flags.DEFINE_list("worlds", ["default_s0", "d3p95_s1"], f"planted worlds, of {sorted(WORLDS)}")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/removal-rules", "where the SAEs and stage outputs go")
 _PAIRS = flags.DEFINE_integer("pairs", 2000, "evaluation pairs (and fit/validation pairs)")
+_FORMS = flags.DEFINE_bool(
+  "forms", False, "instead: compare forms of the margin score (README equation table)"
+)
+
+
+def margin_forms(world: str, root: str, pairs: int) -> dict:
+  """R@1 / overlap on the evaluation pairs of the removal by each candidate form of `margin` (and the
+  negatives / attribution it is built from), top 1% and 2% of concepts at full rank."""
+  config = _config(world)
+  sae_dir = os.path.join(root, f"sae_{world}")
+  if not os.path.exists(os.path.join(sae_dir, "checkpoints")):
+    trainer.train_and_evaluate(config, sae_dir)
+  sae = workdir_lib.load_sae(sae_dir)
+  src = planted.PlantedSource(config.data.synthetic)
+  truth = src.dictionary[np.asarray(src.kinds) == planted.DISTRACTOR]
+  seed = int(config.retrieval.synthetic_seed)  # the stage's eval / fit pairs
+  ev, fit = src.paired(pairs, seed=seed), src.paired(pairs, seed=seed + 1)
+  codes = [encode_rows(sae.params, sae.spec, x, 4096) for x in (fit.image, fit.text)]
+  D = np.asarray(sae.params["D"], np.float32)
+  scores, _ = removal.concept_scores(D, *codes)
+  a, n = scores["attribution"], scores["negatives"]
+  forms = {
+    "attribution": a,
+    "negatives": n,
+    "margin 2A- - A+": scores["margin"],
+    "ratio A-/(|A+ - A-| + eps)": n / (np.abs(a - n) + 1e-3 * np.mean(np.abs(n))),
+    "A-^2 / A+": n * n / np.maximum(a, 1e-12),
+  }
+  task = retrieval_tasks.paired_task("image_to_text", ev.image, ev.text)
+  r1 = lambda p: retrieve.evaluate_task(task if p is None else task.map(p.transform), (1,))["R@1"]
+  out = {"world": world, "base": r1(None), "oracle": r1(retrieval.subspace_projector(truth)), "forms": {}}
+  for name, sc in forms.items():
+    for f in (0.01, 0.02):
+      m = min(int(np.ceil(f * D.shape[0])), D.shape[1])
+      p = retrieval.fit_removal(D, sc, m, f)
+      out["forms"][f"{name} @{f:g}"] = [round(r1(p), 2), round(removal.subspace_overlap(p.basis, truth), 3)]
+  return out
 
 
 def _config(world: str):
@@ -107,7 +150,7 @@ def main(argv):
   del argv
   for world in _WORLDS.value:
     t = time.time()
-    out = run_world(world, _WORKDIR.value, _PAIRS.value)
+    out = (margin_forms if _FORMS.value else run_world)(world, _WORKDIR.value, _PAIRS.value)
     out["seconds"] = round(time.time() - t, 1)
     print(json.dumps(out), flush=True)
 

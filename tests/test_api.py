@@ -95,6 +95,7 @@ def test_removal_whitening_and_recall_match_the_retrieval_stage(trained_sae, tmp
   r.synthetic_pairs = 1000
   r.synthetic_fit_pairs = 1000
   r.removal_fraction = 0.015  # ceil(0.015 * 256) = 4 atoms
+  r.removal_compare = ("margin",)
   r.tasks = ("image_to_text", "text_to_image")
   r.sweep_ranks = (1,)
   results = retrieve.run_retrieval(config, str(tmp_path))
@@ -107,13 +108,22 @@ def test_removal_whitening_and_recall_match_the_retrieval_stage(trained_sae, tmp
   np.testing.assert_allclose(
     removal.basis @ removal.basis.T, stage_removal.basis @ stage_removal.basis.T, atol=1e-5
   )
+  cm = api.concept_metrics(sae, fit.image, fit.text)
+  neg = api.negatives(sae, fit.image, fit.text)
+  margin = api.fit_removal(sae, api.removal_scores(cm, "margin", neg), fraction=0.015)
+  np.testing.assert_allclose(api.removal_scores(cm, "margin", neg), 2 * neg - cm.attribution)
+  with pytest.raises(SaeJaxError, match="needs negatives="):
+    api.removal_scores(cm, "negatives")
   positives = [[i] for i in range(1000)]
   for task, (q, c) in {"image_to_text": (ev.image, ev.text), "text_to_image": (ev.text, ev.image)}.items():
     wq, wc = api.fit_whitening(q, c)
+    cq, cc = api.fit_abtt(q, 0), api.fit_abtt(c, 0)
     mine = {
       "mean": api.recall(q, c, positives),
       "mean+removal": api.recall(removal(q), removal(c), positives),
+      "mean+removal_by_margin": api.recall(margin(q), margin(c), positives),
       "mean+whitening": api.recall(wq(q), wc(c), positives),
+      "mean+center": api.recall(cq(q), cc(c), positives),
     }
     for variant, rec in mine.items():
       for k in ("R@1", "R@5", "R@10"):

@@ -53,7 +53,6 @@ from sae_jax.stages import retrieval_tables as tables
 from sae_jax.stages.block_encoder import encode_rows
 
 RESULTS_FILE = "results.json"
-SELECTION_FILE = "selection.json"
 SELECT_ON = ("none", "validation")
 
 
