@@ -59,7 +59,8 @@ def apply(config, arg, preset_file, *, model_name, tiny_family, d, c, decoder=Tr
   r.denominator = "all_queries"
   r.whitening_mode = "realign"
   r.removal_by = "attribution"
-  r.removal_compare = ("energy", "abs_attribution")
+  r.removal_compare = ("energy", "abs_attribution", "negatives", "margin")
+  r.select_on = "validation"  # +removal_selected and +abtt, chosen on the training split's pairs
   ex.parquet_files = os.path.join(COCO_ROOT, "COCO-Caption", "data", "*.parquet")
   if "karpathy" in words:
     ex.dataset = "karpathy"
