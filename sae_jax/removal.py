@@ -226,6 +226,14 @@ def _pick(r1: list[float], cost: list[tuple], how: str, n_queries: int) -> int:
   return _best(r1) if how == "best" else one_se_pick(r1, cost, n_queries)
 
 
+def _leading(proj: retrieval.Projector, rank: int) -> retrieval.Projector:
+  """The removal of the first `rank` directions of `proj` (what `retrieval.fit_removal` with that rank
+  gives: the same SVD, fewer right singular vectors)."""
+  basis = proj.basis[:, : min(int(rank), proj.basis.shape[1])]
+  info = dict(proj.info, rank=int(basis.shape[1]), rank_requested=int(rank))
+  return retrieval.Projector("removal", basis=basis, info=info)
+
+
 def select_removal(
   dictionary: Any,
   scores: dict,
@@ -238,11 +246,15 @@ def select_removal(
   (R@1 of the validation split, `n_queries` queries, under that removal). `scores` is {rule: [c]}.
   Only the validation split is looked at."""
   D = np.asarray(dictionary, np.float32)
-  table, projs = [], []
+  table, projs, widest = [], [], {}
   for cand in grid:
     if cand.rule not in scores:
       raise SaeJaxError(f"removal selection: no {cand.rule!r} scores (have {sorted(scores)})")
-    proj = retrieval.fit_removal(D, scores[cand.rule], cand.rank, cand.fraction)
+    key = (cand.rule, cand.fraction)
+    if key not in widest:  # one SVD per (rule, fraction): a lower rank keeps its leading directions
+      top = max(g.rank for g in grid if (g.rule, g.fraction) == key)
+      widest[key] = retrieval.fit_removal(D, scores[cand.rule], top, cand.fraction)
+    proj = _leading(widest[key], cand.rank)
     projs.append(proj)
     table.append(
       {

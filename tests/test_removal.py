@@ -123,3 +123,17 @@ def test_subspace_overlap():
   assert removal.subspace_overlap(np.eye(5)[:, 2:4], truth) == pytest.approx(0.0)
   half = np.stack([np.array([1, 0, 1, 0, 0]) / np.sqrt(2), np.eye(5)[3]], 1)
   assert removal.subspace_overlap(half, truth) == pytest.approx(0.25)  # (0.5 + 0) / 2
+
+
+def test_selection_reuses_one_svd_per_rule_and_fraction():
+  """The projectors the selection builds equal `retrieval.fit_removal` at each candidate's rank."""
+  rng = np.random.default_rng(4)
+  D = rng.standard_normal((30, 8)).astype(np.float32)
+  scores = {"energy": rng.random(30)}
+  grid = removal.removal_grid(["energy"], [0.2], [1, 3, -1], 30, 8)
+  seen = []
+  removal.select_removal(D, scores, grid, lambda p: seen.append(p) or 1.0, how="best")
+  for cand, p in zip(grid, seen):
+    ref = retrieval.fit_removal(D, scores["energy"], cand.rank, cand.fraction)
+    np.testing.assert_allclose(p.basis @ p.basis.T, ref.basis @ ref.basis.T, atol=1e-5)
+    assert (p.info["rank"], p.info["atoms"]) == (ref.info["rank"], ref.info["atoms"])
