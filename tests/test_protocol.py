@@ -17,7 +17,7 @@ from sae_jax import retrieval_tasks as T
 from sae_jax import workdir as workdir_lib
 from sae_jax.data import coco, synthetic
 from sae_jax.errors import SaeJaxError
-from sae_jax.stages import retrieve
+from sae_jax.stages import retrieval_inputs, retrieve
 from tests.helpers.reference import recall_reference
 
 # ------------------------------------------------------------------------- the Karpathy 5k split
@@ -315,7 +315,7 @@ def test_fit_split_is_disjoint_and_recorded(trained_sae, tmp_path):
   assert (s["mbeir_task"], s["authors_task"]) == (3, 4)  # image_to_text in both numberings
   # The removed atoms are the top ones by attribution over the TRAINING pairs; the other rules too.
   loaded = workdir_lib.load_sae(trained_sae.workdir)
-  scores = retrieve.concept_scores_from_sae(
+  scores = retrieval_inputs.concept_scores_from_sae(
     loaded.params, loaded.k, train.image, train.text, spec=loaded.spec
   )
   proj = R.Projector.load(str(tmp_path / "retrieval" / "removal_projector.npz"))

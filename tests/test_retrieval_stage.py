@@ -10,7 +10,7 @@ from configs import base as base_cfg
 from sae_jax import removal, retrieval, retrieval_tasks
 from sae_jax.data import synthetic
 from sae_jax.errors import SaeJaxError
-from sae_jax.stages import retrieve
+from sae_jax.stages import retrieval_inputs, retrieve
 from tests.helpers.reference import recall_reference, topk_relu_codes
 
 
@@ -44,7 +44,7 @@ def test_attribution_from_sae_matches_dense_reference():
   params = _perfect_sae(src)
   zi, zt, D = _dense_codes_and_dictionary(params, 11, pairs.image, pairs.text)
   M = D @ D.T
-  a = retrieve.attribution_from_sae(params, 11, pairs.image, pairs.text, batch_size=128)
+  a = retrieval_inputs.attribution_from_sae(params, 11, pairs.image, pairs.text, batch_size=128)
   np.testing.assert_allclose(a, np.mean(zi * (zt @ M) + zt * (zi @ M), axis=0), rtol=2e-4, atol=2e-4)
   # sum_i A_i = 2 mean_pairs <x_hat_image, x_hat_text> (reconstructions without decoder bias).
   assert a.sum() == pytest.approx(2 * np.mean(np.sum((zi @ D) * (zt @ D), axis=1)), rel=1e-4)
@@ -55,7 +55,7 @@ def test_planted_removal_raises_r1_and_reaches_oracle_gain():
   fit = src.paired(2000, seed=11)
   ev = src.paired(1500, seed=12)
   params = _perfect_sae(src)
-  scores = retrieve.attribution_from_sae(params, 11, fit.image, fit.text)
+  scores = retrieval_inputs.attribution_from_sae(params, 11, fit.image, fit.text)
   kinds = np.asarray(src.kinds)
   distractor = synthetic.KINDS.index("distractor")
   n_d = int(np.sum(kinds == distractor))
