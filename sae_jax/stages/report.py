@@ -68,6 +68,7 @@ def collect(config: Any, workdir: str) -> dict:
     sweep = _load_json(sweep_path) if os.path.exists(sweep_path) else None
     with np.load(os.path.join(sae_dir, "analysis", "concepts.npz"), allow_pickle=False) as z:
       energy = np.asarray(z["energy"], np.float64)
+      silent = (np.asarray(z["fire_rate_image"]) == 0) & (np.asarray(z["fire_rate_text"]) == 0)
     fraction = float(t1["fraction"])
     e_sorted = np.sort(energy)[::-1]
     cum = np.cumsum(e_sorted) / max(e_sorted.sum(), 1e-30)
@@ -99,6 +100,9 @@ def collect(config: Any, workdir: str) -> dict:
         "top_fraction": fraction,
         "bridge_reduction": t1["bridge_reduction"],
         "eval_fvu": steps["sae"]["summary"].get("eval_fvu"),
+        # Concepts that fire on none of the analysed test pairs: a dictionary that is mostly silent
+        # on its data describes it with far fewer concepts than c.
+        "never_fire_fraction": float(silent.mean()),
       },
       "table1": {k: t1["rows"][0][k] for k in ("c", "set_size") + TABLE1_KEYS},
       "retrieval": results,
@@ -110,12 +114,26 @@ def collect(config: Any, workdir: str) -> dict:
         "c": int(energy.size),
       },
     }
-  return {
+  data = {
     "dataset": dataset,
     "preset_note": str(config.preset_note),
     "models": models,
     "paper_name": str(config.study.paper_name),
   }
+  return relative_paths(data, workdir)
+
+
+def relative_paths(obj: Any, workdir: str) -> Any:
+  """`obj` with every string path inside `workdir` made relative to it, so a report (and the stage
+  settings it carries) reads the same wherever the study ran."""
+  root = os.path.abspath(workdir) + os.sep
+  if isinstance(obj, dict):
+    return {k: relative_paths(v, workdir) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [relative_paths(v, workdir) for v in obj]
+  if isinstance(obj, str) and obj.startswith(root):
+    return obj[len(root) :]
+  return obj
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -417,8 +435,9 @@ def render_md(config: Any, data: dict, figs: list) -> str:
     "",
     "## Models and settings",
     "",
-    "| Model | kind | d | SAE c | k | SAE steps x batch | SAE train rows | test pairs | pooling | eval FVU |",
-    "|---|---|---:|---:|---:|---|---:|---:|---|---:|",
+    "| Model | kind | d | SAE c | k | SAE steps x batch | SAE train rows | test pairs | pooling | eval FVU "
+    "| never fire |",
+    "|---|---|---:|---:|---:|---|---:|---:|---|---:|---:|",
   ]
   for m in data["models"].values():
     s = m["settings"]
@@ -426,7 +445,7 @@ def render_md(config: Any, data: dict, figs: list) -> str:
     L.append(
       f"| {m['label']} | {m['kind']} ({m['family']}) | {s['d']} | {s['c']} | {s['k']} | "
       f"{s['sae_steps']} x {s['sae_batch_size']} | {s['sae_train_rows']} | {s['test_pairs']} | "
-      f"{', '.join(s['pooling'])} | {fvu} |"
+      f"{', '.join(s['pooling'])} | {fvu} | {100 * s['never_fire_fraction']:.1f}% |"
     )
   L += [""]
   for m in data["models"].values():
