@@ -92,11 +92,12 @@ def _model(label, kind, r1, ci, chance, fvu=0.1, delta=None, set_size=21):
   removal = {"R@1": r1 + (delta or [0, [0, 0]])[0], "settings": {"removal_rank": 3}}
   if delta is not None:
     removal["delta_vs_base"] = {"R@1": delta[0], "R@1_ci95": delta[1]}
+  whitening = {"R@1": r1 + 1.0, "delta_vs_base": {"R@1": 1.0, "R@1_ci95": [-0.5, 2.5]}, "settings": {}}
   return {
     "label": label,
     "kind": kind,
     "settings": {"base_variant": "mean", "eval_fvu": fvu},
-    "retrieval": {"image_to_text": {"mean": base, "mean+removal": removal}},
+    "retrieval": {"image_to_text": {"mean": base, "mean+removal": removal, "mean+whitening": whitening}},
     "energy": {"top_fraction": 0.01, "top_share": 0.3, "concepts_for_half": 40, "c": 2048},
     "table1": {"set_size": set_size, "J(S_E,S_A)": 0.5, "J(S_E,S_B)": 0.6, "triple_overlap": 0.4},
   }
@@ -118,6 +119,10 @@ def test_findings_withhold_what_does_not_exceed_its_noise():
   assert "Overlap (Qwen2-VL)" not in text and "Overlap (CLIP): J(S_E,S_A) 0.50" in text
   assert "Removal (CLIP): removing the top-attribution subspace (rank 3): no detectable change" in text
   assert "Removal (Qwen2-VL): removing the top-attribution subspace (rank 3) helps" in text
+  assert (
+    "the whitening baseline gives 41.00 (+1.00, paired 95% interval [-0.50, 2.50], no detectable change)"
+    in text
+  )
   # Two models above chance whose intervals do not overlap: the difference is stated, with both.
   data["models"]["qwen"] = _model("Qwen2-VL", "generative", 5.0, [3.6, 6.5], 0.1, set_size=6)
   text = "\n".join(report.findings(data))

@@ -241,6 +241,15 @@ def _ci_text(ci: Optional[list]) -> str:
   return "" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
+def _delta_text(rec: dict) -> str:
+  """' (+1.20, paired 95% interval [0.40, 2.00])' from a variant's `delta_vs_base`, else ''."""
+  d = rec.get("delta_vs_base", {})
+  if CI_KEY not in d:
+    return ""
+  verdict = "" if uncertainty.excludes_zero(d[CI_KEY]) else ", no detectable change"
+  return f" ({d['R@1']:+.2f}, paired 95% interval{_ci_text(d[CI_KEY])}{verdict})"
+
+
 def _retrieval_state(rec: dict) -> str:
   """'above' / 'chance' / 'unknown': whether R@1's interval lies above the chance R@1 of the task."""
   ci, chance = rec.get(CI_KEY), rec.get("chance", {}).get("R@1")
@@ -328,7 +337,7 @@ def findings(data: dict) -> list:
     s = b["settings"]
     delta = b.get("delta_vs_base", {})
     w = rec(n, "+whitening")
-    wt = f"; the whitening baseline gives {w['R@1']:.2f}" if w is not None else ""
+    wt = f"; the whitening baseline gives {w['R@1']:.2f}{_delta_text(w)}" if w is not None else ""
     head = f"Removal ({m['label']}): removing the top-attribution subspace (rank {s.get('removal_rank')})"
     if CI_KEY not in delta:
       out.append(
