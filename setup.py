@@ -29,6 +29,7 @@ EXTRACT = [
 GPU = ["accelerate>=1.0"]  # loading HF weights straight onto the GPU (device_map)
 TEST = EXTRACT + [
   "pytest>=8.0",
+  "ruff==0.17.6",  # the README's test command lints with it; pinned: the tree follows its formatting
   "scikit-learn>=1.5",
   "faiss-cpu>=1.9",
   "einops>=0.8",  # overcomplete's runtime deps (it is installed with --no-deps)

@@ -16,9 +16,9 @@ its one fixture split (no separate test split: the removal is fitted on the scor
 Data roots (environment variables, read when the preset is loaded):
   $COCO_ROOT  COCO 2017 (annotations/captions_train2017.json, train2017/, dataset_coco.json,
               COCO-Caption/data/*.parquet); default `data/coco` relative to the working directory.
-  $COCO_MINI  the "tiny" fixture: a directory with `captions.json` and `images/` (an 11-image COCO
-              val2017 sample, not part of this repository); default `../shared/data/coco-val2017-mini`
-              beside the repository checkout.
+  $COCO_MINI  the "tiny" fixture: a directory with `captions.json` and `images/` in the COCO val2017
+              layout, e.g. the 11-image one that `python -m experiments.make_shapes --coco_mini
+              --out=data/coco-mini` generates; default `data/coco-mini` relative to the working directory.
 Each path is also a config field (`--config.extract.captions_json=...`, `--config.extract.image_dir=...`).
 A missing file is reported as one line naming the field and these variables.
 """
@@ -28,9 +28,7 @@ import os
 from sae_jax import config_utils
 
 COCO_ROOT = os.environ.get("COCO_ROOT", "data/coco")
-FIXTURE = os.environ.get("COCO_MINI") or os.path.join(
-  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "coco-val2017-mini"
-)
+FIXTURE = os.environ.get("COCO_MINI") or os.path.join("data", "coco-mini")
 
 
 WORDS = ("tiny", "karpathy", "parquet", "online")

@@ -17,6 +17,10 @@ def get_config(arg: str = ""):
   config.extract.log_every_s = 30.0
   config.data.prefetch = 2
   if "tiny" in words:
+    config.preset_note = (
+      "tiny preset: models and SAEs trained for seconds on 400 images; it tests the plumbing, not the "
+      "quality: its numbers are not results"
+    )
     config.shapes.train_images = 400
     config.shapes.test_images = 100
     et = config.encoder_training

@@ -36,4 +36,5 @@ def get_config(arg: str = ""):
     config.train.num_steps = 60
     config.train.log_every = 20
     config.train.checkpoint_every = 20
+    config.preset_note = "tiny preset: 60 steps on batches of 256; it tests the plumbing, not the quality"
   return config

@@ -7,7 +7,9 @@ import time
 from typing import Any, Callable, Optional
 
 from absl import flags, logging
+from ml_collections import config_flags
 
+from sae_jax import workdir as workdir_lib
 from sae_jax.errors import SaeJaxError
 
 _PRINT_CONFIG = flags.DEFINE_bool(
@@ -39,6 +41,16 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+def _main_flag_values() -> str:
+  """`name: value` of the running main's own flags (for the mains without a --config)."""
+  module = sys.modules["__main__"]
+  key = getattr(module, "__spec__", None) and module.__spec__.name or sys.argv[0]
+  own = flags.FLAGS.get_key_flags_for_module(key) or flags.FLAGS.get_key_flags_for_module(sys.argv[0])
+  return "\n".join(
+    f"{f.name}: {f.value!r}" for f in sorted(own, key=lambda f: f.name) if f.name != "print_config"
+  )
+
+
 def run_main(
   argv,
   fn,
@@ -57,10 +69,7 @@ def run_main(
     sys.exit(2)
   try:
     if _PRINT_CONFIG.value:
-      if config is None:
-        print("error: --print_config: this main has no --config", file=sys.stderr)
-        sys.exit(2)
-      print(config.value)
+      print(config.value if config is not None else _main_flag_values())
       return None
     if workdir is not None and not workdir.value:
       print("error: --workdir is required (the run directory)", file=sys.stderr)
@@ -82,6 +91,23 @@ def run_main(
     sys.exit(2)
 
 
+def refuse_overrides_of_the_workdir(config_flag: Any, sae_workdir: str, what: str) -> None:
+  """Stops (one line per field) when --config.sae.* differs from the SAE the stage loads from
+  `sae_workdir`: the stage uses the workdir's SAE, so such a flag would otherwise vanish silently.
+  Fields the user did not set say nothing."""
+  overrides = config_flags.get_override_values(flags.FLAGS[config_flag.name])
+  path = os.path.join(sae_workdir, workdir_lib.CONFIG_FILE)
+  if not overrides or not os.path.exists(path):
+    return  # no SAE there yet: the stage says so itself
+  clashes = workdir_lib.overrides_in_conflict(workdir_lib.read_json(path), overrides)
+  if clashes:
+    fields = "; ".join(f"--config.{f}={v!r} but the SAE has {f}={o!r}" for f, v, o in clashes)
+    raise SaeJaxError(
+      f"{what} uses the SAE of {sae_workdir} ({path}): {fields}; drop the flag(s), or train an SAE with "
+      "these values into another --workdir"
+    )
+
+
 def note_lines(config: Any) -> list:
   """The preset's note (the tiny presets: they test the plumbing, not the quality)."""
   return [f"  {config.preset_note}"] if config.preset_note else []
@@ -93,18 +119,43 @@ def train_report(config_flag: Any) -> Callable[[dict, float], list]:
   def report(summary: dict, seconds: float) -> list:
     config = config_flag.value
     wd = summary["workdir"]
+    logged = (
+      f"last logged FVU {summary['fvu']:.4f}, L0 {summary['l0']:.1f}, dead {100 * summary['dead_fraction']:.1f}%"
+      if "fvu" in summary
+      else "no training metrics in metrics.jsonl"
+    )
     lines = [
       f"train: {wd} at step {summary['step']} in {seconds:.1f} s "
       f"(checkpoints/, metrics.jsonl, config.json{', tensorboard/' if config.train.tensorboard else ''})",
       f"  held-out FVU {summary['eval_fvu']:.4f} over {summary['eval_rows']} rows (1 = no better than the "
-      f"mean); last logged FVU {summary['fvu']:.4f}, L0 {summary['l0']:.1f}, "
-      f"dead {100 * summary['dead_fraction']:.1f}%",
+      f"mean); {logged}",
     ]
+    if summary.get("nothing_to_train"):
+      lines.insert(
+        1,
+        f"  nothing left to train: the newest checkpoint is at step {summary['step']} "
+        f"(config.train.num_steps={config.train.num_steps}); the figures are the finished run's",
+      )
     if "planted_mean_max_cos" in summary:
       lines.append(
         f"  planted atoms recovered: mean max cosine {summary['planted_mean_max_cos']:.3f} (1 = all)"
       )
     return lines + note_lines(config)
+
+  return report
+
+
+def study_report(config_flag: Any) -> Callable[[dict, float], list]:
+  """Summary lines of experiments.study: the report's files, the models, the time."""
+
+  def report(result: dict, seconds: float) -> list:
+    out = result["report"]
+    lines = [
+      f"study: {out['md']} (+ report.html, report.json, {len(out['figures'])} figures) in {seconds:.1f} s",
+      f"  models: {', '.join(result['steps'])}; findings are in the report (an effect is stated only "
+      "where its interval excludes zero)",
+    ]
+    return lines + note_lines(config_flag.value)
 
   return report
 

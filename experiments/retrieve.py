@@ -16,10 +16,17 @@ flags.mark_flags_as_required(["config"])  # --workdir is checked after --print_c
 flags.declare_key_flag("print_config")  # defined in experiments.common; shown by --help
 
 
+def _retrieve():
+  config = _CONFIG.value
+  sae_dir = str(config.retrieval.sae_workdir) or _WORKDIR.value
+  common.refuse_overrides_of_the_workdir(_CONFIG, sae_dir, "experiments.retrieve")
+  return retrieve.run_retrieval(config, _WORKDIR.value, log=print)
+
+
 def main(argv):
   common.run_main(
     argv,
-    lambda: retrieve.run_retrieval(_CONFIG.value, _WORKDIR.value, log=print),
+    _retrieve,
     config=_CONFIG,
     workdir=_WORKDIR,
   )

@@ -10,11 +10,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Study directory; writes <workdi
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "configs/study_shapes.py or configs/study_paper.py.", lock_config=True
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])  # --workdir is checked after --print_config
+flags.declare_key_flag("print_config")  # defined in experiments.common; shown by --help
 
 
 def main(argv):
-  common.run_main(argv, lambda: study.run_study(_CONFIG.value, _WORKDIR.value))
+  common.run_main(
+    argv,
+    lambda: study.run_study(_CONFIG.value, _WORKDIR.value),
+    config=_CONFIG,
+    workdir=_WORKDIR,
+    report=common.study_report(_CONFIG),
+  )
 
 
 if __name__ == "__main__":

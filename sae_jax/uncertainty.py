@@ -85,6 +85,17 @@ def percentile_interval(samples, level: float = DEFAULT_LEVEL) -> np.ndarray:
   return np.moveaxis(np.percentile(np.asarray(samples), [tail, 100.0 - tail], axis=0), 0, -1)
 
 
+def _means_with_ci(per_query: np.ndarray, ks, n_boot, seed, level, draws) -> dict:
+  """{"R@K": mean in percent, "R@K_ci95": bootstrap interval} of per-query columns [Q, len(ks)]."""
+  draws = bootstrap_draws(per_query.shape[0], n_boot, seed) if draws is None else draws
+  ci = percentile_interval(100.0 * resampled_means(per_query, draws), level)
+  out = {}
+  for j, kk in enumerate(ks):
+    out[f"R@{kk}"] = float(100.0 * per_query[:, j].mean())
+    out[_ci_key(f"R@{kk}", level)] = [float(ci[j, 0]), float(ci[j, 1])]
+  return out
+
+
 def recall_with_ci(
   first_hit_rank,
   ks: Sequence[int] = (1, 5, 10),
@@ -98,14 +109,7 @@ def recall_with_ci(
   Returns {"R@1": 37.2, "R@1_ci95": [34.9, 39.6], ...}. `draws` (from `bootstrap_draws`) fixes the
   resamples, e.g. to score several variants on the same ones.
   """
-  hits = recall_hits(first_hit_rank, ks)
-  draws = bootstrap_draws(hits.shape[0], n_boot, seed) if draws is None else draws
-  ci = percentile_interval(100.0 * resampled_means(hits, draws), level)
-  out = {}
-  for j, kk in enumerate(ks):
-    out[f"R@{kk}"] = float(100.0 * hits[:, j].mean())
-    out[_ci_key(f"R@{kk}", level)] = [float(ci[j, 0]), float(ci[j, 1])]
-  return out
+  return _means_with_ci(recall_hits(first_hit_rank, ks), ks, n_boot, seed, level, draws)
 
 
 def paired_recall_delta(
@@ -128,14 +132,7 @@ def paired_recall_delta(
     raise SaeJaxError(
       f"paired bootstrap needs both variants on the same queries, got {a.shape} and {b.shape}"
     )
-  diff = recall_hits(b, ks) - recall_hits(a, ks)
-  draws = bootstrap_draws(diff.shape[0], n_boot, seed) if draws is None else draws
-  ci = percentile_interval(100.0 * resampled_means(diff, draws), level)
-  out = {}
-  for j, kk in enumerate(ks):
-    out[f"R@{kk}"] = float(100.0 * diff[:, j].mean())
-    out[_ci_key(f"R@{kk}", level)] = [float(ci[j, 0]), float(ci[j, 1])]
-  return out
+  return _means_with_ci(recall_hits(b, ks) - recall_hits(a, ks), ks, n_boot, seed, level, draws)
 
 
 def excludes_zero(ci: Sequence[float]) -> bool:

@@ -170,6 +170,27 @@ def check_workdir_config(workdir: str, new: dict, allow_change: bool) -> None:
     )
 
 
+def overrides_in_conflict(saved: dict, overrides: dict, prefixes: tuple = ("sae.",)) -> list:
+  """[(field, command-line value, saved value)] for each override under `prefixes` that differs from
+  the workdir's config.json (`saved`). A field saved as "auto" / -1 is compared with the value it
+  resolved to (`sae_spec`), so `--config.sae.aux_k=32` matches a run that resolved aux_k to 32."""
+  flat = flatten(saved)
+  spec = saved.get("sae_spec", {})
+  out = []
+  for field, value in sorted(overrides.items()):
+    if not field.startswith(prefixes) or field not in flat:
+      continue
+    old = flat[field]
+    if old in ("auto", -1) and field.startswith("sae.") and field[4:] in spec:
+      old = spec[field[4:]]
+    as_json = lambda v: json.loads(json.dumps(v.to_dict() if hasattr(v, "to_dict") else v))
+    if as_json(value) != as_json(old) and not (
+      isinstance(value, (list, tuple)) and isinstance(old, (list, tuple)) and list(value) == list(old)
+    ):
+      out.append((field, value, old))
+  return out
+
+
 def write_config(workdir: str, resolved: dict) -> None:
   atomic_write_json(epath.Path(workdir) / CONFIG_FILE, resolved)
 

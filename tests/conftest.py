@@ -20,8 +20,8 @@ from tests.helpers.trained import TrainedSAE, synthetic_sae_config  # noqa: E402
 
 @pytest.fixture
 def coco_mini():
-  """The real COCO mini fixture (skipped when absent; a failure under CI)."""
-  return env.require_fixture()
+  """The session's generated COCO-layout fixture (11 images, 5 captions each; tests/helpers/env.py)."""
+  return env.COCO_MINI
 
 
 @pytest.fixture(scope="session")

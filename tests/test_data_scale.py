@@ -310,9 +310,7 @@ def _assert_same_extraction(wd, ref):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
   from sae_jax.stages import extract as extract_stage
-  from tests.helpers.env import require_fixture
 
-  require_fixture()
   wd = tmp_path_factory.mktemp("one")
   summary = extract_stage.run_extraction(_clip_config(), str(wd))
   return str(wd), summary
@@ -417,9 +415,7 @@ class _CountingEncoder:
 def test_online_source_on_two_processes_encodes_each_window_once():
   from sae_jax import encoders
   from sae_jax.data import online
-  from tests.helpers.env import require_fixture
 
-  require_fixture()
   cfg = _clip_config()
   cfg.data.source, cfg.data.batch_size = "online", 16
   cfg.extract.online_buffer_batches, cfg.extract.online_window_items = 2, 24

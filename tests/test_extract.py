@@ -1,4 +1,4 @@
-"""Extraction end to end on the real COCO fixture with tiny random-weight models; data sources; bad input."""
+"""Extraction end to end on the generated COCO-layout fixture with tiny random-weight models; data sources; bad input."""
 
 import os
 
@@ -20,11 +20,8 @@ from sae_jax.errors import SaeJaxError
 from sae_jax.stages import extract as extract_stage
 from sae_jax.stages import extract_mbeir
 from sae_jax.training import trainer
-from tests.helpers.env import COCO_MINI, require_fixture
+from tests.helpers.env import COCO_MINI
 from tests.helpers.faults import Crash, CrashingEncoder
-
-# Every test here reads the real COCO mini fixture (skipped when absent; a failure under CI).
-pytestmark = pytest.mark.usefixtures("coco_mini")
 
 
 def _config(model, **extract_overrides):
@@ -50,14 +47,12 @@ def _run(model, workdir, encoder=None, source=None, **overrides):
 
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory):
-  require_fixture()
   wd = tmp_path_factory.mktemp("clip")
   return wd, _run("clip", wd)
 
 
 @pytest.fixture(scope="module")
 def qwen_run(tmp_path_factory):
-  require_fixture()
   wd = tmp_path_factory.mktemp("qwen")
   return wd, _run("qwen2_vl", wd)
 

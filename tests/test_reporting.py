@@ -4,8 +4,6 @@ summary of each main, and the drawn elements of the figures (read through matplo
 import json
 import math
 import os
-import subprocess
-import sys
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -197,16 +195,7 @@ def test_rank_sweep_oracle_lines_are_labelled_per_metric():
     plt.close(fig)
 
 
-def _main(module: str, *args: str, extra_env=None) -> subprocess.CompletedProcess:
-  env_vars = {**os.environ, "JAX_PLATFORMS": "cpu", **(extra_env or {})}
-  return subprocess.run(
-    [sys.executable, "-m", f"experiments.{module}", *args],
-    cwd=str(env.ROOT),
-    env=env_vars,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+_main = env.run_main
 
 
 def test_train_analyze_retrieve_print_their_summary(trained_sae, tmp_path):
@@ -223,13 +212,14 @@ def test_train_analyze_retrieve_print_their_summary(trained_sae, tmp_path):
   out = train.stdout.splitlines()
   summary = json.loads(next(x for x in out if x.startswith("SUMMARY "))[len("SUMMARY ") :])
   assert (
-    out[-3].startswith(f"train: {wd} at step 10 in ")
-    and "(checkpoints/, metrics.jsonl, config.json)" in out[-3]
+    out[-4].startswith(f"train: {wd} at step 10 in ")
+    and "(checkpoints/, metrics.jsonl, config.json)" in out[-4]
   )
-  assert out[-2].startswith(f"  held-out FVU {summary['eval_fvu']:.4f} over {summary['eval_rows']} rows")
+  assert out[-3].startswith(f"  held-out FVU {summary['eval_fvu']:.4f} over {summary['eval_rows']} rows")
   assert (
-    out[-1] == f"  planted atoms recovered: mean max cosine {summary['planted_mean_max_cos']:.3f} (1 = all)"
+    out[-2] == f"  planted atoms recovered: mean max cosine {summary['planted_mean_max_cos']:.3f} (1 = all)"
   )
+  assert out[-1].startswith("  tiny preset:") and "plumbing, not the quality" in out[-1]
 
   # Analysis and retrieval of the session's SAE, written into another workdir.
   common = [

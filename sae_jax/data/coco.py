@@ -145,7 +145,8 @@ class PairedCaptions:
 # Where the configs/*_coco.py presets look (configs/coco_common.py), named in the missing-file error.
 DATA_ROOT_HINT = (
   " (the configs/*_coco.py presets read COCO under $COCO_ROOT, default data/coco, and the :tiny "
-  "fixture from $COCO_MINI; or set the field itself)"
+  "fixture from $COCO_MINI, default data/coco-mini, made by python -m experiments.make_shapes --coco_mini "
+  "--out=data/coco-mini; or set the field itself)"
 )
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from sae_jax import config_utils, metrics
+from sae_jax import config_utils, metrics, uncertainty
 from sae_jax import workdir as workdir_lib
 from sae_jax.errors import SaeJaxError
 from sae_jax.plots import analysis as plot_a
@@ -69,6 +69,7 @@ def collect(config: Any, workdir: str) -> dict:
     sweep = _load_json(sweep_path) if os.path.exists(sweep_path) else None
     with np.load(os.path.join(sae_dir, "analysis", "concepts.npz"), allow_pickle=False) as z:
       energy = np.asarray(z["energy"], np.float64)
+      silent = (np.asarray(z["fire_rate_image"]) == 0) & (np.asarray(z["fire_rate_text"]) == 0)
     fraction = float(t1["fraction"])
     e_sorted = np.sort(energy)[::-1]
     cum = np.cumsum(e_sorted) / max(e_sorted.sum(), 1e-30)
@@ -100,6 +101,9 @@ def collect(config: Any, workdir: str) -> dict:
         "top_fraction": fraction,
         "bridge_reduction": t1["bridge_reduction"],
         "eval_fvu": steps["sae"]["summary"].get("eval_fvu"),
+        # Concepts that fire on none of the analysed test pairs: a dictionary that is mostly silent
+        # on its data describes it with far fewer concepts than c.
+        "never_fire_fraction": float(silent.mean()),
       },
       "table1": {k: t1["rows"][0][k] for k in ("c", "set_size") + TABLE1_KEYS},
       "retrieval": results,
@@ -111,7 +115,26 @@ def collect(config: Any, workdir: str) -> dict:
         "c": int(energy.size),
       },
     }
-  return {"dataset": dataset, "models": models, "paper_name": str(config.study.paper_name)}
+  data = {
+    "dataset": dataset,
+    "preset_note": str(config.preset_note),
+    "models": models,
+    "paper_name": str(config.study.paper_name),
+  }
+  return relative_paths(data, workdir)
+
+
+def relative_paths(obj: Any, workdir: str) -> Any:
+  """`obj` with every string path inside `workdir` made relative to it, so a report (and the stage
+  settings it carries) reads the same wherever the study ran."""
+  root = os.path.abspath(workdir) + os.sep
+  if isinstance(obj, dict):
+    return {k: relative_paths(v, workdir) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [relative_paths(v, workdir) for v in obj]
+  if isinstance(obj, str) and obj.startswith(root):
+    return obj[len(root) :]
+  return obj
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -232,54 +255,140 @@ def table3_md(config: Any, data: dict) -> list:
 # ---------------------------------------------------------------------------------------- findings
 
 
+CI_KEY = "R@1_ci95"  # the interval every Recall@1 of results.json carries (sae_jax.uncertainty)
+
+
+def _ci_text(ci: Optional[list]) -> str:
+  return "" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _delta_text(rec: dict) -> str:
+  """' (+1.20, paired 95% interval [0.40, 2.00])' from a variant's `delta_vs_base`, else ''."""
+  d = rec.get("delta_vs_base", {})
+  if CI_KEY not in d:
+    return ""
+  verdict = "" if uncertainty.excludes_zero(d[CI_KEY]) else ", no detectable change"
+  return f" ({d['R@1']:+.2f}, paired 95% interval{_ci_text(d[CI_KEY])}{verdict})"
+
+
+def _retrieval_state(rec: dict) -> str:
+  """'above' / 'chance' / 'unknown': whether R@1's interval lies above the chance R@1 of the task."""
+  ci, chance = rec.get(CI_KEY), rec.get("chance", {}).get("R@1")
+  if ci is None or chance is None:
+    return "unknown"
+  return "above" if ci[0] > chance else "chance"
+
+
+def _sae_failed(m: dict) -> Optional[str]:
+  """Why the model's SAE cannot carry a Table 1 finding (held-out FVU >= 1), else None."""
+  fvu = m["settings"].get("eval_fvu")
+  if fvu is not None and fvu >= 1.0:
+    return (
+      f"its SAE's held-out FVU is {fvu:.2f} (>= 1: it reconstructs no better than the mean), so its "
+      "concepts are not a description of the model"
+    )
+  return None
+
+
 def findings(data: dict) -> list:
-  """Sentences stating what the numbers say, whichever way they come out."""
+  """Sentences stating what the numbers say, whichever way they come out, and only what exceeds its
+  noise: a Recall@1 difference only where the 95% bootstrap intervals (over queries) say so, a model
+  at chance compared with nothing, and no Table 1 reading of an SAE that does not reconstruct."""
   ms = data["models"]
-  gen = [n for n, m in ms.items() if m["kind"] == "generative"]
-  con = [n for n, m in ms.items() if m["kind"] == "contrastive"]
   out = []
   task = "image_to_text"
   label = task_label(task, data["dataset"])
 
-  def r1(n, suffix=""):
+  def rec(n, suffix=""):
     m = ms[n]
-    return m["retrieval"].get(task, {}).get(m["settings"]["base_variant"] + suffix, {}).get("R@1")
+    return m["retrieval"].get(task, {}).get(m["settings"]["base_variant"] + suffix)
 
+  states = {n: _retrieval_state(rec(n)) for n in ms if rec(n) is not None}
+  for n, state in states.items():
+    r = rec(n)
+    if state == "chance":
+      out.append(
+        f"Retrieval ({ms[n]['label']}): R@1 {r['R@1']:.2f}{_ci_text(r.get(CI_KEY))} on {label} is at chance "
+        f"({r['chance']['R@1']:.2f}): the model's embedding does not retrieve, so it is compared with no "
+        "other model (a model at chance is a failure of this study's model, not a result)."
+      )
+  gen = [n for n in states if ms[n]["kind"] == "generative"]
+  con = [n for n in states if ms[n]["kind"] == "contrastive"]
   for g in gen:
     for c in con:
-      a, b = r1(g), r1(c)
-      if a is None or b is None:
+      a, b = rec(g), rec(c)
+      if "chance" in (states[g], states[c]):
         continue
-      verdict = "worse than" if a < b else ("as well as" if a == b else "better than")
-      ratio = f" ({b / a:.1f}x lower)" if 0 < a < b else ""
-      out.append(
-        f"Retrieval: the generative {ms[g]['label']} retrieves {verdict} the contrastive {ms[c]['label']} "
-        f"on {label}: R@1 {a:.2f} vs {b:.2f}{ratio}."
-      )
+      if "unknown" in (states[g], states[c]):
+        out.append(
+          f"Retrieval: {ms[g]['label']} R@1 {a['R@1']:.2f} vs {ms[c]['label']} {b['R@1']:.2f} on {label}; "
+          "no interval or chance level recorded, so no difference is stated."
+        )
+        continue
+      (alo, ahi), (blo, bhi) = a[CI_KEY], b[CI_KEY]
+      if ahi < blo or bhi < alo:
+        verdict = "worse than" if ahi < blo else "better than"
+        ratio = f", {b['R@1'] / a['R@1']:.1f}x lower" if ahi < blo and a["R@1"] > 0 else ""
+        out.append(
+          f"Retrieval: the generative {ms[g]['label']} retrieves {verdict} the contrastive {ms[c]['label']} "
+          f"on {label}: R@1 {a['R@1']:.2f}{_ci_text(a[CI_KEY])} vs {b['R@1']:.2f}{_ci_text(b[CI_KEY])}"
+          f" (95% intervals do not overlap{ratio})."
+        )
+      else:
+        out.append(
+          f"Retrieval: no detectable difference between the generative {ms[g]['label']} and the contrastive "
+          f"{ms[c]['label']} on {label}: R@1 {a['R@1']:.2f}{_ci_text(a[CI_KEY])} vs "
+          f"{b['R@1']:.2f}{_ci_text(b[CI_KEY])} (the 95% intervals overlap)."
+        )
   for n, m in ms.items():
     e = m["energy"]
+    why = _sae_failed(m)
+    if why:
+      out.append(f"Energy and Table 1 ({m['label']}): not interpreted: {why}.")
+      continue
     out.append(
       f"Energy ({m['label']}): the top {100 * e['top_fraction']:g}% of concepts ({m['table1']['set_size']} of "
       f"{e['c']}) carry {100 * e['top_share']:.1f}% of the energy; {e['concepts_for_half']} concepts carry half "
       f"of it ({100 * e['concepts_for_half'] / e['c']:.1f}% of the dictionary)."
     )
   for n, m in ms.items():
-    a, b = r1(n), r1(n, "+removal")
-    if a is None or b is None:
+    r, b = rec(n), rec(n, "+removal")
+    if r is None or b is None:
       continue
-    verb = "helps" if b > a else ("does not change" if b == a else "hurts")
-    s = m["retrieval"][task][m["settings"]["base_variant"] + "+removal"]["settings"]
-    w = r1(n, "+whitening")
-    wt = f"; the whitening baseline gives {w:.2f}" if w is not None else ""
-    out.append(
-      f"Removal ({m['label']}): removing the top-attribution subspace (rank {s.get('removal_rank')}) {verb} "
-      f"{label} R@1: {a:.2f} -> {b:.2f} ({b - a:+.2f}){wt}."
-    )
+    s = b["settings"]
+    delta = b.get("delta_vs_base", {})
+    w = rec(n, "+whitening")
+    wt = f"; the whitening baseline gives {w['R@1']:.2f}{_delta_text(w)}" if w is not None else ""
+    head = f"Removal ({m['label']}): removing the top-attribution subspace (rank {s.get('removal_rank')})"
+    if CI_KEY not in delta:
+      out.append(
+        f"{head}: {label} R@1 {r['R@1']:.2f} -> {b['R@1']:.2f}{wt}; no paired interval recorded, so no "
+        "change is stated."
+      )
+    elif uncertainty.excludes_zero(delta[CI_KEY]):
+      verb = "helps" if delta["R@1"] > 0 else "hurts"
+      out.append(
+        f"{head} {verb} {label} R@1: {r['R@1']:.2f} -> {b['R@1']:.2f} ({delta['R@1']:+.2f}, paired 95% "
+        f"interval{_ci_text(delta[CI_KEY])}){wt}."
+      )
+    else:
+      out.append(
+        f"{head}: no detectable change of {label} R@1: {r['R@1']:.2f} -> {b['R@1']:.2f} ({delta['R@1']:+.2f}, "
+        f"paired 95% interval{_ci_text(delta[CI_KEY])} includes 0){wt}."
+      )
   for n, m in ms.items():
+    if _sae_failed(m):
+      continue
     t = m["table1"]
+    size = int(t["set_size"])
+    coarse = (
+      f" (sets of {size} concepts: a Jaccard moves in steps of {1 / (2 * size):.2f} or more)"
+      if size < 21
+      else ""
+    )
     out.append(
       f"Overlap ({m['label']}): J(S_E,S_A) {t['J(S_E,S_A)']:.2f}, J(S_E,S_B) {t['J(S_E,S_B)']:.2f}, "
-      f"triple overlap {t['triple_overlap']:.2f}."
+      f"triple overlap {t['triple_overlap']:.2f}{coarse}."
     )
   return out
 
@@ -348,14 +457,17 @@ def _quality_line(m: dict) -> str:
 
 def render_md(config: Any, data: dict, figs: list) -> str:
   L = [f"# The study on {data['dataset']}", ""]
+  if data.get("preset_note"):
+    L += [f"**{data['preset_note']}**", ""]
   L += [
     "Every number below is read from the stages' outputs (`<model>/sae/analysis/table1.json`, "
     "`<model>/sae/retrieval/results.json`); `report.json` holds them all.",
     "",
     "## Models and settings",
     "",
-    "| Model | kind | d | SAE c | k | SAE steps x batch | SAE train rows | test pairs | pooling | eval FVU |",
-    "|---|---|---:|---:|---:|---|---:|---:|---|---:|",
+    "| Model | kind | d | SAE c | k | SAE steps x batch | SAE train rows | test pairs | pooling | eval FVU "
+    "| never fire |",
+    "|---|---|---:|---:|---:|---|---:|---:|---|---:|---:|",
   ]
   for m in data["models"].values():
     s = m["settings"]
@@ -363,7 +475,7 @@ def render_md(config: Any, data: dict, figs: list) -> str:
     L.append(
       f"| {m['label']} | {m['kind']} ({m['family']}) | {s['d']} | {s['c']} | {s['k']} | "
       f"{s['sae_steps']} x {s['sae_batch_size']} | {s['sae_train_rows']} | {s['test_pairs']} | "
-      f"{', '.join(s['pooling'])} | {fvu} |"
+      f"{', '.join(s['pooling'])} | {fvu} | {100 * s['never_fire_fraction']:.1f}% |"
     )
   L += [""]
   for m in data["models"].values():

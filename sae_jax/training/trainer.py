@@ -302,6 +302,23 @@ def _train_loop(
   return state, last_logged
 
 
+def last_logged_metrics(workdir: str, step: int) -> dict:
+  """The newest metrics line of `<workdir>/metrics.jsonl` at or before `step` (events skipped), without
+  its step; {} when there is none. A finished run re-run on its workdir reports these."""
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return {}
+  last: dict = {}
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:  # a line cut by a crash mid-append
+      continue
+    if "event" not in record and int(record.get("step", -1)) <= step:
+      last = {k: v for k, v in record.items() if k != "step"}
+  return last
+
+
 def _exit_preempted(run: _Run, watch: preemption.SignalWatch, logger: "MetricsLogger") -> None:
   step = watch.stopped_at
   seconds = time.monotonic() - watch.received_at if watch.received_at is not None else float("nan")
@@ -352,9 +369,14 @@ def _train_and_evaluate(
     logger.close()
   if watch.stopped_at is not None:
     _exit_preempted(run, watch, logger)
+  step = int(jax.device_get(state["step"]))
+  nothing_to_train = not last_logged  # the restored checkpoint already reaches train.num_steps
+  if nothing_to_train:
+    last_logged = last_logged_metrics(workdir, step)
   summary = {
-    "step": run.num_steps,
+    "step": step,
     "workdir": workdir,
+    "nothing_to_train": nothing_to_train,
     **last_logged,
     **evaluate_reconstruction(state["params"], run.spec, config, run.global_batches),
   }
