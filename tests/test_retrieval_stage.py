@@ -168,6 +168,13 @@ def test_run_retrieval_on_pooled_files(tmp_path):
         assert rec["delta_vs_base"]["R@1"] == pytest.approx(rec["R@1"] - by_var["mean"]["R@1"])
       else:
         assert "delta_vs_base" not in rec
+  # Each task's chance level: p positives among n candidates (CIRR: its excluded reference left out).
+  assert i2t["chance"]["R@1"] == pytest.approx(100 * 2 / 400)
+  assert i2t["chance"]["R@5"] == pytest.approx(
+    100 * (1 - (398 * 397 * 396 * 395 * 394) / (400 * 399 * 398 * 397 * 396))
+  )
+  assert on_disk["text_to_image"]["mean"]["chance"]["R@5"] == pytest.approx(100 * 5 / 200)
+  assert on_disk["image_text_to_image"]["mean"]["chance"]["R@1"] == pytest.approx(100 / 299)
   # Removal of the planted distractors helps; the noisy last-token variant is worse.
   assert on_disk["image_to_text"]["mean+removal"]["R@1"] > i2t["R@1"] + 5
   assert on_disk["image_to_text"]["last_token"]["R@1"] < i2t["R@1"]

@@ -6,7 +6,7 @@ every configured task and variant by exact cosine search, applies the concept-su
 (paper Eq. 8-10, rules of `sae_jax.removal`) and the baselines (whitening, mean-centring,
 all-but-the-top) to the base variant, sweeps the removal rank, and writes `<workdir>/retrieval/`:
 
-  results.json        {task: {variant: {"R@<k>" and "R@<k>_ci95" (bootstrap over queries) per
+  results.json        {task: {variant: {"R@<k>" and "R@<k>_ci95" (bootstrap over queries), "chance" per
                       retrieval.ks, "delta_vs_base" (paired, for the base variant's transforms),
                       "n_queries", "n_candidates", "settings", "ks_dropped" (K larger than the pool)}}}
   table2.md           Base vs Removal and the baselines, with the paired change vs base
@@ -384,6 +384,10 @@ class _Search(NamedTuple):
     )
     if with_ranks:
       rec, ranks = rec
+    # What a random ranking scores on this task: a model whose interval does not clear it is at chance.
+    pool = unit_rows.n_candidates - (1 if self.exclude_reference and unit_rows.exclude is not None else 0)
+    n_pos = np.minimum(np.diff(np.asarray(unit_rows.positives_indptr)), pool)
+    rec["chance"] = uncertainty.chance_recall(n_pos, pool, ks)
     dropped = [k for k in self.ks if k not in ks]
     if dropped:
       rec["ks_dropped"] = dropped
