@@ -73,6 +73,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   train.preempt_check_every = 10  # multi-process: steps between the all-hosts check for a SIGTERM
   train.init_rows = 8192  # rows used for data-dependent init (b_dec mean / geometric median)
   train.allow_config_change = False  # resume a workdir whose config.json differs
+  train.restore_retries = 4  # a checkpoint read failing with a storage error: retries before stopping
+  train.restore_backoff_s = 2.0  # first wait between them; doubled each time (2, 4, 8, 16 s)
   train.tensorboard = True
   train.wandb_project = ""  # "" = off; else the same scalars and the resolved config go to W&B
   train.wandb_entity = ""  # "" = the W&B default entity

@@ -39,6 +39,8 @@ RESUMABLE_FIELDS = (
   "train.async_checkpoint",
   "train.preempt_check_every",
   "train.allow_config_change",
+  "train.restore_retries",
+  "train.restore_backoff_s",
   "train.tensorboard",
   "train.wandb_project",
   "train.wandb_entity",
@@ -221,7 +223,7 @@ def load_sae(workdir: str, step: Optional[int] = None) -> LoadedSAE:
   abstract = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state_lib.abstract_state(spec, config)
   )
-  state, _ = ckpt_lib.restore(manager, step, abstract)
+  state, _ = ckpt_lib.restore_retrying(manager, step, abstract)  # storage errors retried
   manager.close()
   params = {k: np.asarray(v) for k, v in state["params"].items()}
   params["D"] = np.asarray(sae_lib.normalize_rows(params["D"]))

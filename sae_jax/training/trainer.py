@@ -275,7 +275,10 @@ class _Run:
 
 def _restore_or_init(run: _Run, manager) -> Any:
   """The newest checkpoint's state (and data position), else a fresh init from `config.seed`."""
-  restored = ckpt_lib.restore_newest(manager, run.abstract, run.data_iter)
+  train = run.config.train
+  restored = ckpt_lib.restore_newest(
+    manager, run.abstract, run.data_iter, int(train.restore_retries), float(train.restore_backoff_s)
+  )
   if restored is not None:
     state, meta, latest = restored
     print(
