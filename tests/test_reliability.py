@@ -13,6 +13,7 @@ import pytest
 
 from configs import synthetic
 from sae_jax import workdir as workdir_lib
+from sae_jax.errors import SaeJaxError
 from sae_jax.training import checkpoint as ckpt_lib
 from sae_jax.training import state as state_lib
 from sae_jax.training import trainer
@@ -211,3 +212,23 @@ def test_what_counts_as_a_storage_error():
   assert not ckpt_lib.is_transient(FileNotFoundError("checkpoints/500/state/_METADATA"))
   assert not ckpt_lib.is_transient(ValueError("checkpoints/500/state: truncated file, 503 bytes read"))
   assert not ckpt_lib.is_transient(OSError(5, "Input/output error"))  # EIO: a bad disk is damage
+
+
+# ----------------------------------------------------------------------- extraction device choice
+
+
+def test_extraction_device_follows_the_local_rank():
+  from sae_jax.encoders import auto_device
+
+  assert auto_device(0, {"LOCAL_RANK": "3"}) == ("cpu", "no CUDA device")
+  assert auto_device(8, {}) == ("cuda:0", "no local rank variable")
+  assert auto_device(8, {"LOCAL_RANK": "3"}) == ("cuda:3", "$LOCAL_RANK=3")  # torchrun
+  assert auto_device(4, {"SLURM_LOCALID": "2"})[0] == "cuda:2"  # srun
+  assert auto_device(4, {"OMPI_COMM_WORLD_LOCAL_RANK": "1"})[0] == "cuda:1"  # mpirun
+  # torchrun's variable first; a launcher that pinned one GPU per process leaves count 1.
+  assert auto_device(4, {"LOCAL_RANK": "1", "SLURM_LOCALID": "3"})[0] == "cuda:1"
+  assert auto_device(1, {"LOCAL_RANK": "5"}) == ("cuda:0", "$LOCAL_RANK=5, one visible GPU")
+  with pytest.raises(SaeJaxError, match=r"^\$SLURM_LOCALID=4: this machine shows 4 GPUs \(cuda:0..cuda:3\)"):
+    auto_device(4, {"SLURM_LOCALID": "4"})
+  with pytest.raises(SaeJaxError, match=r"^\$LOCAL_RANK='x': expected an integer local rank$"):
+    auto_device(4, {"LOCAL_RANK": "x"})
