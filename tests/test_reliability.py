@@ -232,3 +232,136 @@ def test_extraction_device_follows_the_local_rank():
     auto_device(4, {"SLURM_LOCALID": "4"})
   with pytest.raises(SaeJaxError, match=r"^\$LOCAL_RANK='x': expected an integer local rank$"):
     auto_device(4, {"LOCAL_RANK": "x"})
+
+
+# ------------------------------------------------------- analysis and retrieval stop cleanly, resume
+
+# A real SIGTERM, sent to the stage's own process while block `n` is being computed (the timing is
+# the only thing set up: handler, block save, exit status and resume are the stage's own).
+SIGNAL_AT_BLOCK = """
+import os, signal, sys
+from sae_jax.stages import block_progress
+calls = []
+def signalled(method):
+  def at_block(self, name, compute, where):
+    calls.append(name)
+    if len(calls) == {n}:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return method(self, name, compute, where)
+  return at_block
+block_progress.BlockProgress.arrays = signalled(block_progress.BlockProgress.arrays)
+block_progress.BlockProgress.record = signalled(block_progress.BlockProgress.record)
+from tests.helpers.trained import synthetic_sae_config
+from tests.test_reliability import {configure}
+from sae_jax.stages import {stage}
+{stage}.{run}({configure}(synthetic_sae_config(), {sae!r}), {work!r})
+print("not stopped")
+"""
+
+
+def _signalled_run(stage, run, configure, sae, work, n):
+  import subprocess
+  import sys
+
+  from tests.helpers.env import ROOT
+
+  script = SIGNAL_AT_BLOCK.format(n=n, stage=stage, run=run, configure=configure, sae=sae, work=work)
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  return subprocess.run(
+    [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
+
+
+def _tree(workdir, stage):
+  """Every output file of `stage`: arrays of .npz, parsed .json (summary.json without timings), bytes
+  otherwise; the workdir's own path (recorded in tables) as <workdir>."""
+  out, directory = {}, os.path.join(workdir, stage)
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if name.endswith(".npz"):
+      with np.load(path) as z:
+        out[name] = {k: z[k] for k in z.files}
+      continue
+    with open(path, "rb") as f:
+      data = f.read().replace(workdir.encode(), b"<workdir>")
+    out[name] = json.loads(data) if name.endswith(".json") else data
+    if name == "summary.json":
+      for key in ("seconds", "blocks_resumed"):
+        out[name].pop(key)
+  return out
+
+
+def _assert_same_tree(a, b):
+  assert sorted(a) == sorted(b)
+  for name in a:
+    if isinstance(a[name], dict) and name.endswith(".npz"):
+      assert sorted(a[name]) == sorted(b[name]), name
+      for k in a[name]:
+        np.testing.assert_array_equal(a[name][k], b[name][k], err_msg=f"{name}:{k}")
+    else:
+      assert a[name] == b[name], name
+
+
+def analysis_config(config, sae_workdir):
+  """Synthetic pairs in 8 blocks of 256, the bridge on (top pairs), a fixed run name."""
+  a = config.analysis
+  a.sae_workdir, a.source, a.num_pairs, a.block_size = sae_workdir, "synthetic", 2048, 256
+  a.top_pairs, a.run_name, a.save_codes = 20, "run", True
+  return config
+
+
+def test_sigterm_mid_analysis_exits_75_and_the_rerun_gives_the_same_outputs(trained_sae, tmp_path):
+  from sae_jax import preemption
+  from sae_jax.stages import analyze
+
+  ref, work = str(tmp_path / "ref"), str(tmp_path / "work")
+  analyze.run_analysis(analysis_config(trained_sae.config(), trained_sae.workdir), ref)
+  r = _signalled_run("analyze", "run_analysis", "analysis_config", trained_sae.workdir, work, 3)
+  assert r.returncode == preemption.PREEMPTED_EXIT_CODE, r.stderr[-2000:]
+  assert (
+    "preempted: SIGTERM: stopped after analysis block 3 of 8" in r.stderr and "not stopped" not in r.stdout
+  )
+  assert not os.path.exists(os.path.join(work, "analysis"))  # nothing half-done
+  saved = sorted(os.listdir(os.path.join(work, ".progress", "analysis")))
+  assert saved == ["codes-000000.npz", "codes-000001.npz", "codes-000002.npz", "fingerprint.json"]
+  summary = analyze.run_analysis(analysis_config(trained_sae.config(), trained_sae.workdir), work)
+  assert summary["blocks_resumed"] == 3 and not os.path.exists(os.path.join(work, ".progress", "analysis"))
+  _assert_same_tree(_tree(ref, "analysis"), _tree(work, "analysis"))
+
+
+def retrieval_config(config, sae_workdir):
+  """Synthetic pairs, removal from the SAE's attribution, a 3-rank sweep: 9 scored settings."""
+  r = config.retrieval
+  r.sae_workdir, r.attribution, r.source = sae_workdir, "sae", "synthetic"
+  r.synthetic_pairs, r.synthetic_fit_pairs, r.removal_fraction = 600, 1000, 0.015
+  r.sweep_ranks, r.tasks = (1, 2), ("image_to_text",)
+  return config
+
+
+def test_sigterm_mid_retrieval_exits_75_and_the_rerun_gives_the_same_outputs(trained_sae, tmp_path):
+  from sae_jax import preemption
+  from sae_jax.stages import retrieve
+
+  ref, work = str(tmp_path / "ref"), str(tmp_path / "work")
+  retrieve.run_retrieval(retrieval_config(trained_sae.config(), trained_sae.workdir), ref)
+  r = _signalled_run("retrieve", "run_retrieval", "retrieval_config", trained_sae.workdir, work, 2)
+  assert r.returncode == preemption.PREEMPTED_EXIT_CODE, r.stderr[-2000:]
+  assert "preempted: SIGTERM: stopped after retrieval recall-image_to_text-" in r.stderr
+  assert not os.path.exists(os.path.join(work, "retrieval"))
+  saved = sorted(os.listdir(os.path.join(work, ".progress", "retrieval")))
+  assert saved == [
+    "fingerprint.json",
+    "recall-image_to_text-mean+removal.json",
+    "recall-image_to_text-mean.json",
+  ]
+  # The saved settings are read back, not scored again: a planted value in a copy comes out as is.
+  shutil.copytree(work, str(tmp_path / "planted"))
+  planted = tmp_path / "planted" / ".progress" / "retrieval" / "recall-image_to_text-mean.json"
+  planted.write_text(json.dumps({**json.loads(planted.read_text()), "R@1": -1.0}))
+  res = retrieve.run_retrieval(
+    retrieval_config(trained_sae.config(), trained_sae.workdir), str(tmp_path / "planted")
+  )
+  assert res["image_to_text"]["mean"]["R@1"] == -1.0 and res["image_to_text"]["mean+removal"]["R@1"] > 0
+  retrieve.run_retrieval(retrieval_config(trained_sae.config(), trained_sae.workdir), work)
+  assert not os.path.exists(os.path.join(work, ".progress", "retrieval"))
+  _assert_same_tree(_tree(ref, "retrieval"), _tree(work, "retrieval"))
