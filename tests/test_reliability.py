@@ -365,3 +365,110 @@ def test_sigterm_mid_retrieval_exits_75_and_the_rerun_gives_the_same_outputs(tra
   retrieve.run_retrieval(retrieval_config(trained_sae.config(), trained_sae.workdir), work)
   assert not os.path.exists(os.path.join(work, ".progress", "retrieval"))
   _assert_same_tree(_tree(ref, "retrieval"), _tree(work, "retrieval"))
+
+
+# ------------------------------------------------------------------- remote inputs on gs://
+
+
+def _upload(local_dir, remote_dir):
+  """Copies a local directory tree to `remote_dir` (gs://..., the in-memory fake) through epath."""
+  from etils import epath
+
+  for root, _, files in os.walk(local_dir):
+    for name in files:
+      rel = os.path.relpath(os.path.join(root, name), local_dir)
+      target = epath.Path(remote_dir) / rel
+      target.parent.mkdir(parents=True, exist_ok=True)
+      with open(os.path.join(root, name), "rb") as f:
+        target.write_bytes(f.read())
+
+
+def _two_part_shards(root):
+  """bf16 shards in two part directories and a merged v2 index over them (names climb out: ../)."""
+  from sae_jax.data.shards import ShardWriter
+  from sae_jax.stages import extract_parts
+
+  rng = np.random.default_rng(0)
+  rows = rng.standard_normal((1000, 8)).astype(np.float32)
+  parts = []
+  for p, (a, b) in enumerate(((0, 600), (600, 1000))):
+    parts.append(os.path.join(root, f"process-{p}", "shards"))
+    w = ShardWriter(parts[-1], d=8, dtype="bfloat16", rows_per_shard=250)
+    w.add(rows[a:b])
+    w.close()
+  extract_parts.write_merged_index(os.path.join(root, "shards"), parts, {"processes": 2})
+  return os.path.join(root, "shards")
+
+
+def test_activation_shards_on_gs_read_and_train_like_local_ones(tmp_path):
+  from sae_jax.data import pipeline
+  from sae_jax.data.shards import ActivationStore
+  from tests.helpers.gcs import memory_gcs
+  from tests.helpers.run_training import final_state, tiny_config
+
+  local = _two_part_shards(str(tmp_path / "act"))
+  with memory_gcs():
+    _upload(str(tmp_path / "act"), "gs://bucket/act")
+    remote = "gs://bucket/act/shards"
+    a, b = ActivationStore(local), ActivationStore(remote)
+    assert len(b) == len(a) == 1000 and b.index["shards"] == a.index["shards"]
+    idx = np.random.default_rng(1).integers(0, 1000, 300)  # unsorted, repeats, across shards and parts
+    np.testing.assert_array_equal(b.rows(idx, None), a.rows(idx, None))
+    assert b.rows(idx, None).dtype == a.np_dtype  # bf16 stays bf16
+    np.testing.assert_array_equal(b.arrays[2][10:200], a.arrays[2][10:200])
+    for make in (
+      lambda d: pipeline.ShardBatches(d, 64, seed=3),
+      lambda d: pipeline.BlockShuffleBatches(d, 64, seed=3, block_rows=32, buffer_rows=128),
+    ):
+      x, y = make(local), make(remote)
+      for i in (0, 7, 20):  # 20: the second epoch
+        np.testing.assert_array_equal(y(i), x(i))
+    # Training from the remote shards gives the state of training from the local ones.
+    states = []
+    for shard_dir in (local, remote):
+      config = tiny_config(num_steps=10)
+      config.data.source, config.data.shard_dir, config.data.shuffle = "shards", shard_dir, "block"
+      config.data.block_rows, config.data.shuffle_buffer_rows, config.sae.d = 32, 128, 8
+      work = str(tmp_path / ("train-local" if shard_dir == local else "train-gs"))
+      trainer.train_and_evaluate(config, work)
+      states.append(final_state(work, config))
+  for k in states[0]:
+    np.testing.assert_array_equal(states[1][k], states[0][k], err_msg=k)
+  assert not os.path.exists("gs:")  # read from the fake store, not a local directory named gs:
+
+
+def test_pooled_files_on_gs_give_the_analysis_and_retrieval_of_local_ones(trained_sae, tmp_path):
+  from sae_jax.data.synthetic import PlantedSource
+  from sae_jax.stages import analyze, retrieve
+  from tests.helpers.gcs import memory_gcs
+
+  pairs = PlantedSource(trained_sae.config().data.synthetic).paired(600, seed=5)
+  act = tmp_path / "act"
+  act.mkdir()
+  ids = np.arange(600)
+  workdir_lib.atomic_savez(
+    str(act / "pooled_mean.npz"), image=pairs.image, text=pairs.text, sample_ids=ids, image_ids=ids // 2
+  )
+  outputs = []
+  with memory_gcs():
+    _upload(str(act), "gs://bucket/act")
+    for where in (str(act), "gs://bucket/act"):
+      work = str(tmp_path / ("local" if where == str(act) else "gs"))
+      config = trained_sae.config()
+      a = config.analysis
+      a.sae_workdir, a.embeddings_path = trained_sae.workdir, f"{where}/pooled_mean.npz"
+      a.run_name, a.top_pairs = "r", 10
+      summary = analyze.run_analysis(config, work)
+      assert summary["source"] == "pooled" and summary["n_pairs"] == 600
+      r = config.retrieval
+      r.sae_workdir, r.pooled_dir, r.variants = trained_sae.workdir, where, ("mean",)
+      r.tasks, r.sweep_ranks, r.fit_on = ("image_to_text",), (1,), "eval"
+      results = retrieve.run_retrieval(config, work)  # source "auto" finds the remote pooled file
+      assert results["image_to_text"]["mean"]["n_queries"] == 300  # the unique images
+      outputs.append((_tree(work, "analysis"), json.dumps(results, sort_keys=True)))
+  (ta, ra), (tb, rb) = outputs
+  for tree in (ta, tb):
+    tree["summary.json"].pop("embeddings_path")
+  _assert_same_tree(ta, tb)
+  assert ra == rb.replace("gs://bucket/act", str(act))
+  assert not os.path.exists("gs:")

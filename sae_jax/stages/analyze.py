@@ -84,9 +84,9 @@ def load_pairs(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir
   path = str(acfg.embeddings_path)
   if not path:
     candidates = [os.path.join(w, "activations", f"pooled_{variant}.npz") for w in (workdir, sae_dir)]
-    path = next((p for p in candidates if os.path.exists(p)), candidates[0])
+    path = next((p for p in candidates if workdir_lib.exists(p)), candidates[0])
   if source == "auto":
-    if os.path.exists(path):
+    if workdir_lib.exists(path):
       source = "pooled"
     elif str(config.data.source) == "synthetic":
       source = "synthetic"
@@ -100,10 +100,10 @@ def load_pairs(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir
     n = int(acfg.num_pairs)
     sample = planted.paired(n, seed=int(acfg.pair_seed))
     return Pairs(sample.image, sample.text, np.arange(n), "synthetic", "", planted)
-  if not os.path.exists(path):
+  if not workdir_lib.exists(path):
     raise SaeJaxError(f"config.analysis.embeddings_path: {path} does not exist")
   try:
-    with np.load(path, allow_pickle=False) as f:
+    with workdir_lib.open_npz(path) as f:  # local or gs://
       if "image" not in f or "text" not in f:
         raise SaeJaxError(f"{path}: expected arrays 'image' [N, d] and 'text' [N, d], found {list(f.keys())}")
       image = np.asarray(f["image"], np.float32)
