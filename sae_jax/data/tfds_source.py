@@ -11,7 +11,7 @@ extraction reaches it (tfds decodes it to an RGB array, `coco.load_image` takes 
 listing pass decodes the images too: `tfds.data_source` in numpy mode takes no `PartialDecoding`,
 and `SkipDecoding` (a decoders dict) makes `tfds.testing.mock_data` re-encode its random examples,
 which fails on its uneven random caption sequences. At COCO scale this costs minutes of decoding
-once per run, before the encoder's forward passes. Caption ids are the stored `captions/id`
+once per run (on `extract.num_workers` threads), before the encoder's forward passes. Caption ids are the stored `captions/id`
 when every record has one per caption and they are unique across the split (COCO's annotation
 ids); otherwise (random test data, builders without ids) `image_id * 1000 + position`, as the
 parquet source does, with one warning.
@@ -26,6 +26,7 @@ This module imports TensorFlow Datasets at module level: the library imports it 
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 from typing import Any
@@ -87,19 +88,27 @@ class TfdsCaptions(coco.PairedCaptions):
     data_dir: str = "",
     max_images: int = 0,
     captions_per_image: int = 0,
+    workers: int = 4,
   ):
     where = _where(name, split, data_dir)
     source = open_source(name, split, data_dir)
     n = len(source) if not max_images else min(len(source), int(max_images))
-    image_ids, texts, stored_ids = [], [], []
-    for i in range(n):
+
+    def listing(i: int) -> tuple:
       try:
         r = source[i]
       except Exception as e:  # noqa: BLE001 -- unreadable or damaged ArrayRecord files
         raise SaeJaxError(f"{where}: record {i} does not read ({_reason(e)})") from None
-      image_ids.append(int(r["image/id"]))
-      texts.append([_text(t) for t in np.asarray(r["captions"]["text"]).tolist()])
-      stored_ids.append(np.asarray(r["captions"].get("id", []), np.int64).reshape(-1))
+      texts = [_text(t) for t in np.asarray(r["captions"]["text"]).tolist()]
+      return int(r["image/id"]), texts, np.asarray(r["captions"].get("id", []), np.int64).reshape(-1)
+
+    # The images are decoded in this pass too (see the module doc): `workers` threads (PIL decodes
+    # without the GIL), results in record order.
+    with concurrent.futures.ThreadPoolExecutor(max(1, int(workers))) as pool:
+      listed = list(pool.map(listing, range(n)))
+    image_ids = [x[0] for x in listed]
+    texts = [x[1] for x in listed]
+    stored_ids = [x[2] for x in listed]
     caption_ids = self._caption_ids(image_ids, texts, stored_ids, where)
     refs = [
       coco.ImageRef(iid, f"{name}/{split}[{i}]", loader=functools.partial(_image, source, i))
@@ -138,6 +147,7 @@ def open_tfds(ex: Any) -> TfdsCaptions:
     str(ex.tfds_data_dir),
     max_images=int(ex.max_images),
     captions_per_image=int(ex.captions_per_image),
+    workers=int(ex.num_workers),
   )
 
 
