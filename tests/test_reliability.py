@@ -472,3 +472,43 @@ def test_pooled_files_on_gs_give_the_analysis_and_retrieval_of_local_ones(traine
   _assert_same_tree(ta, tb)
   assert ra == rb.replace("gs://bucket/act", str(act))
   assert not os.path.exists("gs:")
+
+
+def test_block_progress_discards_other_inputs_and_recomputes_a_damaged_block(tmp_path, capsys):
+  from sae_jax.stages.block_progress import PROGRESS_DIR, BlockProgress
+
+  calls = []
+
+  def compute(value):
+    calls.append(value)
+    return {"x": np.full(3, value, np.float32)}
+
+  p = BlockProgress(str(tmp_path), "analysis", {"inputs": "a"})
+  assert p.arrays("b0", lambda: compute(1), "block 1")["x"][0] == 1
+  assert p.record("r0", lambda: {"R@1": np.float64(50.0), "n": np.int64(3)}, "r0") == {"R@1": 50.0, "n": 3}
+  again = BlockProgress(str(tmp_path), "analysis", {"inputs": "a"})  # same inputs: read back
+  assert again.arrays("b0", lambda: compute(2), "block 1")["x"][0] == 1 and again.reused == 1
+  (tmp_path / PROGRESS_DIR / "analysis" / "b0.npz").write_bytes(b"PK\x03")  # damaged: computed again
+  assert again.arrays("b0", lambda: compute(3), "block 1")["x"][0] == 3
+  other = BlockProgress(str(tmp_path), "analysis", {"inputs": "b"})  # other inputs: started over
+  assert "holds the progress of other inputs or settings" in capsys.readouterr().err
+  assert other.arrays("b0", lambda: compute(4), "block 1")["x"][0] == 4 and calls == [1, 3, 4]
+  other.clear()
+  assert not (tmp_path / PROGRESS_DIR / "analysis").exists()
+
+
+def test_the_core_stages_do_not_import_tensorflow():
+  """`pip install -e .` without the tfds extra: only extract.dataset="tfds" imports TensorFlow."""
+  import subprocess
+  import sys
+
+  from tests.helpers.env import ROOT
+
+  script = (
+    "import sys\n"
+    "import sae_jax.data.paired, sae_jax.data.online, sae_jax.stages.extract, sae_jax.stages.analyze\n"
+    "import sae_jax.stages.retrieve, sae_jax.training.trainer, sae_jax.api\n"
+    "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')))\n"
+  )
+  r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
