@@ -325,7 +325,7 @@ def test_sigterm_mid_analysis_exits_75_and_the_rerun_gives_the_same_outputs(trai
   saved = sorted(os.listdir(os.path.join(work, ".progress", "analysis")))
   assert saved == ["codes-000000.npz", "codes-000001.npz", "codes-000002.npz", "fingerprint.json"]
   summary = analyze.run_analysis(analysis_config(trained_sae.config(), trained_sae.workdir), work)
-  assert summary["blocks_resumed"] == 3 and not os.path.exists(os.path.join(work, ".progress", "analysis"))
+  assert summary["blocks_resumed"] == 3 and not os.path.exists(os.path.join(work, ".progress"))
   _assert_same_tree(_tree(ref, "analysis"), _tree(work, "analysis"))
 
 
@@ -363,7 +363,7 @@ def test_sigterm_mid_retrieval_exits_75_and_the_rerun_gives_the_same_outputs(tra
   )
   assert res["image_to_text"]["mean"]["R@1"] == -1.0 and res["image_to_text"]["mean+removal"]["R@1"] > 0
   retrieve.run_retrieval(retrieval_config(trained_sae.config(), trained_sae.workdir), work)
-  assert not os.path.exists(os.path.join(work, ".progress", "retrieval"))
+  assert not os.path.exists(os.path.join(work, ".progress"))
   _assert_same_tree(_tree(ref, "retrieval"), _tree(work, "retrieval"))
 
 
@@ -494,7 +494,9 @@ def test_block_progress_discards_other_inputs_and_recomputes_a_damaged_block(tmp
   assert "holds the progress of other inputs or settings" in capsys.readouterr().err
   assert other.arrays("b0", lambda: compute(4), "block 1")["x"][0] == 4 and calls == [1, 3, 4]
   other.clear()
-  assert not (tmp_path / PROGRESS_DIR / "analysis").exists()
+  assert not (tmp_path / PROGRESS_DIR).exists()
+  BlockProgress(str(tmp_path), "retrieval", {"inputs": "a"})  # nothing saved: nothing written
+  assert not (tmp_path / PROGRESS_DIR).exists()
 
 
 def test_the_core_stages_do_not_import_tensorflow():

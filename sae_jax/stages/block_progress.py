@@ -6,7 +6,8 @@ tens of task x variant settings. Each finished block is saved under `<workdir>/.
 `preemption.watch()` a SIGTERM / SIGINT then stops the stage after that block with exit status 75
 (`preemption.check`), before any output under analysis/ or retrieval/ is written. A re-run of the
 same command finds the saved blocks, computes only the others and ends with the outputs of an
-uninterrupted run; a successful stage removes its progress directory.
+uninterrupted run; a successful stage removes its progress directory. (A stage that fails otherwise
+keeps the blocks it finished, so a re-run after a crash resumes too.)
 
 The directory holds `fingerprint.json`, what the blocks were computed from (config section, inputs,
 a digest of the arrays): progress of other inputs or settings is discarded with one warning.
@@ -70,6 +71,11 @@ class BlockProgress:
           flush=True,
         )
         self.dir.rmtree()
+
+  def _ready(self) -> None:
+    """Creates the directory and its fingerprint on the first save (a stage that fails before
+    finishing a block leaves nothing)."""
+    path = self.dir / FINGERPRINT_FILE
     if not path.exists():
       self.dir.mkdir(parents=True, exist_ok=True)
       workdir_lib.atomic_write_json(path, self.fingerprint)
@@ -90,6 +96,7 @@ class BlockProgress:
     out = self._arrays(name)
     if out is None:
       out = {k: np.asarray(v) for k, v in compute().items()}
+      self._ready()
       workdir_lib.atomic_savez(self.dir / f"{name}.npz", **out)
     else:
       self.reused += 1
@@ -108,6 +115,7 @@ class BlockProgress:
         out = None
     if out is None:  # through JSON, so a computed record is the same objects as a read-back one
       out = json.loads(json.dumps(compute(), default=_plain))
+      self._ready()
       workdir_lib.atomic_write_json(path, out)
     preemption.check(f"after {self.stage} {where} (saved in {self.dir}, resumed from there)")
     return out
@@ -116,6 +124,9 @@ class BlockProgress:
     """Removes the progress directory (the stage's outputs are written)."""
     if self.dir.exists():
       self.dir.rmtree()
+    top = self.dir.parent
+    if top.exists() and not any(top.iterdir()):
+      top.rmdir()
 
 
 def recorded(progress: Optional[BlockProgress], name: str, compute: Callable[[], dict]) -> dict:
