@@ -27,7 +27,11 @@ EXTRACT = [
   "tqdm>=4.66",
 ]  # progress bar on a terminal
 GPU = ["accelerate>=1.0"]  # loading HF weights straight onto the GPU (device_map)
+# extract.dataset="tfds": tfds.data_source over ArrayRecord files (random access, no tf.data graph);
+# tensorflow-datasets decodes its features through TensorFlow.
+TFDS = ["tensorflow-cpu>=2.21.0", "tensorflow-datasets>=4.9.10", "array-record>=0.8.1"]
 TEST = EXTRACT + [
+  *TFDS,  # tests/test_tfds.py
   "pytest>=8.0",
   "ruff==0.17.6",  # the README's test command lints with it; pinned: the tree follows its formatting
   "scikit-learn>=1.5",
@@ -53,6 +57,7 @@ setup(
   extras_require={
     "extract": EXTRACT,
     "gpu": EXTRACT + GPU,
+    "tfds": TFDS,
     "test": TEST,
     "bench": BENCH,
     "interop": INTEROP,

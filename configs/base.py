@@ -73,6 +73,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   train.preempt_check_every = 10  # multi-process: steps between the all-hosts check for a SIGTERM
   train.init_rows = 8192  # rows used for data-dependent init (b_dec mean / geometric median)
   train.allow_config_change = False  # resume a workdir whose config.json differs
+  train.restore_retries = 4  # a checkpoint read failing with a storage error: retries before stopping
+  train.restore_backoff_s = 2.0  # first wait between them; doubled each time (2, 4, 8, 16 s)
   train.tensorboard = True
   train.wandb_project = ""  # "" = off; else the same scalars and the resolved config go to W&B
   train.wandb_entity = ""  # "" = the W&B default entity
@@ -178,15 +180,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   extract.model_name = ""  # hub id, local directory, or "tiny:<family>" (offline random weights)
   extract.family = ""  # "" = infer from the model config; clip|siglip|qwen_vl|paligemma|chameleon|text
   extract.layer = -1  # hidden_states index (-1 = last layer)
-  extract.device = "auto"  # "auto" (cuda if available) | "cpu" | "cuda:0"
+  extract.device = "auto"  # "auto" (cuda:<local rank> if available) | "cpu" | "cuda:0"
   extract.dtype = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
   extract.tiny_scale = 1  # width multiplier of tiny:<family> models
-  extract.dataset = "coco"  # "coco" (official JSON) | "karpathy" | "parquet" | "mbeir"
+  extract.dataset = "coco"  # "coco" (official JSON) | "karpathy" | "parquet" | "tfds" | "mbeir"
   extract.captions_json = ""  # coco: captions_<split>.json
   extract.image_dir = ""  # coco/karpathy: image directory
   extract.karpathy_json = ""  # karpathy: dataset_coco.json
   extract.karpathy_split = "test"
   extract.parquet_files = ""  # parquet: glob of lmms-lab/COCO-Caption style files
+  extract.tfds_name = "coco_captions"  # tfds: a dataset with the coco_captions features (the `tfds` extra)
+  extract.tfds_split = "train"  # tfds: split (coco_captions: train | val | test | restval, Karpathy's)
+  extract.tfds_data_dir = ""  # tfds: data directory, local or gs://; "" = the tfds default
   extract.mbeir_queries = ""  # mbeir: query jsonl
   extract.mbeir_pool = ""  # mbeir: candidate pool jsonl
   extract.mbeir_image_root = ""  # mbeir: root the jsonl image paths are relative to
@@ -194,10 +199,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   extract.max_images = 0  # 0 = all
   extract.captions_per_image = 0  # first N captions of each image; 0 = all
   # The evaluation split: pooled embeddings only, in <workdir>/activations/eval/ (retrieval.split="eval").
-  extract.eval_dataset = ""  # "" = none | "karpathy" (paper: the 5k test split) | "coco" | "parquet"
+  extract.eval_dataset = ""  # "" = none | "karpathy" (paper: the 5k test split) | "coco" | "parquet" | "tfds"
   extract.eval_captions_json = ""  # eval_dataset="coco"
   extract.eval_image_dir = ""
   extract.eval_karpathy_split = "test"  # eval_dataset="karpathy" (reads extract.karpathy_json)
+  extract.eval_tfds_split = "test"  # eval_dataset="tfds" (reads extract.tfds_name / tfds_data_dir)
   extract.eval_captions_per_image = 5  # the 5k protocol: 5 captions per image (a few have 6-7)
   extract.eval_max_images = 0  # 0 = all
   extract.pairing = "all"  # pooled rows: "all" (one per image-caption pair) | "first" (first caption)

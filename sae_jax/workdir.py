@@ -12,10 +12,11 @@ workdir may be local or remote (`gs://bucket/run`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import jax
 import ml_collections
@@ -39,6 +40,8 @@ RESUMABLE_FIELDS = (
   "train.async_checkpoint",
   "train.preempt_check_every",
   "train.allow_config_change",
+  "train.restore_retries",
+  "train.restore_backoff_s",
   "train.tensorboard",
   "train.wandb_project",
   "train.wandb_entity",
@@ -118,6 +121,23 @@ def append_text(path: Any, text: str) -> None:
     return
   old = path.read_text() if path.exists() else ""
   atomic_write_text(path, old + text)
+
+
+def exists(path: Any) -> bool:
+  """Whether `path` exists, local or remote (`gs://...`)."""
+  return epath.Path(path).exists()
+
+
+@contextlib.contextmanager
+def open_npz(path: Any) -> Iterator[Any]:
+  """`np.load(path, allow_pickle=False)` of an .npz, local or remote (read through etils.epath:
+  members are fetched as they are accessed)."""
+  if not is_remote(path):
+    with np.load(os.fspath(path), allow_pickle=False) as z:
+      yield z
+    return
+  with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as z:
+    yield z
 
 
 def read_json(path: Any) -> Any:
@@ -242,7 +262,7 @@ def load_sae(workdir: str, step: Optional[int] = None) -> LoadedSAE:
   abstract = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state_lib.abstract_state(spec, config)
   )
-  state, _ = ckpt_lib.restore(manager, step, abstract)
+  state, _ = ckpt_lib.restore_retrying(manager, step, abstract)  # storage errors retried
   manager.close()
   params = {k: np.asarray(v) for k, v in state["params"].items()}
   params["D"] = np.asarray(sae_lib.normalize_rows(params["D"]))

@@ -9,7 +9,6 @@ import glob
 import importlib.util
 import json
 import os
-import struct
 import subprocess
 import sys
 import types
@@ -27,6 +26,7 @@ from sae_jax.interop import export as export_lib
 from sae_jax.interop import overcomplete as overcomplete_lib
 from sae_jax.interop import saelens as saelens_lib
 from sae_jax.training import trainer
+from tests.helpers.logs import read_wandb_records
 
 D, C, K = 24, 80, 16
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,32 +154,6 @@ def _overcomplete_topk_sae():
 # ------------------------------------------------------------------- modern preset + W&B offline
 
 
-def _read_wandb_records(path: str) -> list:
-  """Records of a `.wandb` file: a 7-byte header (':W&B', magic, version) and then LevelDB-log
-  records in 32 KiB blocks (crc32 4 bytes, length 2, type 1: full / first / middle / last)."""
-  from wandb.proto import wandb_internal_pb2
-
-  data = open(path, "rb").read()
-  assert data[:4] == b":W&B", path
-  pos, records, pending = 7, [], b""
-  while pos + 7 <= len(data):
-    if 32768 - pos % 32768 < 7:  # the block tail is too short for a header: padding
-      pos += 32768 - pos % 32768
-      continue
-    _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-    chunk = data[pos + 7 : pos + 7 + length]
-    pos += 7 + length
-    if kind == 0 and length == 0:
-      continue
-    pending += chunk
-    if kind in (1, 4):  # full, last
-      record = wandb_internal_pb2.Record()
-      record.ParseFromString(pending)
-      records.append(record)
-      pending = b""
-  return records
-
-
 def test_modern_run_logs_to_wandb_offline_and_exports_to_saelens(tmp_path, monkeypatch):
   monkeypatch.setenv("WANDB_MODE", "offline")
   monkeypatch.setenv("WANDB_SILENT", "true")
@@ -195,7 +169,7 @@ def test_modern_run_logs_to_wandb_offline_and_exports_to_saelens(tmp_path, monke
 
   # W&B got the resolved config (config.json) and, at the same steps, the scalars of metrics.jsonl.
   (run_file,) = glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb"))
-  records = _read_wandb_records(run_file)
+  records = read_wandb_records(run_file)
   history, logged_config = {}, {}
   for r in records:
     kind = r.WhichOneof("record_type")
@@ -236,7 +210,7 @@ def test_modern_run_logs_to_wandb_offline_and_exports_to_saelens(tmp_path, monke
   run_files = sorted(glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb")))
   assert len(run_files) == 2 and {os.path.basename(f) for f in run_files} == {os.path.basename(run_file)}
   resumed = [
-    r.history.step.num for r in _read_wandb_records(run_files[1]) if r.WhichOneof("record_type") == "history"
+    r.history.step.num for r in read_wandb_records(run_files[1]) if r.WhichOneof("record_type") == "history"
   ]
   assert resumed == [30]
 

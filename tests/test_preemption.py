@@ -4,20 +4,14 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
 
-import fsspec
 import jax
 import numpy as np
 import pytest
 from etils import epath
-from etils.epath import backend as epath_backend
-from fsspec.implementations.memory import MemoryFileSystem
-from fsspec.registry import _registry as _fsspec_registry
-from tensorboardX.proto import event_pb2
 
 from sae_jax import preemption
 from sae_jax import workdir as workdir_lib
@@ -28,6 +22,8 @@ from sae_jax.training import state as state_lib
 from sae_jax.training import trainer
 from tests.conftest import ROOT
 from tests.helpers.faults import start_two_trainers
+from tests.helpers.gcs import memory_gcs
+from tests.helpers.logs import tensorboard_events
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 # 64-row batches: ~1,000 steps/s here, so a 1000-step run costs seconds and a signal lands mid-run.
@@ -286,40 +282,10 @@ def test_sigterm_to_extraction_mid_chunk_then_rerun_gives_the_same_files(coco_mi
 # ------------------------------------------------------------------------------- remote workdirs
 
 
-class _MemoryGCS(MemoryFileSystem):
-  """An in-memory file system answering for gs:// (what gcsfs does over the network)."""
-
-  protocol = ("gs", "gcs")
-  store: dict = {}
-  pseudo_dirs = [""]
-
-
 @pytest.fixture
 def fake_gcs():
-  previous = fsspec.registry.get("gcs"), fsspec.registry.get("gs")
-  for name in ("gcs", "gs"):
-    fsspec.register_implementation(name, _MemoryGCS, clobber=True)
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()
-  _MemoryGCS.store.clear()
-  _MemoryGCS.pseudo_dirs[:] = [""]
-  yield _MemoryGCS
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()
-  for name, cls in zip(("gcs", "gs"), previous):
-    if cls is not None:
-      fsspec.register_implementation(name, cls, clobber=True)
-    else:
-      _fsspec_registry.pop(name, None)  # gcsfs (if installed) loads lazily again
-
-
-def _event_scalars(data: bytes) -> list:
-  """(step, tag, value) of a TensorBoard event file (TFRecord framing: length, crc, event, crc)."""
-  out, pos = [], 0
-  while pos < len(data):
-    (n,) = struct.unpack("<Q", data[pos : pos + 8])
-    event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
-    out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
-    pos += 12 + n + 4
-  return out
+  with memory_gcs() as fs:
+    yield fs
 
 
 def _exercise_workdir(workdir):
@@ -338,7 +304,7 @@ def _exercise_workdir(workdir):
   logger.event(10, {"event": "preempted", "signal": "SIGTERM"})
   logger.close()
   (events,) = list((epath.Path(workdir) / "tensorboard").iterdir())
-  scalars = _event_scalars(events.read_bytes())
+  scalars = tensorboard_events(events.read_bytes())
   assert (5, "train/loss", 0.5) in scalars and (10, "train/loss", 0.25) in scalars, scalars
   lines = [json.loads(ln) for ln in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
   assert [ln["step"] for ln in lines] == [5, 10, 10] and lines[1]["loss"] == 0.25

@@ -22,6 +22,8 @@ import json
 import os
 from typing import Optional, Sequence
 
+import numpy as np
+
 from sae_jax.errors import SaeJaxError
 
 
@@ -34,7 +36,8 @@ class ImageRef:
   image_id: int
   path: str = ""  # file on disk, or a label for in-memory images
   data: Optional[bytes] = None  # encoded bytes (parquet); None for files
-  loader: Optional[object] = dataclasses.field(default=None, compare=False)  # () -> bytes, lazy
+  # () -> encoded bytes, or a decoded [H, W, 3] uint8 array (tfds), read lazily
+  loader: Optional[object] = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,9 @@ def load_image(ref: ImageRef):
   try:
     if ref.data is not None or ref.loader is not None:
       data = ref.data if ref.data is not None else ref.loader()
+      if not isinstance(data, (bytes, bytearray)):  # already decoded (tfds): [H, W, C] uint8
+        pixels = np.asarray(data)
+        return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).convert("RGB")
       img = Image.open(io.BytesIO(data))
     else:
       img = Image.open(ref.path)
@@ -322,7 +328,7 @@ def open_paired(ex) -> PairedCaptions:
     )
   if ds == "parquet":
     return CocoParquet(ex.parquet_files, max_images=mx, captions_per_image=cpi)
-  raise SaeJaxError(f"config.extract.dataset={ds!r}: expected coco, karpathy, parquet or mbeir")
+  raise SaeJaxError(f"config.extract.dataset={ds!r}: expected coco, karpathy, parquet, tfds or mbeir")
 
 
 # The evaluation split's fields (`config.extract.eval_*`) and the training-split fields they replace.
@@ -331,6 +337,7 @@ EVAL_FIELDS = {
   "eval_captions_json": "captions_json",
   "eval_image_dir": "image_dir",
   "eval_karpathy_split": "karpathy_split",
+  "eval_tfds_split": "tfds_split",
   "eval_captions_per_image": "captions_per_image",
   "eval_max_images": "max_images",
 }
@@ -342,9 +349,10 @@ def eval_extract_config(ex):
   The evaluation split (paper: COCO's Karpathy 5k test, 5 captions per image) only needs pooled
   embeddings; its token activations never train the SAE.
   """
-  if ex.eval_dataset not in ("coco", "karpathy", "parquet"):
+  if ex.eval_dataset not in ("coco", "karpathy", "parquet", "tfds"):
     raise SaeJaxError(
-      f'config.extract.eval_dataset={ex.eval_dataset!r}: expected "coco", "karpathy" or "parquet" ("" = none)'
+      f'config.extract.eval_dataset={ex.eval_dataset!r}: expected "coco", "karpathy", "parquet" or "tfds" '
+      '("" = none)'
     )
   out = ex.copy_and_resolve_references()
   with out.unlocked():

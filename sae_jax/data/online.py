@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from sae_jax import encoders
-from sae_jax.data import coco
+from sae_jax.data import coco, paired
 from sae_jax.data import shards as shards_lib
 from sae_jax.errors import SaeJaxError
 
@@ -47,7 +47,7 @@ class OnlineBatches:
     self.batches_per_window = max(1, int(ex.online_buffer_batches))
     self.seed = int(data.shuffle_seed)
     self.encoder_batch = max(1, int(ex.batch_size))
-    self.source = source if source is not None else coco.open_paired(ex)
+    self.source = source if source is not None else paired.open_source(ex)
     self.encoder = encoder if encoder is not None else encoders.load_encoder(ex)
     self.d = int(self.encoder.d)
     keep = tuple(ex.shard_token_types)

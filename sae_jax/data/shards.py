@@ -18,10 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
+import threading
 from typing import Optional, Sequence
 
 import ml_dtypes  # shipped with jax
 import numpy as np
+from etils import epath
 
 from sae_jax import workdir as workdir_lib
 from sae_jax.errors import SaeJaxError
@@ -163,19 +166,92 @@ class ShardWriter:
     )
 
 
+class RemoteNpy:
+  """Rows of a 2-D `.npy` file on an object store (`gs://...`, through etils.epath): no memory
+  map there, so rows are read on demand, one seek + read per run of consecutive rows (slices and
+  sorted index arrays, what `ActivationStore.rows` and the block shuffle ask for). Contiguous
+  reads are what object stores serve well: train from remote shards with data.shuffle="block"."""
+
+  def __init__(self, path: str, dtype: Optional[np.dtype] = None):
+    self.path = epath.Path(path)
+    try:
+      with self.path.open("rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (
+          np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, self.file_dtype = read_header(f)
+        self.offset = f.tell()
+    except ValueError as e:
+      raise SaeJaxError(f"activation shards: {path} is truncated or not an .npy file ({e})") from None
+    if len(shape) != 2 or fortran:
+      raise SaeJaxError(
+        f"activation shards: {path} holds a {shape} array (fortran={fortran}); expected rows [n, d]"
+      )
+    self.shape = tuple(int(x) for x in shape)
+    self.dtype = np.dtype(dtype) if dtype is not None else self.file_dtype
+    self.row_bytes = self.file_dtype.itemsize * self.shape[1]
+    self._local = threading.local()  # one open file per reader thread
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def _read(self, start: int, stop: int) -> np.ndarray:
+    f = getattr(self._local, "file", None)
+    if f is None:
+      f = self._local.file = self.path.open("rb")
+    f.seek(self.offset + start * self.row_bytes)
+    data = f.read((stop - start) * self.row_bytes)
+    if len(data) != (stop - start) * self.row_bytes:
+      raise SaeJaxError(f"activation shards: {self.path} is truncated (rows {start}..{stop} not there)")
+    return np.frombuffer(data, self.file_dtype).view(self.dtype).reshape(stop - start, self.shape[1])
+
+  def __getitem__(self, key) -> np.ndarray:
+    if isinstance(key, slice):
+      start, stop, step = key.indices(self.shape[0])
+      if step != 1:
+        raise SaeJaxError(f"{self.path}: strided reads are not supported")
+      return self._read(start, max(start, stop))
+    idx = np.asarray(key, np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
+      raise IndexError(f"{self.path}: row index out of range [0, {self.shape[0]})")
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    cuts = np.nonzero(np.diff(uniq) != 1)[0] + 1
+    runs = [self._read(int(r[0]), int(r[-1]) + 1) for r in np.split(uniq, cuts) if r.size]
+    rows = np.concatenate(runs) if runs else np.zeros((0, self.shape[1]), self.dtype)
+    return rows[inverse]
+
+
+def shard_path(directory: str, name: str) -> str:
+  """`directory/name.npy`; v2 names climb out of the directory (`../process-*/shards/...`), which
+  object stores do not resolve: normalised here for gs://-style paths too."""
+  if not workdir_lib.is_remote(directory):
+    return os.path.join(directory, name + ".npy")
+  scheme, rest = str(directory).split("://", 1)
+  return f"{scheme}://{posixpath.normpath(posixpath.join(rest, name + '.npy'))}"
+
+
+def _open_rows(path: str, dtype: Optional[np.dtype] = None):
+  """The rows of a shard file: a memory map (local) or a `RemoteNpy` (gs://...)."""
+  if workdir_lib.is_remote(path):
+    return RemoteNpy(path, dtype)
+  array = np.load(path, mmap_mode="r")
+  return array.view(dtype) if dtype is not None else array
+
+
 def read_index(directory: str, allow_empty: bool = False) -> dict:
-  """Reads and validates `index.json`; every named shard must exist with the promised shape."""
+  """Reads and validates `index.json`; every named shard must exist with the promised shape.
+  `directory` may be local or remote (`gs://...`)."""
   path = os.path.join(directory, INDEX_FILE)
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise SaeJaxError(f"activation shards: directory {directory} does not exist")
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise SaeJaxError(
       f"activation shards: {path} is missing (not a shard directory, or extraction "
       "has not finished a shard yet)"
     )
   try:
-    with open(path) as f:
-      index = json.load(f)
+    index = json.loads(epath.Path(path).read_text())
   except json.JSONDecodeError as e:
     raise SaeJaxError(f"{path}: not valid JSON ({e})") from None
   for key in ("format", "d", "dtype", "shards"):
@@ -186,11 +262,11 @@ def read_index(directory: str, allow_empty: bool = False) -> dict:
   if not index["shards"] and not allow_empty:
     raise SaeJaxError(f"{path}: the directory holds no finished shard")
   for s in index["shards"]:
-    f = os.path.join(directory, s["name"] + ".npy")
-    if not os.path.exists(f):
+    f = shard_path(directory, s["name"])
+    if not epath.Path(f).exists():
       raise SaeJaxError(f"activation shards: {f} is listed in {INDEX_FILE} but missing")
     try:
-      arr = np.load(f, mmap_mode="r")
+      arr = _open_rows(f)
     except ValueError as e:
       raise SaeJaxError(f"activation shards: {f} is truncated or not an .npy file ({e})") from None
     if arr.shape != (s["rows"], index["d"]):
@@ -203,7 +279,7 @@ def read_index(directory: str, allow_empty: bool = False) -> dict:
 
 @dataclasses.dataclass
 class ActivationStore:
-  """Random access to rows of a shard directory through memory maps."""
+  """Random access to rows of a shard directory: memory maps, or `RemoteNpy` reads on gs://."""
 
   directory: str
 
@@ -215,8 +291,7 @@ class ActivationStore:
     # One memory map per shard, in index order; `starts[s]` is shard s's first global row.
     # np.save writes bfloat16 as raw 2-byte voids: view them back as ml_dtypes.bfloat16.
     self.arrays = [
-      np.load(os.path.join(self.directory, s["name"] + ".npy"), mmap_mode="r").view(self.np_dtype)
-      for s in self.index["shards"]
+      _open_rows(shard_path(self.directory, s["name"]), self.np_dtype) for s in self.index["shards"]
     ]
     self.starts = np.cumsum([0] + [a.shape[0] for a in self.arrays])
     self.total_rows = int(self.starts[-1])

@@ -4,7 +4,7 @@
   model_name  a hub id (`openai/clip-vit-base-patch32`), a local directory, or `tiny:<family>` for a
               tiny random-weight model built offline (tests, smoke runs).
   family      '' to infer from the model config's `model_type`, else one of FAMILIES.
-  layer, device ('auto' | 'cpu' | 'cuda[:i]'), dtype ('auto': bf16 on GPU, fp32 on CPU), templates.
+  layer, device ('auto': cuda:<local rank>, see `auto_device` | 'cpu' | 'cuda[:i]'), dtype ('auto': bf16 on GPU, fp32 on CPU), templates.
 Adding a model family = one module with an Encoder subclass + one line in `_FAMILY_OF_MODEL_TYPE`.
 """
 
@@ -59,11 +59,41 @@ def family_of(model_type: str) -> str:
     ) from None
 
 
+# Variables launchers set to a process's rank on its own machine, checked in this order.
+LOCAL_RANK_ENV = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")  # torchrun, srun, mpirun
+
+
+def auto_device(cuda_count: int, env) -> tuple[str, str]:
+  """(device, why) of `extract.device="auto"` for a process seeing `cuda_count` GPUs.
+
+  Several processes on one GPU server (torchrun, srun, mpirun) each take the GPU of their local
+  rank; a launcher that already gave each process one GPU (CUDA_VISIBLE_DEVICES) leaves count 1."""
+  if cuda_count <= 0:
+    return "cpu", "no CUDA device"
+  for var in LOCAL_RANK_ENV:
+    if var in env:
+      try:
+        rank = int(env[var])
+      except ValueError:
+        raise SaeJaxError(f"${var}={env[var]!r}: expected an integer local rank") from None
+      if cuda_count == 1:
+        return "cuda:0", f"${var}={rank}, one visible GPU"
+      if not 0 <= rank < cuda_count:
+        raise SaeJaxError(
+          f"${var}={rank}: this machine shows {cuda_count} GPUs (cuda:0..cuda:{cuda_count - 1}); run at "
+          "most one extraction process per GPU or set config.extract.device"
+        )
+      return f"cuda:{rank}", f"${var}={rank}"
+  return "cuda:0", "no local rank variable"
+
+
 def resolve_device(device: str) -> str:
   import torch
 
   if device in (None, "", "auto"):
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    device, why = auto_device(torch.cuda.device_count() if torch.cuda.is_available() else 0, os.environ)
+    if device != "cpu":
+      print(f"extract: device {device} ({why})", flush=True)
   return device
 
 

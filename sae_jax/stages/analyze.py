@@ -40,12 +40,13 @@ import ml_collections
 import numpy as np
 import scipy.stats
 
-from sae_jax import metrics, sharding
+from sae_jax import metrics, preemption, sharding
 from sae_jax import workdir as workdir_lib
 from sae_jax.data.synthetic import KINDS, PlantedSource
 from sae_jax.errors import SaeJaxError
 from sae_jax.plots import analysis as plots
 from sae_jax.stages.block_encoder import BlockEncoder
+from sae_jax.stages.block_progress import BlockProgress, digest
 
 ANALYSIS_DIR = "analysis"
 CODES_MODES = ("encode_pooled", "pool_token_codes")
@@ -83,9 +84,9 @@ def load_pairs(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir
   path = str(acfg.embeddings_path)
   if not path:
     candidates = [os.path.join(w, "activations", f"pooled_{variant}.npz") for w in (workdir, sae_dir)]
-    path = next((p for p in candidates if os.path.exists(p)), candidates[0])
+    path = next((p for p in candidates if workdir_lib.exists(p)), candidates[0])
   if source == "auto":
-    if os.path.exists(path):
+    if workdir_lib.exists(path):
       source = "pooled"
     elif str(config.data.source) == "synthetic":
       source = "synthetic"
@@ -99,10 +100,10 @@ def load_pairs(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir
     n = int(acfg.num_pairs)
     sample = planted.paired(n, seed=int(acfg.pair_seed))
     return Pairs(sample.image, sample.text, np.arange(n), "synthetic", "", planted)
-  if not os.path.exists(path):
+  if not workdir_lib.exists(path):
     raise SaeJaxError(f"config.analysis.embeddings_path: {path} does not exist")
   try:
-    with np.load(path, allow_pickle=False) as f:
+    with workdir_lib.open_npz(path) as f:  # local or gs://
       if "image" not in f or "text" not in f:
         raise SaeJaxError(f"{path}: expected arrays 'image' [N, d] and 'text' [N, d], found {list(f.keys())}")
       image = np.asarray(f["image"], np.float32)
@@ -193,9 +194,23 @@ def stream_codes(
   acfg: Any,
   acc: metrics.ConceptAccumulator,
   keep_codes: bool = True,
+  progress: Optional[BlockProgress] = None,
 ) -> tuple[Any, Any, dict]:
   """Sparse codes of both sides, streamed into `acc` block by block; returns the codes too
-  (None, None when not `keep_codes`: then nothing of size N beyond the embeddings is held)."""
+  (None, None when not `keep_codes`: then nothing of size N beyond the embeddings is held).
+
+  With `progress`, each block's codes are saved as it finishes (and read back, not recomputed, on a
+  resumed run); the sums see the same blocks in the same order either way."""
+  saved = progress.arrays if progress is not None else (lambda name, compute, where: compute())
+
+  def block_codes(b: int, compute: Callable[[], tuple]) -> tuple[tuple, tuple]:
+    def arrays() -> dict:
+      (iv, ii), (tv, ti) = compute()
+      return {"image_values": iv, "image_indices": ii, "text_values": tv, "text_indices": ti}
+
+    z = saved(f"codes-{b:06d}", arrays, f"block {b + 1} of {n_blocks}")
+    return (z["image_values"], z["image_indices"]), (z["text_values"], z["text_indices"])
+
   spec = loaded.spec
   mode = str(acfg.codes)
   if mode not in CODES_MODES:
@@ -214,8 +229,9 @@ def stream_codes(
 
   if mode == "encode_pooled":
     enc = BlockEncoder(loaded.params, spec, min(block, n))
-    for s in range(0, n, block):
-      add(enc(pairs.image[s : s + block]), enc(pairs.text[s : s + block]))
+    n_blocks = -(-n // block)
+    for b, s in enumerate(range(0, n, block)):
+      add(*block_codes(b, lambda s=s: (enc(pairs.image[s : s + block]), enc(pairs.text[s : s + block]))))
   else:
     if pairs.source != "synthetic":
       raise SaeJaxError(
@@ -232,13 +248,22 @@ def stream_codes(
     step = max(1, block // tokens)
     enc = BlockEncoder(loaded.params, spec, min(step, n) * tokens)
     width = min(c, tokens * spec.k)
-    for s in range(0, n, step):
-      sides = []
-      for x in (pairs.image[s : s + step], pairs.text[s : s + step]):
-        v, i = enc(synthetic_tokens(x, tokens, noise, rng))
-        seg = np.repeat(np.arange(x.shape[0]), tokens)
-        sides.append(pool_token_codes(v, i, seg, x.shape[0], c, width))
-      add(*sides)
+    n_blocks = -(-n // step)
+    for b, s in enumerate(range(0, n, step)):
+      # The token noise is drawn here, saved block or not: the generator stays where a full run has it.
+      toks = [
+        synthetic_tokens(x, tokens, noise, rng) for x in (pairs.image[s : s + step], pairs.text[s : s + step])
+      ]
+
+      def compute(toks=toks) -> tuple:
+        sides = []
+        for t in toks:
+          v, i = enc(t)
+          rows = t.shape[0] // tokens
+          sides.append(pool_token_codes(v, i, np.repeat(np.arange(rows), tokens), rows, c, width))
+        return tuple(sides)
+
+      add(*block_codes(b, compute))
   if not keep_codes:
     return None, None, info
   cat = lambda parts: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
@@ -403,8 +428,13 @@ def table1_resampled(acfg: Any, D: np.ndarray, result: "AnalysisResult", pairs: 
   }
 
 
-def compute_analysis(config: Any, pairs: Pairs, loaded: workdir_lib.LoadedSAE) -> AnalysisResult:
-  """Codes of both sides, per-concept metrics (Eq. 3-6) and, when asked for, the blockwise bridge."""
+def compute_analysis(
+  config: Any, pairs: Pairs, loaded: workdir_lib.LoadedSAE, progress: Optional[BlockProgress] = None
+) -> AnalysisResult:
+  """Codes of both sides, per-concept metrics (Eq. 3-6) and, when asked for, the blockwise bridge.
+
+  `progress`: the code blocks are saved as they finish and a signal stops the stage after one
+  (`stream_codes`); the bridge, one compiled program, runs to its end."""
   acfg = config.analysis
   t0 = time.time()
   D = np.asarray(loaded.params["D"], np.float32)
@@ -419,7 +449,12 @@ def compute_analysis(config: Any, pairs: Pairs, loaded: workdir_lib.LoadedSAE) -
   by_image = weighting == "unique_images"
   resamples = int(acfg.table1_resamples)
   image, text, code_info = stream_codes(
-    pairs, loaded, acfg, acc, keep_codes=need_bridge or bool(acfg.save_codes) or by_image or resamples > 0
+    pairs,
+    loaded,
+    acfg,
+    acc,
+    keep_codes=need_bridge or bool(acfg.save_codes) or by_image or resamples > 0,
+    progress=progress,
   )
   cm = metrics.concept_metrics(acc.sums(), reverse_modality=bool(acfg.modality_reverse))
   code_info["energy_weighting"] = weighting
@@ -630,8 +665,17 @@ def analyze(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir: s
   pairs = load_pairs(config, workdir, loaded, sae_dir)
   check_pairs(pairs, d, sae_dir)
 
-  # Compute.
-  result = compute_analysis(config, pairs, loaded)
+  # Compute (block progress in <workdir>/.progress/analysis/ until the outputs are written).
+  progress = BlockProgress(
+    workdir,
+    "analysis",
+    {
+      "analysis": acfg.to_dict(),
+      "sae": [sae_dir, loaded.step, digest(D)],
+      "pairs": [pairs.source, pairs.path, digest(pairs.image, pairs.text)],
+    },
+  )
+  result = compute_analysis(config, pairs, loaded, progress)
   cm = result.cm
   name = _run_name(acfg, workdir)
   this = _this_run(name, workdir, result, fraction)
@@ -679,6 +723,7 @@ def analyze(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir: s
     "mean_pair_dot": cm.mean_pair_dot,
     "compute_dtype": str(acfg.compute_dtype),
     "seconds": {**result.seconds, "total": time.time() - t0},
+    "blocks_resumed": progress.reused,  # code blocks read back from an interrupted run
     "out_dir": out_dir,
     "outputs": written,
     # Shares of the scored concepts below / above 0.5 (the split of Figure 2).
@@ -690,6 +735,7 @@ def analyze(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir: s
   if synthetic is not None:
     summary["synthetic"] = synthetic
   workdir_lib.atomic_write_json(os.path.join(out_dir, "summary.json"), summary, indent=2)
+  progress.clear()
   return summary
 
 
@@ -721,8 +767,10 @@ def run_analysis(
   acfg = config.analysis
   sae_dir = str(acfg.sae_workdir) or workdir
   step = int(acfg.sae_step)
-  loaded = workdir_lib.load_sae(sae_dir, None if step < 0 else step)
-  summary = analyze(config, workdir, loaded, sae_dir)
+  # SIGTERM / SIGINT: stop after the current block, exit PREEMPTED_EXIT_CODE; a re-run resumes.
+  with preemption.watch():
+    loaded = workdir_lib.load_sae(sae_dir, None if step < 0 else step)
+    summary = analyze(config, workdir, loaded, sae_dir)
   if log is not None:
     for line in summary_lines(summary):
       log(line)

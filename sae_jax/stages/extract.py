@@ -42,7 +42,7 @@ from absl import logging
 
 from sae_jax import config_utils, preemption
 from sae_jax import workdir as workdir_lib
-from sae_jax.data import coco
+from sae_jax.data import coco, paired
 from sae_jax.data import shards as shards_lib
 from sae_jax.errors import SaeJaxError
 from sae_jax.stages import extract_mbeir, extract_parts
@@ -113,6 +113,8 @@ def _fingerprint(ex, encoder) -> dict:
     if hasattr(v, "to_dict"):
       v = v.to_dict()
     fp[k] = list(v) if isinstance(v, tuple) else v
+  if ex.dataset == "tfds":  # only for it, so earlier extractions keep their fingerprint
+    fp.update(tfds_name=ex.tfds_name, tfds_split=ex.tfds_split, tfds_data_dir=ex.tfds_data_dir)
   if int(ex.captions_per_image):  # only when set, so earlier extractions keep their fingerprint
     fp["captions_per_image"] = int(ex.captions_per_image)
   if bool(ex.chat_template):
@@ -131,7 +133,7 @@ class Extractor:
     # split "eval": the evaluation split's pooled embeddings only, in <workdir>/activations/eval/.
     self.split = split
     self.ex = ex = config.extract if split == "train" else coco.eval_extract_config(config.extract)
-    self.source = source if source is not None else coco.open_paired(ex)
+    self.source = source if source is not None else paired.open_source(ex)
     self.encoder = encoder if encoder is not None else encoders.load_encoder(ex)
     self.variants = check_variants(ex.pooling, self.encoder)
     self.act_dir = os.path.join(workdir, "activations", *(("eval",) if split == "eval" else ()))
@@ -413,7 +415,7 @@ def run_part(config, workdir: str, index: int, count: int, encoder=None, source=
   """Extracts this process's part, then merges if every part is complete; returns the merged
   summary (`merged: True`) or, while other parts are unfinished, this part's, with `part` = its own."""
   ex = config.extract
-  source = source if source is not None else coco.open_paired(ex)
+  source = source if source is not None else paired.open_source(ex)
   chunk = max(1, int(ex.chunk_size))
   if index * chunk >= len(source.images):
     raise SaeJaxError(

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 from sae_jax import config_utils, metrics, removal, retrieval_tasks
 from sae_jax import sae as sae_lib
@@ -166,7 +167,7 @@ def _eval_dir(rcfg, workdir) -> str:
 
 def _read_pairs(path: str) -> tuple:
   try:
-    with np.load(path, allow_pickle=False) as z:
+    with workdir_lib.open_npz(path) as z:
       if "image" not in z.files or "text" not in z.files:
         raise SaeJaxError(f'{path}: the removal fit needs matched "image" and "text" arrays, got {z.files}')
       ids = z["image_ids"] if "image_ids" in z.files else None
@@ -180,11 +181,11 @@ def _pooled_inputs(rcfg, workdir) -> Inputs:
   variants = {}
   for v in config_utils.as_tuple(rcfg.variants):
     path = os.path.join(pooled_dir, f"pooled_{v}.npz")
-    if not os.path.exists(path):
+    if not workdir_lib.exists(path):
       logging.info("retrieval: no %s, variant %s skipped", path, v)
       continue
     try:
-      with np.load(path, allow_pickle=False) as z:
+      with workdir_lib.open_npz(path) as z:  # local or gs://
         variants[v] = {k: z[k] for k in z.files}
     except (OSError, ValueError) as e:
       raise SaeJaxError(f"{path}: cannot read pooled embeddings ({e})") from e
@@ -209,7 +210,7 @@ def _pooled_inputs(rcfg, workdir) -> Inputs:
         'set config.retrieval.split="eval" (extract.eval_dataset) or fit_on="eval"'
       )
     fit_info["fit_split"] = train_path
-    if os.path.exists(train_path):  # else only analysis/concepts.npz can give the attribution
+    if workdir_lib.exists(train_path):  # else only analysis/concepts.npz can give the attribution
       image, text, fit_ids = _read_pairs(train_path)
       fit = (image, text)
       eval_ids = variants.get(base, {}).get("image_ids")
@@ -264,9 +265,10 @@ def load_inputs(config, workdir) -> Inputs:
   rcfg = config.retrieval
   source = rcfg.source
   if source == "auto":
-    has_pooled = os.path.isdir(_eval_dir(rcfg, workdir)) and any(
-      (f.startswith("pooled_") or f.startswith("mbeir_")) and f.endswith(".npz")
-      for f in os.listdir(_eval_dir(rcfg, workdir))
+    scored = epath.Path(_eval_dir(rcfg, workdir))  # local or gs://
+    has_pooled = scored.is_dir() and any(
+      (f.name.startswith("pooled_") or f.name.startswith("mbeir_")) and f.name.endswith(".npz")
+      for f in scored.iterdir()
     )
     source = "pooled" if has_pooled or config.data.source != "synthetic" else "synthetic"
   if source == "synthetic":

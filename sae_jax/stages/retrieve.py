@@ -42,11 +42,21 @@ import jax
 import numpy as np
 from absl import logging
 
-from sae_jax import config_utils, metrics, removal, retrieval, retrieval_tasks, sharding, uncertainty
+from sae_jax import (
+  config_utils,
+  metrics,
+  preemption,
+  removal,
+  retrieval,
+  retrieval_tasks,
+  sharding,
+  uncertainty,
+)
 from sae_jax import workdir as workdir_lib
 from sae_jax.errors import SaeJaxError
 from sae_jax.plots import retrieval as plots
 from sae_jax.stages import retrieval_tables as tables
+from sae_jax.stages.block_progress import BlockProgress, recorded, retrieval_fingerprint
 from sae_jax.stages.retrieval_inputs import (
   Attribution,
   Inputs,
@@ -432,6 +442,7 @@ def evaluate_all(
   projectors: dict,
   search: _Search,
   embeddings_dir: Optional[str] = None,
+  progress: Optional[BlockProgress] = None,
 ) -> tuple[dict, dict]:
   """Recall@K of every task x variant, and of the base variant under each projector.
 
@@ -458,7 +469,13 @@ def evaluate_all(
       base_ranks = None
       for name, d_run, extra in runs:
         d_run = _normalized(d_run)
-        rec, ranks = search.recall(d_run, with_ranks=True)
+
+        def scored(d_run=d_run) -> dict:  # JSON-able, so `progress` can keep it
+          rec, ranks = search.recall(d_run, with_ranks=True)
+          return {"record": rec, "ranks": np.asarray(ranks).tolist()}
+
+        saved = recorded(progress, f"recall-{task}-{name}", scored)
+        rec, ranks = saved["record"], np.asarray(saved["ranks"])
         search.intervals(rec, ranks, base_ranks)
         if name == variant == base:
           base_ranks = ranks
@@ -478,7 +495,12 @@ def evaluate_all(
 
 
 def sweep_removal_rank(
-  rcfg: Any, attribution: Attribution, data: retrieval_tasks.TaskData, search: _Search, oracle: Optional[dict]
+  rcfg: Any,
+  attribution: Attribution,
+  data: retrieval_tasks.TaskData,
+  search: _Search,
+  oracle: Optional[dict],
+  progress: Optional[BlockProgress] = None,
 ) -> dict:
   """Recall@K of the base variant of `rcfg.sweep_task` against the removal rank r (r = 0: none).
 
@@ -501,7 +523,7 @@ def sweep_removal_rank(
       proj = retrieval.fit_removal(D, scores[rule], r, fraction) if r else None
       used.append(int(proj.info["rank"]) if proj is not None else 0)
       d_r = data.map(proj.transform) if proj is not None else data
-      rec = search.recall(_normalized(d_r))
+      rec = recorded(progress, f"sweep-{rule}-{r}", lambda d_r=d_r: search.recall(_normalized(d_r)))
       for k in ks:
         per_metric[f"R@{k}"].append(rec[f"R@{k}"])
     by_rule[rule] = {"metrics": per_metric, "ranks_used": used}
@@ -646,8 +668,15 @@ def run_retrieval(config, workdir: str, log: Optional[Callable[[str], None]] = N
   """Evaluates every configured task and variant; writes <workdir>/retrieval/. Returns results.
 
   Nothing is written before every task has been scored, so a failure leaves no partial outputs.
+  SIGTERM / SIGINT stop it after the setting being scored (exit status 75); a re-run scores only
+  the settings not saved in <workdir>/.progress/retrieval/ (`block_progress`).
   `log` (e.g. `print`) receives the summary lines: output files, R@1 per task, sizes, time.
   """
+  with preemption.watch():
+    return _run_retrieval(config, workdir, log)
+
+
+def _run_retrieval(config, workdir: str, log: Optional[Callable[[str], None]]) -> dict:
   rcfg = config.retrieval
   t0 = time.time()
   tasks = config_utils.as_tuple(rcfg.tasks)
@@ -674,8 +703,10 @@ def run_retrieval(config, workdir: str, log: Optional[Callable[[str], None]] = N
   logging.info("retrieval inputs: %s", inputs.description)
   attribution = load_attribution(config, workdir, inputs) if bool(rcfg.removal) else None
 
-  # Compute: projectors, every task x variant, the rank sweep.
+  # Compute: projectors, every task x variant, the rank sweep; each scored setting is kept in
+  # <workdir>/.progress/retrieval/ until the outputs are written (a signal stops after one).
   projectors = fit_projectors(rcfg, inputs, attribution, search)
+  progress = BlockProgress(workdir, "retrieval", retrieval_fingerprint(rcfg, inputs, attribution))
   # The scored embeddings are written as they are scored (one task's arrays in memory at a time) into
   # a staging directory, moved into retrieval/ only once everything else succeeded.
   staging = None
@@ -683,16 +714,17 @@ def run_retrieval(config, workdir: str, log: Optional[Callable[[str], None]] = N
     os.makedirs(workdir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".retrieval-staging-", dir=workdir)
   try:
-    results, base_data = evaluate_all(tasks, inputs, base, projectors, search, staging)
+    results, base_data = evaluate_all(tasks, inputs, base, projectors, search, staging, progress)
     sweep = None
     if attribution is not None and rcfg.sweep_task in base_data:
       oracle = results.get(rcfg.sweep_task, {}).get(f"{base}+oracle_removal")
-      sweep = sweep_removal_rank(rcfg, attribution, base_data[rcfg.sweep_task], search, oracle)
+      sweep = sweep_removal_rank(rcfg, attribution, base_data[rcfg.sweep_task], search, oracle, progress)
 
     # Write.
     written = write_outputs(
       out_dir, results, projectors, sweep, base, inputs.description, staging, attribution
     )
+    progress.clear()
   finally:
     if staging is not None:
       shutil.rmtree(staging, ignore_errors=True)

@@ -94,27 +94,43 @@ class _EpathEventFiles:
     epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
-def _summary_writer(logdir: str) -> tensorboardX.SummaryWriter:
+def _summary_writer(logdir: str, purge_step: Optional[int] = None) -> tensorboardX.SummaryWriter:
+  """`purge_step`: TensorBoard hides the earlier files' events at this step and later (a resumed
+  run re-logs them), through the SessionLog.START event tensorboardX writes first."""
   if workdir_lib.is_remote(logdir):
     tensorboardX.record_writer.register_writer_factory(logdir.split(":")[0], _EpathEventFiles())
-  return tensorboardX.SummaryWriter(logdir)
+  return tensorboardX.SummaryWriter(logdir, purge_step=purge_step)
 
 
 class MetricsLogger:
   """metrics.jsonl, a live progress line, TensorBoard event files and, when `train_cfg.wandb_project`
-  is set, the same scalars and the resolved `run_config` in Weights & Biases (process 0 only)."""
+  is set, the same scalars and the resolved `run_config` in Weights & Biases (process 0 only).
+
+  `resume_step`: the step the run restarts from. A run resumed from an older checkpoint than the
+  newest logged step (a damaged or removed newest checkpoint) re-runs the steps in between; each
+  step stays logged once: metrics.jsonl is cut back to `resume_step` (atomic rewrite), TensorBoard
+  hides the earlier events past it (`purge_step`), and W&B, whose history only grows, is sent only
+  the steps past the highest one logged before (the re-run steps give the same values: resumes are
+  bit-identical)."""
 
   def __init__(
-    self, workdir: str, tensorboard: bool, train_cfg: Any = None, run_config: Optional[dict] = None
+    self,
+    workdir: str,
+    tensorboard: bool,
+    train_cfg: Any = None,
+    run_config: Optional[dict] = None,
+    resume_step: int = 0,
   ):
     self.enabled = jax.process_index() == 0
     self.wandb_run = None
     if self.enabled and train_cfg is not None and str(train_cfg.wandb_project):
       self.wandb_run = _start_wandb(workdir, train_cfg, run_config or {})
     self.path = epath.Path(workdir) / "metrics.jsonl"
+    self.logged_through = cut_back_metrics(self.path, int(resume_step)) if self.enabled else 0
     self.writer = None
     if self.enabled and tensorboard:
-      self.writer = _summary_writer(os.path.join(workdir, "tensorboard"))
+      purge = int(resume_step) + 1 if self.logged_through > int(resume_step) else None
+      self.writer = _summary_writer(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -125,7 +141,7 @@ class MetricsLogger:
       for k, v in metrics.items():
         self.writer.add_scalar(f"train/{k}", float(v), step)
       self.writer.flush()
-    if self.wandb_run is not None:
+    if self.wandb_run is not None and step > self.logged_through:
       self.wandb_run.log({f"train/{k}": float(v) for k, v in metrics.items()}, step=int(step))
     print(
       f"step {step:>7d} | {metrics.get('tokens_per_s', 0):>9.0f} tok/s | loss {metrics['loss']:.5f} "
@@ -144,6 +160,30 @@ class MetricsLogger:
     if self.wandb_run is not None:
       self.wandb_run.finish()
       self.wandb_run = None
+
+
+def cut_back_metrics(path: Any, step: int) -> int:
+  """Drops the lines of metrics.jsonl at `path` past `step` (and a line a kill cut short), by an
+  atomic rewrite; returns the highest step the file held (0 when absent)."""
+  path = epath.Path(path)
+  if not path.exists():
+    return 0
+  kept, dropped, highest = [], 0, 0
+  for line in path.read_text().splitlines():
+    try:
+      at = int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+      dropped += 1
+      continue
+    highest = max(highest, at)
+    if at <= step:
+      kept.append(line + "\n")
+    else:
+      dropped += 1
+  if dropped:
+    workdir_lib.atomic_write_text(path, "".join(kept))
+    print(f"{path}: dropped {dropped} line(s) past step {step}, the step this run resumes from", flush=True)
+  return highest
 
 
 WANDB_ID_FILE = "wandb_run_id"
@@ -235,7 +275,10 @@ class _Run:
 
 def _restore_or_init(run: _Run, manager) -> Any:
   """The newest checkpoint's state (and data position), else a fresh init from `config.seed`."""
-  restored = ckpt_lib.restore_newest(manager, run.abstract, run.data_iter)
+  train = run.config.train
+  restored = ckpt_lib.restore_newest(
+    manager, run.abstract, run.data_iter, int(train.restore_retries), float(train.restore_backoff_s)
+  )
   if restored is not None:
     state, meta, latest = restored
     print(
@@ -360,7 +403,8 @@ def _train_and_evaluate(
   state = _restore_or_init(run, manager)
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, run.resolved)
-  logger = MetricsLogger(workdir, bool(config.train.tensorboard), config.train, run.resolved)
+  resume_step = int(jax.device_get(state["step"]))
+  logger = MetricsLogger(workdir, bool(config.train.tensorboard), config.train, run.resolved, resume_step)
   try:
     state, last_logged = _train_loop(run, state, manager, logger, watch)
   finally:

@@ -44,6 +44,8 @@ OPTIONAL_MODULES = frozenset(
     "wandb",
     "tensorboardX",
     "matplotlib",
+    "tensorflow",  # the `tfds` extra (sae_jax.data.tfds_source)
+    "tensorflow_datasets",
   }
 )
 
