@@ -2,7 +2,7 @@
 at tiny sizes on CPU (tests/test_accelerator_suite.py), so the suite does not rot between lent devices.
 
   python -m benchmarks.accelerator_suite                       # on a GPU/TPU host, <= 5 min by default
-  python -m benchmarks.accelerator_suite --dry                 # CPU, tiny sizes, ~30 s
+  python -m benchmarks.accelerator_suite --dry                 # CPU, tiny sizes, ~45 s on 2 cores
   python -m benchmarks.accelerator_suite --parts=train,metrics --budget_s=600
 
 Parts (each in its own process, so its memory peak is its own; each has a share of --budget_s and
@@ -47,7 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The peers first: each sae_jax train line then carries its ratios to them when it is printed.
 PARTS = ("peers", "train", "metrics", "retrieval", "extraction")
 # Share of --budget_s per part (the train part compiles 16 programs).
-SHARES = {"train": 0.36, "peers": 0.14, "metrics": 0.18, "retrieval": 0.12, "extraction": 0.20}
+SHARES = {"train": 0.42, "peers": 0.12, "metrics": 0.16, "retrieval": 0.10, "extraction": 0.20}
 # Dense bf16 peak TFLOP/s by device kind (vendor figures, no sparsity), for MFU.
 PEAK_TFLOPS = {"h200": 989.0, "h100": 989.0, "a100": 312.0, "l4": 121.0, "tpu v4": 275.0}
 PEAK_TFLOPS.update({"tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v6 lite": 918.0})
