@@ -640,7 +640,8 @@ def main(argv=None) -> None:
       torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     WORKERS[args.worker](args, size, args.peak_tflops)
     return
-  os.environ.update({k: v for k, v in _env(args.dry).items() if k.startswith(("JAX_", "CUDA_"))})
+  # This process only reads the device kind: no preallocation of the device's memory here.
+  os.environ.update({k: v for k, v in _env(args.dry).items() if k.startswith(("JAX_", "CUDA_", "XLA_"))})
   import jax
 
   from sae_jax import workdir as workdir_lib
