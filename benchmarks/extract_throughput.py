@@ -45,7 +45,7 @@ FIXTURE = os.path.join(
 )
 
 
-def _synthetic_coco(root: str, n_images: int = 11) -> tuple[str, str]:
+def synthetic_coco(root: str, n_images: int = 11) -> tuple[str, str]:
   from PIL import Image
 
   rng = np.random.default_rng(0)
@@ -282,7 +282,7 @@ def main():
   if os.path.isdir(FIXTURE):
     cj, idir = os.path.join(FIXTURE, "captions.json"), os.path.join(FIXTURE, "images")
   else:
-    cj, idir = _synthetic_coco(tmp)
+    cj, idir = synthetic_coco(tmp)
   cj, idir = _replicated(cj, idir, a.copies, tmp)
   if a.only in ("", "extract"):
     for fam in ("qwen2_vl", "clip"):

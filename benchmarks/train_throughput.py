@@ -110,7 +110,7 @@ def _bare_package(name: str):
 # ------------------------------------------------------------------------------ implementations
 
 
-def _sae_jax(preset: str, dtype: str, decoder: str, d: int, c: int, k: int, x_np, fields=()):
+def sae_jax_step(preset: str, dtype: str, decoder: str, d: int, c: int, k: int, x_np, fields=()):
   import jax
   import jax.numpy as jnp
 
@@ -158,7 +158,7 @@ def _worker(args) -> None:
   rng = np.random.default_rng(0)
   scales = np.exp(rng.normal(size=d) * 0.5).astype(np.float32)
   x_np = (rng.standard_normal((int(args.batch), d), dtype=np.float32) * scales + 0.1).astype(np.float32)
-  run, info = _sae_jax(preset, dtype, decoder, d, c, args.k, x_np)
+  run, info = sae_jax_step(preset, dtype, decoder, d, c, args.k, x_np)
   print(json.dumps(info), flush=True)
   for _ in sys.stdin:
     print(run(), flush=True)
@@ -198,7 +198,7 @@ def _sae_jax_at(ref: str, preset: str, dtype: str, decoder: str, size: str, args
   return run, {**info, "ref": ref}
 
 
-def _overcomplete(d: int, c: int, k: int, x_np, bf16: bool):
+def overcomplete_step(d: int, c: int, k: int, x_np, bf16: bool, device: str = "cpu"):
   import torch
 
   if _bare_package("overcomplete") is None:
@@ -206,14 +206,14 @@ def _overcomplete(d: int, c: int, k: int, x_np, bf16: bool):
   from overcomplete.sae.topk_sae import TopKSAE
 
   torch.manual_seed(0)
-  model = TopKSAE(d, c, top_k=k)
+  model = TopKSAE(d, c, top_k=k, device=device)
   model.train()
   opt = torch.optim.Adam(model.parameters(), lr=8e-4, betas=(0.9, 0.999), eps=1e-8)
-  x = torch.from_numpy(x_np)
+  x = torch.from_numpy(x_np).to(device)
 
   def run():
     opt.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
       _, z, x_hat = model(x)
       loss = ((x - x_hat.float()) ** 2).mean() + 0.01 * z.float().abs().mean()
     loss.backward()
@@ -224,7 +224,7 @@ def _overcomplete(d: int, c: int, k: int, x_np, bf16: bool):
   return run, {"dtype": "bfloat16 (autocast)" if bf16 else "float32", "framework": "torch"}
 
 
-def _sparsify(d: int, c: int, k: int, x_np):
+def sparsify_step(d: int, c: int, k: int, x_np, device: str = "cpu"):
   import torch
 
   if _bare_package("sparsify") is None:
@@ -238,11 +238,12 @@ def _sparsify(d: int, c: int, k: int, x_np):
   except ImportError as e:  # its trainer-side deps (simple-parsing, accelerate, natsort) missing
     raise SystemExit(f"--impls: sparsify does not import ({e}); {_INSTALL}") from None
   torch.manual_seed(0)
-  sae = SparseCoder(d, SparseCoderConfig(num_latents=c, k=k), device="cpu", dtype=torch.float32)
+  # float32 parameters as its trainer; on CUDA its forward runs under its own bf16 autocast.
+  sae = SparseCoder(d, SparseCoderConfig(num_latents=c, k=k), device=device, dtype=torch.float32)
   lr = 2e-4 / (c / 2**14) ** 0.5  # its trainer's default for Adam
   opt = torch.optim.Adam(sae.parameters(), lr=lr)
-  x = torch.from_numpy(x_np)
-  since_fired = torch.zeros(c, dtype=torch.long)
+  x = torch.from_numpy(x_np).to(device)
+  since_fired = torch.zeros(c, dtype=torch.long, device=device)
   dead_threshold = 10_000_000
 
   def run():
@@ -254,7 +255,7 @@ def _sparsify(d: int, c: int, k: int, x_np):
     opt.step()
     opt.zero_grad(set_to_none=True)
     sae.set_decoder_norm_to_unit_norm()
-    did_fire = torch.zeros(c, dtype=torch.bool)
+    did_fire = torch.zeros(c, dtype=torch.bool, device=device)
     did_fire[out.latent_indices.flatten()] = True
     since_fired += x.shape[0]
     since_fired[did_fire] = 0
@@ -395,11 +396,11 @@ def main() -> None:
         _, preset, dtype, *extra = name.split("/")
         fields = [e for e in extra if "=" in e]
         decoder = ([e for e in extra if "=" not in e] or [args.decoder])[0]
-        made = _sae_jax(preset, dtype, decoder, d, c, args.k, x_np, fields)
+        made = sae_jax_step(preset, dtype, decoder, d, c, args.k, x_np, fields)
       elif name in ("overcomplete", "overcomplete_bf16"):
-        made = _overcomplete(d, c, args.k, x_np, bf16=name.endswith("bf16"))
+        made = overcomplete_step(d, c, args.k, x_np, bf16=name.endswith("bf16"))
       elif name == "sparsify":
-        made = _sparsify(d, c, args.k, x_np)
+        made = sparsify_step(d, c, args.k, x_np)
       else:
         raise SystemExit(f"--impls: unknown implementation {name!r}")
       impls[name] = made

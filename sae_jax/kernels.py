@@ -10,7 +10,7 @@ are in benchmarks/README.md.
 from __future__ import annotations
 
 import functools
-import math
+import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -46,18 +46,57 @@ def gather_weighted_sum(weights: jax.Array, indices: jax.Array, table: jax.Array
   return jax.lax.fori_loop(0, weights.shape[1], body, init)
 
 
-_GATHER_BLOCK_BYTES = 1 << 26
+_GATHER_BLOCK_BYTES = 1 << 26  # accelerators: the largest gathered block
+_LLC_FALLBACK_BYTES = 32 << 20
 
 
-def gather_dot(rows: jax.Array, indices: jax.Array, table: jax.Array, chunk: int = 128) -> jax.Array:
+@functools.lru_cache(maxsize=None)
+def cpu_block_bytes() -> int:
+  """Bytes of a gathered / scattered block on CPU: 1/8 of the last-level cache (sysfs), so the
+  block stays cached between the op that writes it and the one that reads it, beside the rows it
+  is gathered from or added to. Measured optimum 2.5-10 MB on a 32 MB L3 (benchmarks/README.md)."""
+  size = 0
+  root = "/sys/devices/system/cpu/cpu0/cache"
+  try:
+    for entry in sorted(os.listdir(root)):
+      if not entry.startswith("index"):
+        continue
+      with open(os.path.join(root, entry, "type")) as f:
+        if f.read().strip() == "Instruction":
+          continue
+      with open(os.path.join(root, entry, "size")) as f:
+        text = f.read().strip().upper()
+      unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+      size = max(size, int(text.rstrip("KMG")) * unit)
+  except (OSError, ValueError):
+    size = 0
+  return (size or _LLC_FALLBACK_BYTES) // 8
+
+
+def row_chunk(n_rows: int, row_bytes: int, block_bytes: int, most: Optional[int] = None) -> int:
+  """The largest power of two dividing n_rows with chunk * row_bytes <= block_bytes (>= 1), at most `most`."""
+  chunk = 1
+  while (
+    n_rows % (chunk * 2) == 0
+    and (chunk * 2) * row_bytes <= block_bytes
+    and (most is None or chunk * 2 <= most)
+  ):
+    chunk *= 2
+  return chunk
+
+
+def gather_dot(rows: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
   """out[b, j] = <rows[b], table[indices[b, j]]>:  [B, d], [B, k], [n, d] -> [B, k].
 
-  Row chunks keep the gathered block at [chunk, k, d] (a per-column loop of row dots ran slower);
-  with a large k (AuxK: k = d/2) the chunk shrinks so that block stays under 64 MB.
+  Row chunks keep the gathered block at [chunk, k, d] (a per-column loop of row dots ran slower):
+  on CPU sized to stay in cache (`cpu_block_bytes`; 16-32 rows at k=50, d=768 ran 1.4x faster
+  than 128), elsewhere up to 128 rows and 64 MB.
   """
   (n_rows, d), k = rows.shape, indices.shape[1]
-  cap = max(1, _GATHER_BLOCK_BYTES // (4 * k * d))
-  chunk = math.gcd(n_rows, min(chunk, 1 << (cap.bit_length() - 1)))
+  if jax.default_backend() == "cpu":
+    chunk = row_chunk(n_rows, 4 * k * d, cpu_block_bytes())
+  else:
+    chunk = row_chunk(n_rows, 4 * k * d, _GATHER_BLOCK_BYTES, most=128)
   blocks = (rows.reshape(-1, chunk, d), indices.reshape(-1, chunk, k))
   out = jax.lax.map(lambda a: jnp.einsum("bd,bkd->bk", a[0], jnp.take(table, a[1], axis=0)), blocks)
   return out.reshape(n_rows, k)
@@ -68,15 +107,31 @@ def scatter_weighted_rows(
 ) -> jax.Array:
   """out[i] = init[i] + sum over (b, j) with indices[b, j] = i of weights[b, j] * rows[b]: [n, d].
 
-  `init` (default zeros) lets a second scatter accumulate into the first one's buffer."""
+  `init` (default zeros) lets a second scatter accumulate into the first one's buffer. On CPU one
+  scatter per chunk of rows of all their k weighted copies (a cache-sized block, `cpu_block_bytes`):
+  2.1x faster than one scatter of B rows per column j at B=4096, k=50, d=768, c=7168 (XLA:CPU runs
+  a scatter on one thread; fewer, cache-resident update blocks cost less per row). Elsewhere one
+  scatter per column (fewer, larger ops for the accelerator).
+  """
+  if init is None:
+    init = jnp.zeros((n, rows.shape[1]), jnp.float32)
+  (n_rows, d), k = rows.shape, indices.shape[1]
+  if jax.default_backend() == "cpu":
+    chunk = row_chunk(n_rows, 4 * k * d, cpu_block_bytes())
+
+    def block(s, acc):
+      w = jax.lax.dynamic_slice_in_dim(weights, s * chunk, chunk)
+      i = jax.lax.dynamic_slice_in_dim(indices, s * chunk, chunk)
+      r = jax.lax.dynamic_slice_in_dim(rows, s * chunk, chunk)
+      return acc.at[i.reshape(-1)].add((w[:, :, None] * r[:, None, :]).reshape(-1, d))
+
+    return jax.lax.fori_loop(0, n_rows // chunk, block, init)
   w_t, i_t = weights.T, indices.T
 
   def body(j, acc):
     return acc.at[i_t[j]].add(w_t[j][:, None] * rows)
 
-  if init is None:
-    init = jnp.zeros((n, rows.shape[1]), jnp.float32)
-  return jax.lax.fori_loop(0, weights.shape[1], body, init)
+  return jax.lax.fori_loop(0, k, body, init)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
