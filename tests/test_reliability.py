@@ -357,7 +357,9 @@ def test_sigterm_mid_retrieval_exits_75_and_the_rerun_gives_the_same_outputs(tra
   # The saved settings are read back, not scored again: a planted value in a copy comes out as is.
   shutil.copytree(work, str(tmp_path / "planted"))
   planted = tmp_path / "planted" / ".progress" / "retrieval" / "recall-image_to_text-mean.json"
-  planted.write_text(json.dumps({**json.loads(planted.read_text()), "R@1": -1.0}))
+  saved_block = json.loads(planted.read_text())  # the record and the first-hit ranks of the setting
+  saved_block["record"]["R@1"] = -1.0
+  planted.write_text(json.dumps(saved_block))
   res = retrieve.run_retrieval(
     retrieval_config(trained_sae.config(), trained_sae.workdir), str(tmp_path / "planted")
   )
