@@ -141,3 +141,47 @@ def test_complete_data_is_kept_and_other_settings_refused(world):
   bad.max_objects = 4
   with pytest.raises(SaeJaxError, match="config.shapes.max_objects"):
     shapes.write_shapes(bad, world + "-bad", log=None)
+
+
+def test_summary_word_and_questions_answer_from_the_scene(world):
+  """The generative models' targets: the largest object's shape, and each question's answer is the
+  named object's attribute (named by something no other object of the scene shares)."""
+  _, scenes = _load(world, "train")
+  rng = np.random.default_rng(0)
+  asked = collections.Counter()
+  for scene in scenes:
+    objs = scene["objects"]
+    word = shapes.summary_word(scene)
+    large = [o for o in objs if o["size"] == "large"]
+    assert word == (large[0] if large else objs[0])["shape"]
+    for kind in shapes.QUESTION_KINDS:
+      q, a = shapes.question(scene, kind, rng)
+      m = re.fullmatch(r"What colour is the (\w+)\?", q)
+      if m:
+        (o,) = [o for o in objs if o["shape"] == m.group(1)]  # exactly one object has that shape
+        assert a == o["colour"]
+        asked["colour"] += 1
+        continue
+      m = re.fullmatch(r"What shape is the (\w+) object\?", q)
+      if m:
+        (o,) = [o for o in objs if o["colour"] == m.group(1)]
+        assert a == o["shape"]
+        asked["shape"] += 1
+        continue
+      m = re.fullmatch(r"Where is the (\w+) (\w+)\?", q)
+      if m:
+        (o,) = [o for o in objs if (o["colour"], o["shape"]) == m.groups()]
+        assert a == shapes.POSITION_WORDS[(o["row"], o["col"])][0]
+        asked["position"] += 1
+        continue
+      assert q == "How many shapes are there?" and a == shapes.COUNT_WORDS[len(objs)], (kind, q, a)
+      asked["count"] += 1
+      assert kind == "count" or len(objs) > 1  # a fallback only where no attribute is unique
+  assert min(asked[k] for k in shapes.QUESTION_KINDS) > 0
+  texts = set(shapes.question_texts())
+  for scene in scenes:
+    for kind in shapes.QUESTION_KINDS:
+      q, a = shapes.question(scene, kind, rng)
+      assert q in texts and a in texts
+  with pytest.raises(SaeJaxError, match="question kind"):
+    shapes.question(scenes[0], "size", rng)

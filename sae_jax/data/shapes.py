@@ -265,6 +265,52 @@ def make_captions(scene: dict, seed: int, split: str, index: int, n: int = CAPTI
   return out
 
 
+# ------------------------------------------------------------------- generalist training targets
+# What the generative models of the study learn besides captioning (sae_jax/stages/train_encoder.py):
+# a one-word summary of a scene and short questions about it, all read off the scene record.
+
+QUESTION_KINDS = ("colour", "shape", "count", "position")
+
+
+def summary_word(scene: dict) -> str:
+  """The one-word summary of a scene: the canonical shape name of its largest object (the first
+  large object of the record, else the first object)."""
+  objs = scene["objects"]
+  large = [o for o in objs if o["size"] == "large"]
+  return (large or objs)[0]["shape"]
+
+
+def question(scene: dict, kind: str, rng: np.random.Generator) -> tuple:
+  """(question, answer) of `kind` about a scene. An object is named by an attribute that is unique in
+  the scene; when none is (two objects of one shape, say), the question falls back to the count."""
+  objs = scene["objects"]
+  if kind not in QUESTION_KINDS:
+    raise SaeJaxError(f"question kind {kind!r}: expected one of {QUESTION_KINDS}")
+  if kind == "colour":
+    unique = [o for o in objs if sum(p["shape"] == o["shape"] for p in objs) == 1]
+    if unique:
+      o = unique[int(rng.integers(len(unique)))]
+      return f"What colour is the {o['shape']}?", o["colour"]
+  elif kind == "shape":
+    unique = [o for o in objs if sum(p["colour"] == o["colour"] for p in objs) == 1]
+    if unique:
+      o = unique[int(rng.integers(len(unique)))]
+      return f"What shape is the {o['colour']} object?", o["shape"]
+  elif kind == "position":
+    o = objs[int(rng.integers(len(objs)))]
+    return f"Where is the {o['colour']} {o['shape']}?", POSITION_WORDS[(o["row"], o["col"])][0]
+  return "How many shapes are there?", COUNT_WORDS[len(objs)]
+
+
+def question_texts() -> list:
+  """Every question and answer text `question` can produce (for tokenizer corpora)."""
+  out = ["How many shapes are there?"] + list(COUNT_WORDS.values())
+  out += [f"What colour is the {s}?" for s in SHAPES] + [f"What shape is the {c} object?" for c in COLOURS]
+  out += [f"Where is the {c} {s}?" for c in COLOURS for s in SHAPES]
+  out += list(COLOURS) + list(SHAPES) + [w[0] for w in POSITION_WORDS.values()]
+  return out
+
+
 # ------------------------------------------------------------------------------------------ writer
 
 

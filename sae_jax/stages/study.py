@@ -57,6 +57,7 @@ def stage_config(config: Any, workdir: str, name: str, split: str) -> ml_collect
   ex.image_dir = paths[f"{split}_images"]
   ex.batch_size = int(m.batch_size)
   ex.num_workers = 2
+  ex.chat_template = bool(m.get("chat_template", False))
   pooling = config_utils.as_tuple(m.pooling)
   base = base_variant(config, name)
   if split == "train":  # SAE rows only: the shards (one pooled variant is written regardless)
@@ -117,7 +118,12 @@ def run_model(config: Any, workdir: str, name: str, log: Callable = print) -> di
       src = str(m.source)
       if src.startswith("train:"):
         q = train_encoder.train_encoder(
-          config, src[len("train:") :], paths["root"], model_dir(config, workdir, name), log
+          config,
+          src[len("train:") :],
+          paths["root"],
+          model_dir(config, workdir, name),
+          log,
+          chat_template=bool(m.get("chat_template", False)),
         )
       else:
         q = {"source": src, "trained_here": False}
