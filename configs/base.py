@@ -231,6 +231,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   )
   et.generative = ml_collections.ConfigDict()
   et.generative.caption_prompt = "Describe the image:"
+  # Stage 1 (Qwen, PaliGemma): the vision tower + projector aligned with the word embeddings by InfoNCE,
+  # as real MLLMs start from a contrastive tower; then frozen for the generalist stage.
+  et.generative.vision_steps = 300
+  et.generative.vision_batch_size = 64
+  et.generative.vision_lr = 1e-3
+  et.generative.freeze_vision = True
+  et.generative.summary = "shape"  # the one-word summary: the largest object's "shape" | "colour"
   et.generative.sample_captions = 3  # greedy captions of test images in quality.json
   et.generative.eval_batches = 4  # held-out batches per mixture task for the answer accuracy
 

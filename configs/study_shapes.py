@@ -35,6 +35,8 @@ def get_config(arg: str = ""):
     et.log_every_s = 10.0
     et.generative.sample_captions = 1
     et.generative.eval_batches = 1
+    et.generative.vision_steps = 20
+    et.generative.vision_batch_size = 32
     for name in ("clip", "siglip"):
       et[name].steps = 120
       et[name].batch_size = 64

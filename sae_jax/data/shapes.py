@@ -272,12 +272,17 @@ def make_captions(scene: dict, seed: int, split: str, index: int, n: int = CAPTI
 QUESTION_KINDS = ("colour", "shape", "count", "position")
 
 
-def summary_word(scene: dict) -> str:
-  """The one-word summary of a scene: the canonical shape name of its largest object (the first
-  large object of the record, else the first object)."""
+SUMMARY_ATTRIBUTES = ("shape", "colour")
+
+
+def summary_word(scene: dict, attribute: str = "shape") -> str:
+  """The one-word summary of a scene: the `attribute` ("shape": canonical name, or "colour") of its
+  largest object (the first large object of the record, else the first object)."""
+  if attribute not in SUMMARY_ATTRIBUTES:
+    raise SaeJaxError(f"summary attribute {attribute!r}: expected one of {SUMMARY_ATTRIBUTES}")
   objs = scene["objects"]
   large = [o for o in objs if o["size"] == "large"]
-  return (large or objs)[0]["shape"]
+  return (large or objs)[0][attribute]
 
 
 def question(scene: dict, kind: str, rng: np.random.Generator) -> tuple:

@@ -13,7 +13,8 @@ Generative models learn what their embeddings carry the way real MLLMs do, from 
 sequence's loss is the mean over its answer tokens, so a task's weight is its share of the loss):
   caption     image + `generative.caption_prompt` -> one of the image's captions
   image_word  `config.extract.templates.image` (the exact extraction prompt) -> the scene's one-word
-              summary (`shapes.summary_word`: the largest object's shape)
+              summary (`shapes.summary_word`: the largest object's shape or colour,
+              `generative.summary`)
   text_word   `config.extract.templates.text` on a caption -> the same word for that caption's scene
   text_lm     caption modelling on text alone (`caption <eos>`, loss on every token)
   question    image + a short question about colour / shape / count / position -> its answer
@@ -802,8 +803,8 @@ def _sequence_losses(model, batch: dict):
 class _MixtureSampler:
   """Draws the mixture's samples from a split: tasks by weight, images and captions at random."""
 
-  def __init__(self, src, caps: list, scenes: list, weights: dict, seed: int):
-    self.src, self.caps, self.scenes = src, caps, scenes
+  def __init__(self, src, caps: list, scenes: list, weights: dict, seed: int, summary: str = "shape"):
+    self.src, self.caps, self.scenes, self.summary = src, caps, scenes, summary
     self.tasks = [t for t in MIXTURE_TASKS if float(weights[t]) > 0]
     w = np.array([float(weights[t]) for t in self.tasks])
     self.p = w / w.sum()
@@ -828,9 +829,9 @@ class _MixtureSampler:
       if t == "caption":
         out.append((t, self.image(i), None, cap))
       elif t == "image_word":
-        out.append((t, self.image(i), None, shapes_lib.summary_word(scene)))
+        out.append((t, self.image(i), None, shapes_lib.summary_word(scene, self.summary)))
       elif t == "text_word":
-        out.append((t, None, cap, shapes_lib.summary_word(scene)))
+        out.append((t, None, cap, shapes_lib.summary_word(scene, self.summary)))
       elif t == "text_lm":
         out.append((t, None, cap, None))
       else:
@@ -838,6 +839,74 @@ class _MixtureSampler:
         qtext, answer = shapes_lib.question(scene, kind, self.rng)
         out.append((t, self.image(i), qtext, answer))
     return out
+
+
+def _vision_tower(kind: str, model):
+  """The continuous vision tower (and projector) of a generative model; None for Chameleon (VQ)."""
+  if kind.startswith("qwen"):
+    return model.model.visual
+  if kind == "paligemma":
+    import torch
+
+    return torch.nn.ModuleList([model.model.vision_tower, model.model.multi_modal_projector])
+  return None
+
+
+def _pooled_image_features(kind: str, model, vision: dict):
+  """[B, d] mean over each image's token features, as the decoder receives them."""
+  import torch
+
+  if kind.startswith("qwen"):
+    out = model.model.get_image_features(vision["pixel_values"], vision["image_grid_thw"])
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    if isinstance(feats, (list, tuple)):
+      return torch.stack([f.mean(0) for f in feats])
+    n = [int(t.prod()) // 4 for t in vision["image_grid_thw"]]
+    return torch.stack([f.mean(0) for f in torch.split(feats, n)])
+  out = model.model.get_image_features(vision["pixel_values"])
+  feats = out.pooler_output if hasattr(out, "pooler_output") else out
+  return feats.mean(1)
+
+
+def pretrain_vision(
+  kind: str, model, batcher: "_MixtureBatcher", sampler: "_MixtureSampler", cfg: Any, log
+) -> dict:
+  """Stage 1, as real MLLMs start from a contrastively trained vision tower: the vision tower (and
+  projector) and the decoder's input word embeddings are aligned with the symmetric InfoNCE loss,
+  each image's mean token feature against the mean word embedding of one of its captions. The
+  tower is then frozen for the generalist stage (`generative.freeze_vision`)."""
+  import torch
+
+  g = cfg.generative
+  steps, bs = int(g.vision_steps), int(g.vision_batch_size)
+  tower = _vision_tower(kind, model)
+  emb = model.get_input_embeddings()
+  params = list(tower.parameters()) + list(emb.parameters())
+  opt = torch.optim.AdamW(params, lr=float(g.vision_lr), weight_decay=float(cfg.weight_decay))
+  progress = _Progress(f"{kind} vision stage", steps, float(cfg.log_every_s), log)
+  scale = torch.tensor(math.log(1 / 0.07))
+  acc = 0.0
+  for step in range(steps):
+    idx = sampler.rng.choice(len(sampler.caps), size=min(bs, len(sampler.caps)), replace=False)
+    images = [sampler.image(int(i)) for i in idx]
+    caps = [sampler.caps[int(i)][int(sampler.rng.integers(len(sampler.caps[int(i)])))] for i in idx]
+    _, vision = batcher._prompts("{image}", images, None)
+    img = torch.nn.functional.normalize(_pooled_image_features(kind, model, vision), dim=-1)
+    tok = batcher.tok(caps, add_special_tokens=False, padding=True, return_tensors="pt")
+    m = tok["attention_mask"].unsqueeze(-1).float()
+    txt = torch.nn.functional.normalize((emb(tok["input_ids"]) * m).sum(1) / m.sum(1), dim=-1)
+    logits = scale.exp() * img @ txt.T
+    target = torch.arange(len(idx))
+    loss = (
+      torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)
+    ) / 2
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    acc = float((logits.argmax(1) == target).float().mean()) * 100
+    progress.update(step, loss.item(), f" | batch image->caption top-1 {acc:.0f}%")
+  return {"vision_stage_steps": steps, "vision_stage_last_batch_top1": acc}
 
 
 def _greedy_captions(model, batcher: _MixtureBatcher, images, max_new_tokens: int = 30) -> list:
@@ -909,7 +978,13 @@ def _train_generative(
       p.requires_grad_(False)
   enc = _wrap(kind, model, processor, templates, chat_template)
   batcher = _MixtureBatcher(enc, kind, str(g.caption_prompt))
-  sampler = _MixtureSampler(train, caps, scenes, dict(cfg.mixture), int(cfg.seed))
+  sampler = _MixtureSampler(train, caps, scenes, dict(cfg.mixture), int(cfg.seed), str(g.summary))
+  tower = _vision_tower(kind, model)
+  if tower is not None and int(g.vision_steps) > 0:
+    extra = pretrain_vision(kind, model, batcher, sampler, cfg, log)
+    if bool(g.freeze_vision):
+      for p in tower.parameters():
+        p.requires_grad_(False)
   steps, bs = int(q.steps), int(q.batch_size)
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=float(q.lr), weight_decay=float(cfg.weight_decay))
@@ -934,7 +1009,7 @@ def _train_generative(
   test_caps = _captions_by_image(test)
   test_scenes = _scenes(data_dir, "test", test)
   # Per task on held-out samples: teacher-forced share of answers with every token right.
-  tester = _MixtureSampler(test, test_caps, test_scenes, dict(cfg.mixture), int(cfg.seed) + 1)
+  tester = _MixtureSampler(test, test_caps, test_scenes, dict(cfg.mixture), int(cfg.seed) + 1, str(g.summary))
   task_acc = {}
   with torch.inference_mode():
     for t in MIXTURE_TASKS:
