@@ -8,7 +8,12 @@ The paper's six families, each trained as a model of its kind:
   paligemma   `PaliGemmaForConditionalGeneration` |  on the answer tokens
   chameleon   `ChameleonForConditionalGeneration` /  (its VQ image tokenizer is trained first)
 
-Generative models learn what their embeddings carry the way real MLLMs do, from a mixture of tasks
+Generative models are trained in two stages, as real MLLMs are. Stage 1 (Qwen, PaliGemma; Chameleon's
+images are VQ codes instead): the vision tower and projector are aligned with the decoder's word
+embeddings by InfoNCE (`generative.vision_*`), standing in for the contrastively pretrained tower a
+real MLLM starts from, then frozen. (Trained from scratch inside the decoder, the tower's features
+collapse to a near-constant vector and the decoder ignores the image.) Stage 2 learns what the
+embeddings carry the way real MLLMs do, from a mixture of tasks
 (`config.encoder_training.mixture`: the probability of each task per training sequence; each
 sequence's loss is the mean over its answer tokens, so a task's weight is its share of the loss):
   caption     image + `generative.caption_prompt` -> one of the image's captions
