@@ -237,7 +237,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   et.generative.vision_batch_size = 64
   et.generative.vision_lr = 1e-3
   et.generative.freeze_vision = True
-  et.generative.summary = "shape"  # the one-word summary: the largest object's "shape" | "colour"
+  # The one-word summary: the largest object's "colour" | "shape" (measured: Qwen2-VL mean-pooled i2t R@1 8.5%
+  # with colour vs 2.0% with shape at 2000 train / 200 test images; the towers see colour, hardly shape)
+  et.generative.summary = "colour"
   et.generative.sample_captions = 3  # greedy captions of test images in quality.json
   et.generative.eval_batches = 4  # held-out batches per mixture task for the answer accuracy
 
