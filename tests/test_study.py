@@ -89,7 +89,7 @@ def test_trained_clip_beats_chance_and_reloads_as_extracted(tiny):
     qq = _json(os.path.join(wd, name, study.STEPS_FILE))["model"]["summary"]
     assert set(qq["answer_accuracy"]) == set(train_encoder.MIXTURE_TASKS) and len(qq["samples"]) == 1
     assert qq["i2t_chance"] == pytest.approx(1.0) and qq["chat_template"] == name.startswith("qwen")
-    assert qq.get("vision_stage_steps") == (None if name == "chameleon" else 20)
+    assert qq["vision_stage_steps"] == 20
   vq = _json(os.path.join(wd, "chameleon", study.STEPS_FILE))["model"]["summary"]
   assert vq["vq_steps"] == 20 and vq["vq_reconstruction_mse"] < vq["vq_pixel_variance"], vq
 

@@ -8,10 +8,10 @@ The paper's six families, each trained as a model of its kind:
   paligemma   `PaliGemmaForConditionalGeneration` |  on the answer tokens
   chameleon   `ChameleonForConditionalGeneration` /  (its VQ image tokenizer is trained first)
 
-Generative models are trained in two stages, as real MLLMs are. Stage 1 (Qwen, PaliGemma; Chameleon's
-images are VQ codes instead): the vision tower and projector are aligned with the decoder's word
+Generative models are trained in two stages, as real MLLMs are. Stage 1: the vision tower and
+projector (Chameleon: the embeddings of its VQ code tokens) are aligned with the decoder's word
 embeddings by InfoNCE (`generative.vision_*`), standing in for the contrastively pretrained tower a
-real MLLM starts from, then frozen. (Trained from scratch inside the decoder, the tower's features
+real MLLM starts from; the tower is then frozen. (Trained from scratch inside the decoder, the tower's features
 collapse to a near-constant vector and the decoder ignores the image.) Stage 2 learns what the
 embeddings carry the way real MLLMs do, from a mixture of tasks
 (`config.encoder_training.mixture`: the probability of each task per training sequence; each
@@ -868,6 +868,10 @@ def _pooled_image_features(kind: str, model, vision: dict):
       return torch.stack([f.mean(0) for f in feats])
     n = [int(t.prod()) // 4 for t in vision["image_grid_thw"]]
     return torch.stack([f.mean(0) for f in torch.split(feats, n)])
+  if kind == "chameleon":  # the word embeddings of the image's VQ code tokens (the VQ-VAE is frozen)
+    with torch.no_grad():
+      codes = model.model.get_image_tokens(vision["pixel_values"])
+    return model.get_input_embeddings()(codes).mean(1)
   out = model.model.get_image_features(vision["pixel_values"])
   feats = out.pooler_output if hasattr(out, "pooler_output") else out
   return feats.mean(1)
@@ -879,14 +883,15 @@ def pretrain_vision(
   """Stage 1, as real MLLMs start from a contrastively trained vision tower: the vision tower (and
   projector) and the decoder's input word embeddings are aligned with the symmetric InfoNCE loss,
   each image's mean token feature against the mean word embedding of one of its captions. The
-  tower is then frozen for the generalist stage (`generative.freeze_vision`)."""
+  tower is then frozen for the generalist stage (`generative.freeze_vision`). Chameleon has no
+  continuous tower: the embeddings of its VQ code tokens are aligned the same way."""
   import torch
 
   g = cfg.generative
   steps, bs = int(g.vision_steps), int(g.vision_batch_size)
   tower = _vision_tower(kind, model)
   emb = model.get_input_embeddings()
-  params = list(tower.parameters()) + list(emb.parameters())
+  params = (list(tower.parameters()) if tower is not None else []) + list(emb.parameters())
   opt = torch.optim.AdamW(params, lr=float(g.vision_lr), weight_decay=float(cfg.weight_decay))
   progress = _Progress(f"{kind} vision stage", steps, float(cfg.log_every_s), log)
   scale = torch.tensor(math.log(1 / 0.07))
@@ -985,9 +990,9 @@ def _train_generative(
   batcher = _MixtureBatcher(enc, kind, str(g.caption_prompt))
   sampler = _MixtureSampler(train, caps, scenes, dict(cfg.mixture), int(cfg.seed), str(g.summary))
   tower = _vision_tower(kind, model)
-  if tower is not None and int(g.vision_steps) > 0:
-    extra = pretrain_vision(kind, model, batcher, sampler, cfg, log)
-    if bool(g.freeze_vision):
+  if int(g.vision_steps) > 0:
+    extra.update(pretrain_vision(kind, model, batcher, sampler, cfg, log))
+    if tower is not None and bool(g.freeze_vision):
       for p in tower.parameters():
         p.requires_grad_(False)
   steps, bs = int(q.steps), int(q.batch_size)
