@@ -332,6 +332,7 @@ def build_clip(tok, cfg: Any, image_size: int):
 
 def build_siglip(tok, cfg: Any, image_size: int):
   """SigLIP2 (`Siglip2Model`, NaFlex): the image is cut into (image_size / patch_size)^2 patches."""
+  import torch
   from transformers import Siglip2Config, Siglip2Model, Siglip2Processor
   from transformers.models.siglip2 import Siglip2ImageProcessorPil
 
@@ -351,7 +352,11 @@ def build_siglip(tok, cfg: Any, image_size: int):
     vision_config=dict(_tower(c), patch_size=p, num_patches=n_patches),
   )
   ip = Siglip2ImageProcessorPil(patch_size=p, max_num_patches=n_patches)
-  return Siglip2Model(model_cfg), Siglip2Processor(image_processor=ip, tokenizer=tok)
+  model = Siglip2Model(model_cfg)
+  with torch.no_grad():  # the SigLIP paper's init, t' = log 10 and b = -10 (HF leaves them at 0)
+    model.logit_scale.fill_(math.log(10.0))
+    model.logit_bias.fill_(-10.0)
+  return model, Siglip2Processor(image_processor=ip, tokenizer=tok)
 
 
 def _train_contrastive(kind: str, config: Any, data_dir: str, out_dir: str, log: Callable) -> dict:
