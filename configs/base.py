@@ -238,7 +238,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   shapes.image_size = 64
   shapes.max_objects = 3
 
-  # sae_jax/stages/train_encoder.py: the two image-text models the shapes study trains (torch, CPU).
+  # sae_jax/stages/train_encoder.py: the six image-text models the shapes study trains (torch, CPU).
   config.encoder_training = et = ml_collections.ConfigDict()
   et.seed = 0
   et.threads = 1  # torch threads (training, extraction); intra-op threads stall on shared cores
@@ -246,31 +246,61 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   et.weight_decay = 0.01
   et.warmup_steps = 100
   et.eval_images = 1000  # test images for the quality figures (first N of the split)
-  et.vocab_size = 400  # byte-level BPE trained on the train captions (+ the model's special tokens)
+  # Byte-level BPE trained on the train captions and prompts (+ the model's special tokens); large
+  # enough that every caption and template word is one token (tests/test_encoders.py checks).
+  et.vocab_size = 1024
+  # Generative models: probability of each task per training sequence (train_encoder docstring).
+  et.mixture = ml_collections.ConfigDict(
+    {"caption": 0.3, "image_word": 0.15, "text_word": 0.15, "text_lm": 0.2, "question": 0.2}
+  )
+  et.generative = ml_collections.ConfigDict()
+  et.generative.caption_prompt = "Describe the image:"
+  # Stage 1 (Qwen, PaliGemma): the vision tower + projector aligned with the word embeddings by InfoNCE,
+  # as real MLLMs start from a contrastive tower; then frozen for the generalist stage.
+  et.generative.vision_steps = 300
+  et.generative.vision_batch_size = 64
+  et.generative.vision_lr = 1e-3
+  et.generative.freeze_vision = True
+  # The one-word summary: the largest object's "colour" | "shape" (measured: Qwen2-VL mean-pooled i2t R@1 8.5%
+  # with colour vs 2.0% with shape at 2000 train / 200 test images; the towers see colour, hardly shape)
+  et.generative.summary = "colour"
+  et.generative.sample_captions = 3  # greedy captions of test images in quality.json
+  et.generative.eval_batches = 4  # held-out batches per mixture task for the answer accuracy
+
+  def _decoder(**kw):
+    d = {"steps": 2000, "batch_size": 24, "lr": 2e-3, "hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2}
+    d.update(kw)
+    return ml_collections.ConfigDict(d)
+
   et.clip = ml_collections.ConfigDict()
   et.clip.steps = 2000
   et.clip.batch_size = 128
   et.clip.lr = 1e-3
-  et.clip.hidden = 64
+  et.clip.hidden = 128
   et.clip.layers = 2
   et.clip.heads = 4
   et.clip.patch_size = 16  # 64x64 images -> 16 patches (a 4x4 grid, finer than the 3x3 scene grid)
-  et.clip.projection_dim = 64
+  et.clip.projection_dim = 128
   et.clip.max_text_len = 48
-  et.qwen2_vl = ml_collections.ConfigDict()
-  et.qwen2_vl.steps = 2000
-  et.qwen2_vl.batch_size = 24  # captioner sequences per step (plus as many text-only sequences)
-  et.qwen2_vl.lr = 2e-3
-  et.qwen2_vl.hidden = 64
-  et.qwen2_vl.layers = 2
-  et.qwen2_vl.heads = 4
-  et.qwen2_vl.kv_heads = 2
-  et.qwen2_vl.vision_depth = 2
-  et.qwen2_vl.vision_dim = 64
-  et.qwen2_vl.patch_size = 8  # 64x64 images -> 8x8 patches -> 16 image tokens after the 2x2 merge
-  et.qwen2_vl.text_lm_weight = 0.5  # weight of the text-only caption LM loss beside the captioner's
-  et.qwen2_vl.prompt = "Describe the image:"
-  et.qwen2_vl.sample_captions = 3
+  et.siglip = ml_collections.ConfigDict(dict(et.clip.to_dict()))  # Siglip2Model, the sigmoid loss
+  del et.siglip["projection_dim"]  # SigLIP embeds at the tower width
+  # Qwen2-VL: 64x64 images, 8x8 patches -> 16 image tokens after the 2x2 merge.
+  et.qwen2_vl = _decoder(vision_depth=2, vision_dim=64, patch_size=8)
+  et.qwen3_vl = _decoder(vision_depth=2, vision_dim=64, patch_size=8)
+  et.paligemma = _decoder(vision_depth=2, vision_dim=64, patch_size=8)  # 64 image tokens, prefix attention
+  # Chameleon: the VQ-VAE (images at 32x32, 2 downsamplings: 8x8 = 64 codes per image; its convolutions
+  # at full resolution dominate the cost) trains first, then the decoder on the frozen codes.
+  et.chameleon = _decoder(
+    vq_codes=256,
+    vq_embed_dim=32,
+    vq_channels=32,  # a multiple of 32 (the VQ-VAE's GroupNorm)
+    vq_channel_multiplier=(1, 2, 2),
+    vq_resolution=32,
+    vq_steps=400,
+    vq_batch_size=32,
+    vq_lr=2e-3,
+    vq_images=4000,
+  )
 
   config.study = study = ml_collections.ConfigDict()  # sae_jax/stages/study.py (experiments.study)
   study.models = ("clip", "qwen2_vl")  # keys of study.model, run in this order
@@ -289,25 +319,25 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Per model: `source` is "train:clip" / "train:qwen2_vl" (trained here by train_encoder) or a hub id
   # / local directory; SAE width c, k; pooling variants extracted on the test split.
   study.model = ml_collections.ConfigDict()
-  study.model.clip = ml_collections.ConfigDict(
-    {
-      "source": "train:clip",
-      "label": "CLIP (trained here)",
-      "c": 512,
-      "k": 8,
-      "pooling": ("embed",),
-      "batch_size": 64,
-    }
-  )
-  study.model.qwen2_vl = ml_collections.ConfigDict(
-    {
-      "source": "train:qwen2_vl",
-      "label": "Qwen2-VL (trained here)",
-      "c": 512,
-      "k": 8,
-      "pooling": ("mean", "last_token", "mean_no_image", "mean_no_prompt"),
-      "batch_size": 32,
-    }
-  )
+  decoder_pooling = ("mean", "last_token", "mean_no_image", "mean_no_prompt")
+  for name, label, pooling, chat, bs in (
+    ("clip", "CLIP (trained here)", ("embed",), False, 64),
+    ("siglip", "SigLIP2 (trained here)", ("embed",), False, 64),
+    ("qwen2_vl", "Qwen2-VL (trained here)", decoder_pooling, True, 32),
+    ("qwen3_vl", "Qwen3-VL (trained here)", decoder_pooling, True, 32),
+    ("paligemma", "PaliGemma (trained here)", decoder_pooling, False, 32),
+    ("chameleon", "Chameleon (trained here)", decoder_pooling, False, 32),
+  ):
+    study.model[name] = ml_collections.ConfigDict(
+      {
+        "source": f"train:{name}",
+        "label": label,
+        "c": 512,
+        "k": 8,
+        "pooling": pooling,
+        "batch_size": bs,
+        "chat_template": chat,  # extraction (and, for a model trained here, training) in the chat format
+      }
+    )
 
   return config

@@ -69,7 +69,15 @@ def get_config(arg: str = ""):
   st.model = ml_collections.ConfigDict()
   for name, (hub, label, c, pooling, batch) in MODELS.items():
     st.model[name] = ml_collections.ConfigDict(
-      {"source": hub, "label": label, "c": c, "k": 50, "pooling": pooling, "batch_size": batch}
+      {
+        "source": hub,
+        "label": label,
+        "c": c,
+        "k": 50,
+        "pooling": pooling,
+        "batch_size": batch,
+        "chat_template": name.startswith("qwen"),  # as the authors' Qwen-VL runs
+      }
     )
   pub = ml_collections.ConfigDict()
   for name in MODELS:

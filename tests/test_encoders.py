@@ -368,3 +368,54 @@ def test_minilm_real_weights_match_sentence_transformers():
   ref = sentence_transformers.SentenceTransformer(path, device="cpu").encode(captions, convert_to_numpy=True)
   assert ours.shape == ref.shape == (len(captions), 384)
   np.testing.assert_allclose(ours, ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("family,chat", [("qwen2_vl", True), ("paligemma", False), ("chameleon", False)])
+def test_generalist_training_sequences_are_the_extraction_prompts_plus_the_answer(family, chat):
+  """The study trains its generative models on exactly the token sequences extraction feeds them
+  (template, chat scaffold, image segment), followed by the answer and its end token, which alone
+  carry labels; text-only caption modelling labels every caption token."""
+  from sae_jax import encoders
+  from sae_jax.stages import train_encoder as te
+
+  model, processor = tiny.build(family)
+  templates = _extract_config().templates.to_dict()
+  enc = encoders.encoder_class(encoders.family_of(model.config.model_type))(
+    model, processor, templates=templates, chat_template=chat
+  )
+  batcher = te._MixtureBatcher(enc, family, "Describe the image:")
+  images = _images()
+  samples = [
+    ("image_word", images[0], None, "circle"),
+    ("text_word", None, "a red star", "star"),
+    ("text_lm", None, "two planes flying", None),
+    ("image_word", images[1], None, "ring"),
+  ]
+  out = batcher.batch(samples)
+  ids, lab, mask = out["inputs"]["input_ids"], out["labels"], out["inputs"]["attention_mask"]
+  assert out["tasks"] == ["image_word", "image_word", "text_word", "text_lm"]  # grouped by prompt
+  tok = enc.tokenizer
+  end = tok.convert_tokens_to_ids("<|im_end|>") if chat else tok.eos_token_id
+  lead = "" if chat else " "
+  ref_img = enc.build(images=images)
+  ref_txt = enc.build(texts=["a red star"])
+  refs = [(ref_img, 0, "circle"), (ref_img, 1, "ring"), (ref_txt, 0, "star")]
+  for row, (ref, i, word) in enumerate(refs):
+    prompt = _unpadded(ref[0], ref[1], i).tolist()
+    answer = tok(lead + word, add_special_tokens=False)["input_ids"] + [end]
+    seq = _unpadded(ids, mask, row).tolist()
+    assert seq == prompt + answer
+    assert _unpadded(lab, mask, row).tolist() == [-100] * len(prompt) + answer
+  body = tok("two planes flying", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+  lm = _unpadded(ids, mask, 3).tolist()
+  assert lm[len(lm) - len(body) :] == body and _unpadded(lab, mask, 3).tolist()[-len(body) :] == body
+  # The image rows' vision inputs are the processor's for those two images, in row order.
+  for k, v in ref_img[3].items():
+    torch.testing.assert_close(out["inputs"][k], v)
+  if family == "paligemma":  # the answer is the causal suffix, the prompt the bidirectional prefix
+    tt = out["inputs"]["token_type_ids"]
+    n_answer = len(tok(" circle", add_special_tokens=False)["input_ids"]) + 1
+    n = len(_unpadded(ids, mask, 0))
+    assert _unpadded(tt, mask, 0).tolist() == [0] * (n - n_answer) + [1] * n_answer
+  per_seq, hits = te._sequence_losses(model, out)
+  assert per_seq.shape == (4,) and torch.isfinite(per_seq).all() and hits.dtype == torch.bool

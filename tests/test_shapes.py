@@ -141,3 +141,125 @@ def test_complete_data_is_kept_and_other_settings_refused(world):
   bad.max_objects = 4
   with pytest.raises(SaeJaxError, match="config.shapes.max_objects"):
     shapes.write_shapes(bad, world + "-bad", log=None)
+
+
+def test_summary_word_and_questions_answer_from_the_scene(world):
+  """The generative models' targets: the largest object's shape, and each question's answer is the
+  named object's attribute (named by something no other object of the scene shares)."""
+  _, scenes = _load(world, "train")
+  rng = np.random.default_rng(0)
+  asked = collections.Counter()
+  for scene in scenes:
+    objs = scene["objects"]
+    word = shapes.summary_word(scene)
+    large = [o for o in objs if o["size"] == "large"]
+    assert word == (large[0] if large else objs[0])["shape"]
+    for kind in shapes.QUESTION_KINDS:
+      q, a = shapes.question(scene, kind, rng)
+      m = re.fullmatch(r"What colour is the (\w+)\?", q)
+      if m:
+        (o,) = [o for o in objs if o["shape"] == m.group(1)]  # exactly one object has that shape
+        assert a == o["colour"]
+        asked["colour"] += 1
+        continue
+      m = re.fullmatch(r"What shape is the (\w+) object\?", q)
+      if m:
+        (o,) = [o for o in objs if o["colour"] == m.group(1)]
+        assert a == o["shape"]
+        asked["shape"] += 1
+        continue
+      m = re.fullmatch(r"Where is the (\w+) (\w+)\?", q)
+      if m:
+        (o,) = [o for o in objs if (o["colour"], o["shape"]) == m.groups()]
+        assert a == shapes.POSITION_WORDS[(o["row"], o["col"])][0]
+        asked["position"] += 1
+        continue
+      assert q == "How many shapes are there?" and a == shapes.COUNT_WORDS[len(objs)], (kind, q, a)
+      asked["count"] += 1
+      assert kind == "count" or len(objs) > 1  # a fallback only where no attribute is unique
+  assert min(asked[k] for k in shapes.QUESTION_KINDS) > 0
+  texts = set(shapes.question_texts())
+  for scene in scenes:
+    for kind in shapes.QUESTION_KINDS:
+      q, a = shapes.question(scene, kind, rng)
+      assert q in texts and a in texts
+  with pytest.raises(SaeJaxError, match="question kind"):
+    shapes.question(scenes[0], "size", rng)
+
+
+def test_image_to_image_task_positive_is_the_same_scene_drawn_again(world):
+  _, scenes = _load(world, "test")
+  task = shapes.image_to_image_task(scenes, seed=0)
+  assert task["positives"] == [[i] for i in range(len(scenes))]
+  for q, c in zip(task["queries"], task["candidates"]):
+    assert shapes.same_content(q, c)  # same objects, sizes, cells and background
+    assert c["texture"] != q["texture"] and c["texture_seed"] != q["texture_seed"]
+    for a, b in zip(q["objects"], c["objects"]):
+      assert a["jitter"] != b["jitter"] and 0.88 <= b["scale"] <= 1.12
+    assert not np.array_equal(shapes.render_scene(q), shapes.render_scene(c))
+  # Every other candidate shows different content (the positive is unique).
+  for i, q in enumerate(task["queries"]):
+    assert [j for j, c in enumerate(task["candidates"]) if shapes.same_content(q, c)] == [i]
+
+
+def test_composed_task_target_and_distractors_against_the_scene_records(world):
+  _, scenes = _load(world, "train")
+  task = shapes.composed_task(scenes, seed=0)
+  qs, cands, roles, sources = task["queries"], task["candidates"], task["roles"], task["sources"]
+  assert len(qs) >= 0.8 * len(scenes) and len(cands) == 3 * len(qs)
+  assert {q["kind"] for q in qs} == set(shapes.MODIFICATIONS)
+  for n, q in enumerate(qs):
+    (t,) = task["positives"][n]
+    assert roles[t : t + 3] == ["target", "reference_only", "text_only"]
+    ref, text = q["scene"], q["text"]
+    target, ref_only, text_only = cands[t : t + 3]
+    assert shapes.text_holds(text, ref, target)  # the positive: the reference, modified as said
+    assert shapes.same_content(ref_only, ref) and not shapes.text_holds(text, ref, ref_only)
+    src = sources[t + 2]
+    assert not shapes.same_content(src, ref) and shapes.text_holds(text, src, text_only)
+    assert not shapes.text_holds(text, ref, text_only)  # matches the text, not this reference
+    for c in cands:  # no other candidate of the pool is this query's answer
+      if c is not target:
+        assert not shapes.text_holds(text, ref, c) or shapes.same_content(c, target)
+  # The independent reading of the texts rejects wrong answers.
+  ref = qs[0]["scene"]
+  assert not shapes.text_holds("remove the red star", ref, ref)
+  with pytest.raises(SaeJaxError, match="modification kind"):
+    shapes.modify(ref, "rotate", np.random.default_rng(0))
+
+
+def test_tasks_are_written_in_the_mbeir_layout_the_extraction_reads(world):
+  from sae_jax import retrieval_tasks
+  from sae_jax.data import mbeir
+
+  meta = shapes.write_tasks(_cfg(), world, log=None)
+  assert shapes.write_tasks(_cfg(), world, log=None) == meta  # complete: kept
+  root = os.path.join(world, "tasks")
+  for task, name in shapes.TASK_FILES.items():
+    qs = mbeir.MBeirQueries(os.path.join(root, f"{name}_queries.jsonl"), world)
+    pool = mbeir.MBeirPool(os.path.join(root, f"{name}_pool.jsonl"), world)
+    with open(os.path.join(root, f"{name}_scenes.json")) as f:
+      built = json.load(f)
+    assert len(qs) == meta["counts"][task]["queries"] and len(pool) == len(built["candidates"])
+    _, test_scenes = _load(world, "test")
+    by_id = {s["image_id"]: s for s in test_scenes}
+    for i, q in enumerate(qs.records):
+      scene = built["queries"][i] if task == "image_to_image" else built["queries"][i]["scene"]
+      # The query image is the test image of its scene; the positive is the built one.
+      assert os.path.basename(q["image"].path) == f"test_{scene['image_id']:08d}.png"
+      assert by_id[scene["image_id"]]["objects"] == scene["objects"]
+      assert q["positives"] == [f"{name}:c{j}" for j in built["positives"][i]]
+      if task == "image_text_to_image":
+        assert q["text"] == built["queries"][i]["text"] and q["modality"] == "image,text"
+    for j in (0, len(pool) - 1):
+      img = np.asarray(Image.open(pool.records[j]["image"].path))
+      np.testing.assert_array_equal(img, shapes.render_scene(built["candidates"][j], 64))
+    fake = lambda recs: {
+      "embeddings": np.zeros((len(recs), 2), np.float32),
+      "ids": np.array([r["id"] for r in recs]),
+      "modality": np.array([r["modality"] for r in recs]),
+      "image_paths": np.array([r["image"].path for r in recs]),
+    }
+    qrels = {r["id"]: r["positives"] for r in qs.records}
+    arrays = retrieval_tasks.mbeir_task_arrays(fake(qs.records), fake(pool.records), qrels)
+    assert retrieval_tasks.build_task(task, arrays) is not None  # the modalities name the task

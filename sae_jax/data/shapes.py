@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -169,7 +169,7 @@ def render_scene(scene: dict, size: int = 64) -> np.ndarray:
   draw = ImageDraw.Draw(img)
   cell = big / 3
   for o in scene["objects"]:
-    r = cell * (0.22 if o["size"] == "small" else 0.40)
+    r = cell * (0.22 if o["size"] == "small" else 0.40) * o.get("scale", 1.0)
     jx, jy = o["jitter"]
     slack = cell / 2 - r  # jitter keeps the object inside its cell
     cx = (o["col"] + 0.5) * cell + jx * slack * 0.8
@@ -263,6 +263,239 @@ def make_captions(scene: dict, seed: int, split: str, index: int, n: int = CAPTI
     if cap not in out:
       out.append(cap)
   return out
+
+
+# ------------------------------------------------------------------- generalist training targets
+# What the generative models of the study learn besides captioning (sae_jax/stages/train_encoder.py):
+# a one-word summary of a scene and short questions about it, all read off the scene record.
+
+QUESTION_KINDS = ("colour", "shape", "count", "position")
+
+
+SUMMARY_ATTRIBUTES = ("shape", "colour")
+
+
+def summary_word(scene: dict, attribute: str = "shape") -> str:
+  """The one-word summary of a scene: the `attribute` ("shape": canonical name, or "colour") of its
+  largest object (the first large object of the record, else the first object)."""
+  if attribute not in SUMMARY_ATTRIBUTES:
+    raise SaeJaxError(f"summary attribute {attribute!r}: expected one of {SUMMARY_ATTRIBUTES}")
+  objs = scene["objects"]
+  large = [o for o in objs if o["size"] == "large"]
+  return (large or objs)[0][attribute]
+
+
+def question(scene: dict, kind: str, rng: np.random.Generator) -> tuple:
+  """(question, answer) of `kind` about a scene. An object is named by an attribute that is unique in
+  the scene; when none is (two objects of one shape, say), the question falls back to the count."""
+  objs = scene["objects"]
+  if kind not in QUESTION_KINDS:
+    raise SaeJaxError(f"question kind {kind!r}: expected one of {QUESTION_KINDS}")
+  if kind == "colour":
+    unique = [o for o in objs if sum(p["shape"] == o["shape"] for p in objs) == 1]
+    if unique:
+      o = unique[int(rng.integers(len(unique)))]
+      return f"What colour is the {o['shape']}?", o["colour"]
+  elif kind == "shape":
+    unique = [o for o in objs if sum(p["colour"] == o["colour"] for p in objs) == 1]
+    if unique:
+      o = unique[int(rng.integers(len(unique)))]
+      return f"What shape is the {o['colour']} object?", o["shape"]
+  elif kind == "position":
+    o = objs[int(rng.integers(len(objs)))]
+    return f"Where is the {o['colour']} {o['shape']}?", POSITION_WORDS[(o["row"], o["col"])][0]
+  return "How many shapes are there?", COUNT_WORDS[len(objs)]
+
+
+def question_texts() -> list:
+  """Every question and answer text `question` can produce (for tokenizer corpora)."""
+  out = ["How many shapes are there?"] + list(COUNT_WORDS.values())
+  out += [f"What colour is the {s}?" for s in SHAPES] + [f"What shape is the {c} object?" for c in COLOURS]
+  out += [f"Where is the {c} {s}?" for c in COLOURS for s in SHAPES]
+  out += list(COLOURS) + list(SHAPES) + [w[0] for w in POSITION_WORDS.values()]
+  return out
+
+
+# ------------------------------------------------------------------- the paper's other two tasks
+# image -> image (the role of NIGHTS): the positive of a query image is the same scene rendered
+# again. composed (the role of CIRR): a reference image and a modification text -> the target image,
+# among distractors that match only the reference or only the text.
+
+MODIFICATIONS = ("recolour", "add", "remove")
+
+
+def rerender(scene: dict, rng: np.random.Generator) -> dict:
+  """The same scene (objects: shape, colour, size, cell; background) drawn again: another texture,
+  new jitter and rotation, and a size noise of up to 12% (`scale`) the captions never mention."""
+  texture = [t for t in TEXTURES if t != scene["texture"]][int(rng.integers(len(TEXTURES) - 1))]
+  objects = [
+    dict(
+      o,
+      jitter=[float(v) for v in rng.uniform(-1.0, 1.0, size=2)],
+      angle=float(rng.uniform(-15, 15)),
+      scale=float(rng.uniform(0.88, 1.12)),
+    )
+    for o in scene["objects"]
+  ]
+  out = dict(scene, texture=texture, objects=objects, texture_seed=int(rng.integers(2**31)))
+  return out
+
+
+def same_content(a: dict, b: dict) -> bool:
+  """True when two scene records show the same objects (shape, colour, size, cell) on one background."""
+  key = lambda s: (
+    s["background"],
+    sorted((o["shape"], o["colour"], o["size"], o["row"], o["col"]) for o in s["objects"]),
+  )
+  return key(a) == key(b)
+
+
+def modify(scene: dict, kind: str, rng: np.random.Generator) -> Optional[tuple]:
+  """(text, target scene) of a modification of `kind`, or None where the scene does not allow it.
+
+  recolour  "make the <shape> <colour>": an object whose shape is unique in the scene gets a colour
+            no object of that shape has
+  add       "add a <size> <colour> <shape> at the <position>": a new object in a free cell
+  remove    "remove the <colour> <shape>": one object of a scene of two or more
+  """
+  objs = scene["objects"]
+  if kind == "recolour":
+    unique = [i for i, o in enumerate(objs) if sum(p["shape"] == o["shape"] for p in objs) == 1]
+    if not unique:
+      return None
+    i = unique[int(rng.integers(len(unique)))]
+    colours = [c for c in COLOURS if c != objs[i]["colour"]]
+    colour = colours[int(rng.integers(len(colours)))]
+    new = [dict(o, colour=colour) if j == i else dict(o) for j, o in enumerate(objs)]
+    return f"make the {objs[i]['shape']} {colour}", dict(scene, objects=new)
+  if kind == "add":
+    free = sorted(set(range(9)) - {3 * o["row"] + o["col"] for o in objs})
+    if len(objs) >= 3 or not free:
+      return None
+    cell = free[int(rng.integers(len(free)))]
+    while True:
+      colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+      shape = SHAPES[int(rng.integers(len(SHAPES)))]
+      if all((o["colour"], o["shape"]) != (colour, shape) for o in objs):
+        break
+    size = SIZES[int(rng.integers(2))]
+    o = {"shape": shape, "colour": colour, "size": size, "row": cell // 3, "col": cell % 3}
+    o.update(jitter=[0.0, 0.0], angle=0.0)
+    where = POSITION_WORDS[(o["row"], o["col"])][0]
+    return f"add a {size} {colour} {shape} at the {where}", dict(scene, objects=[dict(p) for p in objs] + [o])
+  if kind == "remove":
+    if len(objs) < 2:
+      return None
+    i = int(rng.integers(len(objs)))
+    rest = [dict(o) for j, o in enumerate(objs) if j != i]
+    return f"remove the {objs[i]['colour']} {objs[i]['shape']}", dict(scene, objects=rest)
+  raise SaeJaxError(f"modification kind {kind!r}: expected one of {MODIFICATIONS}")
+
+
+def _content(objs: list) -> list:
+  return sorted((o["shape"], o["colour"], o["size"], o["row"], o["col"]) for o in objs)
+
+
+def text_holds(text: str, reference: dict, target: dict) -> bool:
+  """Whether `target` shows what modification `text` makes of `reference`, judged on the scene
+  records as multisets of (shape, colour, size, cell) (an independent reading of the text)."""
+  w = text.split()
+  ref, new = _content(reference["objects"]), _content(target["objects"])
+  if reference["background"] != target["background"]:
+    return False
+  if w[0] == "make":  # make the <shape> <colour>
+    hit = [o for o in ref if o[0] == w[2]]
+    return (
+      len(hit) == 1
+      and hit[0][1] != w[3]
+      and new == sorted([o if o[0] != w[2] else (o[0], w[3]) + o[2:] for o in ref])
+    )
+  if w[0] == "add":  # add a <size> <colour> <shape> at the <position...>
+    cells = [rc for rc, names in POSITION_WORDS.items() if names[0] == " ".join(w[7:])]
+    return len(cells) == 1 and new == sorted(ref + [(w[4], w[3], w[2]) + cells[0]])
+  if w[0] == "remove":  # remove the <colour> <shape>
+    gone = [o for o in ref if (o[1], o[0]) == (w[2], w[3])]
+    return len(gone) == 1 and new == sorted(o for o in ref if o is not gone[0])
+  return False
+
+
+def image_to_image_task(scenes: list, seed: int) -> dict:
+  """NIGHTS role: query q = scene q as drawn; candidate q = scene q drawn again (`rerender`), its
+  only positive. Returns {"queries": scenes, "candidates": scenes, "positives": [[q], ...]}."""
+  rng = np.random.default_rng([int(seed), 11])
+  cands = [rerender(s, rng) for s in scenes]
+  return {"queries": list(scenes), "candidates": cands, "positives": [[i] for i in range(len(scenes))]}
+
+
+def composed_task(scenes: list, seed: int) -> dict:
+  """CIRR role: query q = (scene, modification text); candidates, per query, the target (the modified
+  scene drawn again, the positive), a reference-only distractor (the reference drawn again: matches
+  the image, not the text) and a text-only distractor (another scene with the same modification
+  applied: matches the text, not the reference); `sources[c]` is the scene candidate c was made from.
+  Queries whose scene allows no modification of the kind drawn try the next kind."""
+  rng = np.random.default_rng([int(seed), 13])
+  queries, cands, positives, roles, sources = [], [], [], [], []
+  for qi, scene in enumerate(scenes):
+    first = int(rng.integers(len(MODIFICATIONS)))
+    for k in range(len(MODIFICATIONS)):
+      kind = MODIFICATIONS[(first + k) % len(MODIFICATIONS)]
+      made = modify(scene, kind, rng)
+      if made is None:
+        continue
+      text, target = made
+      other = source = None
+      for step in range(1, len(scenes)):  # the next scene the same text applies to
+        s2 = scenes[(qi + step) % len(scenes)]
+        t2 = None if same_content(s2, scene) else _apply_text(text, s2)
+        if t2 is not None and not same_content(t2, target):
+          other, source = t2, s2
+          break
+      if other is None:
+        continue
+      queries.append({"scene": scene, "text": text, "kind": kind})
+      positives.append([len(cands)])
+      cands += [rerender(target, rng), rerender(scene, rng), rerender(other, rng)]
+      roles += ["target", "reference_only", "text_only"]
+      sources += [scene, scene, source]
+      break
+  return {"queries": queries, "candidates": cands, "positives": positives, "roles": roles, "sources": sources}
+
+
+def _apply_text(text: str, scene: dict) -> Optional[dict]:
+  """The scene modification `text` (from `modify`) describes, applied to another scene; None where
+  it does not apply (no such object, a duplicate colour-shape or an occupied cell)."""
+  words = text.split()
+  objs = scene["objects"]
+  if words[0] == "make":
+    shape, colour = words[2], words[3]
+    hit = [o for o in objs if o["shape"] == shape]
+    if len(hit) != 1 or hit[0]["colour"] == colour:
+      return None
+    new = [dict(o, colour=colour) if o["shape"] == shape else dict(o) for o in objs]
+  elif words[0] == "add":
+    size, colour, shape = words[2], words[3], words[4]
+    where = " ".join(words[7:])
+    ((row, col),) = [rc for rc, names in POSITION_WORDS.items() if names[0] == where]
+    if len(objs) >= 3 or any(
+      (o["row"], o["col"]) == (row, col) or (o["colour"], o["shape"]) == (colour, shape) for o in objs
+    ):
+      return None
+    o = {
+      "shape": shape,
+      "colour": colour,
+      "size": size,
+      "row": row,
+      "col": col,
+      "jitter": [0.0, 0.0],
+      "angle": 0.0,
+    }
+    new = [dict(p) for p in objs] + [o]
+  else:
+    colour, shape = words[2], words[3]
+    if len(objs) < 2 or not any((o["colour"], o["shape"]) == (colour, shape) for o in objs):
+      return None
+    new = [dict(o) for o in objs if (o["colour"], o["shape"]) != (colour, shape)]
+  return dict(scene, objects=new)
 
 
 # ------------------------------------------------------------------------------------------ writer
@@ -363,6 +596,65 @@ def captions_json(out: str, split: str) -> str:
 
 def image_dir(out: str) -> str:
   return os.path.join(out, "images")
+
+
+TASK_FILES = {"image_to_image": "nights", "image_text_to_image": "cirr"}
+
+
+def write_tasks(cfg: Any, out: str, log=print) -> dict:
+  """Writes the image->image and composed tasks on the test split's scenes in the M-BEIR layout
+  (`sae_jax.data.mbeir`; image paths relative to `out`, the data root) under `out/tasks/`:
+    <name>_queries.jsonl, <name>_pool.jsonl   queries (image / image,text) and candidates (image)
+    <name>_scenes.json                         the scene record of every query and candidate
+    images/<name>_c<j>.png                     the candidates (queries are the test images)
+    tasks.json                                 written last: its presence = complete
+  `name` is "nights" (image_to_image) or "cirr" (image_text_to_image)."""
+  from PIL import Image
+
+  root = os.path.join(out, "tasks")
+  done = os.path.join(root, "tasks.json")
+  if os.path.exists(done):
+    with open(done) as f:
+      return json.load(f)
+  if not is_complete(out, cfg):
+    raise SaeJaxError(f"{out}: the shapes data set is not complete (write_shapes first)")
+  with open(os.path.join(out, "scenes_test.json")) as f:
+    scenes = json.load(f)
+  os.makedirs(os.path.join(root, "images"), exist_ok=True)
+  size = int(cfg.image_size)
+  query_path = lambda s: os.path.join("images", f"test_{s['image_id']:08d}.png")
+  counts = {}
+  for task, name in TASK_FILES.items():
+    built = (image_to_image_task if task == "image_to_image" else composed_task)(scenes, int(cfg.seed))
+    queries, pool = [], []
+    for j, c in enumerate(built["candidates"]):
+      rel = os.path.join("tasks", "images", f"{name}_c{j:06d}.png")
+      path = os.path.join(out, rel)
+      if not os.path.exists(path):
+        Image.fromarray(render_scene(c, size)).save(path + ".tmp.png")
+        os.replace(path + ".tmp.png", path)
+      pool.append({"did": f"{name}:c{j}", "txt": None, "img_path": rel, "modality": "image"})
+    for i, q in enumerate(built["queries"]):
+      scene = q if task == "image_to_image" else q["scene"]
+      rec = {
+        "qid": f"{name}:q{i}",
+        "query_img_path": query_path(scene),
+        "query_txt": None if task == "image_to_image" else q["text"],
+        "query_modality": "image" if task == "image_to_image" else "image,text",
+        "pos_cand_list": [f"{name}:c{j}" for j in built["positives"][i]],
+      }
+      queries.append(rec)
+    for what, recs in (("queries", queries), ("pool", pool)):
+      workdir_lib.atomic_write_text(
+        os.path.join(root, f"{name}_{what}.jsonl"), "".join(json.dumps(r) + "\n" for r in recs)
+      )
+    workdir_lib.atomic_write_json(os.path.join(root, f"{name}_scenes.json"), built, None)
+    counts[task] = {"file": name, "queries": len(queries), "candidates": len(pool)}
+  meta = {"settings": settings(cfg), "counts": counts}
+  workdir_lib.atomic_write_json(done, meta)
+  if log:
+    log(f"shapes tasks: wrote {counts} to {root}")
+  return meta
 
 
 # ------------------------------------------------------------------------- a COCO val2017-style mini set

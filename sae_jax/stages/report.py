@@ -31,7 +31,7 @@ from sae_jax import workdir as workdir_lib
 from sae_jax.errors import SaeJaxError
 from sae_jax.plots import analysis as plot_a
 from sae_jax.plots import retrieval as plot_r
-from sae_jax.stages import retrieval_tables
+from sae_jax.stages import retrieval_tables, train_encoder
 from sae_jax.stages import study_layout as study
 
 GENERATIVE_FAMILIES = ("qwen_vl", "paligemma", "chameleon")
@@ -439,20 +439,21 @@ def _figures(data: dict, workdir: str, fig_dir: str) -> list:
 
 def _quality_line(m: dict) -> str:
   q = m["quality"]
-  if q.get("kind") == "clip":
-    return (
-      f"image->text R@1 {q['i2t_R@1']:.2f}% on {q['test_images']} test images (chance {q['i2t_chance']:.2f}%, "
-      f"{q['i2t_over_chance']:.0f}x), text->image R@1 {q['t2i_R@1']:.2f}% (chance {q['t2i_chance']:.2f}%); "
-      f"{q['steps']} steps, {q['train_seconds']:.0f} s, {q['parameters']:,} parameters"
-    )
-  if q.get("kind") == "qwen2_vl":
+  if q.get("role") not in ("contrastive", "generative"):
+    return f"not trained here ({q.get('source', '')})"
+  pooled = "" if q["role"] == "contrastive" else "mean-pooled "
+  line = (
+    f"{q.get('architecture', q['kind'])}: {pooled}image->text R@1 {q['i2t_R@1']:.2f}% on {q['test_images']} test "
+    f"images (chance {q['i2t_chance']:.2f}%, {q['i2t_over_chance']:.1f}x), text->image R@1 {q['t2i_R@1']:.2f}% "
+    f"(chance {q['t2i_chance']:.2f}%), caption->caption R@1 {q['c2c_R@1']:.2f}% (chance {q['c2c_chance']:.2f}%); "
+    f"{train_encoder.probe_text(q['probes'])}; {q['steps']} steps, {q['train_seconds']:.0f} s, "
+    f"{q['parameters']:,} parameters"
+  )
+  if q["role"] == "generative":
+    acc = ", ".join(f"{t} {a:.0f}%" for t, a in q["answer_accuracy"].items())
     s = "; ".join(f"“{x['generated']}” (ref. “{x['reference'][0]}”)" for x in q["samples"])
-    return (
-      f"teacher-forced caption token accuracy {q['token_accuracy']:.2f}% on {q['token_accuracy_images']} test "
-      f"captions; {q['steps']} steps, {q['train_seconds']:.0f} s, {q['parameters']:,} parameters; greedy "
-      f"samples: {s}"
-    )
-  return f"not trained here ({q.get('source', '')})"
+    line += f"; exact answers on held-out samples: {acc}; greedy captions: {s}"
+  return line
 
 
 def render_md(config: Any, data: dict, figs: list) -> str:

@@ -11,6 +11,10 @@
   sae         Top-K SAE in <workdir>/<name>/sae on the train shards
   analyze     <workdir>/<name>/sae/analysis/ (Table 1, Fig. 2-3) on the test pairs
   retrieve    <workdir>/<name>/sae/retrieval/ (Tables 2-3, Fig. 4) on the test pairs
+  tasks       (shapes) the paper's other tasks on the test scenes (`shapes.write_tasks`): image->image
+              (NIGHTS role) for every model, composed (CIRR role) for the generative ones, extracted
+              through the M-BEIR path into <workdir>/<name>/tasks/<task>/ and scored per pooling
+              variant (Recall@K of the base embeddings) into <workdir>/<name>/tasks/results.json
 
 then writes <workdir>/report/ (`sae_jax.stages.report`). Each finished step is recorded in
 <workdir>/<name>/steps.json and skipped on a re-run; an interrupted step is re-run and resumes
@@ -25,12 +29,13 @@ import time
 from typing import Any, Callable
 
 import ml_collections
+import numpy as np
 
-from sae_jax import config_utils
+from sae_jax import config_utils, retrieval, retrieval_tasks
 from sae_jax import workdir as workdir_lib
 from sae_jax.data import shapes as shapes_lib
 from sae_jax.errors import SaeJaxError
-from sae_jax.stages import analyze, extract, report, retrieve, train_encoder
+from sae_jax.stages import analyze, extract, extract_mbeir, report, retrieve, train_encoder
 from sae_jax.stages.study_layout import (  # noqa: F401  (re-exported: the study's layout)
   STEPS_FILE,
   base_variant,
@@ -41,7 +46,7 @@ from sae_jax.stages.study_layout import (  # noqa: F401  (re-exported: the study
 )
 from sae_jax.training import trainer
 
-STEPS = ("model", "extract_train", "extract_test", "sae", "analyze", "retrieve")
+STEPS = ("model", "extract_train", "extract_test", "sae", "analyze", "retrieve", "tasks")
 
 
 def stage_config(config: Any, workdir: str, name: str, split: str) -> ml_collections.ConfigDict:
@@ -57,6 +62,7 @@ def stage_config(config: Any, workdir: str, name: str, split: str) -> ml_collect
   ex.image_dir = paths[f"{split}_images"]
   ex.batch_size = int(m.batch_size)
   ex.num_workers = 2
+  ex.chat_template = bool(m.get("chat_template", False))
   pooling = config_utils.as_tuple(m.pooling)
   base = base_variant(config, name)
   if split == "train":  # SAE rows only: the shards (one pooled variant is written regardless)
@@ -84,6 +90,52 @@ def stage_config(config: Any, workdir: str, name: str, split: str) -> ml_collect
   c.retrieval.base_variant = base
   c.retrieval.tasks = ("image_to_text", "text_to_image")
   return c
+
+
+def run_tasks(config: Any, workdir: str, name: str, log: Callable = print) -> dict:
+  """The image->image and composed tasks of the shapes world for model `name`: {task: {variant:
+  {"R@k": ..., "n_queries", "n_candidates"}}} (a contrastive model has no composed queries)."""
+  paths = data_paths(config, workdir)
+  meta = shapes_lib.write_tasks(config.shapes, paths["root"], log=log)
+  out: dict = {}
+  ks = tuple(int(k) for k in config_utils.as_tuple(config.retrieval.ks))
+  for task, entry in meta["counts"].items():
+    c = stage_config(config, workdir, name, "test")
+    ex = c.extract
+    ex.dataset = "mbeir"
+    ex.mbeir_queries = os.path.join(paths["root"], "tasks", f"{entry['file']}_queries.jsonl")
+    ex.mbeir_pool = os.path.join(paths["root"], "tasks", f"{entry['file']}_pool.jsonl")
+    ex.mbeir_image_root = paths["root"]
+    ex.mbeir_parquet_dir = ""
+    wd = os.path.join(workdir, name, "tasks", task)
+    if task == "image_text_to_image" and str(base_variant(config, name)) == "embed":
+      continue  # a contrastive model encodes images and texts apart: no composed query
+    summary = extract_mbeir.run_mbeir_extraction(c, wd)
+    act = os.path.join(wd, "activations")
+    with open(os.path.join(act, "mbeir_qrels.json")) as f:
+      qrels = json.load(f)
+    by_variant = {}
+    for v in summary["variants"]:
+      with (
+        np.load(os.path.join(act, f"mbeir_queries_pooled_{v}.npz")) as q,
+        np.load(os.path.join(act, f"mbeir_pool_pooled_{v}.npz")) as p,
+      ):
+        arrays = retrieval_tasks.mbeir_task_arrays(
+          {k: q[k] for k in q.files}, {k: p[k] for k in p.files}, qrels, task=task, source=act
+        )
+      td = retrieval_tasks.build_task(task, arrays, act)
+      rec, _ = retrieval.evaluate(
+        td.queries, td.candidates, td.positives_indptr, td.positives_indices, ks=ks, exclude=td.exclude
+      )
+      by_variant[v] = {**rec, "n_queries": td.n_queries, "n_candidates": td.n_candidates}
+    out[task] = by_variant
+    log(
+      f"study {name}: {task} "
+      + ", ".join(f"{v} R@1 {r['R@1']:.2f}" for v, r in by_variant.items())
+      + f" ({entry['queries']} queries, {entry['candidates']} candidates)"
+    )
+  workdir_lib.atomic_write_json(os.path.join(workdir, name, "tasks", "results.json"), out)
+  return out
 
 
 def _read_steps(path: str) -> dict:
@@ -117,7 +169,12 @@ def run_model(config: Any, workdir: str, name: str, log: Callable = print) -> di
       src = str(m.source)
       if src.startswith("train:"):
         q = train_encoder.train_encoder(
-          config, src[len("train:") :], paths["root"], model_dir(config, workdir, name), log
+          config,
+          src[len("train:") :],
+          paths["root"],
+          model_dir(config, workdir, name),
+          log,
+          chat_template=bool(m.get("chat_template", False)),
         )
       else:
         q = {"source": src, "trained_here": False}
@@ -154,6 +211,11 @@ def run_model(config: Any, workdir: str, name: str, log: Callable = print) -> di
         for t, by in res.items()
       }
       record(step, brief, time.perf_counter() - t0)
+    elif step == "tasks":
+      if config.study.dataset == "shapes":
+        record(step, run_tasks(config, workdir, name, log), time.perf_counter() - t0)
+      else:
+        record(step, {}, time.perf_counter() - t0)
     log(f"study {name}: {step} done in {time.perf_counter() - t0:.1f} s")
   return done
 
