@@ -136,7 +136,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   retrieval.denominator = "all_queries"  # "all_queries" (no positive in the pool = miss) | "scorable"
   retrieval.split = "train"  # scored pooled files: "train" (<activations>/) | "eval" (<activations>/eval/)
   retrieval.fit_on = "auto"  # removal fit pairs: "train" split | "eval" (scored pairs) | "auto" (train if
-  # split="eval", separate pairs on the synthetic source, else eval)
+  # split="eval" or fit_file is set, separate pairs on the synthetic source, else eval)
+  # The training split's pooled file of the base variant when it lives elsewhere than
+  # <pooled_dir>/pooled_<base_variant>.npz (the study: the train extraction's); "" = there.
+  retrieval.fit_file = ""
   retrieval.base_variant = "mean"  # the variant removal / whitening are applied to
   retrieval.mbeir_task = "auto"  # task of an M-BEIR extraction in activations/ ("auto": from modalities)
   retrieval.exclude_reference = True  # CIRR: drop each query's own reference image

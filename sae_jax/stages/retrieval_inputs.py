@@ -199,8 +199,8 @@ def _pooled_inputs(rcfg, workdir) -> Inputs:
     )
   base = rcfg.base_variant
   eval_path = os.path.join(pooled_dir, f"pooled_{base}.npz")
-  train_path = os.path.join(_pooled_dir(rcfg, workdir), f"pooled_{base}.npz")
-  fit_on = _fit_on(rcfg, rcfg.split == "eval")
+  train_path = str(rcfg.fit_file) or os.path.join(_pooled_dir(rcfg, workdir), f"pooled_{base}.npz")
+  fit_on = _fit_on(rcfg, rcfg.split == "eval" or bool(rcfg.fit_file))
   fit, fit_info, validation = None, {"fit_on": fit_on, "eval_split": eval_path}, None
   select = select_on(rcfg) == "validation"
   if fit_on == "train":

@@ -89,6 +89,11 @@ def stage_config(config: Any, workdir: str, name: str, split: str) -> ml_collect
   c.retrieval.variants = pooling
   c.retrieval.base_variant = base
   c.retrieval.tasks = ("image_to_text", "text_to_image")
+  # Table 2's validation-chosen removal and all-but-the-top: chosen on the training split's pairs
+  # (image-disjoint from the scored test split), so every test pair is scored.
+  c.retrieval.fit_file = os.path.join(workdir, name, "train_extract", "activations", f"pooled_{base}.npz")
+  c.retrieval.select_on = "validation"
+  c.retrieval.removal_compare = ("energy", "abs_attribution", "negatives", "margin")
   return c
 
 
