@@ -43,9 +43,7 @@ def parse_flags(argv):
 
 def _main_flag_values() -> str:
   """`name: value` of the running main's own flags (for the mains without a --config)."""
-  module = sys.modules["__main__"]
-  key = getattr(module, "__spec__", None) and module.__spec__.name or sys.argv[0]
-  own = flags.FLAGS.get_key_flags_for_module(key) or flags.FLAGS.get_key_flags_for_module(sys.argv[0])
+  own = flags.FLAGS.get_key_flags_for_module(sys.argv[0])  # absl files a main's flags under argv[0]
   return "\n".join(
     f"{f.name}: {f.value!r}" for f in sorted(own, key=lambda f: f.name) if f.name != "print_config"
   )
