@@ -222,6 +222,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   extract.contrastive_tokens = False  # clip/siglip: also return tower token states (for mean/last)
   extract.write_shards = True  # token-level training shards under <workdir>/activations/shards
   extract.shard_token_types = ("special", "image", "text", "prompt")  # which token rows to keep
+  extract.shard_rows = "tokens"  # "tokens" (one row per kept token) | "pooled" (one row per sample: its
+  # pooling[0] vector; like-for-like rows for an SAE applied to pooled embeddings)
   extract.shard_dtype = "float32"
   extract.rows_per_shard = 65536
   extract.batch_size = 8  # samples per forward pass
@@ -303,6 +305,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     vq_batch_size=32,
     vq_lr=2e-3,
     vq_images=4000,
+    vision_lr=1e-2,  # stage 1 trains only the code embeddings (pretrain_vision)
   )
 
   config.study = study = ml_collections.ConfigDict()  # sae_jax/stages/study.py (experiments.study)
@@ -314,6 +317,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   study.coco_test_json = ""  # dataset="coco": the evaluation split (paper: Karpathy 5k test)
   study.coco_test_images = ""
   study.train_extract_images = 2000  # train images whose activations train the SAEs; 0 = all
+  # SAE training rows of a decoder: "pooled" (one base-variant pooled vector per train image and
+  # caption: like the rows analysed) | "tokens" (every token row, as the paper trains its MLLM SAEs)
+  study.sae_rows = "pooled"
   study.sae_steps = 2000
   study.sae_batch_size = 1024
   study.paper_name = ""  # "" = a study of models trained here; else the study it reproduces (report title)

@@ -9,6 +9,9 @@
                           (the COCO image id for rows of image inputs, CAPTION_ID_OFFSET = 2**40 +
                           the caption id for rows of caption inputs). Contrastive models (CLIP/SigLIP) write one row per sample:
                           its final embedding (what the paper's contrastive SAEs train on).
+                          With `shard_rows="pooled"` a decoder also writes one row per sample: its
+                          `pooling[0]` vector (type 1 image, 2 caption), the rows an SAE applied to
+                          pooled embeddings should train on.
   pooled_<variant>.npz    one file per `config.extract.pooling` variant, arrays
                             image [N, d], text [N, d]  matched by row (row i = one image-caption pair)
                             sample_ids [N] (= caption_ids), image_ids [N], caption_ids [N], captions [N]
@@ -119,6 +122,8 @@ def _fingerprint(ex, encoder) -> dict:
     fp["captions_per_image"] = int(ex.captions_per_image)
   if bool(ex.chat_template):
     fp["chat_template"] = True
+  if str(ex.shard_rows) != "tokens":  # only when set, so earlier extractions keep their fingerprint
+    fp["shard_rows"] = str(ex.shard_rows)
   fp["d"] = encoder.d
   fp["family_resolved"] = encoder.family
   return fp
@@ -149,6 +154,11 @@ class Extractor:
         f"config.extract.shard_token_types: unknown {bad}; expected some of {shards_lib.TOKEN_TYPES}"
       )
     self.keep_types = np.array([shards_lib.TOKEN_TYPES.index(t) for t in keep], np.uint8)
+    if str(ex.shard_rows) not in ("tokens", "pooled"):
+      raise SaeJaxError(f'config.extract.shard_rows={ex.shard_rows!r}: expected "tokens" or "pooled"')
+    self.pooled_rows = str(ex.shard_rows) == "pooled"
+    if self.pooled_rows and self.variants[0] == "embed":
+      self.pooled_rows = False  # a contrastive model's rows are already one embedding per sample
     self.skipped_corrupt = 0
     self.rows_written = 0
 
@@ -235,11 +245,17 @@ class Extractor:
         continue
       kept_ids = np.array([i for i, o in zip(item_ids, ok) if o], np.int64)
       out = self.encoder.forward(prepared)
-      for v, arr in pool_batch(out, self.variants).items():
+      by_variant = pool_batch(out, self.variants)
+      for v, arr in by_variant.items():
         pooled[v].append(arr)
       ids.append(kept_ids)
       if writer is not None:
-        rows, types, sample = self.encoder.rows(out)
+        if self.pooled_rows:
+          rows = by_variant[self.variants[0]]
+          types = np.full(rows.shape[0], 2 if chunk.kind == "text" else 1, np.uint8)
+          sample = np.arange(rows.shape[0])
+        else:
+          rows, types, sample = self.encoder.rows(out)
         sel = np.isin(types, self.keep_types)
         offset = CAPTION_ID_OFFSET if chunk.kind == "text" else 0
         rows, types, sample = rows[sel], types[sel], kept_ids[sample[sel]] + offset

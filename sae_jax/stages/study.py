@@ -6,7 +6,9 @@
   data        the shapes world under `study.data_dir` (default <workdir>/data), unless present
   model       `source="train:<kind>"`: trained here into <workdir>/models/<name> (HF checkpoint);
               any other source is a hub id or a local directory used as is
-  extract     train split -> <workdir>/<name>/train_extract/activations/shards (SAE training rows);
+  extract     train split -> <workdir>/<name>/train_extract/activations/shards (SAE training rows:
+              `study.sae_rows`: the base variant's pooled vector of every train image and
+              caption, or every token row);
               test split -> <workdir>/<name>/sae/activations/pooled_<variant>.npz (every variant)
   sae         Top-K SAE in <workdir>/<name>/sae on the train shards
   analyze     <workdir>/<name>/sae/analysis/ (Table 1, Fig. 2-3) on the test pairs
@@ -69,6 +71,9 @@ def stage_config(config: Any, workdir: str, name: str, split: str) -> ml_collect
     ex.max_images = int(st.train_extract_images)
     ex.pooling = (base,)
     ex.write_shards = True
+    # Like-for-like by default: the SAE is analysed on pooled embeddings, so it trains on pooled
+    # rows (one per image and one per caption); "tokens" is the paper's token-row training.
+    ex.shard_rows = str(st.sae_rows)
   else:
     ex.max_images = 0
     ex.pooling = pooling
