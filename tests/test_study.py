@@ -277,6 +277,13 @@ def test_table1_over_sae_seeds(tiny):
     label = config.study.model[name].label
     row = t1[f"{label}: {len(seeds)} SAE seeds ({', '.join(map(str, seeds))}), mean ± std"]
     assert row[3:] == [f"{m:.4f} ± {sd:.4f}" for m, sd in zip(vals.mean(0), vals.std(0, ddof=1))]
+    # The main SAE's spread over half-subsets of the pairs, beside it.
+    rs = rows[0]["table1_resampled"]
+    assert (
+      rs["resamples"] == config.study.table1_pair_resamples and data["models"][name]["table1_resampled"] == rs
+    )
+    row = t1[f"{label}: {rs['resamples']} subsets of {rs['pairs_per_resample']} pairs, mean ± std"]
+    assert row[3:] == [f"{rs['mean'][k]:.4f} ± {rs['std'][k]:.4f}" for k in keys]
     # Different SAEs (own init and batch order), analysed on the same pairs.
     energies = []
     for d in dirs:
@@ -331,6 +338,14 @@ def test_resume_after_sigkill_ends_with_the_same_report(tiny, tmp_path):
   seed_dirs = [f"qwen2_vl/sae_seed{config.seed + i}" for i in range(1, config.study.sae_seeds)]
   for d in ["qwen2_vl/train_extract", "qwen2_vl/sae", "report"] + seed_dirs[-1:]:
     shutil.rmtree(os.path.join(wd2, d))
+  # CLIP as if run with one seed fewer: its sae_seeds step re-runs, reads the first seed back and
+  # trains the missing one.
+  clip_steps = os.path.join(wd2, "clip", study.STEPS_FILE)
+  cs = _json(clip_steps)
+  cs["sae_seeds"]["summary"]["seeds"] = cs["sae_seeds"]["summary"]["seeds"][:-1]
+  with open(clip_steps, "w") as f:
+    json.dump(cs, f)
+  shutil.rmtree(os.path.join(wd2, "clip", seed_dirs[-1].split("/")[1]))
   log_path = str(tmp_path / "log.txt")
   cmd = [
     sys.executable,

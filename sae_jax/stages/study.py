@@ -95,6 +95,7 @@ def stage_config(config: Any, workdir: str, name: str, split: str) -> ml_collect
   c.analysis.variant = base
   c.analysis.run_name = str(m.label)
   c.analysis.source = "pooled"
+  c.analysis.table1_resamples = int(st.table1_pair_resamples)
   c.retrieval.source = "pooled"
   c.retrieval.variants = pooling
   c.retrieval.base_variant = base
@@ -254,6 +255,12 @@ def run_model(config: Any, workdir: str, name: str, log: Callable = print) -> di
     workdir_lib.atomic_write_json(steps_path, done)
 
   for step in STEPS:
+    if (
+      step == "sae_seeds"
+      and step in done
+      and done[step]["summary"].get("seeds") != list(sae_seeds(config)[1:])
+    ):
+      del done[step]  # config.study.sae_seeds changed: train and analyse the seeds not done yet
     if step in done:
       log(f"study {name}: {step} done earlier, skipped")
       continue
