@@ -325,6 +325,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   study.paper_name = ""  # "" = a study of models trained here; else the study it reproduces (report title)
   study.published = ml_collections.ConfigDict()  # <model>: the paper's table1/table2/table3 numbers, printed
   # beside the measured ones (configs/study_paper.py)
+  # Table 1's spread over SAE seeds: the main SAE (config.seed) and sae_seeds - 1 more, trained on the
+  # same rows with seeds config.seed + 1, ... (init and batch order); 1 = the main SAE only.
+  study.sae_seeds = 3
+  # ... and over random half-subsets of the test pairs for the main SAE (analysis.table1_resamples); 0 = off.
+  study.table1_pair_resamples = 20
   # Per model: `source` is "train:clip" / "train:qwen2_vl" (trained here by train_encoder) or a hub id
   # / local directory; SAE width c, k; pooling variants extracted on the test split.
   study.model = ml_collections.ConfigDict()

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from configs import study_shapes
-from sae_jax import encoders
+from sae_jax import encoders, retrieval_tasks, uncertainty
 from sae_jax.encoders import pooling
 from sae_jax.stages import report, study, train_encoder
 
@@ -56,7 +56,12 @@ def test_every_report_artifact_exists_and_parses(tiny):
   assert set(data["models"]) == set(study_shapes.MODELS)
   figs = out["report"]["figures"]
   names = {os.path.basename(f) for f in figs}
-  assert {"fig2_modality_kde.png", "fig3_cumulative_energy.png", "fig4_masking_qwen2_vl.png"} <= names
+  assert {
+    "fig2_modality_kde.png",
+    "fig3_cumulative_energy.png",
+    "fig4_masking_qwen2_vl.png",
+    "fig4_masking_composed.png",
+  } <= names
   for f in figs:
     assert f"(figures/{os.path.basename(f)})" in md
     with Image.open(f) as im:
@@ -66,8 +71,12 @@ def test_every_report_artifact_exists_and_parses(tiny):
   for b in embedded:
     with Image.open(io.BytesIO(base64.b64decode(b))) as im:
       im.load()
-  assert 'src="figures/' not in page and page.count("<table>") == 4
-  for h in ("## Table 1", "## Table 2", "## Table 3", "## Findings"):
+  lines = md.splitlines()
+  n_tables = sum(b.startswith("|") and not a.startswith("|") for a, b in zip([""] + lines, lines))
+  # Settings, probes, one or two per model's quality, Tables 1-3.
+  assert n_tables == 1 + 1 + len(study_shapes.MODELS) + len(study_shapes.GENERATIVE) + 3
+  assert 'src="figures/' not in page and page.count("<table>") == n_tables
+  for h in ("## What each model learned", "## Table 1", "## Table 2", "## Table 3", "## Findings"):
     assert h in md
   # The tiny preset says what it is at the top of the report; its findings claim only what clears
   # the noise (a model at chance compared with nothing, no Table 1 reading of an SAE with FVU >= 1).
@@ -204,16 +213,117 @@ def test_report_tables_equal_the_stage_json(tiny):
     assert data["models"][name]["retrieval"] == report.relative_paths(results, wd)
     keys = ("J(S_E,S_A)", "J(S_E,S_B)", "J(S_A,S_B)", "triple_overlap")
     assert t1[label][1:] == [str(table1["c"]), str(table1["set_size"])] + [f"{table1[k]:.4f}" for k in keys]
+    assert {k[0] for k in t2 if k[0] == label}, label  # Table 2 lists every model
     base = study.base_variant(config, name)
     for task, by in results.items():
       tl = report.task_label(task, "shapes")
       for setting, suffix in (("Base", ""), ("Removal", "+removal"), ("Whitening (baseline)", "+whitening")):
         row = t2[(label, tl, setting)]
         assert row[3:6] == [f"{by[base + suffix][k]:.2f}" for k in ("R@1", "R@5", "R@10")]
-      if name in study_shapes.GENERATIVE:
-        for setting, v in (("Last token", "last_token"), ("Mean pooling", "mean")):
-          assert t3[(label, tl, setting)][3:6] == [f"{by[v][k]:.2f}" for k in ("R@1", "R@5", "R@10")]
+  assert {k[0] for k in t2} == {config.study.model[n].label for n in study_shapes.MODELS}
+  # Table 3: every generative family on the three tasks (image<->text from the retrieval stage,
+  # image->image and composed from tasks/results.json): R@1 [95% CI], R@5, R@10, chance R@1.
+  for name in study_shapes.GENERATIVE:
+    label = config.study.model[name].label
+    by_task = {
+      **_json(os.path.join(wd, name, "sae", "retrieval", "results.json")),
+      **_json(os.path.join(wd, name, "tasks", "results.json")),
+    }
+    assert set(by_task) == {"image_to_text", "text_to_image", "image_to_image", "image_text_to_image"}
+    for task, by in by_task.items():
+      for setting, v in (("Last token", "last_token"), ("Mean pooling", "mean")):
+        r = by[v]
+        lo, hi = r["R@1_ci95"]
+        assert t3[(label, report.task_label(task, "shapes"), setting)][3:] == [
+          f"{r['R@1']:.2f} [{lo:.2f}, {hi:.2f}]",
+          f"{r['R@5']:.2f}",
+          f"{r['R@10']:.2f}",
+          f"{r['chance']['R@1']:.2f}",
+        ]
+  assert len(t3) == 2 * 4 * len(study_shapes.GENERATIVE)
   assert not any(k[0] == config.study.model.clip.label for k in t3)  # CLIP has no token pooling
+  # Figure 3: one curve per model, in the report's order.
+  import matplotlib.pyplot as plt
+
+  from sae_jax.plots import analysis as plot_a
+
+  fig = plot_a.draw_cumulative_energy(report.concept_runs(data, wd))
+  try:
+    curves = [ln.get_label() for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")]
+    assert [c.split(" (c=")[0] for c in curves] == [config.study.model[n].label for n in study_shapes.MODELS]
+  finally:
+    plt.close(fig)
+
+
+def test_table1_over_sae_seeds(tiny):
+  """Table 1's spread: per-seed rows from each seed's table1.json (seed config.seed is the main SAE),
+  mean and sample std equal NumPy's over them; the seeds are different SAEs on the same test pairs."""
+  wd, config, out = tiny
+  md = open(out["report"]["md"]).read()
+  data = _json(out["report"]["json"])
+  t1 = {r[0]: r for r in _md_rows(md, "## Table 1")}
+  keys = report.TABLE1_KEYS
+  seeds = [config.seed + i for i in range(config.study.sae_seeds)]
+  assert config.study.sae_seeds >= 2
+  for name in study_shapes.MODELS:
+    dirs = [os.path.join(wd, name, "sae")] + [os.path.join(wd, name, f"sae_seed{s}") for s in seeds[1:]]
+    rows = [_json(os.path.join(d, "analysis", "table1.json"))["rows"][0] for d in dirs]
+    vals = np.array([[r[k] for k in keys] for r in rows])
+    got = data["models"][name]["table1_seeds"]
+    assert got["seeds"] == seeds and got["n"] == len(seeds)
+    assert [[got["per_seed"][str(s)][k] for k in keys] for s in seeds] == vals.tolist()
+    np.testing.assert_allclose([got["mean"][k] for k in keys], vals.mean(0), rtol=1e-12)
+    np.testing.assert_allclose([got["std"][k] for k in keys], vals.std(0, ddof=1), rtol=1e-12, atol=1e-15)
+    label = config.study.model[name].label
+    row = t1[f"{label}: {len(seeds)} SAE seeds ({', '.join(map(str, seeds))}), mean ± std"]
+    assert row[3:] == [f"{m:.4f} ± {sd:.4f}" for m, sd in zip(vals.mean(0), vals.std(0, ddof=1))]
+    # The main SAE's spread over half-subsets of the pairs, beside it.
+    rs = rows[0]["table1_resampled"]
+    assert (
+      rs["resamples"] == config.study.table1_pair_resamples and data["models"][name]["table1_resampled"] == rs
+    )
+    row = t1[f"{label}: {rs['resamples']} subsets of {rs['pairs_per_resample']} pairs, mean ± std"]
+    assert row[3:] == [f"{rs['mean'][k]:.4f} ± {rs['std'][k]:.4f}" for k in keys]
+    # Different SAEs (own init and batch order), analysed on the same pairs.
+    energies = []
+    for d in dirs:
+      with np.load(os.path.join(d, "analysis", "concepts.npz")) as z:
+        energies.append(z["energy"])
+        assert int(z["n_pairs"]) == data["models"][name]["settings"]["test_pairs"]
+    assert not np.allclose(energies[0], energies[1])
+    fvu = got["eval_fvu"]
+    assert fvu[str(seeds[0])] == data["models"][name]["settings"]["eval_fvu"]
+    assert all(
+      fvu[str(s)] == _json(os.path.join(d, study.SEED_SUMMARY))["eval_fvu"]
+      for s, d in zip(seeds[1:], dirs[1:])
+    )
+
+
+def test_quality_section_and_probe_table(tiny):
+  wd, config, out = tiny
+  md = open(out["report"]["md"]).read()
+  probes = {r[0]: r for r in _md_rows(md, "## What each model learned")}
+  for name in study_shapes.MODELS:
+    label = config.study.model[name].label
+    q = _json(os.path.join(wd, name, study.STEPS_FILE))["model"]["summary"]
+    p = q["probes"]
+    cells = [str(p["n_scenes"])]
+    for w in ("shape", "colour", "position"):
+      acc = p[w]["accuracy"]
+      cells += ["-" if acc is None else f"{acc:.1f}%", f"{p[w]['majority']:.1f}%"]
+    assert probes[label][1:] == cells
+    section = md.split(f"### {label}\n", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+    rows = {
+      r[0]: r for r in (ln.strip().strip("|").split("|") for ln in section.splitlines() if ln.startswith("|"))
+    }
+    rows = {k.strip(): [c.strip() for c in v] for k, v in rows.items()}
+    assert rows["image -> text"][1:3] == [f"{q['i2t_R@1']:.1f}%", f"{q['i2t_chance']:.1f}%"]
+    assert rows["caption -> caption (same image)"][1:3] == [f"{q['c2c_R@1']:.1f}%", f"{q['c2c_chance']:.1f}%"]
+    if name in study_shapes.GENERATIVE:
+      for t, a in q["answer_accuracy"].items():
+        assert rows[t][1:] == [f"{q['mixture'][t]:.2f}", f"{a:.1f}%"]
+      s = q["samples"][0]
+      assert f"- “{s['generated']}” / " + "; ".join(f"“{r}”" for r in s["reference"]) in section
 
 
 def test_resume_after_sigkill_ends_with_the_same_report(tiny, tmp_path):
@@ -225,8 +335,17 @@ def test_resume_after_sigkill_ends_with_the_same_report(tiny, tmp_path):
   steps = _json(steps_path)
   with open(steps_path, "w") as f:
     json.dump({"model": steps["model"]}, f)
-  for d in ("qwen2_vl/train_extract", "qwen2_vl/sae", "report"):
+  seed_dirs = [f"qwen2_vl/sae_seed{config.seed + i}" for i in range(1, config.study.sae_seeds)]
+  for d in ["qwen2_vl/train_extract", "qwen2_vl/sae", "report"] + seed_dirs[-1:]:
     shutil.rmtree(os.path.join(wd2, d))
+  # CLIP as if run with one seed fewer: its sae_seeds step re-runs, reads the first seed back and
+  # trains the missing one.
+  clip_steps = os.path.join(wd2, "clip", study.STEPS_FILE)
+  cs = _json(clip_steps)
+  cs["sae_seeds"]["summary"]["seeds"] = cs["sae_seeds"]["summary"]["seeds"][:-1]
+  with open(clip_steps, "w") as f:
+    json.dump(cs, f)
+  shutil.rmtree(os.path.join(wd2, "clip", seed_dirs[-1].split("/")[1]))
   log_path = str(tmp_path / "log.txt")
   cmd = [
     sys.executable,
@@ -254,7 +373,7 @@ def test_resume_after_sigkill_ends_with_the_same_report(tiny, tmp_path):
     # Paths are relative to the study's workdir; the copied CLIP outputs still name the first one.
     b = json.loads(f.read().replace(wd + os.sep, ""))
   for name in study_shapes.MODELS:
-    for key in ("table1", "retrieval", "energy", "rank_sweep", "settings"):
+    for key in ("table1", "table1_seeds", "retrieval", "tasks", "energy", "rank_sweep", "settings"):
       assert b["models"][name][key] == a["models"][name][key], (name, key)
   assert b["findings"] == a["findings"]
 
@@ -280,7 +399,9 @@ def test_paper_preset_prints_the_published_numbers_beside(tiny):
     in t2
   )
   t3 = "\n".join(report.table3_md(paper, data))
-  assert "| Qwen2-VL-7B-Instruct (paper) | MSCOCO q_i -> c_t | Last token | 0.20 | 2.65 | 3.81 |" in t3
+  assert "| Qwen2-VL-7B-Instruct (paper) | MSCOCO q_i -> c_t | Last token | 0.20 | 2.65 | 3.81 | |" in t3
+  assert "| Qwen2-VL-7B-Instruct (paper) | NIGHTS q_i -> c_i | Mean pooling | 7.55 | 22.80 | 39.11 | |" in t3
+  assert "| Qwen2-VL-7B-Instruct (paper) | CIRR (q_i, q_t) -> c_i | Last token | 0.54 | 1.49 | 3.23 | |" in t3
 
 
 def test_report_tables_show_a_k_the_run_did_not_score_as_a_dash():
@@ -302,7 +423,7 @@ def test_report_tables_show_a_k_the_run_did_not_score_as_a_dash():
   )
   by3 = {v: {"R@1": 1.0, "R@5": 2.0} for v in ("last_token", "mean")}
   data["models"]["clip"]["retrieval"] = {"image_to_text": by3}
-  assert report.table3_md(cfg, data)[2].endswith("| Last token | 1.00 | 2.00 | - |")
+  assert report.table3_md(cfg, data)[2].endswith("| Last token | 1.00 | 2.00 | - | - |")
 
 
 def test_other_tasks_are_scored_for_every_model(tiny):
@@ -336,3 +457,42 @@ def test_other_tasks_are_scored_for_every_model(tiny):
       # Float32 near-ties (1e-5) may go either way in the blocked search: bound R@1 by both readings.
       sure, maybe = 100 * np.mean(pos > other + 1e-5), 100 * np.mean(pos >= other - 1e-5)
       assert sure - 1e-6 <= r["R@1"] <= maybe + 1e-6, (name, task, sure, maybe, r["R@1"])
+      # A query's own reference image (same file) is not ranked (CIRR); chance R@1 of a random
+      # ranking: positives / ranked candidates, averaged over queries.
+      with np.load(os.path.join(act, f"mbeir_queries_pooled_{variant}.npz")) as q:
+        q_paths = q["image_paths"]
+      with np.load(os.path.join(act, f"mbeir_pool_pooled_{variant}.npz")) as p:
+        is_ref = (q_paths[:, None] == p["image_paths"][None, :]) & (p["modality"] == "image")[None, :]
+      if not retrieval_tasks.TASKS[task].exclude_reference:
+        is_ref[:] = False
+      ranked = is_pos.shape[1] - is_ref.sum(1)
+      assert r["chance"]["R@1"] == pytest.approx(100 * np.mean(is_pos.sum(1) / ranked))
+      # Every variant: first-hit ranks within the NumPy bounds (ties either way), R@K and the 95%
+      # intervals recomputed from them (same draws as config.retrieval.bootstrap_*).
+      with np.load(os.path.join(wd, name, "tasks", task, "first_hit_ranks.npz")) as z:
+        saved = {v: z[v] for v in z.files}
+      assert set(saved) == set(by)
+      for v, rec in by.items():
+        with (
+          np.load(os.path.join(act, f"mbeir_queries_pooled_{v}.npz")) as q,
+          np.load(os.path.join(act, f"mbeir_pool_pooled_{v}.npz")) as p,
+        ):
+          qv, pv = q["embeddings"], p["embeddings"]
+          assert (q["ids"] == qids).all() and (p["ids"] == pids).all()
+        qv = qv / np.linalg.norm(qv, axis=1, keepdims=True)
+        pv = pv / np.linalg.norm(pv, axis=1, keepdims=True)
+        sv = qv @ pv.T
+        best = np.where(is_pos, sv, -np.inf).max(1, keepdims=True)
+        neg = np.where(is_pos | is_ref, -np.inf, sv)
+        lo_rank = np.minimum((neg > best + 1e-5).sum(1), 10)
+        hi_rank = np.minimum((neg >= best - 1e-5).sum(1), 10)
+        ranks = saved[v]
+        assert ranks.shape == (r["n_queries"],) and ((lo_rank <= ranks) & (ranks <= hi_rank)).all(), (name, v)
+        ci = uncertainty.recall_with_ci(
+          ranks, (1, 5, 10), n_boot=config.retrieval.bootstrap_n, seed=config.retrieval.bootstrap_seed
+        )
+        for k in ("R@1", "R@5", "R@10"):
+          assert rec[k] == pytest.approx(100 * np.mean(ranks < int(k[2:])))
+          assert rec[f"{k}_ci95"] == ci[f"{k}_ci95"]
+          assert rec[f"{k}_ci95"][0] <= rec[k] <= rec[f"{k}_ci95"][1]
+        assert rec["R@1_ci95"][1] - rec["R@1_ci95"][0] > 0 or rec["R@1"] in (0.0, 100.0)

@@ -31,10 +31,12 @@ def draw_masking(
   variants: Sequence[tuple[str, str]] = MASK_VARIANTS,
   metrics: Sequence[str] | None = None,
   task_labels: Mapping | None = None,
+  title: str = "Token positions masked before mean pooling (paper Figure 4)",
 ) -> tuple[matplotlib.figure.Figure, list]:
   """Paper Figure 4: per task with a masked variant, grouped bars of Recall@K for Base / w/o image /
   w/o prompt (`metrics`: default every R@K the results hold, in increasing K; a K a task could not
-  report is left out of its panel). Variants missing from `results` are left out.
+  report is left out of its panel). Variants missing from `results` are left out. A bar whose
+  record holds its interval (`R@K_ci95`) carries it as an error bar.
 
   Returns (figure, the (task, variant) pairs drawn); raises when no task has a masked variant (an
   empty figure would say nothing: callers check `masking_tasks` first).
@@ -61,17 +63,27 @@ def draw_masking(
     width = 0.8 / max(1, len(present))
     x = np.arange(len(shown))
     for j, (v, lab) in enumerate(present):
-      vals = [results[task][v][m] for m in shown]
-      bars = ax.bar(x + (j - (len(present) - 1) / 2) * width, vals, width, label=lab)
+      rec = results[task][v]
+      vals = [rec[m] for m in shown]
+      cis = [rec.get(f"{m}_ci95") for m in shown]
+      yerr = None
+      if shown and all(ci is not None for ci in cis):
+        yerr = np.array(
+          [
+            [max(0.0, val - ci[0]) for val, ci in zip(vals, cis)],
+            [max(0.0, ci[1] - val) for val, ci in zip(vals, cis)],
+          ]
+        )
+      bars = ax.bar(
+        x + (j - (len(present) - 1) / 2) * width, vals, width, label=lab, yerr=yerr, capsize=2, ecolor="0.3"
+      )
       ax.bar_label(bars, fmt="%.1f", fontsize=7)
       drawn.append((task, v))
     ax.set_xticks(x, shown)
     ax.set_ylabel("Recall (%)")
     ax.set_title((task_labels or {}).get(task, task), fontsize=9)
     ax.legend(fontsize=8)
-  fig.suptitle(
-    "Token positions masked before mean pooling (paper Figure 4)\nBase / w/o image / w/o prompt", fontsize=10
-  )
+  fig.suptitle(f"{title}\nBase / w/o image / w/o prompt", fontsize=10)
   fig.tight_layout()
   return fig, drawn
 

@@ -1,11 +1,17 @@
 """The study report: the stages' JSON outputs of every model -> report.md, report.html, report.json.
 
 `write_report(config, workdir)` reads, for each model of `config.study.models`, <workdir>/<name>/
-steps.json (model quality, extraction counts), sae/analysis/{table1.json, concepts.npz} and
-sae/retrieval/{results.json, rank_sweep.json}, and writes <workdir>/report/:
+steps.json (model quality, extraction counts), sae/analysis/{table1.json, concepts.npz},
+sae/retrieval/{results.json, rank_sweep.json}, sae_seed<s>/analysis/table1.json (the other SAE seeds)
+and tasks/results.json (image->image and composed tasks), and writes <workdir>/report/:
 
-  report.md          Tables 1-3, Figures 2-4, each model's settings and quality, and a findings
-                     section generated from the numbers
+  report.md          each model's settings, a quality section per model (what it learned: Recall@1
+                     with chance, caption->caption, answer accuracies, greedy captions) and the
+                     linear probes as a table; Table 1 (main SAE, its spread over the SAE seeds of
+                     study.sae_seeds and over pair subsets when analysed), Table 2, Table 3 (last token
+                     vs mean on image<->text, image->image and the composed task, R@1 with its 95%
+                     interval and chance), Figures 2-4 (Figure 4 also on the composed task) and a
+                     findings section generated from the numbers
   report.html        the same, self-contained (figures embedded as base64 PNG)
   report.json        every number the tables print, as read from the stage outputs
   figures/*.png      Fig. 2 (modality KDE) and Fig. 3 (cumulative energy) with all models side by
@@ -31,14 +37,28 @@ from sae_jax import workdir as workdir_lib
 from sae_jax.errors import SaeJaxError
 from sae_jax.plots import analysis as plot_a
 from sae_jax.plots import retrieval as plot_r
-from sae_jax.stages import retrieval_tables, train_encoder
+from sae_jax.stages import retrieval_tables
 from sae_jax.stages import study_layout as study
 
 GENERATIVE_FAMILIES = ("qwen_vl", "paligemma", "chameleon")
 TABLE1_KEYS = ("J(S_E,S_A)", "J(S_E,S_B)", "J(S_A,S_B)", "triple_overlap")
 PUBLISHED_TABLE1_KEYS = ("J_EA", "J_EB", "J_AB", "triple")  # the same columns in config.study.published
 KS = ("R@1", "R@5", "R@10")  # the paper's columns; a K the run did not score shows as "-"
-TASK_ARROWS = {"image_to_text": "q_i -> c_t", "text_to_image": "q_t -> c_i"}
+TASK_ARROWS = {
+  "image_to_text": "q_i -> c_t",
+  "text_to_image": "q_t -> c_i",
+  "image_to_image": "q_i -> c_i",
+  "image_text_to_image": "(q_i, q_t) -> c_i",
+}
+# The paper's dataset of each task: its published rows are labelled with it.
+PAPER_DATASETS = {
+  "image_to_text": "MSCOCO",
+  "text_to_image": "MSCOCO",
+  "image_to_image": "NIGHTS",
+  "image_text_to_image": "CIRR",
+}
+COMPOSED_TASK = "image_text_to_image"
+PROBES = ("shape", "colour", "position")
 
 
 def _load_json(path: str) -> Any:
@@ -51,7 +71,36 @@ def _load_json(path: str) -> Any:
 
 
 def task_label(task: str, dataset: str) -> str:
-  return f"{dataset} {TASK_ARROWS.get(task, task)}"
+  """'shapes q_i -> c_t'; a task in the role of another dataset's says so ('(CIRR role)')."""
+  paper = PAPER_DATASETS.get(task, dataset)
+  role = f" ({paper} role)" if paper not in ("MSCOCO", dataset) else ""
+  return f"{dataset} {TASK_ARROWS.get(task, task)}{role}"
+
+
+def seed_spread(rows: dict) -> dict:
+  """{"n", "mean", "std"} of Table 1's Jaccard columns over `rows` ({seed: Table 1 row}); std is the
+  sample standard deviation (ddof=1), 0 for a single seed."""
+  vals = {k: np.array([float(r[k]) for r in rows.values()], np.float64) for k in TABLE1_KEYS}
+  n = len(rows)
+  return {
+    "n": n,
+    "mean": {k: float(v.mean()) for k, v in vals.items()},
+    "std": {k: float(v.std(ddof=1)) if n > 1 else 0.0 for k, v in vals.items()},
+  }
+
+
+def _table1_seeds(config: Any, workdir: str, name: str, steps: dict) -> dict:
+  """Table 1 of every SAE seed (config.seed: the main SAE), their mean and std, and each one's FVU."""
+  per_seed, fvu = {}, {}
+  for seed in study.sae_seeds(config):
+    wd = study.sae_seed_workdir(config, workdir, name, seed)
+    row = _load_json(os.path.join(wd, "analysis", "table1.json"))["rows"][0]
+    per_seed[str(seed)] = {k: float(row[k]) for k in TABLE1_KEYS}
+    if seed == int(config.seed):
+      fvu[str(seed)] = steps["sae"]["summary"].get("eval_fvu")
+    else:
+      fvu[str(seed)] = _load_json(os.path.join(wd, study.SEED_SUMMARY)).get("eval_fvu")
+  return {"seeds": [int(x) for x in per_seed], "per_seed": per_seed, "eval_fvu": fvu, **seed_spread(per_seed)}
 
 
 def collect(config: Any, workdir: str) -> dict:
@@ -67,6 +116,8 @@ def collect(config: Any, workdir: str) -> dict:
     results = _load_json(os.path.join(sae_dir, "retrieval", "results.json"))
     sweep_path = os.path.join(sae_dir, "retrieval", "rank_sweep.json")
     sweep = _load_json(sweep_path) if os.path.exists(sweep_path) else None
+    tasks_path = study.tasks_results(workdir, name)
+    tasks = _load_json(tasks_path) if os.path.exists(tasks_path) else {}
     with np.load(os.path.join(sae_dir, "analysis", "concepts.npz"), allow_pickle=False) as z:
       energy = np.asarray(z["energy"], np.float64)
       silent = (np.asarray(z["fire_rate_image"]) == 0) & (np.asarray(z["fire_rate_text"]) == 0)
@@ -106,7 +157,10 @@ def collect(config: Any, workdir: str) -> dict:
         "never_fire_fraction": float(silent.mean()),
       },
       "table1": {k: t1["rows"][0][k] for k in ("c", "set_size") + TABLE1_KEYS},
+      "table1_seeds": _table1_seeds(config, workdir, name, steps),
+      "table1_resampled": t1["rows"][0].get("table1_resampled"),
       "retrieval": results,
+      "tasks": tasks,
       "rank_sweep": sweep,
       "energy": {
         "top_fraction": fraction,
@@ -163,6 +217,19 @@ def table1_md(config: Any, data: dict) -> list:
     lines.append(
       f"| {m['label']} | {t['c']} | {t['set_size']} | " + " | ".join(_f(t[k], 4) for k in TABLE1_KEYS) + " |"
     )
+    spreads = []
+    sd = m.get("table1_seeds")
+    if sd and sd["n"] > 1:
+      spreads.append((f"{sd['n']} SAE seeds ({', '.join(str(x) for x in sd['seeds'])}), mean ± std", sd))
+    rs = m.get("table1_resampled")
+    if rs:
+      spreads.append((f"{rs['resamples']} subsets of {rs['pairs_per_resample']} pairs, mean ± std", rs))
+    for what, sp in spreads:
+      lines.append(
+        f"| {m['label']}: {what} | | | "
+        + " | ".join(f"{sp['mean'][k]:.4f} ± {sp['std'][k]:.4f}" for k in TABLE1_KEYS)
+        + " |"
+      )
     pub = _published(config, name, "table1")
     if pub is not None:
       lines.append(
@@ -226,29 +293,45 @@ def table2_md(config: Any, data: dict) -> list:
   return lines
 
 
+def r1_cell(rec: dict) -> str:
+  """'12.00 [8.00, 16.00]': R@1 with its 95% bootstrap interval when recorded, else R@1 alone."""
+  ci = rec.get(CI_KEY)
+  return _f(rec.get("R@1")) + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
+
+
+def table3_tasks(m: dict) -> dict:
+  """{task: {variant: record}} of every task with both last-token and mean pooling: image<->text
+  (retrieval stage), then image->image and composed (tasks/results.json)."""
+  by_task = {**m["retrieval"], **m.get("tasks", {})}
+  return {t: by for t, by in by_task.items() if "last_token" in by and "mean" in by}
+
+
 def table3_md(config: Any, data: dict) -> list:
-  lines = ["| Model | Task | Setting | R@1 | R@5 | R@10 |", "|---|---|---|---:|---:|---:|"]
+  lines = [
+    "| Model | Task | Setting | R@1 [95% CI] | R@5 | R@10 | chance R@1 |",
+    "|---|---|---|---:|---:|---:|---:|",
+  ]
   n = 0
   for name, m in data["models"].items():
-    for task, by in m["retrieval"].items():
-      if not ("last_token" in by and "mean" in by):
-        continue
+    for task, by in table3_tasks(m).items():
       for label, v in (("Last token", "last_token"), ("Mean pooling", "mean")):
+        r = by[v]
         lines.append(
-          f"| {m['label']} | {task_label(task, data['dataset'])} | {label} | "
-          + " | ".join(_f(by[v].get(k)) for k in KS)
-          + " |"
+          f"| {m['label']} | {task_label(task, data['dataset'])} | {label} | {r1_cell(r)} | "
+          + " | ".join(_f(r.get(k)) for k in KS[1:])
+          + f" | {_f(r.get('chance', {}).get('R@1'))} |"
         )
         n += 1
         pub = _published(config, name, "table3", task, v)
         if pub is not None:
+          paper = PAPER_DATASETS.get(task, "MSCOCO")
           lines.append(
-            f"| {m['label']} (paper) | {task_label(task, 'MSCOCO')} | {label} | "
+            f"| {m['label']} (paper) | {task_label(task, paper)} | {label} | "
             + " | ".join(_f(float(x)) for x in pub)
-            + " |"
+            + " | |"
           )
   if not n:
-    lines.append("| (no model with both last-token and mean pooling) | | | | | |")
+    lines.append("| (no model with both last-token and mean pooling) | | | | | | |")
   return lines
 
 
@@ -386,9 +469,17 @@ def findings(data: dict) -> list:
       if size < 21
       else ""
     )
+    sd = m.get("table1_seeds")
+    spread = (
+      f"; over {sd['n']} SAE seeds (mean ± std): J(S_E,S_A) {sd['mean']['J(S_E,S_A)']:.2f} ± "
+      f"{sd['std']['J(S_E,S_A)']:.2f}, J(S_E,S_B) {sd['mean']['J(S_E,S_B)']:.2f} ± {sd['std']['J(S_E,S_B)']:.2f}, "
+      f"triple overlap {sd['mean']['triple_overlap']:.2f} ± {sd['std']['triple_overlap']:.2f}"
+      if sd and sd["n"] > 1
+      else ""
+    )
     out.append(
       f"Overlap ({m['label']}): J(S_E,S_A) {t['J(S_E,S_A)']:.2f}, J(S_E,S_B) {t['J(S_E,S_B)']:.2f}, "
-      f"triple overlap {t['triple_overlap']:.2f}{coarse}."
+      f"triple overlap {t['triple_overlap']:.2f}{coarse}{spread}."
     )
   return out
 
@@ -396,9 +487,8 @@ def findings(data: dict) -> list:
 # ----------------------------------------------------------------------------------------- figures
 
 
-def _figures(data: dict, workdir: str, fig_dir: str) -> list:
-  """(caption, file name) of every figure, drawn into fig_dir."""
-  os.makedirs(fig_dir, exist_ok=True)
+def concept_runs(data: dict, workdir: str) -> list:
+  """Figures 2 and 3's input: one run per model (its main SAE's concepts.npz), in the report's order."""
   runs = []
   for name, m in data["models"].items():
     with np.load(
@@ -408,6 +498,13 @@ def _figures(data: dict, workdir: str, fig_dir: str) -> list:
       if bool(z["modality_reverse"]):
         ms = 1.0 - ms
       runs.append({"name": m["label"], "energy": np.asarray(z["energy"]), "modality_score": ms})
+  return runs
+
+
+def _figures(data: dict, workdir: str, fig_dir: str) -> list:
+  """(caption, file name) of every figure, drawn into fig_dir."""
+  os.makedirs(fig_dir, exist_ok=True)
+  runs = concept_runs(data, workdir)
   fraction = next(iter(data["models"].values()))["settings"]["top_fraction"]
   figs = []
   plot_a.plot_modality_kde(runs, os.path.join(fig_dir, "fig2_modality_kde.png"))
@@ -421,6 +518,27 @@ def _figures(data: dict, workdir: str, fig_dir: str) -> list:
       f = f"fig4_masking_{name}.png"
       plot_r.fig_masking(res, os.path.join(fig_dir, f), task_labels=labels)
       figs.append((f"Figure 4 ({m['label']}): image / prompt token positions masked before mean pooling", f))
+  composed = {
+    m["label"]: m["tasks"][COMPOSED_TASK]
+    for m in data["models"].values()
+    if any(v in m.get("tasks", {}).get(COMPOSED_TASK, {}) for v in ("mean_no_image", "mean_no_prompt"))
+  }
+  if composed:
+    f = "fig4_masking_composed.png"
+    plot_r.fig_masking(
+      composed,
+      os.path.join(fig_dir, f),
+      task_labels={lab: lab for lab in composed},
+      title=f"Composed task {task_label(COMPOSED_TASK, data['dataset'])}: token positions masked before "
+      "mean pooling (paper Figure 4)",
+    )
+    figs.append(
+      (
+        "Figure 4 (composed task, every generative model): image / prompt token positions masked before "
+        "mean pooling; error bars: 95% bootstrap intervals over queries",
+        f,
+      )
+    )
   for name, m in data["models"].items():
     sw = m["rank_sweep"]
     if sw:
@@ -437,23 +555,64 @@ def _figures(data: dict, workdir: str, fig_dir: str) -> list:
 # ------------------------------------------------------------------------------------------ writer
 
 
-def _quality_line(m: dict) -> str:
+def _pct(x: Optional[float]) -> str:
+  return "-" if x is None else f"{x:.1f}%"
+
+
+def probes_md(data: dict) -> list:
+  """Linear probes of the single object's shape / colour / position from each model's image
+  embedding (5-fold logistic regression, train_encoder.linear_probes) beside the majority class."""
+  head = " | ".join(f"{w} | majority" for w in PROBES)
+  lines = [f"| Model | scenes | {head} |", "|---|---:|" + "---:|" * (2 * len(PROBES))]
+  for m in data["models"].values():
+    p = m["quality"].get("probes")
+    if not p:
+      lines.append(f"| {m['label']} | - | " + " | ".join("-" for _ in range(2 * len(PROBES))) + " |")
+      continue
+    cells = []
+    for w in PROBES:
+      e = p.get(w, {})
+      cells += [_pct(e.get("accuracy")), _pct(e.get("majority"))]
+    lines.append(f"| {m['label']} | {p['n_scenes']} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def quality_md(m: dict) -> list:
+  """What one model learned (its model step's quality.json): retrieval R@1 beside chance on the test
+  split, caption->caption, and for a generative model its exact answers per mixture task and greedy
+  captions beside their references."""
   q = m["quality"]
+  lines = [f"### {m['label']}", ""]
   if q.get("role") not in ("contrastive", "generative"):
-    return f"not trained here ({q.get('source', '')})"
-  pooled = "" if q["role"] == "contrastive" else "mean-pooled "
-  line = (
-    f"{q.get('architecture', q['kind'])}: {pooled}image->text R@1 {q['i2t_R@1']:.2f}% on {q['test_images']} test "
-    f"images (chance {q['i2t_chance']:.2f}%, {q['i2t_over_chance']:.1f}x), text->image R@1 {q['t2i_R@1']:.2f}% "
-    f"(chance {q['t2i_chance']:.2f}%), caption->caption R@1 {q['c2c_R@1']:.2f}% (chance {q['c2c_chance']:.2f}%); "
-    f"{train_encoder.probe_text(q['probes'])}; {q['steps']} steps, {q['train_seconds']:.0f} s, "
-    f"{q['parameters']:,} parameters"
+    return lines + [f"Not trained here ({q.get('source', '')}).", ""]
+  pooled = "mean-pooled " if q["role"] == "generative" else ""
+  lines.append(
+    f"{q.get('architecture', q.get('kind', ''))}, {q.get('parameters', 0):,} parameters, {q.get('steps')} steps in "
+    f"{q.get('train_seconds', 0):.0f} s; {pooled}embeddings of {q.get('test_images')} test images and "
+    f"{q.get('test_captions', '-')} captions."
   )
+  lines += ["", "| Test-split retrieval | R@1 | chance R@1 | x chance |", "|---|---:|---:|---:|"]
+  for what, key in (
+    ("image -> text", "i2t"),
+    ("text -> image", "t2i"),
+    ("caption -> caption (same image)", "c2c"),
+  ):
+    r, c = q.get(f"{key}_R@1"), q.get(f"{key}_chance")
+    ratio = f"{r / c:.1f}" if r is not None and c else "-"
+    lines.append(f"| {what} | {_pct(r)} | {_pct(c)} | {ratio} |")
   if q["role"] == "generative":
-    acc = ", ".join(f"{t} {a:.0f}%" for t, a in q["answer_accuracy"].items())
-    s = "; ".join(f"“{x['generated']}” (ref. “{x['reference'][0]}”)" for x in q["samples"])
-    line += f"; exact answers on held-out samples: {acc}; greedy captions: {s}"
-  return line
+    acc = q.get("answer_accuracy", {})
+    mix = q.get("mixture", {})
+    if acc:
+      lines += ["", "| Mixture task | weight | exact answers (held out) |", "|---|---:|---:|"]
+      lines += [f"| {t} | {_f(mix.get(t))} | {_pct(a)} |" for t, a in acc.items()]
+    samples = q.get("samples", [])
+    if samples:
+      lines += ["", "Greedy captions of test images (generated / references):", ""]
+      for x in samples:
+        refs = "; ".join(f"“{r}”" for r in x["reference"])
+        lines.append(f"- “{x['generated']}” / {refs}")
+  return lines + [""]
 
 
 def render_md(config: Any, data: dict, figs: list) -> str:
@@ -478,10 +637,16 @@ def render_md(config: Any, data: dict, figs: list) -> str:
       f"{s['sae_steps']} x {s['sae_batch_size']} | {s['sae_train_rows']} | {s['test_pairs']} | "
       f"{', '.join(s['pooling'])} | {fvu} | {100 * s['never_fire_fraction']:.1f}% |"
     )
-  L += [""]
+  L += ["", "## What each model learned", ""]
+  L += [
+    "Linear probes of the single object's shape, colour and grid cell from the image embedding "
+    "(5-fold logistic regression on the single-object test scenes), beside the majority class:",
+    "",
+  ]
+  L += probes_md(data) + [""]
   for m in data["models"].values():
-    L.append(f"- **{m['label']}** quality: {_quality_line(m)}.")
-  L += ["", "## Findings", ""] + [f"- {x}" for x in findings(data)]
+    L += quality_md(m)
+  L += ["## Findings", ""] + [f"- {x}" for x in findings(data)]
   fr = next(iter(data["models"].values()))["settings"]
   L += [
     "",
@@ -494,7 +659,13 @@ def render_md(config: Any, data: dict, figs: list) -> str:
   L += table1_md(config, data)
   L += ["", "## Table 2: Recall@K before and after removing the top-attribution subspace", ""]
   L += table2_md(config, data)
-  L += ["", "## Table 3: last-token vs mean pooling", ""]
+  L += [
+    "",
+    "## Table 3: last-token vs mean pooling",
+    "",
+    "R@1 with its 95% bootstrap interval over queries; chance: the R@1 of a random ranking.",
+    "",
+  ]
   L += table3_md(config, data)
   L += ["", "## Figures", ""]
   for cap, f in figs:

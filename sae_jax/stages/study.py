@@ -12,11 +12,16 @@
               test split -> <workdir>/<name>/sae/activations/pooled_<variant>.npz (every variant)
   sae         Top-K SAE in <workdir>/<name>/sae on the train shards
   analyze     <workdir>/<name>/sae/analysis/ (Table 1, Fig. 2-3) on the test pairs
+  sae_seeds   the SAEs of seeds config.seed + 1 .. + study.sae_seeds - 1 (same rows and settings) in
+              <workdir>/<name>/sae_seed<s>/, each with its Table 1 on the same test pairs (Table 1's
+              spread over seeds; every other table and figure reads the main SAE of config.seed)
   retrieve    <workdir>/<name>/sae/retrieval/ (Tables 2-3, Fig. 4) on the test pairs
   tasks       (shapes) the paper's other tasks on the test scenes (`shapes.write_tasks`): image->image
               (NIGHTS role) for every model, composed (CIRR role) for the generative ones, extracted
               through the M-BEIR path into <workdir>/<name>/tasks/<task>/ and scored per pooling
-              variant (Recall@K of the base embeddings) into <workdir>/<name>/tasks/results.json
+              variant (Recall@K of the base embeddings with bootstrap intervals over queries and the
+              chance level) into <workdir>/<name>/tasks/results.json; the first-hit ranks behind
+              them in <workdir>/<name>/tasks/<task>/first_hit_ranks.npz
 
 then writes <workdir>/report/ (`sae_jax.stages.report`). Each finished step is recorded in
 <workdir>/<name>/steps.json and skipped on a re-run; an interrupted step is re-run and resumes
@@ -30,25 +35,30 @@ import os
 import time
 from typing import Any, Callable
 
+import jax
 import ml_collections
 import numpy as np
 
-from sae_jax import config_utils, retrieval, retrieval_tasks
+from sae_jax import config_utils, retrieval, retrieval_tasks, uncertainty
 from sae_jax import workdir as workdir_lib
 from sae_jax.data import shapes as shapes_lib
 from sae_jax.errors import SaeJaxError
 from sae_jax.stages import analyze, extract, extract_mbeir, report, retrieve, train_encoder
 from sae_jax.stages.study_layout import (  # noqa: F401  (re-exported: the study's layout)
+  SEED_SUMMARY,
   STEPS_FILE,
   base_variant,
   data_paths,
   model_dir,
   model_settings,
+  sae_seed_workdir,
+  sae_seeds,
   sae_workdir,
+  tasks_results,
 )
 from sae_jax.training import trainer
 
-STEPS = ("model", "extract_train", "extract_test", "sae", "analyze", "retrieve", "tasks")
+STEPS = ("model", "extract_train", "extract_test", "sae", "analyze", "sae_seeds", "retrieve", "tasks")
 
 
 def stage_config(config: Any, workdir: str, name: str, split: str) -> ml_collections.ConfigDict:
@@ -90,6 +100,7 @@ def stage_config(config: Any, workdir: str, name: str, split: str) -> ml_collect
   c.analysis.variant = base
   c.analysis.run_name = str(m.label)
   c.analysis.source = "pooled"
+  c.analysis.table1_resamples = int(st.table1_pair_resamples)
   c.retrieval.source = "pooled"
   c.retrieval.variants = pooling
   c.retrieval.base_variant = base
@@ -122,6 +133,7 @@ def run_tasks(config: Any, workdir: str, name: str, log: Callable = print) -> di
       continue  # a contrastive model encodes images and texts apart: no composed query
     summary = extract_mbeir.run_mbeir_extraction(c, wd)
     act = os.path.join(wd, "activations")
+    ranks = {}
     with open(os.path.join(act, "mbeir_qrels.json")) as f:
       qrels = json.load(f)
     by_variant = {}
@@ -134,17 +146,95 @@ def run_tasks(config: Any, workdir: str, name: str, log: Callable = print) -> di
           {k: q[k] for k in q.files}, {k: p[k] for k in p.files}, qrels, task=task, source=act
         )
       td = retrieval_tasks.build_task(task, arrays, act)
-      rec, _ = retrieval.evaluate(
+      rec, ids = retrieval.evaluate(
         td.queries, td.candidates, td.positives_indptr, td.positives_indices, ks=ks, exclude=td.exclude
       )
-      by_variant[v] = {**rec, "n_queries": td.n_queries, "n_candidates": td.n_candidates}
+      ranks[v] = np.asarray(
+        jax.jit(retrieval.first_hit_rank)(ids, td.positives_indptr, td.positives_indices), np.int64
+      )
+      by_variant[v] = {
+        **rec,
+        **task_intervals(config, ranks[v], td, ks),
+        "n_queries": td.n_queries,
+        "n_candidates": td.n_candidates,
+      }
+    workdir_lib.atomic_savez(os.path.join(wd, "first_hit_ranks.npz"), **ranks)
     out[task] = by_variant
     log(
       f"study {name}: {task} "
       + ", ".join(f"{v} R@1 {r['R@1']:.2f}" for v, r in by_variant.items())
       + f" ({entry['queries']} queries, {entry['candidates']} candidates)"
     )
-  workdir_lib.atomic_write_json(os.path.join(workdir, name, "tasks", "results.json"), out)
+  workdir_lib.atomic_write_json(tasks_results(workdir, name), out)
+  return out
+
+
+def task_intervals(config: Any, ranks: np.ndarray, td: retrieval_tasks.TaskData, ks: tuple) -> dict:
+  """The 95% bootstrap interval over queries of each R@K (`R@K_ci95`, config.retrieval.bootstrap_*)
+  and the Recall@K of a random ranking (`chance`), as the retrieval stage records them."""
+  ci = uncertainty.recall_with_ci(
+    ranks, ks, n_boot=int(config.retrieval.bootstrap_n), seed=int(config.retrieval.bootstrap_seed)
+  )
+  # A query whose own reference is dropped from the ranking (CIRR) ranks one candidate fewer.
+  n_pos = np.diff(np.asarray(td.positives_indptr))
+  dropped = np.zeros(n_pos.shape, bool) if td.exclude is None else np.asarray(td.exclude) >= 0
+  chance = {f"R@{k}": 0.0 for k in ks}
+  for group in (~dropped, dropped):
+    if group.any():
+      pool = td.n_candidates - int(dropped[group][0])
+      part = uncertainty.chance_recall(np.minimum(n_pos[group], pool), pool, ks)
+      for k in chance:
+        chance[k] += part[k] * group.sum() / n_pos.shape[0]
+  return {**{k: v for k, v in ci.items() if k.endswith("_ci95")}, "chance": chance}
+
+
+def seed_stage_config(config: Any, workdir: str, name: str, seed: int, d: int) -> ml_collections.ConfigDict:
+  """The config of the SAE of `seed` (not config.seed): the main SAE's, with its own init and batch
+  order, analysed on the main SAE's test pairs with only what Table 1 needs."""
+  c = stage_config(config, workdir, name, "test")
+  c.sae.d = int(d)
+  offset = int(seed) - int(config.seed)
+  c.seed = int(seed)
+  c.data.shuffle_seed = int(config.data.shuffle_seed) + offset
+  a = c.analysis
+  a.run_name = f"{model_settings(config, name).label} (SAE seed {int(seed)})"
+  a.embeddings_path = os.path.join(
+    sae_workdir(workdir, name), "activations", f"pooled_{base_variant(config, name)}.npz"
+  )
+  a.save_codes = False
+  a.table1_resamples = 0
+  a.compare_workdirs = ""
+  if str(a.bridge_reduction) != "max":  # the blockwise bridge is needed only for the "max" reduction
+    a.top_pairs = 0
+  return c
+
+
+def run_sae_seeds(config: Any, workdir: str, name: str, d: int, log: Callable = print) -> dict:
+  """Trains and analyses the SAEs of the seeds after config.seed (`sae_seeds`); returns {"seeds": [...],
+  "table1": {seed: Table 1 row}, "eval_fvu": {seed: FVU}} of those extra seeds. A seed whose
+  seed_summary.json exists is read back (resume)."""
+  out: dict = {"seeds": [], "table1": {}, "eval_fvu": {}}
+  for seed in sae_seeds(config)[1:]:
+    wd = sae_seed_workdir(config, workdir, name, seed)
+    path = os.path.join(wd, SEED_SUMMARY)
+    if os.path.exists(path):
+      with open(path) as f:
+        s = json.load(f)
+      log(f"study {name}: SAE seed {seed} done earlier, read back")
+    else:
+      c = seed_stage_config(config, workdir, name, seed, d)
+      t = trainer.train_and_evaluate(c, wd)
+      a = analyze.run_analysis(c, wd)
+      s = {"seed": int(seed), "eval_fvu": t.get("eval_fvu"), "step": t["step"], "table1": a["table1"]}
+      workdir_lib.atomic_write_json(path, s)
+      row = s["table1"]
+      log(
+        f"study {name}: SAE seed {seed}: eval FVU {s['eval_fvu']}, "
+        + ", ".join(f"{k} {row[k]:.4f}" for k in analyze.J_KEYS)
+      )
+    out["seeds"].append(int(seed))
+    out["table1"][str(seed)] = s["table1"]
+    out["eval_fvu"][str(seed)] = s["eval_fvu"]
   return out
 
 
@@ -170,6 +260,12 @@ def run_model(config: Any, workdir: str, name: str, log: Callable = print) -> di
     workdir_lib.atomic_write_json(steps_path, done)
 
   for step in STEPS:
+    if (
+      step == "sae_seeds"
+      and step in done
+      and done[step]["summary"].get("seeds") != list(sae_seeds(config)[1:])
+    ):
+      del done[step]  # config.study.sae_seeds changed: train and analyse the seeds not done yet
     if step in done:
       log(f"study {name}: {step} done earlier, skipped")
       continue
@@ -212,6 +308,9 @@ def run_model(config: Any, workdir: str, name: str, log: Callable = print) -> di
         {k: s[k] for k in ("c", "d", "k", "n_pairs", "table1", "embeddings_path")},
         time.perf_counter() - t0,
       )
+    elif step == "sae_seeds":
+      d = int(done["extract_train"]["summary"]["d"])
+      record(step, run_sae_seeds(config, workdir, name, d, log), time.perf_counter() - t0)
     elif step == "retrieve":
       c = stage_config(config, workdir, name, "test")
       c.sae.d = int(done["extract_train"]["summary"]["d"])

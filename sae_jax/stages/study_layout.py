@@ -5,6 +5,8 @@
 <workdir>/<name>/steps.json      the finished steps of that model and their summaries
 <workdir>/<name>/train_extract/  train split activations (SAE training shards)
 <workdir>/<name>/sae/            the SAE workdir: test split pooled embeddings, analysis/, retrieval/
+<workdir>/<name>/sae_seed<s>/    the SAEs of the other seeds (study.sae_seeds): checkpoints, analysis/
+<workdir>/<name>/tasks/          the image->image and composed tasks: results.json, <task>/activations/
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from sae_jax.data import shapes as shapes_lib
 from sae_jax.errors import SaeJaxError
 
 STEPS_FILE = "steps.json"
+SEED_SUMMARY = "seed_summary.json"  # in each extra seed's SAE workdir, written when its Table 1 is done
 
 
 def data_paths(config: Any, workdir: str) -> dict:
@@ -62,6 +65,25 @@ def model_dir(config: Any, workdir: str, name: str) -> str:
 
 def sae_workdir(workdir: str, name: str) -> str:
   return os.path.join(workdir, name, "sae")
+
+
+def sae_seeds(config: Any) -> tuple:
+  """The SAE seeds of Table 1's spread: config.seed (the main SAE) and the next study.sae_seeds - 1."""
+  n = int(config.study.sae_seeds)
+  if n < 1:
+    raise SaeJaxError(f"config.study.sae_seeds={n}: expected >= 1 (1 = the main SAE only)")
+  return tuple(int(config.seed) + k for k in range(n))
+
+
+def sae_seed_workdir(config: Any, workdir: str, name: str, seed: int) -> str:
+  """The SAE workdir of `seed`: the main one for config.seed, else <workdir>/<name>/sae_seed<seed>."""
+  if int(seed) == int(config.seed):
+    return sae_workdir(workdir, name)
+  return os.path.join(workdir, name, f"sae_seed{int(seed)}")
+
+
+def tasks_results(workdir: str, name: str) -> str:
+  return os.path.join(workdir, name, "tasks", "results.json")
 
 
 def base_variant(config: Any, name: str) -> str:
