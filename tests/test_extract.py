@@ -159,6 +159,29 @@ def test_qwen2vl_end_to_end_pooled_variants_and_token_shards(qwen_run):
   np.testing.assert_allclose(zm["text"], zi["text"], atol=1e-6)  # captions have no image tokens
 
 
+def test_pooled_shard_rows_are_the_pooled_vectors_of_each_image_and_caption(qwen_run, tmp_path):
+  """shard_rows="pooled": one row per image and per caption, equal to the pooled file's vectors of
+  pooling[0]; a crash mid-run resumes to the same rows."""
+  ref_wd, _ = qwen_run
+  enc = _encoder("qwen2_vl")
+  kw = dict(shard_rows="pooled", pooling=("mean_no_prompt", "mean"))
+  with pytest.raises(Crash):
+    _run("qwen2_vl", tmp_path, encoder=CrashingEncoder(enc, 9), **kw)
+  summary = _run("qwen2_vl", tmp_path, **kw)
+  assert summary["counts"]["shard_rows"] == 11 + 55
+  _, rows, types, ids = _shards(tmp_path)
+  z = np.load(ref_wd / "activations" / "pooled_mean_no_prompt.npz")
+  img = ids < extract_stage.CAPTION_ID_OFFSET
+  assert set(types[img].tolist()) == {pooling.TOKEN_IMAGE} and set(types[~img].tolist()) == {2}
+  order = {int(i): r for r, i in enumerate(z["image_unique_ids"])}
+  np.testing.assert_allclose(rows[img], z["image_unique"][[order[int(i)] for i in ids[img]]], atol=1e-5)
+  order = {int(i): r for r, i in enumerate(z["caption_ids"])}
+  cap = ids[~img] - extract_stage.CAPTION_ID_OFFSET
+  np.testing.assert_allclose(rows[~img], z["text"][[order[int(i)] for i in cap]], atol=1e-5)
+  with pytest.raises(SaeJaxError, match="config.extract.shard_rows='rows'"):
+    _run("qwen2_vl", tmp_path / "bad", shard_rows="rows")
+
+
 def test_rerun_of_complete_extraction_is_a_noop(clip_run):
   wd, summary = clip_run
   shard = os.path.join(wd, "activations", "shards", "shard-00000.npy")

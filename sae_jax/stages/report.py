@@ -152,6 +152,10 @@ def collect(config: Any, workdir: str) -> dict:
         "top_fraction": fraction,
         "bridge_reduction": t1["bridge_reduction"],
         "eval_fvu": steps["sae"]["summary"].get("eval_fvu"),
+        # Latents silent for sae.dead_tokens rows at the end of training (AuxK trains them, if on).
+        "dead_fraction": steps["sae"]["summary"].get("dead_fraction"),
+        "aux_k": int(sae_cfg.sae_spec.aux_k),
+        "sae_rows": "embeddings" if base == "embed" else str(config.study.sae_rows),
         # Concepts that fire on none of the analysed test pairs: a dictionary that is mostly silent
         # on its data describes it with far fewer concepts than c.
         "never_fire_fraction": float(silent.mean()),
@@ -625,17 +629,18 @@ def render_md(config: Any, data: dict, figs: list) -> str:
     "",
     "## Models and settings",
     "",
-    "| Model | kind | d | SAE c | k | SAE steps x batch | SAE train rows | test pairs | pooling | eval FVU "
-    "| never fire |",
-    "|---|---|---:|---:|---:|---|---:|---:|---|---:|---:|",
+    "| Model | kind | d | SAE c | k | AuxK | SAE steps x batch | SAE train rows | test pairs | pooling "
+    "| eval FVU | dead (train) | never fire (test) |",
+    "|---|---|---:|---:|---:|---:|---|---:|---:|---|---:|---:|---:|",
   ]
   for m in data["models"].values():
     s = m["settings"]
     fvu = "" if s["eval_fvu"] is None else f"{s['eval_fvu']:.3f}"
+    dead = "" if s.get("dead_fraction") is None else f"{100 * s['dead_fraction']:.1f}%"
     L.append(
-      f"| {m['label']} | {m['kind']} ({m['family']}) | {s['d']} | {s['c']} | {s['k']} | "
-      f"{s['sae_steps']} x {s['sae_batch_size']} | {s['sae_train_rows']} | {s['test_pairs']} | "
-      f"{', '.join(s['pooling'])} | {fvu} | {100 * s['never_fire_fraction']:.1f}% |"
+      f"| {m['label']} | {m['kind']} ({m['family']}) | {s['d']} | {s['c']} | {s['k']} | {s['aux_k'] or 'off'} | "
+      f"{s['sae_steps']} x {s['sae_batch_size']} | {s['sae_train_rows']} ({s['sae_rows']}) | {s['test_pairs']} | "
+      f"{', '.join(s['pooling'])} | {fvu} | {dead} | {100 * s['never_fire_fraction']:.1f}% |"
     )
   L += ["", "## What each model learned", ""]
   L += [

@@ -919,8 +919,14 @@ def pretrain_vision(
   scale = torch.tensor(math.log(1 / 0.07))
   codes = None
   if kind == "chameleon":
-    codes = chameleon_code_ids(
-      model, batcher.enc.processor, [sampler.image(i) for i in range(len(sampler.caps))]
+    n, chunk = len(sampler.caps), 1024  # loaded a chunk at a time: the split may be large
+    codes = torch.cat(
+      [
+        chameleon_code_ids(
+          model, batcher.enc.processor, [sampler.image(i) for i in range(s, min(s + chunk, n))]
+        )
+        for s in range(0, n, chunk)
+      ]
     )
   acc = 0.0
   for step in range(steps):
