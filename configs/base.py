@@ -273,12 +273,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   et.generative.eval_batches = 4  # held-out batches per mixture task for the answer accuracy
 
   def _decoder(**kw):
-    d = {"steps": 2000, "batch_size": 24, "lr": 2e-3, "hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2}
+    d = {"steps": 1500, "batch_size": 24, "lr": 2e-3, "hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2}
     d.update(kw)
     return ml_collections.ConfigDict(d)
 
   et.clip = ml_collections.ConfigDict()
-  et.clip.steps = 2000
+  et.clip.steps = 1000
   et.clip.batch_size = 128
   et.clip.lr = 1e-3
   et.clip.hidden = 128
@@ -289,6 +289,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   et.clip.max_text_len = 48
   et.siglip = ml_collections.ConfigDict(dict(et.clip.to_dict()))  # Siglip2Model, the sigmoid loss
   del et.siglip["projection_dim"]  # SigLIP embeds at the tower width
+  et.siglip.steps = 1500  # the sigmoid loss learns slower than InfoNCE here (300 steps: R@1 24% vs 42%)
   # Qwen2-VL: 64x64 images, 8x8 patches -> 16 image tokens after the 2x2 merge.
   et.qwen2_vl = _decoder(vision_depth=2, vision_dim=64, patch_size=8)
   et.qwen3_vl = _decoder(vision_depth=2, vision_dim=64, patch_size=8)
