@@ -306,7 +306,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     vq_batch_size=32,
     vq_lr=2e-3,
     vq_images=4000,
-    vision_lr=1e-2,  # stage 1 trains only the code embeddings (pretrain_vision)
+    # Reconstruction loss weighted toward pixels far from the image's median colour (the small objects
+    # the captions name): a linear probe of the largest object's colour from each test image's bag of
+    # codes (200 test images, 2000 train) reads 35% with plain MSE, 52% with 10 (majority 16%).
+    vq_foreground_weight=10.0,
+    vision_lr=1e-2,  # stage 1 trains only the code embeddings (pretrain_vision), on cached codes
+    vision_steps=2000,
   )
 
   config.study = study = ml_collections.ConfigDict()  # sae_jax/stages/study.py (experiments.study)

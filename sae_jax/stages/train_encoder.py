@@ -642,6 +642,20 @@ def _vq_decoder(embed_dim: int, channels: int, levels: int):
   return nn.Sequential(*layers)
 
 
+def _foreground_weights(x, alpha: float):
+  """[B, 1, H, W] per-pixel weights of the VQ-VAE's reconstruction loss: 1 + alpha * the pixel's
+  distance from its image's per-channel median (the background), normalised to mean 1 per image.
+  With plain MSE the codes describe the background that fills most pixels; small objects, what the
+  captions talk about, would share codes with it."""
+  import torch
+
+  if alpha <= 0:
+    return torch.ones_like(x[:, :1])
+  med = x.flatten(2).median(dim=2).values[:, :, None, None]
+  w = 1 + alpha * (x - med).norm(dim=1, keepdim=True)
+  return w / w.mean(dim=(2, 3), keepdim=True)
+
+
 def train_chameleon_vq(model, processor, images: list, cfg: Any, log: Callable) -> dict:
   """Trains Chameleon's VQ-VAE (encoder, quant conv, codebook) to reconstruct `images` (MSE plus the
   codebook / commitment loss, straight-through gradients); the codebook starts at, and unused codes
@@ -661,6 +675,7 @@ def train_chameleon_vq(model, processor, images: list, cfg: Any, log: Callable) 
   progress = _Progress("chameleon VQ-VAE", steps, float(cfg.log_every_s), log)
   vq.train()
   n_codes = int(c.vq_codes)
+  fg = float(c.vq_foreground_weight)
   usage = torch.zeros(n_codes)
   every = max(1, min(50, steps // 10))
   for step in range(steps):
@@ -677,7 +692,7 @@ def train_chameleon_vq(model, processor, images: list, cfg: Any, log: Callable) 
         usage[dead] = 1.0
     zq, emb_loss, codes = vq.quantize(z)
     recon = dec(zq)
-    rec = torch.mean((recon - x) ** 2)
+    rec = torch.mean(_foreground_weights(x, fg) * (recon - x) ** 2)
     loss = rec + emb_loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
