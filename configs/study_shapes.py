@@ -72,6 +72,7 @@ def get_config(arg: str = ""):
     et.chameleon.vq_batch_size = 16
     et.chameleon.vq_images = 200
     et.chameleon.vq_codes = 64
+    et.chameleon.vision_steps = 20
     config.sae.dead_tokens = 10_000
     st = config.study
     st.train_extract_images = 200

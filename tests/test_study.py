@@ -154,6 +154,41 @@ def test_saved_model_reproduces_the_study_embeddings(tiny, name, family, arch):
   assert enc.chat_template == config.study.model[name].chat_template
 
 
+@pytest.mark.parametrize("name", study_shapes.MODELS)
+def test_study_embeddings_retrieve_as_the_trained_model_did(tiny, name):
+  """The retrieval stage's base image->text / text->image R@1 on the test split (embeddings of the
+  checkpoint read back from disk) equals the figure the trainer measured on the model in memory
+  (quality.json): a reload that re-tokenizes or drops weights changes it (a SigLIP2 whose processor
+  rebuilt its tokenizer retrieved at chance after 47.8% in memory)."""
+  wd, config, _ = tiny
+  q = _json(os.path.join(wd, "models", name, train_encoder.QUALITY_FILE))
+  assert q["test_images"] == config.shapes.test_images  # the quality figures cover the whole split
+  res = _json(os.path.join(wd, name, "sae", "retrieval", "results.json"))
+  base = study.base_variant(config, name)
+  assert res["image_to_text"][base]["R@1"] == pytest.approx(q["i2t_R@1"], abs=1e-6)
+  assert res["text_to_image"][base]["R@1"] == pytest.approx(q["t2i_R@1"], abs=1e-6)
+
+
+def test_a_processor_that_rebuilds_its_tokenizer_gets_the_saved_one(tmp_path):
+  """Siglip2Processor.from_pretrained rebuilds a Siglip2Tokenizer (Gemma's normaliser) from the
+  vocabulary; the loader keeps tokenizer.json's encoding instead."""
+  from configs import base as base_config
+  from sae_jax import encoders as enc_lib
+
+  cfg = base_config.get_config().encoder_training
+  caps = ["a small red circle in the top left", "two big blue stars and a green ring"] * 20
+  tok = train_encoder.train_tokenizer(caps, train_encoder.GEMMA_SPECIALS, 400, "gemma")
+  model, proc = train_encoder.build_siglip(tok, cfg, 64)
+  proc.save_pretrained(str(tmp_path))
+  model.save_pretrained(str(tmp_path))
+  from transformers import AutoProcessor
+
+  probe = "a small red circle in the top left"
+  want = tok(probe)["input_ids"]
+  assert AutoProcessor.from_pretrained(str(tmp_path)).tokenizer(probe)["input_ids"] != want  # the trap
+  assert enc_lib._load_processor("siglip", str(tmp_path)).tokenizer(probe)["input_ids"] == want
+
+
 def test_generative_tokenizers_keep_words_whole(tiny):
   """Every caption word and template word is one token of the trained tokenizers (two with the
   punctuation attached to it), and the Qwen tokenizers keep their chat special tokens."""

@@ -97,7 +97,35 @@ def resolve_device(device: str) -> str:
   return device
 
 
+TOKENIZER_PROBE = "A small red circle in the top left, 2 stars; Summarize the above sentence in one word:"
+
+
+def _faithful_tokenizer(proc, name):
+  """The processor, its tokenizer encoding as the directory's tokenizer.json does.
+
+  Some processors rebuild their tokenizer class from the vocabulary with the class's own
+  normaliser (transformers 5: `Siglip2Processor` -> `Siglip2Tokenizer`, Gemma's "▁" spaces), which
+  silently re-tokenizes a checkpoint whose tokenizer.json was trained otherwise (a SigLIP2 trained
+  here then retrieves at chance). Where the two disagree on a probe, tokenizer.json wins; hub
+  checkpoints, whose class and file agree, are returned as loaded."""
+  tok_file = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else ""
+  tok = getattr(proc, "tokenizer", None)
+  if not tok_file or not os.path.exists(tok_file) or tok is None:
+    return proc
+  from tokenizers import Tokenizer
+  from transformers import AutoProcessor, TokenizersBackend
+
+  want = Tokenizer.from_file(tok_file).encode(TOKENIZER_PROBE, add_special_tokens=False).ids
+  if list(tok(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]) == want:
+    return proc
+  return AutoProcessor.from_pretrained(name, tokenizer=TokenizersBackend.from_pretrained(name))
+
+
 def _load_processor(family, name):
+  return _faithful_tokenizer(_load_processor_as_declared(family, name), name)
+
+
+def _load_processor_as_declared(family, name):
   from transformers import AutoProcessor, AutoTokenizer
 
   if family == "text":
