@@ -334,6 +334,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Table 1's spread over SAE seeds: the main SAE (config.seed) and sae_seeds - 1 more, trained on the
   # same rows with seeds config.seed + 1, ... (init and batch order); 1 = the main SAE only.
   study.sae_seeds = 3
+  # Models run at once, one process each (their steps are independent until the report); each uses
+  # encoder_training.threads torch threads. 1 = one after the other in this process.
+  study.workers = 1
   # ... and over random half-subsets of the test pairs for the main SAE (analysis.table1_resamples); 0 = off.
   study.table1_pair_resamples = 20
   # Per model: `source` is "train:clip" / "train:qwen2_vl" (trained here by train_encoder) or a hub id

@@ -29,6 +29,7 @@ def get_config(arg: str = ""):
   config.study.train_extract_images = 0
   config.study.sae_steps = 1000
   config.study.sae_batch_size = 1024
+  config.study.workers = 2  # two models at a time, one torch thread each (2 cores)
   # The "modern" SAE (Gao et al.: pre-bias at the rows' geometric median, tied init, normalised MSE,
   # AuxK on latents silent for 100k rows, ~100 steps). A decoder's pooled rows sit close to one large
   # common vector; without a pre-bias the paper preset spends latents on it (measured on the tiny
@@ -74,6 +75,7 @@ def get_config(arg: str = ""):
     et.chameleon.vq_codes = 64
     et.chameleon.vision_steps = 20
     config.sae.dead_tokens = 10_000
+    config.study.workers = 1
     st = config.study
     st.train_extract_images = 200
     st.sae_steps = 100

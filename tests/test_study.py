@@ -189,6 +189,22 @@ def test_a_processor_that_rebuilds_its_tokenizer_gets_the_saved_one(tmp_path):
   assert enc_lib._load_processor("siglip", str(tmp_path)).tokenizer(probe)["input_ids"] == want
 
 
+def test_models_in_worker_processes_give_the_same_study(tiny, tmp_path):
+  """study.workers=2 (one spawned process per model) reproduces the sequential study's figures."""
+  wd, config, _ = tiny
+  c = study_shapes.get_config("tiny")
+  c.study.models = ("clip", "siglip")
+  c.study.workers = 2
+  c.study.data_dir = os.path.join(wd, "data")  # the same generated world
+  out = study.run_study(c, str(tmp_path), log=print)
+  for name in c.study.models:
+    got, ref = (_json(os.path.join(d, name, study.STEPS_FILE)) for d in (str(tmp_path), wd))
+    assert got["model"]["summary"]["i2t_R@1"] == ref["model"]["summary"]["i2t_R@1"]
+    assert got["sae"]["summary"]["eval_fvu"] == pytest.approx(ref["sae"]["summary"]["eval_fvu"], rel=1e-5)
+    assert got["analyze"]["summary"]["table1"] == ref["analyze"]["summary"]["table1"]
+  assert set(_json(out["report"]["json"])["models"]) == {"clip", "siglip"}
+
+
 def test_generative_tokenizers_keep_words_whole(tiny):
   """Every caption word and template word is one token of the trained tokenizers (two with the
   punctuation attached to it), and the Qwen tokenizers keep their chat special tokens."""

@@ -329,6 +329,14 @@ def run_model(config: Any, workdir: str, name: str, log: Callable = print) -> di
   return done
 
 
+def _run_model_in_worker(config_dict: dict, workdir: str, name: str) -> dict:
+  import torch
+
+  config = ml_collections.ConfigDict(config_dict)
+  torch.set_num_threads(int(config.encoder_training.threads))
+  return run_model(config, workdir, name, lambda msg: print(msg, flush=True))
+
+
 def run_study(config: Any, workdir: str, log: Callable = print) -> dict:
   """Runs (or resumes) the study of `config.study` in `workdir` and writes <workdir>/report/."""
   if not workdir:
@@ -347,9 +355,25 @@ def run_study(config: Any, workdir: str, log: Callable = print) -> dict:
   paths = data_paths(config, workdir)
   if st.dataset == "shapes":
     shapes_lib.write_shapes(config.shapes, paths["root"], log=log)
+    shapes_lib.write_tasks(config.shapes, paths["root"], log=log)  # once, before any worker reads it
+  workers = int(st.workers)
+  if workers < 1:
+    raise SaeJaxError(f"config.study.workers={workers}: expected >= 1")
   steps = {}
-  for n in names:
-    steps[n] = run_model(config, workdir, n, log)
+  if workers == 1 or len(names) == 1:
+    for n in names:
+      steps[n] = run_model(config, workdir, n, log)
+  else:
+    # Models are independent until the report: one process per model, `workers` at a time, each
+    # with encoder_training.threads torch threads (spawned: torch and JAX do not survive a fork).
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+      futures = {n: pool.submit(_run_model_in_worker, config.to_dict(), workdir, n) for n in names}
+      for n in names:
+        steps[n] = futures[n].result()
   out = report.write_report(config, workdir, log=log)
   log(f"study: done in {time.perf_counter() - t0:.1f} s; report {out['md']}")
   return {"steps": steps, "report": out, "seconds": time.perf_counter() - t0}
