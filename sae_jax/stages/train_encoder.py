@@ -6,7 +6,9 @@ The paper's six families, each trained as a model of its kind:
   qwen2_vl    `Qwen2VLForConditionalGeneration`  \\
   qwen3_vl    `Qwen3VLForConditionalGeneration`   |  generalists: the mixture below, next-token loss
   paligemma   `PaliGemmaForConditionalGeneration` |  on the answer tokens
-  chameleon   `ChameleonForConditionalGeneration` /  (its VQ image tokenizer is trained first)
+  chameleon   `ChameleonForConditionalGeneration` /  (its VQ image tokenizer is trained first,
+                                                     its reconstruction loss weighted toward the
+                                                     objects: `chameleon.vq_foreground_weight`)
 
 Generative models are trained in two stages, as real MLLMs are. Stage 1: the vision tower and
 projector (Chameleon: the embeddings of its VQ code tokens) are aligned with the decoder's word
