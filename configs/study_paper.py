@@ -65,6 +65,19 @@ TABLE3 = {
 }
 
 
+def published() -> ml_collections.ConfigDict:
+  """{model name: {"table1", "table2", "table3"}}: the paper's numbers, as `config.study.published`."""
+  pub = ml_collections.ConfigDict()
+  for name in MODELS:
+    entry = {"table1": dict(zip(("J_EA", "J_EB", "J_AB", "triple"), TABLE1[name]))}
+    if name in TABLE2:
+      entry["table2"] = {"image_to_text": {"base": TABLE2[name][0], "removal": TABLE2[name][1]}}
+    if name in TABLE3:
+      entry["table3"] = {t: {"last_token": lt, "mean": mp} for t, (lt, mp) in TABLE3[name].items()}
+    pub[name] = entry
+  return pub
+
+
 def get_config(arg: str = ""):
   del arg
   config = base.get_config()
@@ -92,15 +105,7 @@ def get_config(arg: str = ""):
         "chat_template": name.startswith("qwen"),  # as the authors' Qwen-VL runs
       }
     )
-  pub = ml_collections.ConfigDict()
-  for name in MODELS:
-    entry = {"table1": dict(zip(("J_EA", "J_EB", "J_AB", "triple"), TABLE1[name]))}
-    if name in TABLE2:
-      entry["table2"] = {"image_to_text": {"base": TABLE2[name][0], "removal": TABLE2[name][1]}}
-    if name in TABLE3:
-      entry["table3"] = {t: {"last_token": lt, "mean": mp} for t, (lt, mp) in TABLE3[name].items()}
-    pub[name] = entry
-  st.published = pub
+  st.published = published()
   config.retrieval.max_queries = 3000
   config.extract.log_every_s = 60.0
   return config

@@ -9,11 +9,20 @@ experiments/results/shapes/, took 16.5 min on 2 shared cores).
 Arg words: "tiny" (400 train / 100 test images, all six families; tests/test_study.py).
 """
 
-from configs import base
+from configs import base, study_paper
 from sae_jax import config_utils
 
 MODELS = ("clip", "siglip", "qwen2_vl", "qwen3_vl", "paligemma", "chameleon")
 GENERATIVE = ("qwen2_vl", "qwen3_vl", "paligemma", "chameleon")
+# Each family's model in the paper (configs/study_paper.py): its published numbers print beside ours.
+PAPER_MODEL = {
+  "clip": "clip",
+  "siglip": "siglip2",
+  "qwen2_vl": "qwen2vl",
+  "qwen3_vl": "qwen3vl",
+  "paligemma": "paligemma2",
+  "chameleon": "chameleon",
+}
 
 
 def get_config(arg: str = ""):
@@ -22,6 +31,9 @@ def get_config(arg: str = ""):
   config.extract.log_every_s = 30.0
   config.data.prefetch = 2
   config.study.models = MODELS
+  paper = study_paper.published()
+  for name in MODELS:
+    config.study.published[name] = paper[PAPER_MODEL[name]]
   # The paper's regime at miniature scale (issue 20): 1,000 test images x 5 captions; every SAE has
   # c=2048 (top-1% sets of 20 concepts) and trains on the pooled rows of all 35,000 train images
   # (one image row + 5 caption rows each: 210,000 rows).

@@ -30,7 +30,9 @@ through the stage's own resume (extraction part files and finished shards, SAE c
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import time
 from typing import Any, Callable
@@ -366,9 +368,6 @@ def run_study(config: Any, workdir: str, log: Callable = print) -> dict:
   else:
     # Models are independent until the report: one process per model, `workers` at a time, each
     # with encoder_training.threads torch threads (spawned: torch and JAX do not survive a fork).
-    import concurrent.futures
-    import multiprocessing
-
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
       futures = {n: pool.submit(_run_model_in_worker, config.to_dict(), workdir, n) for n in names}
