@@ -69,7 +69,7 @@ def published() -> ml_collections.ConfigDict:
   """{model name: {"table1", "table2", "table3"}}: the paper's numbers, as `config.study.published`."""
   pub = ml_collections.ConfigDict()
   for name in MODELS:
-    entry = {"table1": dict(zip(("J_EA", "J_EB", "J_AB", "triple"), TABLE1[name]))}
+    entry = {"label": MODELS[name][1], "table1": dict(zip(("J_EA", "J_EB", "J_AB", "triple"), TABLE1[name]))}
     if name in TABLE2:
       entry["table2"] = {"image_to_text": {"base": TABLE2[name][0], "removal": TABLE2[name][1]}}
     if name in TABLE3:

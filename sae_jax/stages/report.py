@@ -211,6 +211,11 @@ def _published(config: Any, name: str, *keys) -> Any:
   return node
 
 
+def _published_label(config: Any, name: str, m: dict) -> str:
+  """The paper's name of the model whose published numbers sit beside model `name`."""
+  return str(_published(config, name, "label") or m["label"])
+
+
 def table1_md(config: Any, data: dict) -> list:
   lines = [
     "| Model | c | set size | J(S_E,S_A) | J(S_E,S_B) | J(S_A,S_B) | Triple overlap |",
@@ -237,7 +242,7 @@ def table1_md(config: Any, data: dict) -> list:
     pub = _published(config, name, "table1")
     if pub is not None:
       lines.append(
-        f"| {m['label']} (paper) | | | "
+        f"| {_published_label(config, name, m)} (paper) | | | "
         + " | ".join(_f(float(pub[k]), 4) for k in PUBLISHED_TABLE1_KEYS)
         + " |"
       )
@@ -290,7 +295,7 @@ def table2_md(config: Any, data: dict) -> list:
         pub = _published(config, name, "table2", task, published) if published else None
         if pub is not None:
           lines.append(
-            f"| {m['label']} (paper) | {task_label(task, 'MSCOCO')} | {label} | "
+            f"| {_published_label(config, name, m)} (paper) | {task_label(task, 'MSCOCO')} | {label} | "
             + " | ".join(_f(float(x)) for x in pub)
             + " | | published |"
           )
@@ -330,7 +335,7 @@ def table3_md(config: Any, data: dict) -> list:
         if pub is not None:
           paper = PAPER_DATASETS.get(task, "MSCOCO")
           lines.append(
-            f"| {m['label']} (paper) | {task_label(task, paper)} | {label} | "
+            f"| {_published_label(config, name, m)} (paper) | {task_label(task, paper)} | {label} | "
             + " | ".join(_f(float(x)) for x in pub)
             + " | |"
           )
