@@ -4,8 +4,8 @@
 Models: CLIP (InfoNCE) and SigLIP2 (sigmoid loss), contrastive; Qwen2-VL, Qwen3-VL, PaliGemma and
 Chameleon (its VQ image tokenizer trained first), generative, trained as generalists on the mixture
 of `config.encoder_training.mixture` (sae_jax/stages/train_encoder.py).
-Cost: the six-family default has not been timed yet (the two-model study of the committed report,
-experiments/results/shapes/, took 16.5 min on 2 shared cores).
+Cost: 4,981 s (83 min) of per-model steps (experiments/results/shapes/report.md, "Wall time per step"),
+two models at a time (study.workers=2): ~53 min on 2 cores, not yet timed as one command.
 Arg words: "tiny" (400 train / 100 test images, all six families; tests/test_study.py).
 """
 
