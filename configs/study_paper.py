@@ -92,10 +92,12 @@ def get_config(arg: str = ""):
   st.sae_batch_size = 4096  # paper Appendix A: Adam 8e-4, batch 4096 (the base defaults)
   st.sae_steps = 50_000
   st.models = tuple(MODELS)
+  template = st.model["clip"].to_dict()  # base's per-model fields (their defaults live there)
   st.model = ml_collections.ConfigDict()
   for name, (hub, label, c, pooling, batch) in MODELS.items():
     st.model[name] = ml_collections.ConfigDict(
       {
+        **template,
         "source": hub,
         "label": label,
         "c": c,

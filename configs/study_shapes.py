@@ -54,6 +54,11 @@ def get_config(arg: str = ""):
     config.study.model[name].c = 2048
     config.study.model[name].k = 32
     config.study.model[name].batch_size = 64
+  # Each model's steps in seconds, summed from a run of this preset (two models at a time on 2 cores):
+  # the workers start the longest first.
+  cost = {"clip": 559, "siglip": 893, "qwen2_vl": 747, "qwen3_vl": 963, "paligemma": 723, "chameleon": 1097}
+  for name in MODELS:
+    config.study.model[name].cost_s = float(cost[name])
   if "tiny" in words:
     config.preset_note = (
       "tiny preset: six small models trained for seconds on 400 images; it tests the plumbing, not the "

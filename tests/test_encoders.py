@@ -347,6 +347,47 @@ def test_bf16_path_returns_float32_rows_close_to_fp32():
   assert rel < 0.05
 
 
+def test_chameleon_image_gen_is_the_caption_then_the_codes_extraction_swaps_in():
+  """Chameleon's image_gen sequences: caption, the image-start marker, the image's VQ code tokens
+  (exactly the ids ChameleonModel swaps in for the extraction prompt's image placeholders), the
+  image-end marker; only the codes and the end marker carry labels, and their loss is finite (HF's
+  class masks image-token logits to the dtype's minimum)."""
+  from sae_jax import encoders
+  from sae_jax.stages import train_encoder as te
+
+  model, processor = tiny.build("chameleon")
+  enc = encoders.encoder_class("chameleon")(model, processor, templates=_extract_config().templates.to_dict())
+  batcher = te._MixtureBatcher(enc, "chameleon", "Describe the image:")
+  images = _images()
+  codes = te.chameleon_code_ids(model, processor, images)
+  ids, attn, _, vision = enc.build(images=images[:1])
+  prompt = _unpadded(ids, attn, 0)
+  image_id = model.config.image_token_id
+  at = np.flatnonzero(prompt == image_id)
+  with torch.no_grad():  # the ids the model itself puts at the placeholders
+    model_codes = model.model.get_image_tokens(vision["pixel_values"])[0].tolist()
+  assert codes[0].tolist() == model_codes and len(at) == len(model_codes)
+  boi, eoi = int(prompt[at[0] - 1]), int(prompt[at[-1] + 1])
+  assert enc.tokenizer.convert_ids_to_tokens([boi, eoi]) == ["<racm3:break>", "<eoss>"]
+  out = batcher.batch([("image_gen", codes[1], "a red star", None), ("image_word", images[0], None, "star")])
+  assert out["tasks"] == ["image_gen", "image_word"]
+  mask = out["inputs"]["attention_mask"]
+  cap = list(enc.prefix_ids(False)) + enc.tokenizer("a red star", add_special_tokens=False)["input_ids"]
+  body = codes[1].tolist() + [eoi]
+  assert _unpadded(out["inputs"]["input_ids"], mask, 0).tolist() == cap + [boi] + body
+  assert _unpadded(out["labels"], mask, 0).tolist() == [-100] * (len(cap) + 1) + body
+  per_seq, _ = te._sequence_losses(model, out)
+  assert torch.isfinite(per_seq).all()
+  # The sampler draws image_gen only with every image's codes, and pairs a caption with its image's.
+  src_caps = [["a red star", "a star"], ["two blue rings"]]
+  weights = {t: 0.0 for t in te.MIXTURE_TASKS} | {"image_gen": 1.0, "caption": 1.0}
+  assert te._MixtureSampler(None, src_caps, [None, None], weights, 0).tasks == ["caption"]
+  sampler = te._MixtureSampler(None, src_caps, [None, None], weights, 0, codes=codes)
+  for task, c, text, answer in sampler.draw(8, task="image_gen"):
+    owner = 0 if text in src_caps[0] else 1
+    assert task == "image_gen" and answer is None and c.tolist() == codes[owner].tolist()
+
+
 def test_minilm_real_weights_match_sentence_transformers():
   from transformers import AutoModel, AutoTokenizer
 

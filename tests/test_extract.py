@@ -182,6 +182,26 @@ def test_pooled_shard_rows_are_the_pooled_vectors_of_each_image_and_caption(qwen
     _run("qwen2_vl", tmp_path / "bad", shard_rows="rows")
 
 
+def test_online_pooled_rows_are_the_pooled_vectors_of_each_image_and_caption(qwen_run):
+  """data.source="online" with shard_rows="pooled" streams the rows the offline shards hold: one
+  pooled vector (pooling[0]) per image and caption, each sample once per pass over a window."""
+  ref_wd, _ = qwen_run
+  cfg = _config("qwen2_vl", shard_rows="pooled", pooling=("mean_no_prompt", "mean"))
+  cfg.data.source = "online"
+  cfg.extract.online_buffer_batches = 2
+  fn = online.online_batch_fn(cfg, encoder=_encoder("qwen2_vl"))
+  rows = np.concatenate([fn(0), fn(1)])
+  z = np.load(ref_wd / "activations" / "pooled_mean_no_prompt.npz")
+  ref = np.concatenate([z["image_unique"], z["text"]])
+  assert ref.shape[0] == 11 + 55
+  dist = ((rows[:, None, :] - ref[None, :, :]) ** 2).sum(-1)
+  assert dist.min(1).max() < 1e-8  # every row is a pooled vector, none a token row
+  assert len(set(dist.argmin(1).tolist())) == 66  # the 66 samples, each at least once
+  cfg.extract.shard_rows = "rows"
+  with pytest.raises(SaeJaxError, match="config.extract.shard_rows='rows'"):
+    online.online_batch_fn(cfg, encoder=_encoder("qwen2_vl"))
+
+
 def test_rerun_of_complete_extraction_is_a_noop(clip_run):
   wd, summary = clip_run
   shard = os.path.join(wd, "activations", "shards", "shard-00000.npy")

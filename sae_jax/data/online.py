@@ -10,6 +10,10 @@ is a callable i -> [batch, d] float32 that plugs into `sae_jax.data.pipeline.mak
 (a grain MapDataset over batch indices), and the grain iterator state (the next index) is the whole
 resume state: a restored run recomputes only the current window.
 
+With `config.extract.shard_rows="pooled"` a decoder's rows are one pooled vector per sample (the
+first of `config.extract.pooling`), as the offline shards are: an SAE then trains on rows like the
+pooled embeddings it is analysed on.
+
 `items_per_window` is `config.extract.online_window_items`, or (0) chosen so that a window holds
 about 1.2 * K * B rows, from the rows per sample of a fixed probe of the first 16 samples.
 
@@ -30,6 +34,7 @@ from sae_jax import encoders
 from sae_jax.data import coco, paired
 from sae_jax.data import shards as shards_lib
 from sae_jax.errors import SaeJaxError
+from sae_jax.stages.pooled import check_variants, pool_batch
 
 
 class OnlineBatches:
@@ -52,6 +57,14 @@ class OnlineBatches:
     self.d = int(self.encoder.d)
     keep = tuple(ex.shard_token_types)
     self.keep_types = np.array([shards_lib.TOKEN_TYPES.index(t) for t in keep], np.uint8)
+    if str(ex.shard_rows) not in ("tokens", "pooled"):
+      raise SaeJaxError(f'config.extract.shard_rows={ex.shard_rows!r}: expected "tokens" or "pooled"')
+    # The pooling variant whose vectors are the rows (None: token rows); a contrastive model's
+    # "embed" rows are one per sample already.
+    self.pooled_variant = None
+    if str(ex.shard_rows) == "pooled":
+      first = check_variants(ex.pooling, self.encoder)[0]
+      self.pooled_variant = None if first == "embed" else first
     self.items = [("image", r) for r in self.source.images] + [("text", c) for c in self.source.captions]
     self.skipped_corrupt = 0
     n_win = int(ex.online_window_items)
@@ -93,7 +106,11 @@ class OnlineBatches:
           out = self.encoder.encode(images=imgs)
         else:
           out = self.encoder.encode(texts=[c.text for c in part])
-        r, t, _ = self.encoder.rows(out)
+        if self.pooled_variant is not None:
+          r = pool_batch(out, (self.pooled_variant,))[self.pooled_variant]
+          t = np.full(r.shape[0], shards_lib.TOKEN_TYPES.index(kind), np.uint8)
+        else:
+          r, t, _ = self.encoder.rows(out)
         sel = np.isin(t, self.keep_types)
         rows.append(r[sel])
         types.append(t[sel])

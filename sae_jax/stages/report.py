@@ -614,7 +614,10 @@ def quality_md(m: dict) -> list:
     mix = q.get("mixture", {})
     if acc:
       lines += ["", "| Mixture task | weight | exact answers (held out) |", "|---|---:|---:|"]
-      lines += [f"| {t} | {_f(mix.get(t))} | {_pct(a)} |" for t, a in acc.items()]
+      lines += [
+        f"| {t} | {_f(mix.get(t))} | {_pct(acc.get(t))} |"
+        for t in list(acc) + [t for t in mix if t not in acc]
+      ]
     samples = q.get("samples", [])
     if samples:
       lines += ["", "Greedy captions of test images (generated / references):", ""]

@@ -339,6 +339,15 @@ def _run_model_in_worker(config_dict: dict, workdir: str, name: str) -> dict:
   return run_model(config, workdir, name, lambda msg: print(msg, flush=True))
 
 
+def start_order(config: Any, names: tuple) -> tuple:
+  """The order in which worker processes take the models: longest expected (`cost_s`) first, so
+  that the last to start are short and the cores stay busy to the end; ties keep `names`' order."""
+  for n in names:
+    if float(model_settings(config, n).cost_s) < 0:
+      raise SaeJaxError(f"config.study.model.{n}.cost_s={model_settings(config, n).cost_s}: expected >= 0")
+  return tuple(sorted(names, key=lambda n: -float(model_settings(config, n).cost_s)))
+
+
 def run_study(config: Any, workdir: str, log: Callable = print) -> dict:
   """Runs (or resumes) the study of `config.study` in `workdir` and writes <workdir>/report/."""
   if not workdir:
@@ -370,7 +379,9 @@ def run_study(config: Any, workdir: str, log: Callable = print) -> dict:
     # with encoder_training.threads torch threads (spawned: torch and JAX do not survive a fork).
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-      futures = {n: pool.submit(_run_model_in_worker, config.to_dict(), workdir, n) for n in names}
+      futures = {
+        n: pool.submit(_run_model_in_worker, config.to_dict(), workdir, n) for n in start_order(config, names)
+      }
       for n in names:
         steps[n] = futures[n].result()
   out = report.write_report(config, workdir, log=log)

@@ -25,6 +25,9 @@ sequence's loss is the mean over its answer tokens, so a task's weight is its sh
   text_word   `config.extract.templates.text` on a caption -> the same word for that caption's scene
   text_lm     caption modelling on text alone (`caption <eos>`, loss on every token)
   question    image + a short question about colour / shape / count / position -> its answer
+  image_gen   Chameleon only (the family that generates images): a caption -> the image's VQ codes
+              (`<racm3:break>` codes `<eoss>`, loss on every code), the text-to-image half of its
+              mixed-modal training; the image-token positions then predict image content
 Prompts are assembled by the family's own extraction encoder (`sae_jax.encoders`), so the training
 sequences are token for token the extraction sequences plus the answer; the Qwen families train and
 extract inside their chat format (`chat_template`), the answer closed by `<|im_end|>`.
@@ -67,7 +70,7 @@ FAMILY_OF_KIND = {
   "paligemma": "paligemma",
   "chameleon": "chameleon",
 }
-MIXTURE_TASKS = ("caption", "image_word", "text_word", "text_lm", "question")
+MIXTURE_TASKS = ("caption", "image_word", "text_word", "text_lm", "question", "image_gen")
 QUALITY_FILE = "quality.json"
 CLIP_SPECIALS = ("<|endoftext|>", "<|startoftext|>")
 GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")
@@ -758,8 +761,8 @@ class _MixtureBatcher:
     torch = self.torch
     groups: dict = {}
     for i, (task, image, text, answer) in enumerate(samples):
-      if task == "text_lm":
-        key = ("text_lm",)
+      if task in ("text_lm", "image_gen"):
+        key = (task,)
       elif task == "caption":
         key = ("image", "{image} " + self.caption_prompt)
       elif task == "image_word":
@@ -779,6 +782,18 @@ class _MixtureBatcher:
           labels.append([-100] * len(pre) + body)
           answer_masks.append([0] * len(pre) + [1] * len(body))
           tasks.append("text_lm")
+        continue
+      if key[0] == "image_gen":  # samples[i][1]: the image's code token ids (no pixels needed)
+        boi, eoi = self.tok.convert_tokens_to_ids(["<racm3:break>", "<eoss>"])
+        for i in rows:
+          pre = (
+            list(self.enc.prefix_ids(False)) + self.tok(samples[i][2], add_special_tokens=False)["input_ids"]
+          )
+          body = [int(c) for c in samples[i][1]] + [eoi]
+          seqs.append(pre + [boi] + body)
+          labels.append([-100] * (len(pre) + 1) + body)
+          answer_masks.append([0] * (len(pre) + 1) + [1] * len(body))
+          tasks.append("image_gen")
         continue
       images = [samples[i][1] for i in rows] if key[0] == "image" else None
       texts = [samples[i][2] for i in rows] if key[0] == "text" else None
@@ -815,8 +830,14 @@ class _MixtureBatcher:
 def _sequence_losses(model, batch: dict):
   """Per-sequence mean next-token cross-entropy over the answer tokens, and the argmax hits."""
   import torch
+  from transformers import ChameleonForConditionalGeneration
 
-  logits = model(**batch["inputs"]).logits[:, :-1].float()
+  if isinstance(model, ChameleonForConditionalGeneration):
+    # HF's Chameleon sets the image tokens' logits to the dtype's minimum (its release does not
+    # generate images); image_gen trains them, so the loss reads the LM head's logits directly.
+    logits = model.lm_head(model.model(**batch["inputs"]).last_hidden_state)[:, :-1].float()
+  else:
+    logits = model(**batch["inputs"]).logits[:, :-1].float()
   tgt = batch["labels"][:, 1:]
   ok = tgt != -100
   ce = torch.nn.functional.cross_entropy(
@@ -830,9 +851,14 @@ def _sequence_losses(model, batch: dict):
 class _MixtureSampler:
   """Draws the mixture's samples from a split: tasks by weight, images and captions at random."""
 
-  def __init__(self, src, caps: list, scenes: list, weights: dict, seed: int, summary: str = "shape"):
-    self.src, self.caps, self.scenes, self.summary = src, caps, scenes, summary
-    self.tasks = [t for t in MIXTURE_TASKS if float(weights[t]) > 0]
+  def __init__(
+    self, src, caps: list, scenes: list, weights: dict, seed: int, summary: str = "shape", codes=None
+  ):
+    """`codes`: [N, n] VQ code token ids of every image (Chameleon); without them no image_gen."""
+    self.src, self.caps, self.scenes, self.summary, self.codes = src, caps, scenes, summary, codes
+    self.tasks = [
+      t for t in MIXTURE_TASKS if float(weights[t]) > 0 and (t != "image_gen" or codes is not None)
+    ]
     w = np.array([float(weights[t]) for t in self.tasks])
     self.p = w / w.sum()
     self.rng = np.random.default_rng(seed)
@@ -861,6 +887,8 @@ class _MixtureSampler:
         out.append((t, None, cap, shapes_lib.summary_word(scene, self.summary)))
       elif t == "text_lm":
         out.append((t, None, cap, None))
+      elif t == "image_gen":
+        out.append((t, self.codes[i], cap, None))
       else:
         kind = shapes_lib.QUESTION_KINDS[int(self.rng.integers(len(shapes_lib.QUESTION_KINDS)))]
         qtext, answer = shapes_lib.question(scene, kind, self.rng)
@@ -899,6 +927,20 @@ def _pooled_image_features(kind: str, model, vision: dict):
   return feats.mean(1)
 
 
+def chameleon_split_codes(model, processor, src: coco.CocoCaptionsJson, chunk: int = 1024):
+  """[N, image_seq_length] code token ids of every image of a split, computed once (the VQ-VAE is
+  frozen); the images are read a chunk at a time, as the split may be large."""
+  import torch
+
+  n = len(src.images)
+  return torch.cat(
+    [
+      chameleon_code_ids(model, processor, _images(src, range(s, min(s + chunk, n))))
+      for s in range(0, n, chunk)
+    ]
+  )
+
+
 def chameleon_code_ids(model, processor, images: list, batch: int = 128):
   """[N, image_seq_length] the decoder token ids of each image's VQ codes, exactly what
   `ChameleonModel` swaps in for the `<image>` positions (the VQ-VAE is frozen once trained)."""
@@ -934,17 +976,7 @@ def pretrain_vision(
   opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(cfg.weight_decay))
   progress = _Progress(f"{kind} vision stage", steps, float(cfg.log_every_s), log)
   scale = torch.tensor(math.log(1 / 0.07))
-  codes = None
-  if kind == "chameleon":
-    n, chunk = len(sampler.caps), 1024  # loaded a chunk at a time: the split may be large
-    codes = torch.cat(
-      [
-        chameleon_code_ids(
-          model, batcher.enc.processor, [sampler.image(i) for i in range(s, min(s + chunk, n))]
-        )
-        for s in range(0, n, chunk)
-      ]
-    )
+  codes = sampler.codes if kind == "chameleon" else None
   acc = 0.0
   for step in range(steps):
     idx = sampler.rng.choice(len(sampler.caps), size=min(bs, len(sampler.caps)), replace=False)
@@ -1058,13 +1090,19 @@ def _train_generative(
       p.requires_grad_(False)
   enc = _wrap(kind, model, processor, templates, chat_template)
   batcher = _MixtureBatcher(enc, kind, str(g.caption_prompt))
-  sampler = _MixtureSampler(train, caps, scenes, dict(cfg.mixture), int(cfg.seed), str(g.summary))
+  codes = chameleon_split_codes(model, processor, train) if kind == "chameleon" else None
+  sampler = _MixtureSampler(train, caps, scenes, dict(cfg.mixture), int(cfg.seed), str(g.summary), codes)
   tower = _vision_tower(kind, model)
   if int(g.vision_steps) > 0:
     extra.update(pretrain_vision(kind, model, batcher, sampler, cfg, log))
     if tower is not None and bool(g.freeze_vision):
       for p in tower.parameters():
         p.requires_grad_(False)
+      if kind == "qwen3_vl" and bool(q.train_deepstack):
+        # Stage 1 aligns only the main merger's output; the DeepStack mergers (vision features added
+        # to the decoder's first layers) are adapters that the generalist stage trains.
+        for p in model.model.visual.deepstack_merger_list.parameters():
+          p.requires_grad_(True)
   frozen_rows = None
   if kind == "chameleon" and bool(g.freeze_vision):
     code_ids = tok.convert_tokens_to_ids(list(chameleon_image_tokens(int(cfg.chameleon.vq_codes))))
@@ -1098,7 +1136,7 @@ def _train_generative(
   tester = _MixtureSampler(test, test_caps, test_scenes, dict(cfg.mixture), int(cfg.seed) + 1, str(g.summary))
   task_acc = {}
   with torch.inference_mode():
-    for t in MIXTURE_TASKS:
+    for t in MIXTURE_TASKS[:-1]:  # not image_gen: all of an image's codes exactly right is ~never
       hits = []
       for _ in range(int(g.eval_batches)):
         hits.append(_sequence_losses(model, batcher.batch(tester.draw(bs, task=t)))[1].float().numpy())
@@ -1112,7 +1150,7 @@ def _train_generative(
     "role": "generative",
     "architecture": type(model).__name__,
     "chat_template": bool(chat_template),
-    "mixture": {t: float(cfg.mixture[t]) for t in MIXTURE_TASKS},
+    "mixture": {t: float(cfg.mixture[t]) for t in sampler.tasks},
     "answer_accuracy": task_acc,
     **extra,
     **_retrieval_quality(enc, test, test_caps, test_scenes, log, kind),
