@@ -4,8 +4,8 @@
 Models: CLIP (InfoNCE) and SigLIP2 (sigmoid loss), contrastive; Qwen2-VL, Qwen3-VL, PaliGemma and
 Chameleon (its VQ image tokenizer trained first), generative, trained as generalists on the mixture
 of `config.encoder_training.mixture` (sae_jax/stages/train_encoder.py).
-Cost: 4,981 s (83 min) of per-model steps (experiments/results/shapes/report.md, "Wall time per step"),
-two models at a time (study.workers=2): ~53 min on 2 cores, not yet timed as one command.
+Cost: 51 min 42 s wall in one command on 2 quiet cores, peak RSS 5.4 GiB (5,837 s of per-model steps,
+experiments/results/shapes/report.md "Wall time per step", two models at a time: study.workers=2).
 Arg words: "tiny" (400 train / 100 test images, all six families; tests/test_study.py).
 """
 
@@ -56,7 +56,7 @@ def get_config(arg: str = ""):
     config.study.model[name].batch_size = 64
   # Each model's steps in seconds, summed from a run of this preset (two models at a time on 2 cores):
   # the workers start the longest first.
-  cost = {"clip": 559, "siglip": 893, "qwen2_vl": 747, "qwen3_vl": 963, "paligemma": 723, "chameleon": 1097}
+  cost = {"clip": 660, "siglip": 1081, "qwen2_vl": 865, "qwen3_vl": 1074, "paligemma": 951, "chameleon": 1207}
   for name in MODELS:
     config.study.model[name].cost_s = float(cost[name])
   if "tiny" in words:

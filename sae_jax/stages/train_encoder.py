@@ -13,9 +13,11 @@ The paper's six families, each trained as a model of its kind:
 Generative models are trained in two stages, as real MLLMs are. Stage 1: the vision tower and
 projector (Chameleon: the embeddings of its VQ code tokens) are aligned with the decoder's word
 embeddings by InfoNCE (`generative.vision_*`), standing in for the contrastively pretrained tower a
-real MLLM starts from; the tower is then frozen. (Trained from scratch inside the decoder, the tower's features
-collapse to a near-constant vector and the decoder ignores the image.) Stage 2 learns what the
-embeddings carry the way real MLLMs do, from a mixture of tasks
+real MLLM starts from; the tower is then frozen. (Trained from scratch inside the decoder, the
+tower's features collapse to a near-constant vector and the decoder ignores the image.) Qwen3-VL's
+DeepStack mergers (vision features added to the decoder's first layers, which stage 1 does not
+align) stay trainable in stage 2 (`qwen3_vl.train_deepstack`). Stage 2 learns what the embeddings
+carry the way real MLLMs do, from a mixture of tasks
 (`config.encoder_training.mixture`: the probability of each task per training sequence; each
 sequence's loss is the mean over its answer tokens, so a task's weight is its share of the loss):
   caption     image + `generative.caption_prompt` -> one of the image's captions
