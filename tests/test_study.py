@@ -74,8 +74,9 @@ def test_every_report_artifact_exists_and_parses(tiny):
       im.load()
   lines = md.splitlines()
   n_tables = sum(b.startswith("|") and not a.startswith("|") for a, b in zip([""] + lines, lines))
-  # Settings, probes, one or two per model's quality, Tables 1-3.
-  assert n_tables == 1 + 1 + len(study_shapes.MODELS) + len(study_shapes.GENERATIVE) + 3
+  # Settings, probes, one per model's quality (three for a generative one: retrieval, R@1 by layer,
+  # mixture), Tables 1-3.
+  assert n_tables == 1 + 1 + len(study_shapes.MODELS) + 2 * len(study_shapes.GENERATIVE) + 3
   assert 'src="figures/' not in page and page.count("<table>") == n_tables
   for h in ("## What each model learned", "## Table 1", "## Table 2", "## Table 3", "## Findings"):
     assert h in md
@@ -570,3 +571,78 @@ def test_other_tasks_are_scored_for_every_model(tiny):
           assert rec[f"{k}_ci95"] == ci[f"{k}_ci95"]
           assert rec[f"{k}_ci95"][0] <= rec[k] <= rec[f"{k}_ci95"][1]
         assert rec["R@1_ci95"][1] - rec["R@1_ci95"][0] > 0 or rec["R@1"] in (0.0, 100.0)
+
+
+def test_layer_recall_against_numpy():
+  """Per-layer image->text R@1 and its bootstrap interval against an independent NumPy computation
+  (cosine argmax; the same seeded resamples of the queries, percentile interval)."""
+  rng = np.random.default_rng(0)
+  n, per, d, n_boot = 30, 3, 8, 300
+  owner = np.repeat(np.arange(n), per)
+  rng.shuffle(owner)
+  img = rng.normal(size=(3, n, d)).astype(np.float32)
+  # Layer 0 unaligned, layer 1 partly, layer 2 strongly: three different R@1.
+  txt = np.stack([s * img[i][owner] + rng.normal(size=(n * per, d)) for i, s in enumerate((0.0, 0.6, 3.0))])
+  got = study.layer_recall(img, txt.astype(np.float32), owner, n_boot=n_boot, seed=5)
+  draws = np.random.default_rng(5).integers(0, n, size=(n_boot, n))
+  r1 = []
+  for layer in range(3):
+    a = img[layer] / np.linalg.norm(img[layer], axis=1, keepdims=True)
+    b = txt[layer] / np.linalg.norm(txt[layer], axis=1, keepdims=True)
+    hits = (owner[(a @ b.T).argmax(1)] == np.arange(n)).astype(np.float64)
+    assert got[layer]["layer"] == layer
+    assert got[layer]["R@1"] == pytest.approx(100 * hits.mean())
+    lo, hi = np.percentile(100 * hits[draws].mean(1), [2.5, 97.5])
+    assert got[layer]["R@1_ci95"] == pytest.approx([lo, hi])
+    r1.append(got[layer]["R@1"])
+  assert r1[0] < r1[1] < r1[2]
+  with pytest.raises(SaeJaxError, match="text_owner"):
+    study.layer_recall(img, txt[:, :-1].astype(np.float32), owner, n_boot=10, seed=0)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "chameleon"])
+def test_per_layer_pooling_is_each_layer_mean_pooled(tiny, name):
+  """`mean_pooled_per_layer` equals the extraction forward at each `layer`, mean-pooled."""
+  wd, config, _ = tiny
+  enc = encoders.load_encoder(study.stage_config(config, wd, name, "test").extract)
+  from sae_jax.data import coco
+
+  src = coco.CocoCaptionsJson(*(study.data_paths(config, wd)[k] for k in ("test_json", "test_images")))
+  for items in (
+    dict(images=[coco.load_image(im) for im in src.images[:3]]),
+    dict(texts=["a red star", "two dots"]),
+  ):
+    prepared = enc.prepare(**items)
+    got = enc.mean_pooled_per_layer(prepared)
+    assert got.shape[0] == enc.num_hidden_states()
+    for layer in range(got.shape[0]):
+      enc.layer = layer
+      out = enc.forward(prepared)
+      want = pooling.mean_pool(out.hidden.float().numpy(), out.attention_mask.numpy())
+      np.testing.assert_allclose(got[layer], want, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_recall_step_in_the_study_and_report(tiny):
+  """Every decoder's per-layer R@1 is in report.json and report.md; its last layer, the one the study
+  extracts, gives the retrieval stage's base image->text R@1; contrastive models have none."""
+  wd, config, out = tiny
+  data = _json(out["report"]["json"])
+  md = open(out["report"]["md"]).read()
+  for name in study_shapes.MODELS:
+    lr = data["models"][name]["layers"]
+    if name not in study_shapes.GENERATIVE:
+      assert lr == {}
+      continue
+    enc = encoders.load_encoder(study.stage_config(config, wd, name, "test").extract)
+    assert [r["layer"] for r in lr["layers"]] == list(range(enc.num_hidden_states()))
+    assert (lr["n_queries"], lr["n_candidates"]) == (config.shapes.test_images, 5 * config.shapes.test_images)
+    res = _json(os.path.join(wd, name, "sae", "retrieval", "results.json"))
+    assert lr["layers"][-1]["R@1"] == pytest.approx(res["image_to_text"]["mean"]["R@1"], abs=1e-6)
+    assert lr["chance"]["R@1"] == pytest.approx(100 / config.shapes.test_images)
+    section = md.split(f"### {data['models'][name]['label']}", 1)[1].split("\n### ", 1)[0]
+    table = section.split("Mean-pooled image->text R@1 at each hidden layer", 1)[1].split("\n\n", 2)[1]
+    rows = [line.strip("|").split("|") for line in table.splitlines()[2:]]
+    assert [int(r[0]) for r in rows] == [r["layer"] for r in lr["layers"]]
+    assert [float(r[1].split("[")[0]) for r in rows] == pytest.approx(
+      [r["R@1"] for r in lr["layers"]], abs=0.006
+    )

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from sae_jax.encoders.pooling import TOKEN_IMAGE, TOKEN_PROMPT, TOKEN_SPECIAL, TOKEN_TEXT
+from sae_jax.encoders.pooling import TOKEN_IMAGE, TOKEN_PROMPT, TOKEN_SPECIAL, TOKEN_TEXT, mean_pool
 from sae_jax.errors import SaeJaxError
 
 
@@ -349,6 +349,18 @@ class DecoderEncoder(Encoder):
       token_types=token_types.to(self.device),
       input_ids=input_ids,
     )
+
+  @torch.inference_mode()
+  def mean_pooled_per_layer(self, prepared) -> np.ndarray:
+    """[num_hidden_states, B, d] float32: each hidden state (0: the input embeddings, the last: the
+    layer `layer=-1` extracts) mean-pooled over the real tokens, as `pooling.mean_pool` pools the
+    extracted layer. Shows where in the decoder image and text embeddings align or stop aligning."""
+    inputs, _ = prepared
+    mask = inputs["attention_mask"].numpy()
+    out = self.backbone(
+      **self._to_device(inputs), output_hidden_states=True, use_cache=False, return_dict=True
+    )
+    return np.stack([mean_pool(h.float().cpu().numpy(), mask) for h in out.hidden_states])
 
 
 def strip_padding(ids: torch.Tensor, mask: torch.Tensor) -> list[np.ndarray]:

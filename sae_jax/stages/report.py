@@ -6,7 +6,8 @@ sae/retrieval/{results.json, rank_sweep.json}, sae_seed<s>/analysis/table1.json 
 and tasks/results.json (image->image and composed tasks), and writes <workdir>/report/:
 
   report.md          each model's settings, a quality section per model (what it learned: Recall@1
-                     with chance, caption->caption, answer accuracies, greedy captions) and the
+                     with chance, caption->caption, answer accuracies, greedy captions, a decoder's
+                     image->text R@1 at each hidden layer) and the
                      linear probes as a table; Table 1 (main SAE, its spread over the SAE seeds of
                      study.sae_seeds and over pair subsets when analysed), Table 2, Table 3 (last token
                      vs mean on image<->text, image->image and the composed task, R@1 with its 95%
@@ -165,6 +166,8 @@ def collect(config: Any, workdir: str) -> dict:
       "table1_resampled": t1["rows"][0].get("table1_resampled"),
       "retrieval": results,
       "tasks": tasks,
+      # Mean-pooled image->text R@1 at every decoder layer (a workdir from before the step: none).
+      "layers": steps["layers"]["summary"] if "layers" in steps else {},
       "rank_sweep": sweep,
       "energy": {
         "top_fraction": fraction,
@@ -586,6 +589,25 @@ def probes_md(data: dict) -> list:
   return lines
 
 
+def layers_md(m: dict) -> list:
+  """The decoder's mean-pooled image->text R@1 layer by layer (study step `layers`), beside chance."""
+  lr = m.get("layers") or {}
+  if not lr.get("layers"):
+    return []
+  chance = lr["chance"]["R@1"]
+  lines = [
+    "",
+    f"Mean-pooled image->text R@1 at each hidden layer ({lr['n_queries']} images, {lr['n_candidates']} "
+    f"captions; layer 0 is the input embeddings, the last is the one analysed; chance {_f(chance)}):",
+    "",
+    "| layer | R@1 [95% CI] | x chance |",
+    "|---:|---:|---:|",
+  ]
+  for r in lr["layers"]:
+    lines.append(f"| {r['layer']} | {r1_cell(r)} | {r['R@1'] / chance:.1f} |")
+  return lines
+
+
 def quality_md(m: dict) -> list:
   """What one model learned (its model step's quality.json): retrieval R@1 beside chance on the test
   split, caption->caption, and for a generative model its exact answers per mixture task and greedy
@@ -609,6 +631,7 @@ def quality_md(m: dict) -> list:
     r, c = q.get(f"{key}_R@1"), q.get(f"{key}_chance")
     ratio = f"{r / c:.1f}" if r is not None and c else "-"
     lines.append(f"| {what} | {_pct(r)} | {_pct(c)} | {ratio} |")
+  lines += layers_md(m)
   if q["role"] == "generative":
     acc = q.get("answer_accuracy", {})
     mix = q.get("mixture", {})

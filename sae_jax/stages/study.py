@@ -22,6 +22,9 @@
               variant (Recall@K of the base embeddings with bootstrap intervals over queries and the
               chance level) into <workdir>/<name>/tasks/results.json; the first-hit ranks behind
               them in <workdir>/<name>/tasks/<task>/first_hit_ranks.npz
+  layers      (decoders) image->text R@1 of the mean-pooled test embeddings at every hidden layer,
+              0 being the input embeddings (`run_layer_recall`): where image and text align, and
+              where a decoder loses the alignment its input has
 
 then writes <workdir>/report/ (`sae_jax.stages.report`). Each finished step is recorded in
 <workdir>/<name>/steps.json and skipped on a re-run; an interrupted step is re-run and resumes
@@ -43,6 +46,7 @@ import numpy as np
 
 from sae_jax import config_utils, retrieval, retrieval_tasks, uncertainty
 from sae_jax import workdir as workdir_lib
+from sae_jax.data import coco
 from sae_jax.data import shapes as shapes_lib
 from sae_jax.errors import SaeJaxError
 from sae_jax.stages import analyze, extract, extract_mbeir, report, retrieve, train_encoder
@@ -60,7 +64,17 @@ from sae_jax.stages.study_layout import (  # noqa: F401  (re-exported: the study
 )
 from sae_jax.training import trainer
 
-STEPS = ("model", "extract_train", "extract_test", "sae", "analyze", "sae_seeds", "retrieve", "tasks")
+STEPS = (
+  "model",
+  "extract_train",
+  "extract_test",
+  "sae",
+  "analyze",
+  "sae_seeds",
+  "retrieve",
+  "tasks",
+  "layers",
+)
 
 
 def stage_config(config: Any, workdir: str, name: str, split: str) -> ml_collections.ConfigDict:
@@ -169,6 +183,79 @@ def run_tasks(config: Any, workdir: str, name: str, log: Callable = print) -> di
     )
   workdir_lib.atomic_write_json(tasks_results(workdir, name), out)
   return out
+
+
+def layer_recall(
+  image_layers: np.ndarray, text_layers: np.ndarray, text_owner: np.ndarray, n_boot: int, seed: int
+) -> list:
+  """Image->text R@1 (cosine) at each layer, with its 95% bootstrap interval over the image queries.
+
+  image_layers [L, N, d], text_layers [L, M, d] (mean-pooled per layer), text_owner [M]: the image
+  each text belongs to (its positives). Returns [{"layer": l, "R@1": ..., "R@1_ci95": [lo, hi]}]."""
+  n_layers, n, _ = image_layers.shape
+  if text_layers.shape[0] != n_layers or text_layers.shape[1] != text_owner.shape[0]:
+    raise SaeJaxError(
+      f"layer_recall: text_layers {text_layers.shape} and text_owner {text_owner.shape} do not match "
+      f"image_layers {image_layers.shape} ([L, M, d] and [M])"
+    )
+  order = np.argsort(text_owner, kind="stable")
+  indptr = np.searchsorted(text_owner[order], np.arange(n + 1)).astype(np.int32)
+  draws = uncertainty.bootstrap_draws(n, n_boot, seed)
+  out = []
+  for layer in range(n_layers):
+    _, ids = retrieval.evaluate(
+      image_layers[layer], text_layers[layer], indptr, order.astype(np.int32), ks=(1,)
+    )
+    ranks = np.asarray(jax.jit(retrieval.first_hit_rank)(ids, indptr, order.astype(np.int32)))
+    out.append({"layer": layer, **uncertainty.recall_with_ci(ranks, (1,), draws=draws)})
+  return out
+
+
+def run_layer_recall(config: Any, workdir: str, name: str, log: Callable = print) -> dict:
+  """Mean-pooled image->text R@1 of model `name` on the test split at every hidden layer (0: the
+  input embeddings, the last: the layer the study analyses), through the study's own loader and
+  templates; {} for a contrastive model (its image and text towers have no shared layers)."""
+  if base_variant(config, name) == "embed":
+    return {}
+  from sae_jax import encoders
+
+  c = stage_config(config, workdir, name, "test")
+  enc = encoders.load_encoder(c.extract)
+  if enc.kind != "decoder":
+    return {}
+  src = coco.open_paired(c.extract)  # the pairs the test extraction reads
+  row = {im.image_id: i for i, im in enumerate(src.images)}
+  texts = [cap.text for cap in src.captions]
+  owner = np.asarray([row[cap.image_id] for cap in src.captions], np.int64)
+  bs = int(c.extract.batch_size)
+  image_layers = np.concatenate(
+    [
+      enc.mean_pooled_per_layer(enc.prepare(images=[coco.load_image(im) for im in src.images[s : s + bs]]))
+      for s in range(0, len(src.images), bs)
+    ],
+    axis=1,
+  )
+  text_layers = np.concatenate(
+    [enc.mean_pooled_per_layer(enc.prepare(texts=texts[s : s + bs])) for s in range(0, len(texts), bs)],
+    axis=1,
+  )
+  layers = layer_recall(
+    image_layers,
+    text_layers,
+    owner,
+    int(config.retrieval.bootstrap_n),
+    int(config.retrieval.bootstrap_seed),
+  )
+  chance = uncertainty.chance_recall(np.bincount(owner, minlength=len(src.images)), len(texts), (1,))
+  log(f"study {name}: mean-pooled image->text R@1 by layer " + ", ".join(f"{r['R@1']:.2f}" for r in layers))
+  return {
+    "task": "image_to_text",
+    "variant": "mean",
+    "n_queries": len(src.images),
+    "n_candidates": len(texts),
+    "chance": chance,
+    "layers": layers,
+  }
 
 
 def task_intervals(config: Any, ranks: np.ndarray, td: retrieval_tasks.TaskData, ks: tuple) -> dict:
@@ -327,6 +414,8 @@ def run_model(config: Any, workdir: str, name: str, log: Callable = print) -> di
         record(step, run_tasks(config, workdir, name, log), time.perf_counter() - t0)
       else:
         record(step, {}, time.perf_counter() - t0)
+    elif step == "layers":
+      record(step, run_layer_recall(config, workdir, name, log), time.perf_counter() - t0)
     log(f"study {name}: {step} done in {time.perf_counter() - t0:.1f} s")
   return done
 
