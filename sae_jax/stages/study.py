@@ -198,15 +198,13 @@ def layer_recall(
       f"layer_recall: text_layers {text_layers.shape} and text_owner {text_owner.shape} do not match "
       f"image_layers {image_layers.shape} ([L, M, d] and [M])"
     )
-  order = np.argsort(text_owner, kind="stable")
+  order = np.argsort(text_owner, kind="stable").astype(np.int32)  # captions grouped by image
   indptr = np.searchsorted(text_owner[order], np.arange(n + 1)).astype(np.int32)
   draws = uncertainty.bootstrap_draws(n, n_boot, seed)
   out = []
   for layer in range(n_layers):
-    _, ids = retrieval.evaluate(
-      image_layers[layer], text_layers[layer], indptr, order.astype(np.int32), ks=(1,)
-    )
-    ranks = np.asarray(jax.jit(retrieval.first_hit_rank)(ids, indptr, order.astype(np.int32)))
+    _, ids = retrieval.evaluate(image_layers[layer], text_layers[layer], indptr, order, ks=(1,))
+    ranks = np.asarray(jax.jit(retrieval.first_hit_rank)(ids, indptr, order))
     out.append({"layer": layer, **uncertainty.recall_with_ci(ranks, (1,), draws=draws)})
   return out
 
