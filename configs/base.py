@@ -236,14 +236,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   extract.online_window_items = 0  # data.source="online": samples encoded per window; 0 = sized from
   # online_buffer_batches and a probe of rows per sample
 
-  config.shapes = shapes = ml_collections.ConfigDict()  # sae_jax/data/shapes.py (experiments.make_shapes)
+  config.shapes = shapes = ml_collections.ConfigDict()  # sae_jax/study/shapes.py (experiments.make_shapes)
   shapes.seed = 0
   shapes.train_images = 8000
   shapes.test_images = 1000  # x 5 captions: the role of COCO's Karpathy 5k test
   shapes.image_size = 64
   shapes.max_objects = 3
 
-  # sae_jax/stages/train_encoder.py: the six image-text models the shapes study trains (torch, CPU).
+  # sae_jax/study/trainers/: the six image-text models the shapes study trains (torch, CPU).
   config.encoder_training = et = ml_collections.ConfigDict()
   et.seed = 0
   et.threads = 1  # torch threads (training, extraction); intra-op threads stall on shared cores
@@ -320,7 +320,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     vision_steps=2000,
   )
 
-  config.study = study = ml_collections.ConfigDict()  # sae_jax/stages/study.py (experiments.study)
+  config.study = study = ml_collections.ConfigDict()  # sae_jax/study/driver.py (experiments.study)
   study.models = ("clip", "qwen2_vl")  # keys of study.model, run in this order
   study.dataset = "shapes"  # "shapes" (generated under data_dir) | "coco" (the paths below)
   study.data_dir = ""  # "" = <workdir>/data

@@ -3,7 +3,7 @@
   python -m experiments.study --config=configs/study_shapes.py --workdir=runs/shapes
 Models: CLIP (InfoNCE) and SigLIP2 (sigmoid loss), contrastive; Qwen2-VL, Qwen3-VL, PaliGemma and
 Chameleon (its VQ image tokenizer trained first), generative, trained as generalists on the mixture
-of `config.encoder_training.mixture` (sae_jax/stages/train_encoder.py).
+of `config.encoder_training.mixture` (sae_jax/study/trainers/).
 Cost: 51 min 42 s wall in one command on 2 quiet cores, peak RSS 5.4 GiB (5,837 s of per-model steps,
 experiments/results/shapes/report.md "Wall time per step", two models at a time: study.workers=2).
 Arg words: "tiny" (400 train / 100 test images, all six families; tests/test_study.py).

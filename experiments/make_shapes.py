@@ -9,7 +9,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
-from sae_jax.data import shapes
+from sae_jax.study import shapes
 
 _OUT = flags.DEFINE_string("out", None, "Directory for images/, captions_<split>.json, scenes_<split>.json.")
 _CONFIG = config_flags.DEFINE_config_file(

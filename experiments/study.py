@@ -4,7 +4,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
-from sae_jax.stages import study
+from sae_jax.study import driver as study
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Study directory; writes <workdir>/report/.")
 _CONFIG = config_flags.DEFINE_config_file(

@@ -353,7 +353,7 @@ def test_chameleon_image_gen_is_the_caption_then_the_codes_extraction_swaps_in()
   image-end marker; only the codes and the end marker carry labels, and their loss is finite (HF's
   class masks image-token logits to the dtype's minimum)."""
   from sae_jax import encoders
-  from sae_jax.stages import train_encoder as te
+  from sae_jax.study import trainers as te
 
   model, processor = tiny.build("chameleon")
   enc = encoders.encoder_class("chameleon")(model, processor, templates=_extract_config().templates.to_dict())
@@ -417,7 +417,7 @@ def test_generalist_training_sequences_are_the_extraction_prompts_plus_the_answe
   (template, chat scaffold, image segment), followed by the answer and its end token, which alone
   carry labels; text-only caption modelling labels every caption token."""
   from sae_jax import encoders
-  from sae_jax.stages import train_encoder as te
+  from sae_jax.study import trainers as te
 
   model, processor = tiny.build(family)
   templates = _extract_config().templates.to_dict()

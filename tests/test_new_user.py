@@ -6,7 +6,7 @@ import json
 import pytest
 
 from sae_jax import workdir as workdir_lib
-from sae_jax.stages import report
+from sae_jax.study import report
 from tests.helpers import env
 
 

@@ -21,7 +21,9 @@ from configs import study_shapes
 from sae_jax import encoders, retrieval_tasks, uncertainty
 from sae_jax.encoders import pooling
 from sae_jax.errors import SaeJaxError
-from sae_jax.stages import report, study, train_encoder
+from sae_jax.study import driver as study
+from sae_jax.study import report
+from sae_jax.study import trainers as train_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHANCE_FACTOR = 3.0  # the tiny CLIP (120 steps, 400 images) must beat chance image->text R@1 by this
@@ -482,7 +484,7 @@ def test_paper_preset_prints_the_published_numbers_beside(tiny):
 def test_report_tables_show_a_k_the_run_did_not_score_as_a_dash():
   """`retrieval.ks=(1,5)` (or a pool under 10 candidates) leaves no R@10: the paper's column says "-"."""
   from configs import study_shapes
-  from sae_jax.stages import report
+  from sae_jax.study import report
 
   cfg = study_shapes.get_config("tiny")
   by = {"embed": {"R@1": 10.0, "R@5": 20.0, "settings": {}}}

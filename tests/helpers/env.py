@@ -1,7 +1,7 @@
 """Where the tests find the repository and the data they need.
 
 The COCO-layout data the extraction tests read is generated here, once per test session, from the
-shapes world (`sae_jax.data.shapes.write_coco_mini`: 11 JPEGs with COCO val2017 ids, 5 captions
+shapes world (`sae_jax.study.shapes.write_coco_mini`: 11 JPEGs with COCO val2017 ids, 5 captions
 each, one grayscale and one with EXIF), so a clone runs the whole suite with nothing beside it.
 `$COCO_MINI` points the `:tiny` model presets (and test subprocesses) at it. A separately installed
 reference package that is missing skips its test on a user's machine and fails it under CI
@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from sae_jax.data import shapes
+from sae_jax.study import shapes
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 _SESSION_VAR = "SAE_JAX_TEST_COCO_MINI"  # inherited by the subprocesses a test starts

@@ -26,7 +26,7 @@
               0 being the input embeddings (`run_layer_recall`): where image and text align, and
               where a decoder loses the alignment its input has
 
-then writes <workdir>/report/ (`sae_jax.stages.report`). Each finished step is recorded in
+then writes <workdir>/report/ (`sae_jax.study.report`). Each finished step is recorded in
 <workdir>/<name>/steps.json and skipped on a re-run; an interrupted step is re-run and resumes
 through the stage's own resume (extraction part files and finished shards, SAE checkpoints).
 """
@@ -47,10 +47,12 @@ import numpy as np
 from sae_jax import config_utils, retrieval, retrieval_tasks, uncertainty
 from sae_jax import workdir as workdir_lib
 from sae_jax.data import coco
-from sae_jax.data import shapes as shapes_lib
+from sae_jax.study import shapes as shapes_lib
 from sae_jax.errors import SaeJaxError
-from sae_jax.stages import analyze, extract, extract_mbeir, report, retrieve, train_encoder
-from sae_jax.stages.study_layout import (  # noqa: F401  (re-exported: the study's layout)
+from sae_jax.stages import analyze, extract, extract_mbeir, retrieve
+from sae_jax.study import report
+from sae_jax.study import trainers as train_encoder
+from sae_jax.study.layout import (  # noqa: F401  (re-exported: the study's layout)
   SEED_SUMMARY,
   STEPS_FILE,
   base_variant,

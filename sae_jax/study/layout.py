@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from sae_jax import config_utils
-from sae_jax.data import shapes as shapes_lib
+from sae_jax.study import shapes as shapes_lib
 from sae_jax.errors import SaeJaxError
 
 STEPS_FILE = "steps.json"

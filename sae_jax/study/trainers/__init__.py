@@ -57,7 +57,7 @@ import numpy as np
 
 from sae_jax import workdir as workdir_lib
 from sae_jax.data import coco
-from sae_jax.data import shapes as shapes_lib
+from sae_jax.study import shapes as shapes_lib
 from sae_jax.encoders import pooling as pooling_lib
 from sae_jax.errors import SaeJaxError
 

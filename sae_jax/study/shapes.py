@@ -266,7 +266,7 @@ def make_captions(scene: dict, seed: int, split: str, index: int, n: int = CAPTI
 
 
 # ------------------------------------------------------------------- generalist training targets
-# What the generative models of the study learn besides captioning (sae_jax/stages/train_encoder.py):
+# What the generative models of the study learn besides captioning (sae_jax/study/trainers/):
 # a one-word summary of a scene and short questions about it, all read off the scene record.
 
 QUESTION_KINDS = ("colour", "shape", "count", "position")

@@ -39,7 +39,7 @@ from sae_jax.errors import SaeJaxError
 from sae_jax.plots import analysis as plot_a
 from sae_jax.plots import retrieval as plot_r
 from sae_jax.stages import retrieval_tables
-from sae_jax.stages import study_layout as study
+from sae_jax.study import layout as study
 
 GENERATIVE_FAMILIES = ("qwen_vl", "paligemma", "chameleon")
 TABLE1_KEYS = ("J(S_E,S_A)", "J(S_E,S_B)", "J(S_A,S_B)", "triple_overlap")
