@@ -26,9 +26,9 @@ from absl import app, flags
 from configs import synthetic
 from sae_jax import removal, retrieval, retrieval_tasks
 from sae_jax import workdir as workdir_lib
+from sae_jax.block_encoder import encode_rows
 from sae_jax.data import synthetic as planted
 from sae_jax.stages import retrieve
-from sae_jax.block_encoder import encode_rows
 from sae_jax.training import trainer
 
 WORLDS = {

@@ -23,10 +23,10 @@ import chex
 import numpy as np
 
 from sae_jax import metrics, removal, retrieval
+from sae_jax.block_encoder import BlockEncoder, encode_rows
 from sae_jax.errors import SaeJaxError
 from sae_jax.metrics import ConceptMetrics
 from sae_jax.retrieval import Projector
-from sae_jax.block_encoder import BlockEncoder, encode_rows
 from sae_jax.workdir import LoadedSAE, load_sae
 
 __all__ = [

@@ -7,9 +7,9 @@ import pytest
 
 from sae_jax import metrics
 from sae_jax import sae as sae_lib
+from sae_jax.block_encoder import BlockEncoder, encode_rows
 from sae_jax.errors import SaeJaxError
 from sae_jax.stages import analyze
-from sae_jax.block_encoder import BlockEncoder, encode_rows
 
 
 def _dense_topk_codes(x, params, k, pre_bias):

@@ -42,10 +42,10 @@ import scipy.stats
 
 from sae_jax import metrics, preemption, sharding
 from sae_jax import workdir as workdir_lib
+from sae_jax.block_encoder import BlockEncoder
 from sae_jax.data.synthetic import KINDS, PlantedSource
 from sae_jax.errors import SaeJaxError
 from sae_jax.plots import analysis as plots
-from sae_jax.block_encoder import BlockEncoder
 from sae_jax.stages.block_progress import BlockProgress, digest
 
 ANALYSIS_DIR = "analysis"

@@ -19,9 +19,9 @@ from etils import epath
 from sae_jax import config_utils, metrics, removal, retrieval_tasks
 from sae_jax import sae as sae_lib
 from sae_jax import workdir as workdir_lib
+from sae_jax.block_encoder import encode_rows
 from sae_jax.data import synthetic
 from sae_jax.errors import SaeJaxError
-from sae_jax.block_encoder import encode_rows
 
 SELECT_ON = ("none", "validation")
 

@@ -47,10 +47,10 @@ import numpy as np
 from sae_jax import config_utils, retrieval, retrieval_tasks, uncertainty
 from sae_jax import workdir as workdir_lib
 from sae_jax.data import coco
-from sae_jax.study import shapes as shapes_lib
 from sae_jax.errors import SaeJaxError
 from sae_jax.stages import analyze, extract, extract_mbeir, retrieve
 from sae_jax.study import report
+from sae_jax.study import shapes as shapes_lib
 from sae_jax.study import trainers as train_encoder
 from sae_jax.study.layout import (  # noqa: F401  (re-exported: the study's layout)
   SEED_SUMMARY,

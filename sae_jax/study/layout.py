@@ -15,8 +15,8 @@ import os
 from typing import Any
 
 from sae_jax import config_utils
-from sae_jax.study import shapes as shapes_lib
 from sae_jax.errors import SaeJaxError
+from sae_jax.study import shapes as shapes_lib
 
 STEPS_FILE = "steps.json"
 SEED_SUMMARY = "seed_summary.json"  # in each extra seed's SAE workdir, written when its Table 1 is done

@@ -57,9 +57,9 @@ import numpy as np
 
 from sae_jax import workdir as workdir_lib
 from sae_jax.data import coco
-from sae_jax.study import shapes as shapes_lib
 from sae_jax.encoders import pooling as pooling_lib
 from sae_jax.errors import SaeJaxError
+from sae_jax.study import shapes as shapes_lib
 
 CONTRASTIVE_KINDS = ("clip", "siglip")
 GENERATIVE_KINDS = ("qwen2_vl", "qwen3_vl", "paligemma", "chameleon")
