@@ -421,7 +421,7 @@ def worker_extraction(args, size: dict, peak: float) -> None:
   from configs import qwen2vl_coco
   from sae_jax import encoders
   from sae_jax.data import coco
-  from sae_jax.encoders import qwen_vl, tiny
+  from sae_jax.encoders import factories, qwen_vl, tiny
   from sae_jax.stages import extract as extract_stage
 
   logging.set_verbosity(logging.WARNING)
@@ -431,7 +431,7 @@ def worker_extraction(args, size: dict, peak: float) -> None:
   device = encoders.resolve_device("auto")
   _, tiny_proc = tiny.build("qwen2_vl")  # its BPE tokenizer and specials stand in for Qwen's vocabulary
   tok = tiny_proc.tokenizer
-  ids = {s: tok.convert_tokens_to_ids(s) for s in tiny.QWEN_SPECIALS}
+  ids = {s: tok.convert_tokens_to_ids(s) for s in factories.QWEN_SPECIALS}
   # 224 px images -> 16 x 16 patches of 14 px -> 64 merged image tokens, as the paper's inputs.
   ip = Qwen2VLImageProcessorPil(
     patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=224 * 224, max_pixels=224 * 224

@@ -9,7 +9,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
-from sae_jax.study import shapes
+from sae_jax.study import shapes_files
 
 _OUT = flags.DEFINE_string("out", None, "Directory for images/, captions_<split>.json, scenes_<split>.json.")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,8 +25,8 @@ flags.mark_flags_as_required(["out"])
 
 def _write():
   if _COCO_MINI.value:
-    return shapes.write_coco_mini(_OUT.value, seed=int(_CONFIG.value.shapes.seed))
-  return shapes.write_shapes(_CONFIG.value.shapes, _OUT.value)
+    return shapes_files.write_coco_mini(_OUT.value, seed=int(_CONFIG.value.shapes.seed))
+  return shapes_files.write_shapes(_CONFIG.value.shapes, _OUT.value)
 
 
 def main(argv):

@@ -353,13 +353,13 @@ def test_chameleon_image_gen_is_the_caption_then_the_codes_extraction_swaps_in()
   image-end marker; only the codes and the end marker carry labels, and their loss is finite (HF's
   class masks image-token logits to the dtype's minimum)."""
   from sae_jax import encoders
-  from sae_jax.study import trainers as te
+  from sae_jax.study.trainers import mixture, vq
 
   model, processor = tiny.build("chameleon")
   enc = encoders.encoder_class("chameleon")(model, processor, templates=_extract_config().templates.to_dict())
-  batcher = te._MixtureBatcher(enc, "chameleon", "Describe the image:")
+  batcher = mixture.MixtureBatcher(enc, "chameleon", "Describe the image:")
   images = _images()
-  codes = te.chameleon_code_ids(model, processor, images)
+  codes = vq.chameleon_code_ids(model, processor, images)
   ids, attn, _, vision = enc.build(images=images[:1])
   prompt = _unpadded(ids, attn, 0)
   image_id = model.config.image_token_id
@@ -376,13 +376,13 @@ def test_chameleon_image_gen_is_the_caption_then_the_codes_extraction_swaps_in()
   body = codes[1].tolist() + [eoi]
   assert _unpadded(out["inputs"]["input_ids"], mask, 0).tolist() == cap + [boi] + body
   assert _unpadded(out["labels"], mask, 0).tolist() == [-100] * (len(cap) + 1) + body
-  per_seq, _ = te._sequence_losses(model, out)
+  per_seq, _ = mixture.sequence_losses(model, out)
   assert torch.isfinite(per_seq).all()
   # The sampler draws image_gen only with every image's codes, and pairs a caption with its image's.
   src_caps = [["a red star", "a star"], ["two blue rings"]]
-  weights = {t: 0.0 for t in te.MIXTURE_TASKS} | {"image_gen": 1.0, "caption": 1.0}
-  assert te._MixtureSampler(None, src_caps, [None, None], weights, 0).tasks == ["caption"]
-  sampler = te._MixtureSampler(None, src_caps, [None, None], weights, 0, codes=codes)
+  weights = {t: 0.0 for t in mixture.MIXTURE_TASKS} | {"image_gen": 1.0, "caption": 1.0}
+  assert mixture.MixtureSampler(None, src_caps, [None, None], weights, 0).tasks == ["caption"]
+  sampler = mixture.MixtureSampler(None, src_caps, [None, None], weights, 0, codes=codes)
   for task, c, text, answer in sampler.draw(8, task="image_gen"):
     owner = 0 if text in src_caps[0] else 1
     assert task == "image_gen" and answer is None and c.tolist() == codes[owner].tolist()
@@ -417,14 +417,14 @@ def test_generalist_training_sequences_are_the_extraction_prompts_plus_the_answe
   (template, chat scaffold, image segment), followed by the answer and its end token, which alone
   carry labels; text-only caption modelling labels every caption token."""
   from sae_jax import encoders
-  from sae_jax.study import trainers as te
+  from sae_jax.study.trainers import mixture
 
   model, processor = tiny.build(family)
   templates = _extract_config().templates.to_dict()
   enc = encoders.encoder_class(encoders.family_of(model.config.model_type))(
     model, processor, templates=templates, chat_template=chat
   )
-  batcher = te._MixtureBatcher(enc, family, "Describe the image:")
+  batcher = mixture.MixtureBatcher(enc, family, "Describe the image:")
   images = _images()
   samples = [
     ("image_word", images[0], None, "circle"),
@@ -458,5 +458,5 @@ def test_generalist_training_sequences_are_the_extraction_prompts_plus_the_answe
     n_answer = len(tok(" circle", add_special_tokens=False)["input_ids"]) + 1
     n = len(_unpadded(ids, mask, 0))
     assert _unpadded(tt, mask, 0).tolist() == [0] * (n - n_answer) + [1] * n_answer
-  per_seq, hits = te._sequence_losses(model, out)
+  per_seq, hits = mixture.sequence_losses(model, out)
   assert per_seq.shape == (4,) and torch.isfinite(per_seq).all() and hits.dtype == torch.bool

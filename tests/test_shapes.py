@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from configs import base
-from sae_jax.data import coco, shapes
+from sae_jax.data import coco
 from sae_jax.errors import SaeJaxError
+from sae_jax.study import shapes, shapes_files, shapes_tasks
 
 
 def _cfg(seed=0, train=24, test=8):
@@ -24,7 +25,7 @@ def _cfg(seed=0, train=24, test=8):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("shapes"))
-  shapes.write_shapes(_cfg(), out, log=None)
+  shapes_files.write_shapes(_cfg(), out, log=None)
   return out
 
 
@@ -38,8 +39,8 @@ def _load(out, split):
 
 def test_deterministic_by_seed(world, tmp_path):
   again, other = str(tmp_path / "again"), str(tmp_path / "other")
-  shapes.write_shapes(_cfg(), again, log=None)
-  shapes.write_shapes(_cfg(seed=1), other, log=None)
+  shapes_files.write_shapes(_cfg(), again, log=None)
+  shapes_files.write_shapes(_cfg(seed=1), other, log=None)
   for split in shapes.SPLITS:
     assert _load(world, split) == _load(again, split)
     assert _load(world, split)[1] != _load(other, split)[1]
@@ -116,31 +117,35 @@ def test_pixels_show_the_scene(world):
 
 def test_coco_source_reads_it(world):
   for split, n in (("train", 24), ("test", 8)):
-    src = coco.CocoCaptionsJson(shapes.captions_json(world, split), shapes.image_dir(world))
+    src = coco.CocoCaptionsJson(shapes_files.captions_json(world, split), shapes_files.image_dir(world))
     assert len(src.images) == n and len(src) == 5 * n
     item = src[7]
     assert item["caption_id"] // 10 == item["image_id"]
     assert coco.load_image(item["image"]).size == (64, 64)
   train_ids = {
     im.image_id
-    for im in coco.CocoCaptionsJson(shapes.captions_json(world, "train"), shapes.image_dir(world)).images
+    for im in coco.CocoCaptionsJson(
+      shapes_files.captions_json(world, "train"), shapes_files.image_dir(world)
+    ).images
   }
   test_ids = {
     im.image_id
-    for im in coco.CocoCaptionsJson(shapes.captions_json(world, "test"), shapes.image_dir(world)).images
+    for im in coco.CocoCaptionsJson(
+      shapes_files.captions_json(world, "test"), shapes_files.image_dir(world)
+    ).images
   }
   assert not train_ids & test_ids
 
 
 def test_complete_data_is_kept_and_other_settings_refused(world):
-  meta = shapes.write_shapes(_cfg(), world, log=None)
+  meta = shapes_files.write_shapes(_cfg(), world, log=None)
   assert meta["counts"]["train"] == {"images": 24, "captions": 120}
   with pytest.raises(SaeJaxError, match="other settings"):
-    shapes.write_shapes(_cfg(train=30), world, log=None)
+    shapes_files.write_shapes(_cfg(train=30), world, log=None)
   bad = ml_collections.ConfigDict(_cfg().to_dict())
   bad.max_objects = 4
   with pytest.raises(SaeJaxError, match="config.shapes.max_objects"):
-    shapes.write_shapes(bad, world + "-bad", log=None)
+    shapes_files.write_shapes(bad, world + "-bad", log=None)
 
 
 def test_summary_word_and_questions_answer_from_the_scene(world):
@@ -189,53 +194,53 @@ def test_summary_word_and_questions_answer_from_the_scene(world):
 
 def test_image_to_image_task_positive_is_the_same_scene_drawn_again(world):
   _, scenes = _load(world, "test")
-  task = shapes.image_to_image_task(scenes, seed=0)
+  task = shapes_tasks.image_to_image_task(scenes, seed=0)
   assert task["positives"] == [[i] for i in range(len(scenes))]
   for q, c in zip(task["queries"], task["candidates"]):
-    assert shapes.same_content(q, c)  # same objects, sizes, cells and background
+    assert shapes_tasks.same_content(q, c)  # same objects, sizes, cells and background
     assert c["texture"] != q["texture"] and c["texture_seed"] != q["texture_seed"]
     for a, b in zip(q["objects"], c["objects"]):
       assert a["jitter"] != b["jitter"] and 0.88 <= b["scale"] <= 1.12
     assert not np.array_equal(shapes.render_scene(q), shapes.render_scene(c))
   # Every other candidate shows different content (the positive is unique).
   for i, q in enumerate(task["queries"]):
-    assert [j for j, c in enumerate(task["candidates"]) if shapes.same_content(q, c)] == [i]
+    assert [j for j, c in enumerate(task["candidates"]) if shapes_tasks.same_content(q, c)] == [i]
 
 
 def test_composed_task_target_and_distractors_against_the_scene_records(world):
   _, scenes = _load(world, "train")
-  task = shapes.composed_task(scenes, seed=0)
+  task = shapes_tasks.composed_task(scenes, seed=0)
   qs, cands, roles, sources = task["queries"], task["candidates"], task["roles"], task["sources"]
   assert len(qs) >= 0.8 * len(scenes) and len(cands) == 3 * len(qs)
-  assert {q["kind"] for q in qs} == set(shapes.MODIFICATIONS)
+  assert {q["kind"] for q in qs} == set(shapes_tasks.MODIFICATIONS)
   for n, q in enumerate(qs):
     (t,) = task["positives"][n]
     assert roles[t : t + 3] == ["target", "reference_only", "text_only"]
     ref, text = q["scene"], q["text"]
     target, ref_only, text_only = cands[t : t + 3]
-    assert shapes.text_holds(text, ref, target)  # the positive: the reference, modified as said
-    assert shapes.same_content(ref_only, ref) and not shapes.text_holds(text, ref, ref_only)
+    assert shapes_tasks.text_holds(text, ref, target)  # the positive: the reference, modified as said
+    assert shapes_tasks.same_content(ref_only, ref) and not shapes_tasks.text_holds(text, ref, ref_only)
     src = sources[t + 2]
-    assert not shapes.same_content(src, ref) and shapes.text_holds(text, src, text_only)
-    assert not shapes.text_holds(text, ref, text_only)  # matches the text, not this reference
+    assert not shapes_tasks.same_content(src, ref) and shapes_tasks.text_holds(text, src, text_only)
+    assert not shapes_tasks.text_holds(text, ref, text_only)  # matches the text, not this reference
     for c in cands:  # no other candidate of the pool is this query's answer
       if c is not target:
-        assert not shapes.text_holds(text, ref, c) or shapes.same_content(c, target)
+        assert not shapes_tasks.text_holds(text, ref, c) or shapes_tasks.same_content(c, target)
   # The independent reading of the texts rejects wrong answers.
   ref = qs[0]["scene"]
-  assert not shapes.text_holds("remove the red star", ref, ref)
+  assert not shapes_tasks.text_holds("remove the red star", ref, ref)
   with pytest.raises(SaeJaxError, match="modification kind"):
-    shapes.modify(ref, "rotate", np.random.default_rng(0))
+    shapes_tasks.modify(ref, "rotate", np.random.default_rng(0))
 
 
 def test_tasks_are_written_in_the_mbeir_layout_the_extraction_reads(world):
   from sae_jax import retrieval_tasks
   from sae_jax.data import mbeir
 
-  meta = shapes.write_tasks(_cfg(), world, log=None)
-  assert shapes.write_tasks(_cfg(), world, log=None) == meta  # complete: kept
+  meta = shapes_files.write_tasks(_cfg(), world, log=None)
+  assert shapes_files.write_tasks(_cfg(), world, log=None) == meta  # complete: kept
   root = os.path.join(world, "tasks")
-  for task, name in shapes.TASK_FILES.items():
+  for task, name in shapes_files.TASK_FILES.items():
     qs = mbeir.MBeirQueries(os.path.join(root, f"{name}_queries.jsonl"), world)
     pool = mbeir.MBeirPool(os.path.join(root, f"{name}_pool.jsonl"), world)
     with open(os.path.join(root, f"{name}_scenes.json")) as f:

@@ -21,9 +21,9 @@ from configs import study_shapes
 from sae_jax import encoders, retrieval_tasks, uncertainty
 from sae_jax.encoders import pooling
 from sae_jax.errors import SaeJaxError
+from sae_jax.study import analysis, layout, report
 from sae_jax.study import driver as study
-from sae_jax.study import report
-from sae_jax.study import trainers as train_encoder
+from sae_jax.study.trainers import common, families, mixture, tokenizers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHANCE_FACTOR = 3.0  # the tiny CLIP (120 steps, 400 images) must beat chance image->text R@1 by this
@@ -101,7 +101,7 @@ def test_every_report_artifact_exists_and_parses(tiny):
 
 def test_trained_clip_beats_chance_and_reloads_as_extracted(tiny):
   wd, config, _ = tiny
-  steps = _json(os.path.join(wd, "clip", study.STEPS_FILE))
+  steps = _json(os.path.join(wd, "clip", layout.STEPS_FILE))
   q = steps["model"]["summary"]
   assert q["test_images"] == 100 and q["test_captions"] == 500
   assert q["i2t_chance"] == pytest.approx(1.0)
@@ -113,14 +113,14 @@ def test_trained_clip_beats_chance_and_reloads_as_extracted(tiny):
     res["image_to_text"]["embed"]["n_queries"] == 100 and res["image_to_text"]["embed"]["n_candidates"] == 500
   )
   for name in study_shapes.GENERATIVE:
-    qq = _json(os.path.join(wd, name, study.STEPS_FILE))["model"]["summary"]
-    answered = set(train_encoder.MIXTURE_TASKS) - {"image_gen"}  # image_gen: its loss, no exact answers
+    qq = _json(os.path.join(wd, name, layout.STEPS_FILE))["model"]["summary"]
+    answered = set(mixture.MIXTURE_TASKS) - {"image_gen"}  # image_gen: its loss, no exact answers
     assert set(qq["answer_accuracy"]) == answered and len(qq["samples"]) == 1
     # Only Chameleon, the family that generates images, has image_gen in its mixture.
     assert set(qq["mixture"]) == answered | ({"image_gen"} if name == "chameleon" else set())
     assert qq["i2t_chance"] == pytest.approx(1.0) and qq["chat_template"] == name.startswith("qwen")
     assert qq["vision_stage_steps"] == 20
-  vq = _json(os.path.join(wd, "chameleon", study.STEPS_FILE))["model"]["summary"]
+  vq = _json(os.path.join(wd, "chameleon", layout.STEPS_FILE))["model"]["summary"]
   assert vq["vq_steps"] == 20 and vq["vq_reconstruction_mse"] < vq["vq_pixel_variance"], vq
 
 
@@ -139,7 +139,7 @@ def test_saved_model_reproduces_the_study_embeddings(tiny, name, family, arch):
   """Each trained checkpoint, read back through the preset's loader (load_encoder on
   extract.model_name=<dir>), gives the test split's pooled embeddings the study extracted."""
   wd, config, _ = tiny
-  c = study.stage_config(config, wd, name, "test")
+  c = layout.stage_config(config, wd, name, "test")
   assert json.load(open(os.path.join(c.extract.model_name, "config.json")))["architectures"] == [arch]
   enc = encoders.load_encoder(c.extract)
   variant = study.base_variant(config, name)
@@ -168,7 +168,7 @@ def test_study_embeddings_retrieve_as_the_trained_model_did(tiny, name):
   (quality.json): a reload that re-tokenizes or drops weights changes it (a SigLIP2 whose processor
   rebuilt its tokenizer retrieved at chance after 47.8% in memory)."""
   wd, config, _ = tiny
-  q = _json(os.path.join(wd, "models", name, train_encoder.QUALITY_FILE))
+  q = _json(os.path.join(wd, "models", name, common.QUALITY_FILE))
   assert q["test_images"] == config.shapes.test_images  # the quality figures cover the whole split
   res = _json(os.path.join(wd, name, "sae", "retrieval", "results.json"))
   base = study.base_variant(config, name)
@@ -184,8 +184,8 @@ def test_a_processor_that_rebuilds_its_tokenizer_gets_the_saved_one(tmp_path):
 
   cfg = base_config.get_config().encoder_training
   caps = ["a small red circle in the top left", "two big blue stars and a green ring"] * 20
-  tok = train_encoder.train_tokenizer(caps, train_encoder.GEMMA_SPECIALS, 400, "gemma")
-  model, proc = train_encoder.build_siglip(tok, cfg, 64)
+  tok = tokenizers.train_tokenizer(caps, tokenizers.GEMMA_SPECIALS, 400, "gemma")
+  model, proc = families.build_siglip(tok, cfg, 64)
   proc.save_pretrained(str(tmp_path))
   model.save_pretrained(str(tmp_path))
   from transformers import AutoProcessor
@@ -205,7 +205,7 @@ def test_models_in_worker_processes_give_the_same_study(tiny, tmp_path):
   c.study.data_dir = os.path.join(wd, "data")  # the same generated world
   out = study.run_study(c, str(tmp_path), log=print)
   for name in c.study.models:
-    got, ref = (_json(os.path.join(d, name, study.STEPS_FILE)) for d in (str(tmp_path), wd))
+    got, ref = (_json(os.path.join(d, name, layout.STEPS_FILE)) for d in (str(tmp_path), wd))
     assert got["model"]["summary"]["i2t_R@1"] == ref["model"]["summary"]["i2t_R@1"]
     assert got["sae"]["summary"]["eval_fvu"] == pytest.approx(ref["sae"]["summary"]["eval_fvu"], rel=1e-5)
     assert got["analyze"]["summary"]["table1"] == ref["analyze"]["summary"]["table1"]
@@ -237,7 +237,7 @@ def test_generative_tokenizers_keep_words_whole(tiny):
   prompts = [t.replace("{image}", "").replace("{text}", "x") for t in config.extract.templates.values()]
   for name in study_shapes.GENERATIVE:
     tok = AutoTokenizer.from_pretrained(os.path.join(wd, "models", name))
-    pieces = train_encoder.word_pieces(tok, caps + prompts)
+    pieces = tokenizers.word_pieces(tok, caps + prompts)
     assert "Summarize" in pieces and "circle" in pieces
     for w, n in pieces.items():
       assert n <= (1 if w.isalpha() else 2), (name, w, n)
@@ -252,7 +252,7 @@ def test_saved_model_loads_like_a_hub_checkpoint(tiny, name, family):
 
   wd, config, _ = tiny
   path = os.path.join(wd, "models", name)
-  c = study.stage_config(config, wd, name, "test")
+  c = layout.stage_config(config, wd, name, "test")
   assert c.extract.model_name == path
   enc = encoders.load_encoder(c.extract)
   assert enc.family == family
@@ -382,7 +382,7 @@ def test_quality_section_and_probe_table(tiny):
   probes = {r[0]: r for r in _md_rows(md, "## What each model learned")}
   for name in study_shapes.MODELS:
     label = config.study.model[name].label
-    q = _json(os.path.join(wd, name, study.STEPS_FILE))["model"]["summary"]
+    q = _json(os.path.join(wd, name, layout.STEPS_FILE))["model"]["summary"]
     p = q["probes"]
     cells = [str(p["n_scenes"])]
     for w in ("shape", "colour", "position"):
@@ -408,7 +408,7 @@ def test_resume_after_sigkill_ends_with_the_same_report(tiny, tmp_path):
   wd2 = str(tmp_path / "resumed")
   shutil.copytree(wd, wd2)
   # Forget every step of the generative model after its training, and the report.
-  steps_path = os.path.join(wd2, "qwen2_vl", study.STEPS_FILE)
+  steps_path = os.path.join(wd2, "qwen2_vl", layout.STEPS_FILE)
   steps = _json(steps_path)
   with open(steps_path, "w") as f:
     json.dump({"model": steps["model"]}, f)
@@ -417,7 +417,7 @@ def test_resume_after_sigkill_ends_with_the_same_report(tiny, tmp_path):
     shutil.rmtree(os.path.join(wd2, d))
   # CLIP as if run with one seed fewer: its sae_seeds step re-runs, reads the first seed back and
   # trains the missing one.
-  clip_steps = os.path.join(wd2, "clip", study.STEPS_FILE)
+  clip_steps = os.path.join(wd2, "clip", layout.STEPS_FILE)
   cs = _json(clip_steps)
   cs["sae_seeds"]["summary"]["seeds"] = cs["sae_seeds"]["summary"]["seeds"][:-1]
   with open(clip_steps, "w") as f:
@@ -513,7 +513,7 @@ def test_other_tasks_are_scored_for_every_model(tiny):
     res = _json(os.path.join(wd, name, "tasks", "results.json"))
     want = {"image_to_image"} | ({"image_text_to_image"} if name in study_shapes.GENERATIVE else set())
     assert set(res) == want, name
-    assert _json(os.path.join(wd, name, study.STEPS_FILE))["tasks"]["summary"] == res
+    assert _json(os.path.join(wd, name, layout.STEPS_FILE))["tasks"]["summary"] == res
     for task, by in res.items():
       variant = study.base_variant(config, name)
       r = by[variant]
@@ -585,7 +585,7 @@ def test_layer_recall_against_numpy():
   img = rng.normal(size=(3, n, d)).astype(np.float32)
   # Layer 0 unaligned, layer 1 partly, layer 2 strongly: three different R@1.
   txt = np.stack([s * img[i][owner] + rng.normal(size=(n * per, d)) for i, s in enumerate((0.0, 0.6, 3.0))])
-  got = study.layer_recall(img, txt.astype(np.float32), owner, n_boot=n_boot, seed=5)
+  got = analysis.layer_recall(img, txt.astype(np.float32), owner, n_boot=n_boot, seed=5)
   draws = np.random.default_rng(5).integers(0, n, size=(n_boot, n))
   r1 = []
   for layer in range(3):
@@ -599,14 +599,14 @@ def test_layer_recall_against_numpy():
     r1.append(got[layer]["R@1"])
   assert r1[0] < r1[1] < r1[2]
   with pytest.raises(SaeJaxError, match="text_owner"):
-    study.layer_recall(img, txt[:, :-1].astype(np.float32), owner, n_boot=10, seed=0)
+    analysis.layer_recall(img, txt[:, :-1].astype(np.float32), owner, n_boot=10, seed=0)
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "chameleon"])
 def test_per_layer_pooling_is_each_layer_mean_pooled(tiny, name):
   """`mean_pooled_per_layer` equals the extraction forward at each `layer`, mean-pooled."""
   wd, config, _ = tiny
-  enc = encoders.load_encoder(study.stage_config(config, wd, name, "test").extract)
+  enc = encoders.load_encoder(layout.stage_config(config, wd, name, "test").extract)
   from sae_jax.data import coco
 
   src = coco.CocoCaptionsJson(*(study.data_paths(config, wd)[k] for k in ("test_json", "test_images")))
@@ -635,7 +635,7 @@ def test_layer_recall_step_in_the_study_and_report(tiny):
     if name not in study_shapes.GENERATIVE:
       assert lr == {}
       continue
-    enc = encoders.load_encoder(study.stage_config(config, wd, name, "test").extract)
+    enc = encoders.load_encoder(layout.stage_config(config, wd, name, "test").extract)
     assert [r["layer"] for r in lr["layers"]] == list(range(enc.num_hidden_states()))
     assert (lr["n_queries"], lr["n_candidates"]) == (config.shapes.test_images, 5 * config.shapes.test_images)
     res = _json(os.path.join(wd, name, "sae", "retrieval", "results.json"))

@@ -16,9 +16,10 @@ import tensorflow_datasets as tfds
 import sae_jax.data  # noqa: E402
 from configs import base, clip_coco  # noqa: E402
 from sae_jax import encoders  # noqa: E402
-from sae_jax.data import coco, paired, shapes, tfds_source  # noqa: E402
+from sae_jax.data import coco, paired, tfds_source  # noqa: E402
 from sae_jax.errors import SaeJaxError  # noqa: E402
 from sae_jax.stages import extract as extract_stage  # noqa: E402
+from sae_jax.study import shapes_files  # noqa: E402
 from tests.helpers.faults import Crash, CrashingEncoder  # noqa: E402
 
 MOCK_EXAMPLES = 8
@@ -113,10 +114,14 @@ def shapes_tfds(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("shapes"))
   cfg = base.get_config().shapes
   cfg.train_images, cfg.test_images = 6, 2
-  shapes.write_shapes(cfg, out, log=None)
+  shapes_files.write_shapes(cfg, out, log=None)
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   tfds_source.write_coco_as_tfds(
-    shapes.captions_json(out, "train"), shapes.image_dir(out), data_dir, "shapes_captions", "train"
+    shapes_files.captions_json(out, "train"),
+    shapes_files.image_dir(out),
+    data_dir,
+    "shapes_captions",
+    "train",
   )
   return out, data_dir
 
@@ -127,7 +132,7 @@ def test_shapes_world_as_tfds_reads_back_image_for_image(shapes_tfds, clip_encod
     tfds_name="shapes_captions", tfds_split="train", tfds_data_dir=data_dir, captions_per_image=0
   )
   via_tfds = paired.open_source(cfg.extract)
-  via_json = coco.CocoCaptionsJson(shapes.captions_json(out, "train"), shapes.image_dir(out))
+  via_json = coco.CocoCaptionsJson(shapes_files.captions_json(out, "train"), shapes_files.image_dir(out))
   assert [im.image_id for im in via_tfds.images] == [im.image_id for im in via_json.images]
   assert via_tfds.captions == via_json.captions  # ids (the stored COCO annotation ids), images, texts
   for a, b in zip(via_tfds.images, via_json.images):
@@ -137,8 +142,8 @@ def test_shapes_world_as_tfds_reads_back_image_for_image(shapes_tfds, clip_encod
   extract_stage.Extractor(cfg, str(tmp_path / "tfds"), encoder=clip_encoder).run()
   json_cfg = _tfds_config(dataset="coco", max_images=3)
   json_cfg.extract.captions_json, json_cfg.extract.image_dir = (
-    shapes.captions_json(out, "train"),
-    shapes.image_dir(out),
+    shapes_files.captions_json(out, "train"),
+    shapes_files.image_dir(out),
   )
   extract_stage.Extractor(json_cfg, str(tmp_path / "json"), encoder=clip_encoder).run()
   _assert_same_pooled(_pooled(tmp_path / "tfds"), _pooled(tmp_path / "json"))
@@ -147,7 +152,7 @@ def test_shapes_world_as_tfds_reads_back_image_for_image(shapes_tfds, clip_encod
 def test_tfds_evaluation_split(shapes_tfds, clip_encoder, tmp_path):
   out, data_dir = shapes_tfds
   tfds_source.write_coco_as_tfds(
-    shapes.captions_json(out, "test"), shapes.image_dir(out), data_dir, "shapes_test", "test"
+    shapes_files.captions_json(out, "test"), shapes_files.image_dir(out), data_dir, "shapes_test", "test"
   )
   cfg = _tfds_config(tfds_name="shapes_test", tfds_data_dir=data_dir, eval_dataset="tfds")
   cfg.extract.eval_tfds_split, cfg.extract.eval_captions_per_image = "test", 5
@@ -156,5 +161,5 @@ def test_tfds_evaluation_split(shapes_tfds, clip_encoder, tmp_path):
     summary["split"] == "eval" and summary["counts"]["images"] == 2 and summary["counts"]["captions"] == 10
   )
   ev = np.load(tmp_path / "activations" / "eval" / "pooled_embed.npz")
-  via_json = coco.CocoCaptionsJson(shapes.captions_json(out, "test"), shapes.image_dir(out))
+  via_json = coco.CocoCaptionsJson(shapes_files.captions_json(out, "test"), shapes_files.image_dir(out))
   assert ev["caption_ids"].tolist() == [c.caption_id for c in via_json.captions]

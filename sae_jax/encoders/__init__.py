@@ -10,6 +10,7 @@ Adding a model family = one module with an Encoder subclass + one line in `_FAMI
 
 import os
 
+from sae_jax.encoders import tiny
 from sae_jax.errors import SaeJaxError
 
 # model_type (HF config) -> family module/class
@@ -164,8 +165,6 @@ def load_encoder(cfg):
   kw = dict(layer=int(cfg.layer), device=device, dtype=dtype, templates=templates, name=name)
   kw["chat_template"] = bool(cfg.chat_template)
   if name.startswith("tiny:"):
-    from sae_jax.encoders import tiny
-
     model, processor = tiny.build(name[len("tiny:") :], scale=int(cfg.tiny_scale))
     family = family or family_of(model.config.model_type)
   else:

@@ -6,13 +6,12 @@ English corpus (plus each family's special tokens); image processors are the `..
 classes with their defaults shrunk to small images. `scale` widens the language model (benchmarks).
 """
 
-import copy
+import dataclasses
 import functools
 import importlib.util
 import os
 
-import torch
-
+from sae_jax.encoders import factories
 from sae_jax.errors import SaeJaxError
 
 _CORPUS = (
@@ -60,20 +59,10 @@ def tiny_tokenizer(
   return bpe_tokenizer([_CORPUS] * 4, specials, vocab_size, bos, eos, pad, unk, add_bos)
 
 
-# The special tokens the Qwen2/2.5/3-VL processors need.
-QWEN_SPECIALS = (
-  "<|endoftext|>",
-  "<|im_start|>",
-  "<|im_end|>",
-  "<|vision_start|>",
-  "<|vision_end|>",
-  "<|image_pad|>",
-  "<|video_pad|>",
-)
-
-
 def _qwen_tokenizer():
-  return tiny_tokenizer(QWEN_SPECIALS, eos="<|endoftext|>", pad="<|endoftext|>"), QWEN_SPECIALS
+  return tiny_tokenizer(
+    factories.QWEN_SPECIALS, eos="<|endoftext|>", pad="<|endoftext|>"
+  ), factories.QWEN_SPECIALS
 
 
 QWEN2_PATTERN = (
@@ -115,18 +104,9 @@ def qwen2_real_tokenizer():
   return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def _text_cfg(vocab, scale=1, **extra):
+def _decoder_size(scale: int, **kw) -> factories.Size:
   h = 32 * scale
-  return dict(
-    vocab_size=vocab,
-    hidden_size=h,
-    intermediate_size=2 * h,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    **extra,
-  )
+  return factories.Size(h, 2 * h, layers=2, heads=4, kv_heads=2, max_positions=1024, **kw)
 
 
 def build_qwen2_vl(scale=1, version="qwen2_vl", real_vocab=False):
@@ -134,118 +114,28 @@ def build_qwen2_vl(scale=1, version="qwen2_vl", real_vocab=False):
 
   real_vocab: the real Qwen2 vocabulary and special-token ids (vocab_size 151936 as in the released
   configs) instead of a small in-process BPE."""
-  from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
-
-  from sae_jax.encoders.qwen_vl import make_processor
-
-  if real_vocab:
-    tok, specials = qwen2_real_tokenizer(), QWEN2_SPECIALS
-  else:
-    tok, specials = _qwen_tokenizer()
-  ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
-  vocab = 151936 if real_vocab else len(tok)
-  eos = ids["<|endoftext|>"]
-  common = dict(
-    image_token_id=ids["<|image_pad|>"],
-    video_token_id=ids["<|video_pad|>"],
-    vision_start_token_id=ids["<|vision_start|>"],
-    vision_end_token_id=ids["<|vision_end|>"],
-  )
+  tok = qwen2_real_tokenizer() if real_vocab else _qwen_tokenizer()[0]
   if version == "qwen3_vl":
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-
-    patch = 16
-    cfg = Qwen3VLConfig(
-      text_config=_text_cfg(
-        vocab,
-        scale,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        head_dim=8 * scale,
-        rope_scaling={
-          "rope_type": "default",
-          "mrope_section": [scale, scale, 2 * scale],
-          "mrope_interleaved": True,
-        },
-      ),
-      vision_config=dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        patch_size=patch,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        out_hidden_size=32 * scale,
-        num_position_embeddings=64,
-        deepstack_visual_indexes=[1],
-      ),
-      **common,
-    )
-    model_cls, proc_cls = Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    text = _decoder_size(scale, head_dim=8 * scale)
+    vision = factories.QwenVision(depth=2, dim=32, heads=2, patch_size=16, mlp=64, positions=64)
   elif version == "qwen2_5_vl":
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-
-    patch = 14
-    cfg = Qwen2_5_VLConfig(
-      text_config=_text_cfg(
-        vocab,
-        scale,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        rope_scaling={"type": "mrope", "mrope_section": [scale, scale, 2 * scale]},
-      ),
-      vision_config=dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        patch_size=patch,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        out_hidden_size=32 * scale,
-        window_size=56,
-        fullatt_block_indexes=[1],
-      ),
-      **common,
-    )
-    model_cls, proc_cls = Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    text = _decoder_size(scale)
+    vision = factories.QwenVision(depth=2, dim=32, heads=2, patch_size=14, mlp=64)
   else:
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-
-    patch = 14
-    cfg = Qwen2VLConfig(
-      text_config=_text_cfg(
-        vocab,
-        scale,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        rope_scaling={"type": "mrope", "mrope_section": [scale, scale, 2 * scale]},
-      ),
-      vision_config=dict(
-        depth=1,
-        embed_dim=32,
-        hidden_size=32 * scale,
-        num_heads=2,
-        mlp_ratio=2,
-        patch_size=patch,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-      ),
-      **common,
-    )
-    model_cls, proc_cls = Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-  unit = patch * 2
-  ip = Qwen2VLImageProcessorPil(
-    patch_size=patch,
-    merge_size=2,
-    temporal_patch_size=2,
-    min_pixels=(2 * unit) ** 2,
-    max_pixels=(4 * unit) ** 2,
-  )
-  torch.manual_seed(0)
-  model = model_cls(cfg).eval()
-  return model, make_processor(proc_cls, ip, tok)
+    text = _decoder_size(scale)
+    vision = factories.QwenVision(depth=1, dim=32, heads=2, patch_size=14)
+  model = factories.qwen_vl(
+    version,
+    tok,
+    text,
+    vision,
+    mrope_section=[scale, scale, 2 * scale],
+    vocab_size=151936 if real_vocab else None,
+    seed=0,
+  ).eval()
+  unit = vision.patch_size * 2
+  processor = factories.qwen_processor(version, tok, vision.patch_size, (2 * unit) ** 2, (4 * unit) ** 2)
+  return model, processor
 
 
 def build(family: str, scale: int = 1):
@@ -274,182 +164,60 @@ def _simple_tokenizer(bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", extra=
   return tiny_tokenizer(specials, bos=bos, eos=eos, pad=pad, unk=unk, add_bos=add_bos)
 
 
-def _tower(scale=1, **kw):
+def _tower(scale=1) -> factories.Size:
   h = 32 * scale
-  return dict(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2, num_attention_heads=4, **kw)
+  return factories.Size(h, 2 * h, layers=2, heads=4)
 
 
 def build_clip(scale=1):
-  from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-  from transformers.models.clip import CLIPImageProcessorPil
-
   tok = _simple_tokenizer(
     bos="<|startoftext|>", eos="<|endoftext|>", pad="<|endoftext|>", unk=None, add_bos="eos"
   )
-  cfg = CLIPConfig(
-    text_config=_tower(
-      scale,
-      vocab_size=len(tok),
-      max_position_embeddings=77,
-      eos_token_id=tok.eos_token_id,
-      bos_token_id=tok.bos_token_id,
-      pad_token_id=tok.pad_token_id,
-    ),
-    vision_config=_tower(scale, image_size=224, patch_size=32),
-    projection_dim=16 * scale,
+  text = dataclasses.replace(_tower(scale), max_positions=77)
+  model, proc = factories.clip(
+    tok, text, _tower(scale), image_size=224, patch_size=32, projection_dim=16 * scale, seed=0
   )
-  torch.manual_seed(0)
-  return CLIPModel(cfg).eval(), CLIPProcessor(image_processor=CLIPImageProcessorPil(), tokenizer=tok)
+  return model.eval(), proc
 
 
 def build_siglip(scale=1):
-  from transformers import SiglipConfig, SiglipModel, SiglipProcessor
-  from transformers.models.siglip import SiglipImageProcessorPil
-
   tok = _simple_tokenizer(bos=None, eos="</s>", pad="</s>", unk="<unk>")
-  cfg = SiglipConfig(
-    text_config=_tower(
-      scale,
-      vocab_size=len(tok),
-      max_position_embeddings=64,
-      pad_token_id=tok.pad_token_id,
-      eos_token_id=tok.eos_token_id,
-      bos_token_id=tok.eos_token_id,
-    ),
-    vision_config=_tower(scale, image_size=64, patch_size=16),
-  )
-  ip = SiglipImageProcessorPil(size={"height": 64, "width": 64})
-  torch.manual_seed(0)
-  return SiglipModel(cfg).eval(), SiglipProcessor(image_processor=ip, tokenizer=tok)
+  text = dataclasses.replace(_tower(scale), max_positions=64)
+  model, proc = factories.siglip(tok, text, _tower(scale), image_size=64, patch_size=16, seed=0)
+  return model.eval(), proc
 
 
 def build_siglip2(scale=1):
-  from transformers import Siglip2Config, Siglip2Model, Siglip2Processor
-  from transformers.models.siglip2 import Siglip2ImageProcessorPil
-
   tok = _simple_tokenizer(bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>")
-  cfg = Siglip2Config(
-    text_config=_tower(
-      scale,
-      vocab_size=len(tok),
-      max_position_embeddings=64,
-      pad_token_id=tok.pad_token_id,
-      eos_token_id=tok.eos_token_id,
-      bos_token_id=tok.bos_token_id,
-    ),
-    vision_config=_tower(scale, patch_size=16, num_patches=16),
-  )
-  ip = Siglip2ImageProcessorPil(patch_size=16, max_num_patches=16)
-  torch.manual_seed(0)
-  return Siglip2Model(cfg).eval(), Siglip2Processor(image_processor=ip, tokenizer=tok)
+  text = dataclasses.replace(_tower(scale), max_positions=64)
+  model, proc = factories.siglip2(tok, text, _tower(scale), patch_size=16, num_patches=16, seed=0)
+  return model.eval(), proc
 
 
 def build_paligemma(scale=1):
-  from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
-  from transformers.models.siglip import SiglipImageProcessorPil
-
-  tok = copy.deepcopy(
-    _simple_tokenizer(bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", extra=("<image>",))
-  )
-  tok.image_token = "<image>"
-  tok.image_token_id = tok.convert_tokens_to_ids("<image>")
-  ip = SiglipImageProcessorPil(size={"height": 32, "width": 32})
-  ip.image_seq_length = 4
-  proc = PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
-  h = 32 * scale
-  cfg = PaliGemmaConfig(
-    text_config=dict(
-      model_type="gemma2",
-      vocab_size=len(tok),
-      hidden_size=h,
-      intermediate_size=2 * h,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      num_key_value_heads=2,
-      head_dim=8,
-      max_position_embeddings=1024,
-      pad_token_id=tok.pad_token_id,
-      bos_token_id=tok.bos_token_id,
-      eos_token_id=tok.eos_token_id,
-    ),
-    vision_config=dict(
-      hidden_size=32,
-      intermediate_size=64,
-      num_hidden_layers=1,
-      num_attention_heads=4,
-      image_size=32,
-      patch_size=16,
-      projection_dim=h,
-    ),
-    image_token_id=tok.image_token_id,
-    projection_dim=h,
-    hidden_size=h,
-  )
-  torch.manual_seed(0)
-  return PaliGemmaForConditionalGeneration(cfg).eval(), proc
+  tok = _simple_tokenizer(bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", extra=("<image>",))
+  text = _decoder_size(scale, head_dim=8)
+  vision = factories.Size(32, 64, layers=1, heads=4)
+  model, proc = factories.paligemma(tok, text, vision, image_size=32, patch_size=16, seed=0)
+  return model.eval(), proc
 
 
 def build_chameleon(scale=1):
-  from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonProcessor
-  from transformers.models.chameleon import ChameleonImageProcessorPil
-
   n_codes = 16
-  letters = "ABCDEFGHIJ"
-  img_tokens = tuple("IMGIMG" + "".join(letters[int(c)] for c in str(i)) + "Z" for i in range(n_codes))
-  tok = copy.deepcopy(
-    _simple_tokenizer(
-      bos="<s>",
-      eos="</s>",
-      pad="<pad>",
-      unk="<unk>",
-      add_bos=True,
-      extra=("<image>", "<racm3:break>", "<eoss>", "<reserved08706>") + img_tokens,
-    )
+  tok = _simple_tokenizer(
+    bos="<s>",
+    eos="</s>",
+    pad="<pad>",
+    unk="<unk>",
+    add_bos=True,
+    extra=factories.CHAMELEON_MARKERS + factories.chameleon_image_tokens(n_codes),
   )
-  tok.sep_token = "<reserved08706>"
-  ip = ChameleonImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-  proc = ChameleonProcessor(image_processor=ip, tokenizer=tok, image_seq_length=64)
-  h = 32 * scale
-  cfg = ChameleonConfig(
-    vocab_size=len(tok),
-    hidden_size=h,
-    intermediate_size=2 * h,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    bos_token_id=tok.bos_token_id,
-    eos_token_id=tok.eos_token_id,
-    pad_token_id=tok.pad_token_id,
-    vocabulary_map=dict(tok.get_vocab()),
-    vq_config=dict(
-      embed_dim=8,
-      num_embeddings=n_codes,
-      latent_channels=32,
-      resolution=32,
-      base_channels=32,
-      channel_multiplier=[1, 1, 1],
-      num_res_blocks=1,
-      attn_resolutions=[],
-    ),
-  )
-  torch.manual_seed(0)
-  return ChameleonForConditionalGeneration(cfg).eval(), proc
+  vq = factories.VQSize(embed_dim=8, codes=n_codes, channels=32, channel_multiplier=(1, 1, 1))
+  model, proc = factories.chameleon(tok, _decoder_size(scale), image_size=32, vq=vq, seed=0)
+  return model.eval(), proc
 
 
 def build_bert(scale=1):
-  from transformers import BertConfig, BertModel
-
   tok = _simple_tokenizer(bos="[CLS]", eos="[SEP]", pad="[PAD]", unk="[UNK]", add_bos="eos")
-  h = 32 * scale
-  cfg = BertConfig(
-    vocab_size=len(tok),
-    hidden_size=h,
-    intermediate_size=2 * h,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=512,
-    pad_token_id=tok.pad_token_id,
-  )
-  torch.manual_seed(0)
-  return BertModel(cfg).eval(), tok
+  model, tok = factories.bert(tok, _tower(scale), seed=0)
+  return model.eval(), tok

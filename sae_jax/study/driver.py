@@ -16,7 +16,7 @@
               <workdir>/<name>/sae_seed<s>/, each with its Table 1 on the same test pairs (Table 1's
               spread over seeds; every other table and figure reads the main SAE of config.seed)
   retrieve    <workdir>/<name>/sae/retrieval/ (Tables 2-3, Fig. 4) on the test pairs
-  tasks       (shapes) the paper's other tasks on the test scenes (`shapes.write_tasks`): image->image
+  tasks       (shapes) the paper's other tasks on the test scenes (`shapes_files.write_tasks`): image->image
               (NIGHTS role) for every model, composed (CIRR role) for the generative ones, extracted
               through the M-BEIR path into <workdir>/<name>/tasks/<task>/ and scored per pooling
               variant (Recall@K of the base embeddings with bootstrap intervals over queries and the
@@ -26,7 +26,8 @@
               0 being the input embeddings (`run_layer_recall`): where image and text align, and
               where a decoder loses the alignment its input has
 
-then writes <workdir>/report/ (`sae_jax.study.report`). Each finished step is recorded in
+Each step is a function of the model's `ModelContext` returning the summary recorded for it
+(`STEPS`, in order); then `run_study` writes <workdir>/report/ (`sae_jax.study.report`). Each finished step is recorded in
 <workdir>/<name>/steps.json and skipped on a re-run; an interrupted step is re-run and resumes
 through the stage's own resume (extraction part files and finished shards, SAE checkpoints).
 """
@@ -34,268 +35,134 @@ through the stage's own resume (extraction part files and finished shards, SAE c
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import multiprocessing
 import os
 import time
 from typing import Any, Callable
 
-import jax
 import ml_collections
-import numpy as np
 
-from sae_jax import config_utils, retrieval, retrieval_tasks, uncertainty
+from sae_jax import config_utils
 from sae_jax import workdir as workdir_lib
-from sae_jax.data import coco
 from sae_jax.errors import SaeJaxError
-from sae_jax.stages import analyze, extract, extract_mbeir, retrieve
-from sae_jax.study import report
-from sae_jax.study import shapes as shapes_lib
+from sae_jax.stages import analyze, extract, retrieve
+from sae_jax.study import analysis, report, shapes_files
 from sae_jax.study import trainers as train_encoder
-from sae_jax.study.layout import (  # noqa: F401  (re-exported: the study's layout)
+from sae_jax.study.layout import (
   SEED_SUMMARY,
   STEPS_FILE,
-  base_variant,
   data_paths,
   model_dir,
   model_settings,
   sae_seed_workdir,
   sae_seeds,
   sae_workdir,
-  tasks_results,
+  seed_stage_config,
+  stage_config,
 )
 from sae_jax.training import trainer
 
-STEPS = (
-  "model",
-  "extract_train",
-  "extract_test",
-  "sae",
-  "analyze",
-  "sae_seeds",
-  "retrieve",
-  "tasks",
-  "layers",
-)
+
+@dataclasses.dataclass
+class ModelContext:
+  """What every step of one model reads: the config, the study's workdir, the model's name, the
+  log, and the summaries of the steps done so far (`done`, as in <workdir>/<name>/steps.json)."""
+
+  config: Any
+  workdir: str
+  name: str
+  log: Callable
+  done: dict
+
+  @property
+  def d(self) -> int:
+    """The width of the extracted rows (the SAE's input), known once `extract_train` has run."""
+    return int(self.done["extract_train"]["summary"]["d"])
+
+  def stage(self) -> ml_collections.ConfigDict:
+    """The test-split stage config with the SAE's width set (the SAE, analysis and retrieval steps)."""
+    c = stage_config(self.config, self.workdir, self.name, "test")
+    c.sae.d = self.d
+    return c
 
 
-def stage_config(config: Any, workdir: str, name: str, split: str) -> ml_collections.ConfigDict:
-  """The config every stage of model `name` runs with (`split`: which split extraction reads)."""
-  st = config.study
-  m = model_settings(config, name)
-  paths = data_paths(config, workdir)
-  c = ml_collections.ConfigDict(config.to_dict())
-  ex = c.extract
-  ex.model_name = model_dir(config, workdir, name)
-  ex.dataset = "coco"
-  ex.captions_json = paths[f"{split}_json"]
-  ex.image_dir = paths[f"{split}_images"]
-  ex.batch_size = int(m.batch_size)
-  ex.num_workers = 2
-  ex.chat_template = bool(m.get("chat_template", False))
-  pooling = config_utils.as_tuple(m.pooling)
-  base = base_variant(config, name)
-  if split == "train":  # SAE rows only: the shards (one pooled variant is written regardless)
-    ex.max_images = int(st.train_extract_images)
-    ex.pooling = (base,)
-    ex.write_shards = True
-    # Like-for-like by default: the SAE is analysed on pooled embeddings, so it trains on pooled
-    # rows (one per image and one per caption); "tokens" is the paper's token-row training.
-    ex.shard_rows = str(st.sae_rows)
-  else:
-    ex.max_images = 0
-    ex.pooling = pooling
-    ex.write_shards = False
-  c.sae.c = int(m.c)
-  c.sae.k = int(m.k)
-  c.data.source = "shards"
-  c.data.shard_dir = os.path.join(workdir, name, "train_extract", "activations", "shards")
-  c.data.batch_size = int(st.sae_batch_size)
-  c.train.num_steps = int(st.sae_steps)
-  c.train.log_every = max(1, int(st.sae_steps) // 10)
-  c.train.checkpoint_every = max(1, int(st.sae_steps) // 4)
-  c.train.tensorboard = False
-  c.analysis.variant = base
-  c.analysis.run_name = str(m.label)
-  c.analysis.source = "pooled"
-  c.analysis.table1_resamples = int(st.table1_pair_resamples)
-  c.retrieval.source = "pooled"
-  c.retrieval.variants = pooling
-  c.retrieval.base_variant = base
-  c.retrieval.tasks = ("image_to_text", "text_to_image")
-  # Table 2's validation-chosen removal and all-but-the-top: chosen on the training split's pairs
-  # (image-disjoint from the scored test split), so every test pair is scored.
-  c.retrieval.fit_file = os.path.join(workdir, name, "train_extract", "activations", f"pooled_{base}.npz")
-  c.retrieval.select_on = "validation"
-  c.retrieval.removal_compare = ("energy", "abs_attribution", "negatives", "margin")
-  return c
-
-
-def run_tasks(config: Any, workdir: str, name: str, log: Callable = print) -> dict:
-  """The image->image and composed tasks of the shapes world for model `name`: {task: {variant:
-  {"R@k": ..., "n_queries", "n_candidates"}}} (a contrastive model has no composed queries)."""
-  paths = data_paths(config, workdir)
-  meta = shapes_lib.write_tasks(config.shapes, paths["root"], log=log)
-  out: dict = {}
-  ks = tuple(int(k) for k in config_utils.as_tuple(config.retrieval.ks))
-  for task, entry in meta["counts"].items():
-    c = stage_config(config, workdir, name, "test")
-    ex = c.extract
-    ex.dataset = "mbeir"
-    ex.mbeir_queries = os.path.join(paths["root"], "tasks", f"{entry['file']}_queries.jsonl")
-    ex.mbeir_pool = os.path.join(paths["root"], "tasks", f"{entry['file']}_pool.jsonl")
-    ex.mbeir_image_root = paths["root"]
-    ex.mbeir_parquet_dir = ""
-    wd = os.path.join(workdir, name, "tasks", task)
-    if task == "image_text_to_image" and str(base_variant(config, name)) == "embed":
-      continue  # a contrastive model encodes images and texts apart: no composed query
-    summary = extract_mbeir.run_mbeir_extraction(c, wd)
-    act = os.path.join(wd, "activations")
-    ranks = {}
-    with open(os.path.join(act, "mbeir_qrels.json")) as f:
-      qrels = json.load(f)
-    by_variant = {}
-    for v in summary["variants"]:
-      with (
-        np.load(os.path.join(act, f"mbeir_queries_pooled_{v}.npz")) as q,
-        np.load(os.path.join(act, f"mbeir_pool_pooled_{v}.npz")) as p,
-      ):
-        arrays = retrieval_tasks.mbeir_task_arrays(
-          {k: q[k] for k in q.files}, {k: p[k] for k in p.files}, qrels, task=task, source=act
-        )
-      td = retrieval_tasks.build_task(task, arrays, act)
-      rec, ids = retrieval.evaluate(
-        td.queries, td.candidates, td.positives_indptr, td.positives_indices, ks=ks, exclude=td.exclude
-      )
-      ranks[v] = np.asarray(
-        jax.jit(retrieval.first_hit_rank)(ids, td.positives_indptr, td.positives_indices), np.int64
-      )
-      by_variant[v] = {
-        **rec,
-        **task_intervals(config, ranks[v], td, ks),
-        "n_queries": td.n_queries,
-        "n_candidates": td.n_candidates,
-      }
-    workdir_lib.atomic_savez(os.path.join(wd, "first_hit_ranks.npz"), **ranks)
-    out[task] = by_variant
-    log(
-      f"study {name}: {task} "
-      + ", ".join(f"{v} R@1 {r['R@1']:.2f}" for v, r in by_variant.items())
-      + f" ({entry['queries']} queries, {entry['candidates']} candidates)"
-    )
-  workdir_lib.atomic_write_json(tasks_results(workdir, name), out)
-  return out
-
-
-def layer_recall(
-  image_layers: np.ndarray, text_layers: np.ndarray, text_owner: np.ndarray, n_boot: int, seed: int
-) -> list:
-  """Image->text R@1 (cosine) at each layer, with its 95% bootstrap interval over the image queries.
-
-  image_layers [L, N, d], text_layers [L, M, d] (mean-pooled per layer), text_owner [M]: the image
-  each text belongs to (its positives). Returns [{"layer": l, "R@1": ..., "R@1_ci95": [lo, hi]}]."""
-  n_layers, n, _ = image_layers.shape
-  if text_layers.shape[0] != n_layers or text_layers.shape[1] != text_owner.shape[0]:
-    raise SaeJaxError(
-      f"layer_recall: text_layers {text_layers.shape} and text_owner {text_owner.shape} do not match "
-      f"image_layers {image_layers.shape} ([L, M, d] and [M])"
-    )
-  order = np.argsort(text_owner, kind="stable").astype(np.int32)  # captions grouped by image
-  indptr = np.searchsorted(text_owner[order], np.arange(n + 1)).astype(np.int32)
-  draws = uncertainty.bootstrap_draws(n, n_boot, seed)
-  out = []
-  for layer in range(n_layers):
-    _, ids = retrieval.evaluate(image_layers[layer], text_layers[layer], indptr, order, ks=(1,))
-    ranks = np.asarray(jax.jit(retrieval.first_hit_rank)(ids, indptr, order))
-    out.append({"layer": layer, **uncertainty.recall_with_ci(ranks, (1,), draws=draws)})
-  return out
-
-
-def run_layer_recall(config: Any, workdir: str, name: str, log: Callable = print) -> dict:
-  """Mean-pooled image->text R@1 of model `name` on the test split at every hidden layer (0: the
-  input embeddings, the last: the layer the study analyses), through the study's own loader and
-  templates; {} for a contrastive model (its image and text towers have no shared layers)."""
-  if base_variant(config, name) == "embed":
-    return {}
-  from sae_jax import encoders
-
-  c = stage_config(config, workdir, name, "test")
-  enc = encoders.load_encoder(c.extract)
-  if enc.kind != "decoder":
-    return {}
-  src = coco.open_paired(c.extract)  # the pairs the test extraction reads
-  row = {im.image_id: i for i, im in enumerate(src.images)}
-  texts = [cap.text for cap in src.captions]
-  owner = np.asarray([row[cap.image_id] for cap in src.captions], np.int64)
-  bs = int(c.extract.batch_size)
-  image_layers = np.concatenate(
-    [
-      enc.mean_pooled_per_layer(enc.prepare(images=[coco.load_image(im) for im in src.images[s : s + bs]]))
-      for s in range(0, len(src.images), bs)
-    ],
-    axis=1,
+def step_model(ctx: ModelContext) -> dict:
+  """Trains the model here (`source="train:<kind>"`) or records the hub id / directory it uses."""
+  m = model_settings(ctx.config, ctx.name)
+  src = str(m.source)
+  if not src.startswith("train:"):
+    return {"source": src, "trained_here": False}
+  return train_encoder.train_encoder(
+    ctx.config,
+    src[len("train:") :],
+    data_paths(ctx.config, ctx.workdir)["root"],
+    model_dir(ctx.config, ctx.workdir, ctx.name),
+    ctx.log,
+    chat_template=bool(m.get("chat_template", False)),
   )
-  text_layers = np.concatenate(
-    [enc.mean_pooled_per_layer(enc.prepare(texts=texts[s : s + bs])) for s in range(0, len(texts), bs)],
-    axis=1,
-  )
-  layers = layer_recall(
-    image_layers,
-    text_layers,
-    owner,
-    int(config.retrieval.bootstrap_n),
-    int(config.retrieval.bootstrap_seed),
-  )
-  chance = uncertainty.chance_recall(np.bincount(owner, minlength=len(src.images)), len(texts), (1,))
-  log(f"study {name}: mean-pooled image->text R@1 by layer " + ", ".join(f"{r['R@1']:.2f}" for r in layers))
+
+
+def _extract(ctx: ModelContext, split: str) -> dict:
+  root = os.path.join(ctx.workdir, ctx.name)
+  wd = os.path.join(root, "train_extract") if split == "train" else sae_workdir(ctx.workdir, ctx.name)
+  s = extract.run_extraction(stage_config(ctx.config, ctx.workdir, ctx.name, split), wd)
+  return {k: s[k] for k in ("counts", "d", "model", "family", "variants", "elapsed_s")}
+
+
+def step_extract_train(ctx: ModelContext) -> dict:
+  """The SAE's training rows from the train split (`study.sae_rows`)."""
+  return _extract(ctx, "train")
+
+
+def step_extract_test(ctx: ModelContext) -> dict:
+  """The test split's pooled embeddings of every variant (what is analysed and retrieved)."""
+  return _extract(ctx, "test")
+
+
+def step_sae(ctx: ModelContext) -> dict:
+  return trainer.train_and_evaluate(ctx.stage(), sae_workdir(ctx.workdir, ctx.name))
+
+
+def step_analyze(ctx: ModelContext) -> dict:
+  s = analyze.run_analysis(ctx.stage(), sae_workdir(ctx.workdir, ctx.name))
+  return {k: s[k] for k in ("c", "d", "k", "n_pairs", "table1", "embeddings_path")}
+
+
+def step_sae_seeds(ctx: ModelContext) -> dict:
+  return run_sae_seeds(ctx.config, ctx.workdir, ctx.name, ctx.d, ctx.log)
+
+
+def step_retrieve(ctx: ModelContext) -> dict:
+  res = retrieve.run_retrieval(ctx.stage(), sae_workdir(ctx.workdir, ctx.name))
   return {
-    "task": "image_to_text",
-    "variant": "mean",
-    "n_queries": len(src.images),
-    "n_candidates": len(texts),
-    "chance": chance,
-    "layers": layers,
+    t: {v: {k: x for k, x in r.items() if k.startswith("R@")} for v, r in by.items()} for t, by in res.items()
   }
 
 
-def task_intervals(config: Any, ranks: np.ndarray, td: retrieval_tasks.TaskData, ks: tuple) -> dict:
-  """The 95% bootstrap interval over queries of each R@K (`R@K_ci95`, config.retrieval.bootstrap_*)
-  and the Recall@K of a random ranking (`chance`), as the retrieval stage records them."""
-  ci = uncertainty.recall_with_ci(
-    ranks, ks, n_boot=int(config.retrieval.bootstrap_n), seed=int(config.retrieval.bootstrap_seed)
-  )
-  # A query whose own reference is dropped from the ranking (CIRR) ranks one candidate fewer.
-  n_pos = np.diff(np.asarray(td.positives_indptr))
-  dropped = np.zeros(n_pos.shape, bool) if td.exclude is None else np.asarray(td.exclude) >= 0
-  chance = {f"R@{k}": 0.0 for k in ks}
-  for group in (~dropped, dropped):
-    if group.any():
-      pool = td.n_candidates - int(dropped[group][0])
-      part = uncertainty.chance_recall(np.minimum(n_pos[group], pool), pool, ks)
-      for k in chance:
-        chance[k] += part[k] * group.sum() / n_pos.shape[0]
-  return {**{k: v for k, v in ci.items() if k.endswith("_ci95")}, "chance": chance}
+def step_tasks(ctx: ModelContext) -> dict:
+  if ctx.config.study.dataset != "shapes":
+    return {}
+  return analysis.run_tasks(ctx.config, ctx.workdir, ctx.name, ctx.log)
 
 
-def seed_stage_config(config: Any, workdir: str, name: str, seed: int, d: int) -> ml_collections.ConfigDict:
-  """The config of the SAE of `seed` (not config.seed): the main SAE's, with its own init and batch
-  order, analysed on the main SAE's test pairs with only what Table 1 needs."""
-  c = stage_config(config, workdir, name, "test")
-  c.sae.d = int(d)
-  offset = int(seed) - int(config.seed)
-  c.seed = int(seed)
-  c.data.shuffle_seed = int(config.data.shuffle_seed) + offset
-  a = c.analysis
-  a.run_name = f"{model_settings(config, name).label} (SAE seed {int(seed)})"
-  a.embeddings_path = os.path.join(
-    sae_workdir(workdir, name), "activations", f"pooled_{base_variant(config, name)}.npz"
-  )
-  a.save_codes = False
-  a.table1_resamples = 0
-  a.compare_workdirs = ""
-  if str(a.bridge_reduction) != "max":  # the blockwise bridge is needed only for the "max" reduction
-    a.top_pairs = 0
-  return c
+def step_layers(ctx: ModelContext) -> dict:
+  return analysis.run_layer_recall(ctx.config, ctx.workdir, ctx.name, ctx.log)
+
+
+# The steps of one model, in order; each returns the summary recorded in <name>/steps.json.
+STEPS: dict = {
+  "model": step_model,
+  "extract_train": step_extract_train,
+  "extract_test": step_extract_test,
+  "sae": step_sae,
+  "analyze": step_analyze,
+  "sae_seeds": step_sae_seeds,
+  "retrieve": step_retrieve,
+  "tasks": step_tasks,
+  "layers": step_layers,
+}
 
 
 def run_sae_seeds(config: Any, workdir: str, name: str, d: int, log: Callable = print) -> dict:
@@ -335,87 +202,24 @@ def _read_steps(path: str) -> dict:
 
 
 def run_model(config: Any, workdir: str, name: str, log: Callable = print) -> dict:
-  """Every step of one model; returns {step: summary} (steps done earlier are read back)."""
-  m = model_settings(config, name)
-  paths = data_paths(config, workdir)
+  """Every step of one model; returns {step: {"seconds", "summary"}} (steps done earlier are read back)."""
   root = os.path.join(workdir, name)
   os.makedirs(root, exist_ok=True)
   steps_path = os.path.join(root, STEPS_FILE)
-  done = _read_steps(steps_path)
-  sae_dir = sae_workdir(workdir, name)
-
-  def record(step, summary, seconds):
-    done[step] = {"seconds": round(seconds, 1), "summary": summary}
-    workdir_lib.atomic_write_json(steps_path, done)
-
-  for step in STEPS:
-    if (
-      step == "sae_seeds"
-      and step in done
-      and done[step]["summary"].get("seeds") != list(sae_seeds(config)[1:])
-    ):
-      del done[step]  # config.study.sae_seeds changed: train and analyse the seeds not done yet
+  ctx = ModelContext(config, workdir, name, log, _read_steps(steps_path))
+  done = ctx.done
+  seeds = done.get("sae_seeds")
+  if seeds is not None and seeds["summary"].get("seeds") != list(sae_seeds(config)[1:]):
+    del done["sae_seeds"]  # config.study.sae_seeds changed: train and analyse the seeds not done yet
+  for step, run_step in STEPS.items():
     if step in done:
       log(f"study {name}: {step} done earlier, skipped")
       continue
     t0 = time.perf_counter()
     log(f"study {name}: {step} ...")
-    if step == "model":
-      src = str(m.source)
-      if src.startswith("train:"):
-        q = train_encoder.train_encoder(
-          config,
-          src[len("train:") :],
-          paths["root"],
-          model_dir(config, workdir, name),
-          log,
-          chat_template=bool(m.get("chat_template", False)),
-        )
-      else:
-        q = {"source": src, "trained_here": False}
-      record(step, q, time.perf_counter() - t0)
-    elif step in ("extract_train", "extract_test"):
-      split = step.split("_")[1]
-      wd = os.path.join(root, "train_extract") if split == "train" else sae_dir
-      s = extract.run_extraction(stage_config(config, workdir, name, split), wd)
-      record(
-        step,
-        {k: s[k] for k in ("counts", "d", "model", "family", "variants", "elapsed_s")},
-        time.perf_counter() - t0,
-      )
-    elif step == "sae":
-      c = stage_config(config, workdir, name, "test")
-      c.sae.d = int(done["extract_train"]["summary"]["d"])
-      s = trainer.train_and_evaluate(c, sae_dir)
-      record(step, s, time.perf_counter() - t0)
-    elif step == "analyze":
-      c = stage_config(config, workdir, name, "test")
-      c.sae.d = int(done["extract_train"]["summary"]["d"])
-      s = analyze.run_analysis(c, sae_dir)
-      record(
-        step,
-        {k: s[k] for k in ("c", "d", "k", "n_pairs", "table1", "embeddings_path")},
-        time.perf_counter() - t0,
-      )
-    elif step == "sae_seeds":
-      d = int(done["extract_train"]["summary"]["d"])
-      record(step, run_sae_seeds(config, workdir, name, d, log), time.perf_counter() - t0)
-    elif step == "retrieve":
-      c = stage_config(config, workdir, name, "test")
-      c.sae.d = int(done["extract_train"]["summary"]["d"])
-      res = retrieve.run_retrieval(c, sae_dir)
-      brief = {
-        t: {v: {k: x for k, x in r.items() if k.startswith("R@")} for v, r in by.items()}
-        for t, by in res.items()
-      }
-      record(step, brief, time.perf_counter() - t0)
-    elif step == "tasks":
-      if config.study.dataset == "shapes":
-        record(step, run_tasks(config, workdir, name, log), time.perf_counter() - t0)
-      else:
-        record(step, {}, time.perf_counter() - t0)
-    elif step == "layers":
-      record(step, run_layer_recall(config, workdir, name, log), time.perf_counter() - t0)
+    summary = run_step(ctx)
+    done[step] = {"seconds": round(time.perf_counter() - t0, 1), "summary": summary}
+    workdir_lib.atomic_write_json(steps_path, done)
     log(f"study {name}: {step} done in {time.perf_counter() - t0:.1f} s")
   return done
 
@@ -454,8 +258,8 @@ def run_study(config: Any, workdir: str, log: Callable = print) -> dict:
   t0 = time.perf_counter()
   paths = data_paths(config, workdir)
   if st.dataset == "shapes":
-    shapes_lib.write_shapes(config.shapes, paths["root"], log=log)
-    shapes_lib.write_tasks(config.shapes, paths["root"], log=log)  # once, before any worker reads it
+    shapes_files.write_shapes(config.shapes, paths["root"], log=log)
+    shapes_files.write_tasks(config.shapes, paths["root"], log=log)  # once, before any worker reads it
   workers = int(st.workers)
   if workers < 1:
     raise SaeJaxError(f"config.study.workers={workers}: expected >= 1")

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from sae_jax.study import shapes
+from sae_jax.study import shapes_files
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 _SESSION_VAR = "SAE_JAX_TEST_COCO_MINI"  # inherited by the subprocesses a test starts
@@ -37,7 +37,7 @@ def _generated_coco_mini() -> pathlib.Path:
     path = pathlib.Path(inherited)
   else:
     path = pathlib.Path(tempfile.mkdtemp(prefix="sae-jax-coco-mini-"))
-    shapes.write_coco_mini(str(path))
+    shapes_files.write_coco_mini(str(path))
     atexit.register(shutil.rmtree, path, True)
     os.environ[_SESSION_VAR] = str(path)
   os.environ["COCO_MINI"] = str(path)  # read by configs/coco_common.py when a tiny preset loads
