@@ -648,3 +648,31 @@ def test_layer_recall_step_in_the_study_and_report(tiny):
     assert [float(r[1].split("[")[0]) for r in rows] == pytest.approx(
       [r["R@1"] for r in lr["layers"]], abs=0.006
     )
+
+
+def test_trainers_recall_and_chance_against_numpy():
+  """The trainers' quality figures (through retrieval.evaluate and uncertainty.chance_recall) equal a
+  direct NumPy computation: cosine argmax per query, chance = mean share of positives in the pool."""
+  from sae_jax.study.trainers import quality
+
+  rng = np.random.default_rng(3)
+  n, per = 40, np.array([5, 3, 4, 5] * 10)
+  owner = np.repeat(np.arange(n), per)
+  rng.shuffle(owner)
+  img = rng.normal(size=(n, 12)).astype(np.float32)
+  txt = (img[owner] + 1.2 * rng.normal(size=(owner.size, 12))).astype(np.float32)
+  a = img / np.linalg.norm(img, axis=1, keepdims=True)
+  b = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+  sim = a @ b.T
+  got = quality.recall_at_1(img, txt, owner)
+  assert got["i2t_R@1"] == pytest.approx(100 * np.mean(owner[sim.argmax(1)] == np.arange(n)), abs=1e-9)
+  assert got["t2i_R@1"] == pytest.approx(100 * np.mean(sim.argmax(0) == owner), abs=1e-9)
+  assert got["i2t_chance"] == pytest.approx(100 * np.mean(per[np.arange(n)] / owner.size), rel=1e-9)
+  assert got["t2i_chance"] == pytest.approx(100 / n, rel=1e-9)
+  cc = b @ b.T
+  np.fill_diagonal(cc, -np.inf)
+  got = quality.caption_to_caption_r1(txt, owner)
+  assert got["c2c_R@1"] == pytest.approx(100 * np.mean(owner[cc.argmax(1)] == owner), abs=1e-9)
+  share = (np.bincount(owner)[owner] - 1) / (owner.size - 1)
+  assert got["c2c_chance"] == pytest.approx(100 * share.mean(), rel=1e-9)
+  assert 0 < got["c2c_R@1"] < 100 and got["c2c_chance"] < got["c2c_R@1"]  # a case that can fail both ways

@@ -16,7 +16,7 @@ from sae_jax import workdir as workdir_lib
 from sae_jax.data import coco
 from sae_jax.errors import SaeJaxError
 from sae_jax.stages import extract_mbeir
-from sae_jax.study import shapes as shapes_lib
+from sae_jax.study import shapes_files
 from sae_jax.study.layout import base_variant, data_paths, stage_config, tasks_results
 
 
@@ -24,7 +24,7 @@ def run_tasks(config: Any, workdir: str, name: str, log: Callable = print) -> di
   """The image->image and composed tasks of the shapes world for model `name`: {task: {variant:
   {"R@k": ..., "n_queries", "n_candidates"}}} (a contrastive model has no composed queries)."""
   paths = data_paths(config, workdir)
-  meta = shapes_lib.write_tasks(config.shapes, paths["root"], log=log)
+  meta = shapes_files.write_tasks(config.shapes, paths["root"], log=log)
   out: dict = {}
   ks = tuple(int(k) for k in config_utils.as_tuple(config.retrieval.ks))
   for task, entry in meta["counts"].items():
