@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import synthetic
-from sae_jax import removal, retrieval, retrieval_tasks
+from sae_jax import projectors, removal, retrieval_tasks
 from sae_jax import workdir as workdir_lib
 from sae_jax.block_encoder import encode_rows
 from sae_jax.data import synthetic as planted
@@ -56,10 +56,10 @@ def margin_forms(world: str, root: str, pairs: int) -> dict:
   if not os.path.exists(os.path.join(sae_dir, "checkpoints")):
     trainer.train_and_evaluate(config, sae_dir)
   sae = workdir_lib.load_sae(sae_dir)
-  src = planted.PlantedSource(config.data.synthetic)
-  truth = src.dictionary[np.asarray(src.kinds) == planted.DISTRACTOR]
   seed = int(config.retrieval.synthetic_seed)  # the stage's eval / fit pairs
-  ev, fit = src.paired(pairs, seed=seed), src.paired(pairs, seed=seed + 1)
+  ev = planted.open_planted(config.data.synthetic, pairs, seed)
+  fit = planted.open_planted(config.data.synthetic, pairs, seed + 1, with_truth=False)
+  truth = ev.truth.distractors
   codes = [encode_rows(sae.params, sae.spec, x, 4096) for x in (fit.image, fit.text)]
   D = np.asarray(sae.params["D"], np.float32)
   scores, _ = removal.concept_scores(D, *codes)
@@ -73,11 +73,11 @@ def margin_forms(world: str, root: str, pairs: int) -> dict:
   }
   task = retrieval_tasks.paired_task("image_to_text", ev.image, ev.text)
   r1 = lambda p: retrieve.evaluate_task(task if p is None else task.map(p.transform), (1,))["R@1"]
-  out = {"world": world, "base": r1(None), "oracle": r1(retrieval.subspace_projector(truth)), "forms": {}}
+  out = {"world": world, "base": r1(None), "oracle": r1(projectors.subspace_projector(truth)), "forms": {}}
   for name, sc in forms.items():
     for f in (0.01, 0.02):
       m = min(int(np.ceil(f * D.shape[0])), D.shape[1])
-      p = retrieval.fit_removal(D, sc, m, f)
+      p = projectors.fit_removal(D, sc, m, f)
       out["forms"][f"{name} @{f:g}"] = [round(r1(p), 2), round(removal.subspace_overlap(p.basis, truth), 3)]
   return out
 

@@ -22,11 +22,11 @@ from typing import Any, NamedTuple, Optional, Sequence
 import chex
 import numpy as np
 
-from sae_jax import metrics, removal, retrieval
+from sae_jax import metrics, projectors, removal, retrieval
 from sae_jax.block_encoder import BlockEncoder, encode_rows
 from sae_jax.errors import SaeJaxError
 from sae_jax.metrics import ConceptMetrics
-from sae_jax.retrieval import Projector
+from sae_jax.projectors import Projector
 from sae_jax.workdir import LoadedSAE, load_sae
 
 __all__ = [
@@ -168,7 +168,7 @@ def fit_abtt(embeddings: Any, n_components: int) -> Projector:
   """All-but-the-top (Mu & Viswanath, 2018), the stages' `+abtt` baseline for one side: rows are
   L2-normalised, centred on their mean, and the top `n_components` principal directions removed;
   0 centres only (`+center`). Fit one per side (queries, candidates) on that side's rows."""
-  return removal.fit_abtt(np.asarray(embeddings, np.float32), int(n_components))
+  return projectors.fit_abtt(np.asarray(embeddings, np.float32), int(n_components))
 
 
 def fit_removal(sae: LoadedSAE, scores: Any, fraction: float = 0.01, rank: Optional[int] = None) -> Projector:
@@ -186,7 +186,7 @@ def fit_removal(sae: LoadedSAE, scores: Any, fraction: float = 0.01, rank: Optio
   if scores.shape != (D.shape[0],):
     raise SaeJaxError(f"scores: expected one per concept, shape ({D.shape[0]},), got {scores.shape}")
   m = metrics.top_fraction_size(fraction, D.shape[0], "fraction")
-  return retrieval.fit_removal(D, scores, min(m, D.shape[1]) if rank is None else int(rank), fraction)
+  return projectors.fit_removal(D, scores, min(m, D.shape[1]) if rank is None else int(rank), fraction)
 
 
 def fit_whitening(
@@ -204,9 +204,9 @@ def fit_whitening(
   q = np.asarray(queries, np.float32)
   c = q if candidates is None else np.asarray(candidates, np.float32)
   if mode == "realign":
-    return retrieval.fit_realign(q, c, alpha)
+    return projectors.fit_realign(q, c, alpha)
   if mode == "joint":
-    wp = retrieval.fit_whitening(q if candidates is None else np.concatenate([q, c]), alpha)
+    wp = projectors.fit_whitening(q if candidates is None else np.concatenate([q, c]), alpha)
     return wp, wp
   raise SaeJaxError(f'fit_whitening: mode={mode!r}, expected "realign" or "joint"')
 

@@ -25,10 +25,9 @@ al.) takes the candidate that removes the least (rank, then fraction) among thos
 standard error, 100·sqrt(p(1−p)/n), of the best: validation R@1 differences smaller than that are
 noise, and removing fewer directions keeps more content.
 
-All-but-the-top (Mu & Viswanath, 2018; `fit_abtt`): subtract the mean, then remove the top D
-principal directions; D = 0 is mean-centering only.
-
-Pure array code: no I/O; the stage that reads workdirs is `sae_jax.stages.retrieve`.
+The projectors themselves (the removal's SVD, all-but-the-top, whitening, centring) are
+`sae_jax.projectors`. Pure array code: no I/O; the stage that reads workdirs is
+`sae_jax.stages.retrieve`.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import chex
 import numpy as np
 
-from sae_jax import metrics, retrieval
+from sae_jax import metrics, projectors
 from sae_jax.errors import SaeJaxError
 
 RULES = ("attribution", "energy", "abs_attribution", "negatives", "margin")
@@ -130,39 +129,6 @@ def concept_scores(
 
 
 # --------------------------------------------------------------------------------------------
-# All-but-the-top.
-# --------------------------------------------------------------------------------------------
-
-
-def fit_abtt(embeddings: Any, n_components: int, prenormalize: bool = True) -> retrieval.Projector:
-  """All-but-the-top (Mu & Viswanath, 2018): h -> normalise((h − μ) − U Uᵀ (h − μ)), U [d, D] the
-  top-D principal directions of the (L2-normalised, with `prenormalize`) rows; D = 0 centres only."""
-  x = np.asarray(embeddings, np.float64)
-  if x.ndim != 2 or x.shape[0] < 2:
-    raise SaeJaxError(f"all-but-the-top: expected embeddings [N >= 2, d], got shape {x.shape}")
-  n, d = x.shape
-  if not isinstance(n_components, (int, np.integer)) or not 0 <= n_components <= min(n - 1, d):
-    raise SaeJaxError(
-      f"config.retrieval.abtt_components: {n_components!r} must be an integer in [0, {min(n - 1, d)}]"
-    )
-  if prenormalize:
-    x = np.asarray(retrieval.l2_normalize(x))
-  mean = x.mean(axis=0)
-  if n_components:
-    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-    basis = vt[:n_components].T
-  else:
-    basis = np.zeros((d, 0))
-  return retrieval.Projector(
-    "abtt",
-    basis=basis.astype(np.float32),
-    mean=mean.astype(np.float32),
-    info={"n_components": int(n_components), "n_fit": int(n)},
-    prenormalize=bool(prenormalize),
-  )
-
-
-# --------------------------------------------------------------------------------------------
 # Selection on a validation split.
 # --------------------------------------------------------------------------------------------
 
@@ -226,19 +192,11 @@ def _pick(r1: list[float], cost: list[tuple], how: str, n_queries: int) -> int:
   return _best(r1) if how == "best" else one_se_pick(r1, cost, n_queries)
 
 
-def _leading(proj: retrieval.Projector, rank: int) -> retrieval.Projector:
-  """The removal of the first `rank` directions of `proj` (what `retrieval.fit_removal` with that rank
-  gives: the same SVD, fewer right singular vectors)."""
-  basis = proj.basis[:, : min(int(rank), proj.basis.shape[1])]
-  info = dict(proj.info, rank=int(basis.shape[1]), rank_requested=int(rank))
-  return retrieval.Projector("removal", basis=basis, info=info)
-
-
 def select_removal(
   dictionary: Any,
   scores: dict,
   grid: Sequence[Candidate],
-  validation_r1: Callable[[Optional[retrieval.Projector]], float],
+  validation_r1: Callable[[Optional[projectors.Projector]], float],
   how: str = "one_se",
   n_queries: int = 0,
 ) -> Selection:
@@ -253,8 +211,8 @@ def select_removal(
     key = (cand.rule, cand.fraction)
     if key not in widest:  # one SVD per (rule, fraction): a lower rank keeps its leading directions
       top = max(g.rank for g in grid if (g.rule, g.fraction) == key)
-      widest[key] = retrieval.fit_removal(D, scores[cand.rule], top, cand.fraction)
-    proj = _leading(widest[key], cand.rank)
+      widest[key] = projectors.fit_removal(D, scores[cand.rule], top, cand.fraction)
+    proj = projectors.leading_removal(widest[key], cand.rank)
     projs.append(proj)
     table.append(
       {

@@ -1,4 +1,4 @@
-"""Zero-shot retrieval math: exact top-K cosine search, Recall@K, subspace removal and whitening.
+"""Zero-shot retrieval math: exact top-K cosine search and Recall@K.
 
 Everything here is pure array code (jittable where it matters); the stage that reads workdirs and
 writes tables lives in `sae_jax.stages.retrieve`.
@@ -24,16 +24,13 @@ Recall@K (`recall_at_k`)
   Hit rate: a query scores 1 at K if any of its positives (CSR `indptr`, `indices`) is in its top K.
   This is the UniIR / CLIP_benchmark convention.
 
-Removal (paper Eq. 8-10, `fit_removal`) and shrinkage whitening (`fit_whitening`) both return a
-`Projector` that can be fitted on one set, applied to another and saved to / loaded from `.npz`.
+The maps applied to the embeddings before the search (the removal of paper Eq. 8-10, whitening,
+all-but-the-top, centring) are `sae_jax.projectors`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import os
 from typing import Optional, Sequence
 
 import jax
@@ -41,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sae_jax import metrics, sharding
+from sae_jax import sharding
 from sae_jax.errors import SaeJaxError
 
 DEFAULT_BLOCK_SIZE = 8192
@@ -61,15 +58,16 @@ def l2_normalize(x, eps: float = 1e-12):
   return x / xp.maximum(norm, eps)
 
 
-def _check_2d(name: str, x) -> None:
+def check_2d(name: str, x) -> None:
+  """Raises SaeJaxError (one line) unless `x` is a 2-D array."""
   if getattr(x, "ndim", None) != 2:
     raise SaeJaxError(f"{name}: expected a 2-D array [rows, d], got shape {getattr(x, 'shape', None)}")
 
 
 def check_search_inputs(queries, candidates, k: int, exclude=None) -> None:
   """Raises SaeJaxError (one line) when the search cannot be exact and well defined."""
-  _check_2d("queries", queries)
-  _check_2d("candidates", candidates)
+  check_2d("queries", queries)
+  check_2d("candidates", candidates)
   if queries.shape[1] != candidates.shape[1]:
     raise SaeJaxError(
       f"queries have width {queries.shape[1]} but candidates have width {candidates.shape[1]}; "
@@ -387,227 +385,3 @@ def evaluate(queries, candidates, indptr, indices, ks=(1, 5, 10), exclude=None, 
   check_positives(indptr, indices, np.shape(queries)[0], np.shape(candidates)[0])
   _, ids = topk_search(queries, candidates, max(ks), exclude=exclude, **search_kwargs)
   return recall_at_k(ids, indptr, indices, ks), np.asarray(ids)
-
-
-# --------------------------------------------------------------------------------------------
-# Projectors: removal of the attribution subspace (Eq. 8-10) and shrinkage whitening.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Projector:
-  """An affine map followed by L2 normalisation, fitted once and applied to any embeddings.
-
-  kind 'removal':   h -> normalise(h - (h @ basis) @ basis.T)      basis [d, r] orthonormal.
-  kind 'whitening': h -> normalise((h - mean) @ matrix)           matrix [d, d] symmetric.
-  kind 'abtt':      h -> normalise(c - (c @ basis) @ basis.T), c = h - mean   (all-but-the-top,
-                    `removal.fit_abtt`; basis [d, D] orthonormal, D = 0 centres only).
-  With `prenormalize`, h is L2-normalised before the map (ReAlign fits and applies it that way).
-  """
-
-  kind: str
-  basis: Optional[np.ndarray] = None
-  mean: Optional[np.ndarray] = None
-  matrix: Optional[np.ndarray] = None
-  info: dict = dataclasses.field(default_factory=dict)
-  prenormalize: bool = False
-
-  @property
-  def d(self) -> int:
-    return int((self.basis if self.basis is not None else self.matrix).shape[0])
-
-  def transform(self, h):
-    h = np.asarray(h, np.float32)
-    _check_2d("embeddings", h)
-    if h.shape[1] != self.d:
-      raise SaeJaxError(
-        f"embeddings have width {h.shape[1]} but the {self.kind} projector was fitted on width {self.d}"
-      )
-    if self.prenormalize:
-      h = np.asarray(l2_normalize(h), np.float32)
-    return np.asarray(_apply_projector(self.kind, jnp.asarray(h), self.basis, self.mean, self.matrix))
-
-  __call__ = transform
-
-  def save(self, path: str) -> None:
-    arrays = {
-      k: v for k, v in (("basis", self.basis), ("mean", self.mean), ("matrix", self.matrix)) if v is not None
-    }
-    tmp = path + ".tmp.npz"
-    np.savez(
-      tmp,
-      kind=np.asarray(self.kind),
-      info=np.asarray(json.dumps(self.info)),
-      prenormalize=np.asarray(bool(self.prenormalize)),
-      **arrays,
-    )
-    os.replace(tmp, path)
-
-  @classmethod
-  def load(cls, path: str) -> "Projector":
-    if not os.path.exists(path):
-      raise SaeJaxError(f"{path}: no projector file there")
-    with np.load(path, allow_pickle=False) as z:
-      if "kind" not in z.files:
-        raise SaeJaxError(f'{path}: not a projector file (no "kind" entry)')
-      get = lambda key: np.asarray(z[key], np.float32) if key in z.files else None
-      return cls(
-        kind=str(z["kind"]),
-        basis=get("basis"),
-        mean=get("mean"),
-        matrix=get("matrix"),
-        info=json.loads(str(z["info"])) if "info" in z.files else {},
-        prenormalize=bool(z["prenormalize"]) if "prenormalize" in z.files else False,
-      )
-
-
-@functools.partial(jax.jit, static_argnames=("kind",))
-def _apply_projector(kind, h, basis, mean, matrix):
-  if kind == "removal":
-    out = h - (h @ basis) @ basis.T
-  elif kind == "whitening":
-    out = (h - mean) @ matrix
-  elif kind == "abtt":
-    centred = h - mean
-    out = centred - (centred @ basis) @ basis.T
-  else:
-    raise SaeJaxError(f'projector kind: expected "removal", "whitening" or "abtt", got {kind!r}')
-  return l2_normalize(out)
-
-
-def top_fraction(scores, fraction: float) -> np.ndarray:
-  """Indices of the top `metrics.top_fraction_size` scores, best first (NaN last; ties -> lower index)."""
-  scores = np.asarray(scores, np.float64)
-  m = metrics.top_fraction_size(fraction, scores.shape[0], "config.retrieval.removal_fraction")
-  key = np.where(np.isnan(scores), -np.inf, scores)
-  return np.lexsort((np.arange(scores.shape[0]), -key))[:m]
-
-
-RANK_CUT_RTOL = 1e-6
-
-
-def removal_basis(atoms, rank: int, rtol: float = RANK_CUT_RTOL) -> np.ndarray:
-  """Top right singular vectors of `atoms` [m, d] (Eq. 8), as [d, r_used] orthonormal.
-
-  r_used = min(rank, number of singular values > rtol * sigma_max): when the selected atoms are
-  (numerically) rank-deficient, the directions of near-zero singular values are arbitrary (any
-  orthonormal completion is an equally valid SVD), so they are not removed. `rtol=0` keeps every
-  nonzero direction. The caller reads r_used from the returned shape.
-  """
-  atoms = np.asarray(atoms, np.float64)
-  _check_2d("atoms", atoms)
-  m, d = atoms.shape
-  if not isinstance(rank, (int, np.integer)) or rank < 1:
-    raise SaeJaxError(f"retrieval.removal_rank: expected a positive integer, got {rank!r}")
-  if rank > min(m, d):
-    raise SaeJaxError(
-      f"retrieval.removal_rank={rank} is larger than the number of selected atoms ({m}) "
-      f"or the width ({d}); raise retrieval.removal_fraction or lower the rank"
-    )
-  _, sv, vt = np.linalg.svd(atoms, full_matrices=False)
-  if not np.all(np.isfinite(sv)) or sv[0] <= 0:
-    raise SaeJaxError(f"atoms: the {m} selected dictionary rows are all zero or not finite")
-  numerical = int(np.sum(sv > rtol * sv[0]))
-  return vt[: min(int(rank), numerical)].T.astype(np.float32)
-
-
-def fit_removal(
-  dictionary, scores, rank: int, fraction: float = 0.01, rtol: float = RANK_CUT_RTOL
-) -> Projector:
-  """Removal projector (paper Eq. 8-10) from the top-`fraction` concepts by `scores`.
-
-  `info["rank"]` is the rank actually removed (after the cut of near-zero singular values, see
-  `removal_basis`), `info["rank_requested"]` the one asked for.
-  """
-  dictionary = np.asarray(dictionary, np.float32)
-  _check_2d("D", dictionary)
-  scores = np.asarray(scores)
-  if scores.shape != (dictionary.shape[0],):
-    raise SaeJaxError(
-      f"attribution: expected one score per dictionary row ({dictionary.shape[0]},), got {scores.shape}"
-    )
-  sel = top_fraction(scores, fraction)
-  basis = removal_basis(dictionary[sel], rank, rtol)
-  return Projector(
-    "removal",
-    basis=basis,
-    info={
-      "rank": int(basis.shape[1]),
-      "rank_requested": int(rank),
-      "rank_cut_rtol": float(rtol),
-      "fraction": float(fraction),
-      "n_atoms": int(sel.size),
-      "atoms": [int(a) for a in sel[:4096]],
-    },
-  )
-
-
-def subspace_projector(vectors, rank: Optional[int] = None) -> Projector:
-  """Removal projector for the span of arbitrary `vectors` [m, d] (e.g. an oracle subspace)."""
-  vectors = np.asarray(vectors, np.float32)
-  _check_2d("vectors", vectors)
-  if rank is None:
-    rank = int(np.linalg.matrix_rank(vectors.astype(np.float64)))
-  return Projector(
-    "removal",
-    basis=removal_basis(vectors, rank),
-    info={"rank": int(rank), "n_atoms": int(vectors.shape[0]), "source": "vectors"},
-  )
-
-
-def fit_whitening(
-  embeddings, alpha: float = 0.1, center: bool = True, eps: float = 0.0, prenormalize: bool = False
-) -> Projector:
-  """Shrinkage whitening: Σ̂ = (1-α)Σ + α·tr(Σ)/d·I, W = (Σ̂ + eps·I)^(-1/2) (symmetric, via eigh).
-
-  `prenormalize`: rows are L2-normalised before the fit, and the projector normalises its input too.
-  """
-  x = np.asarray(embeddings, np.float64)
-  _check_2d("embeddings", x)
-  if not 0.0 <= alpha <= 1.0:
-    raise SaeJaxError(f"retrieval.whitening_alpha: expected a value in [0, 1], got {alpha}")
-  if prenormalize:
-    x = l2_normalize(x)
-  n, d = x.shape
-  mean = x.mean(axis=0) if center else np.zeros(d)
-  xc = x - mean
-  cov = xc.T @ xc / max(n - 1, 1)
-  shrunk = (1.0 - alpha) * cov + alpha * np.trace(cov) / d * np.eye(d)
-  evals, evecs = np.linalg.eigh(shrunk)
-  if evals.min() + eps <= 0:
-    raise SaeJaxError(
-      f"whitening: the shrunk covariance is singular (min eigenvalue {evals.min():.3g}); use "
-      "retrieval.whitening_alpha > 0 or more embeddings"
-    )
-  w = (evecs / np.sqrt(evals + eps)) @ evecs.T
-  return Projector(
-    "whitening",
-    mean=mean.astype(np.float32),
-    matrix=w.astype(np.float32),
-    info={"alpha": float(alpha), "center": bool(center), "n_fit": int(n), "eps": float(eps)},
-    prenormalize=bool(prenormalize),
-  )
-
-
-WHITENING_MODES = ("realign", "joint")
-REALIGN_EPS = 1e-5
-
-
-def fit_realign(queries, candidates, alpha: float = 0.1) -> tuple[Projector, Projector]:
-  """ReAlign whitening: one shrinkage-whitening projector per side, each fitted on its own rows.
-
-  Rows are L2-normalised first; each side is centred on its own mean (which removes the offset
-  between the two modalities) and whitened with (Σ̂ + 1e-5·I)^(-1/2). Transductive: fitted on the
-  very query and candidate sets that are scored (no labels are used).
-  Returns (query projector, candidate projector).
-  """
-  qp = fit_whitening(queries, alpha, eps=REALIGN_EPS, prenormalize=True)
-  cp = fit_whitening(candidates, alpha, eps=REALIGN_EPS, prenormalize=True)
-  qp.info["side"], cp.info["side"] = "queries", "candidates"
-  return qp, cp
-
-
-def project(h, basis):
-  """Eq. 9-10 plus normalisation: normalise(h - V_r V_r^T h). Jittable."""
-  h = jnp.asarray(h, jnp.float32)
-  return l2_normalize(h - (h @ basis) @ basis.T)

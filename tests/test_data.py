@@ -8,7 +8,7 @@ import pytest
 from configs import base
 from sae_jax.data import pipeline
 from sae_jax.data.shards import ActivationStore, ShardWriter, read_index
-from sae_jax.data.synthetic import KINDS, PlantedSource, default_synthetic_config
+from sae_jax.data.synthetic import KINDS, PlantedSource, default_synthetic_config, open_planted
 from sae_jax.errors import SaeJaxError
 
 
@@ -115,6 +115,22 @@ def test_planted_source_labels_and_statistics():
   np.testing.assert_array_equal(src.paired(5, seed=1).image, src.paired(5, seed=1).image)
   np.testing.assert_array_equal(src.training_batch(7, 64), src.training_batch(7, 64))
   assert not np.array_equal(src.training_batch(7, 64), src.training_batch(8, 64))
+
+
+def test_open_planted_gives_the_pairs_and_the_truth_of_the_source():
+  cfg = default_synthetic_config()
+  src = PlantedSource(cfg)
+  opened = open_planted(cfg, 50, seed=3)
+  want = src.paired(50, seed=3)
+  np.testing.assert_array_equal(opened.image, want.image)
+  np.testing.assert_array_equal(opened.text, want.text)
+  np.testing.assert_array_equal(opened.sample_ids, np.arange(50))
+  np.testing.assert_array_equal(opened.truth.dictionary, src.dictionary)
+  np.testing.assert_array_equal(opened.truth.kinds, src.kinds)
+  distractor = src.kinds == KINDS.index("distractor")
+  np.testing.assert_array_equal(opened.truth.distractor_ids, np.flatnonzero(distractor))
+  np.testing.assert_array_equal(opened.truth.distractors, src.dictionary[distractor])
+  assert open_planted(cfg, 5, seed=3, with_truth=False).truth is None
 
 
 def test_planted_source_bad_config():

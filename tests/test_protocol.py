@@ -1,5 +1,6 @@
 """The evaluation protocol: the 5k test split, the authors' query samplers, the disjoint fit split,
-ReAlign whitening, the rank cut of the removal SVD, the score denominator, the removal rules.
+the score denominator, the removal rules (ReAlign whitening and the rank cut of the removal SVD are
+tested with the other projectors, in tests/test_projectors.py).
 
 Every reference here is written independently from the protocol's description (NumPy only).
 """
@@ -12,6 +13,7 @@ import pytest
 
 from configs import base as base_cfg
 from configs import qwen2vl_coco
+from sae_jax import projectors
 from sae_jax import retrieval as R
 from sae_jax import retrieval_tasks as T
 from sae_jax import workdir as workdir_lib
@@ -203,79 +205,6 @@ def test_denominator_counts_queries_without_positives_as_misses():
   assert "\n" not in str(e.value) and "has no positives" in str(e.value)
 
 
-# --------------------------------------------------------------------------------- whitening
-
-
-def _realign_reference(x, alpha=0.1, eps=1e-5):
-  """ReAlign's `shrinkage_whiten` on one side, float64: normalise, centre, shrink, U S^-1/2 U^T."""
-  x = np.asarray(x, np.float64)
-  x = x / np.linalg.norm(x, axis=1, keepdims=True)
-  mean = x.mean(0, keepdims=True)
-  cov = (x - mean).T @ (x - mean) / (x.shape[0] - 1)
-  d = x.shape[1]
-  shrunk = (1 - alpha) * cov + alpha * np.trace(cov) / d * np.eye(d)
-  u, s, _ = np.linalg.svd(shrunk)
-  out = (x - mean) @ (u @ np.diag(1.0 / np.sqrt(s + eps)) @ u.T)
-  return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-
-def test_realign_whitening_matches_an_independent_numpy_version():
-  rng = np.random.default_rng(6)
-  d = 12
-  # Two modalities with different offsets, scales and covariances (the modality gap).
-  img = (rng.standard_normal((300, d)) @ rng.standard_normal((d, d)) + 3.0).astype(np.float32)
-  txt = (5.0 * rng.standard_normal((200, d)) - 1.0).astype(np.float32)
-  qp, cp = R.fit_realign(img, txt, alpha=0.1)
-  np.testing.assert_allclose(qp.transform(img), _realign_reference(img), atol=2e-5)
-  np.testing.assert_allclose(cp.transform(txt), _realign_reference(txt), atol=2e-5)
-  # Each side is centred on its own mean: a joint fit on the stacked rows is a different map.
-  joint = R.fit_whitening(np.concatenate([img, txt]), 0.1)
-  assert np.abs(joint.transform(img) - _realign_reference(img)).max() > 0.1
-  # Saved and loaded, the query projector still normalises its input first.
-  data = T.TaskData(img[:50], txt, np.arange(51), np.arange(50))
-  whitened = retrieve.RealignWhitening(0.1).apply("image_to_text", data)
-  np.testing.assert_allclose(whitened.queries, _realign_reference(img[:50]), atol=2e-5)
-  np.testing.assert_allclose(whitened.candidates, _realign_reference(txt), atol=2e-5)
-
-
-def test_realign_projector_round_trips(tmp_path):
-  rng = np.random.default_rng(7)
-  x = rng.standard_normal((40, 5)).astype(np.float32) + 2
-  qp, _ = R.fit_realign(x, x, 0.1)
-  qp.save(str(tmp_path / "p.npz"))
-  back = R.Projector.load(str(tmp_path / "p.npz"))
-  assert back.prenormalize and back.info["eps"] == 1e-5
-  np.testing.assert_allclose(back.transform(3 * x), _realign_reference(x), atol=2e-5)
-
-
-# ------------------------------------------------------------------------------- the rank cut
-
-
-def test_rank_cut_on_rank_deficient_selected_atoms():
-  rng = np.random.default_rng(8)
-  d, c = 10, 50
-  D = rng.standard_normal((c, d))
-  span = np.linalg.qr(rng.standard_normal((d, 3)))[0]  # 3 orthonormal directions
-  D[:6] = rng.standard_normal((6, 3)) @ span.T  # the 6 top-scored atoms span only 3 dimensions
-  D /= np.linalg.norm(D, axis=1, keepdims=True)
-  scores = np.r_[np.full(6, 10.0), rng.random(c - 6)]
-  proj = R.fit_removal(D.astype(np.float32), scores, rank=6, fraction=6 / c)
-  assert proj.info["n_atoms"] == 6 and proj.info["rank_requested"] == 6 and proj.info["rank"] == 3
-  assert proj.basis.shape == (d, 3)
-  np.testing.assert_allclose(proj.basis @ proj.basis.T, span @ span.T, atol=1e-5)
-  # A vector orthogonal to the span passes unchanged; one inside it is removed entirely.
-  h = rng.standard_normal((4, d))
-  h_perp = h - h @ span @ span.T
-  np.testing.assert_allclose(
-    proj.transform(h_perp), h_perp / np.linalg.norm(h_perp, axis=1, keepdims=True), atol=1e-5
-  )
-  h_in = h @ span @ span.T
-  assert np.abs(h_in - h_in @ proj.basis @ proj.basis.T).max() < 1e-5
-  # rtol=0 keeps the six directions the SVD returns (three of them arbitrary).
-  assert R.fit_removal(D.astype(np.float32), scores, 6, 6 / c, rtol=0.0).basis.shape == (d, 6)
-  assert R.fit_removal(D.astype(np.float32), scores, 2, 6 / c).info["rank"] == 2
-
-
 # ------------------------------------------------------------------------ fit split, removal_by
 
 
@@ -318,8 +247,8 @@ def test_fit_split_is_disjoint_and_recorded(trained_sae, tmp_path):
   scores = retrieval_inputs.concept_scores_from_sae(
     loaded.params, loaded.k, train.image, train.text, spec=loaded.spec
   )
-  proj = R.Projector.load(str(tmp_path / "retrieval" / "removal_projector.npz"))
-  assert proj.info["atoms"] == R.top_fraction(scores["attribution"], 0.015).tolist()
+  proj = projectors.Projector.load(str(tmp_path / "retrieval" / "removal_projector.npz"))
+  assert proj.info["atoms"] == projectors.top_fraction(scores["attribution"], 0.015).tolist()
   for rule in ("energy", "abs_attribution"):
     rec = res[f"mean+removal_by_{rule}"]
     assert rec["settings"]["removal_by"] == rule

@@ -1,10 +1,10 @@
-"""sae_jax.removal: the removal rules, all-but-the-top and the validation selection against
-independent NumPy computations on small data."""
+"""sae_jax.removal: the removal rules and the validation selection against independent NumPy
+computations on small data."""
 
 import numpy as np
 import pytest
 
-from sae_jax import removal, retrieval
+from sae_jax import projectors, removal
 from sae_jax.errors import SaeJaxError
 from tests.helpers.reference import dense_codes
 
@@ -57,24 +57,6 @@ def test_rules_match_a_dense_numpy_computation():
   assert not np.allclose(scores["negatives"], scores["attribution"])
 
 
-def test_abtt_matches_numpy_pca():
-  rng = np.random.default_rng(1)
-  x = rng.standard_normal((60, 8)) @ rng.standard_normal((8, 8)) + 3.0
-  h = rng.standard_normal((5, 8))
-  unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
-  xu = unit(x)
-  mu = xu.mean(0)
-  evals, evecs = np.linalg.eigh((xu - mu).T @ (xu - mu))
-  for n_comp in (0, 1, 3):
-    u = evecs[:, ::-1][:, :n_comp]  # top principal directions
-    c = unit(h) - mu
-    want = unit(c - c @ u @ u.T)
-    got = removal.fit_abtt(x.astype(np.float32), n_comp).transform(h.astype(np.float32))
-    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
-  with pytest.raises(SaeJaxError, match="abtt_components"):
-    removal.fit_abtt(x, 9)
-
-
 def test_validation_split_is_image_disjoint_complete_and_seeded():
   ids = np.repeat(np.arange(30), 5)[np.random.default_rng(0).permutation(150)]
   val, scored = removal.validation_split(ids, 0.2, seed=3)
@@ -107,7 +89,7 @@ def test_select_removal_scores_every_candidate_and_picks_by_validation_only():
     ("attribution", 0.1, 2),
   ] + [("attribution", 0.2, 1)]
   # A validation R@1 that is highest for the energy rule's top-2 atoms at full rank.
-  target = retrieval.fit_removal(D, scores["energy"], 2, 0.1).basis
+  target = projectors.fit_removal(D, scores["energy"], 2, 0.1).basis
 
   def val_r1(p):
     return 50.0 - 10.0 * np.linalg.norm(p.basis @ p.basis.T - target @ target.T)
@@ -126,7 +108,7 @@ def test_subspace_overlap():
 
 
 def test_selection_reuses_one_svd_per_rule_and_fraction():
-  """The projectors the selection builds equal `retrieval.fit_removal` at each candidate's rank."""
+  """The projectors the selection builds equal `projectors.fit_removal` at each candidate's rank."""
   rng = np.random.default_rng(4)
   D = rng.standard_normal((30, 8)).astype(np.float32)
   scores = {"energy": rng.random(30)}
@@ -134,6 +116,6 @@ def test_selection_reuses_one_svd_per_rule_and_fraction():
   seen = []
   removal.select_removal(D, scores, grid, lambda p: seen.append(p) or 1.0, how="best")
   for cand, p in zip(grid, seen):
-    ref = retrieval.fit_removal(D, scores["energy"], cand.rank, cand.fraction)
+    ref = projectors.fit_removal(D, scores["energy"], cand.rank, cand.fraction)
     np.testing.assert_allclose(p.basis @ p.basis.T, ref.basis @ ref.basis.T, atol=1e-5)
     assert (p.info["rank"], p.info["atoms"]) == (ref.info["rank"], ref.info["atoms"])

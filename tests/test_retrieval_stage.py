@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import base as base_cfg
-from sae_jax import removal, retrieval, retrieval_tasks
+from sae_jax import projectors, removal, retrieval_tasks
 from sae_jax.data import synthetic
 from sae_jax.errors import SaeJaxError
 from sae_jax.stages import retrieval_inputs, retrieve
@@ -62,8 +62,8 @@ def test_planted_removal_raises_r1_and_reaches_oracle_gain():
   frac = n_d / len(kinds)
   # The attribution ranks the planted distractors first.
   assert set(np.argsort(-scores)[:n_d]) == set(np.flatnonzero(kinds == distractor))
-  removal = retrieval.fit_removal(params["D"], scores, rank=n_d, fraction=frac)
-  oracle = retrieval.subspace_projector(src.dictionary[kinds == distractor])
+  removal = projectors.fit_removal(params["D"], scores, rank=n_d, fraction=frac)
+  oracle = projectors.subspace_projector(src.dictionary[kinds == distractor])
   base = _i2t_r1(ev)["R@1"]
   rem = _i2t_r1(ev, removal.transform)["R@1"]
   orc = _i2t_r1(ev, oracle.transform)["R@1"]
@@ -71,7 +71,7 @@ def test_planted_removal_raises_r1_and_reaches_oracle_gain():
   assert rem > base + 5, (base, rem)
   assert rem - base >= 0.9 * (orc - base), (base, rem, orc)
   # Removing random concepts instead does not help.
-  rand = retrieval.fit_removal(
+  rand = projectors.fit_removal(
     params["D"], np.random.default_rng(0).random(len(kinds)), rank=n_d, fraction=frac
   )
   assert _i2t_r1(ev, rand.transform)["R@1"] < base + 0.5 * (rem - base)
@@ -189,7 +189,7 @@ def test_run_retrieval_on_pooled_files(tmp_path):
   assert sweep["metrics"]["R@1"][3] == pytest.approx(on_disk["image_to_text"]["mean+removal"]["R@1"])
   assert (out / "rank_sweep.png").exists()
   # The saved projector reproduces the scored removal embeddings.
-  proj = retrieval.Projector.load(str(out / "removal_projector.npz"))
+  proj = projectors.Projector.load(str(out / "removal_projector.npz"))
   with np.load(out / "embeddings_image_to_text_mean+removal.npz") as z:
     q_rem = z["queries"]
   np.testing.assert_allclose(proj.transform(pairs.image[:200]), q_rem, atol=1e-5)
@@ -266,7 +266,7 @@ def test_validation_chosen_removal_finds_the_planted_distractors(trained_sae, tm
   assert s["fit_disjoint"] is True and s["validation_queries"] == 1500
   assert len(s["validation_candidates"]) > 20  # every rule x fraction x rank was scored
   # The chosen subspace: the mean squared projection of its directions on the planted span.
-  proj = retrieval.Projector.load(str(tmp_path / "retrieval" / "removal_selected_projector.npz"))
+  proj = projectors.Projector.load(str(tmp_path / "retrieval" / "removal_selected_projector.npz"))
   src = synthetic.PlantedSource(config.data.synthetic)
   truth = src.dictionary[np.asarray(src.kinds) == synthetic.DISTRACTOR]
   q, _ = np.linalg.qr(truth.T.astype(np.float64))

@@ -12,11 +12,15 @@ Each matched pair (image row, text row) is a sparse non-negative combination of 
 
 Every draw is a pure function of (config.seed, the caller's seed or batch index), so a training
 stream can be resumed from any batch index.
+
+`open_planted(cfg, n, seed)` is how the stages open it for evaluation: matched pairs plus the
+ground truth (`PlantedTruth`: atoms, kinds, the distractor ids and atoms); the training stream is
+`PlantedSource.training_batch`.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import ml_collections
 import numpy as np
@@ -127,3 +131,38 @@ class PlantedSource:
     rng = np.random.default_rng([int(self.cfg.seed), int(index), 2])
     pairs = self._draw(rng, (batch_size + 1) // 2)
     return np.concatenate([pairs.image, pairs.text])[:batch_size]
+
+
+class PlantedTruth(NamedTuple):
+  """The planted ground truth: `dictionary` [n_concepts, d] (unit rows), `kinds` [n_concepts]."""
+
+  dictionary: np.ndarray
+  kinds: np.ndarray  # int8, indexing KINDS
+
+  @property
+  def distractor_ids(self) -> np.ndarray:
+    """Ids of the distractor concepts (rows of `dictionary`)."""
+    return np.flatnonzero(self.kinds == DISTRACTOR)
+
+  @property
+  def distractors(self) -> np.ndarray:
+    """The distractor atoms [n_distractor, d]: the span an oracle removal takes out."""
+    return self.dictionary[self.kinds == DISTRACTOR]
+
+
+class PlantedPairs(NamedTuple):
+  """Matched pairs of the planted source: row i of `image` and of `text` describe sample i."""
+
+  image: np.ndarray  # [n, d] float32
+  text: np.ndarray  # [n, d] float32
+  sample_ids: np.ndarray  # [n]: 0 .. n-1
+  truth: Optional[PlantedTruth]  # None unless asked for
+
+
+def open_planted(cfg: ml_collections.ConfigDict, n: int, seed: int, with_truth: bool = True) -> PlantedPairs:
+  """`n` matched pairs of the planted source `cfg` (a `config.data.synthetic`) drawn with `seed`,
+  and (`with_truth`) its ground truth. The same pairs as `PlantedSource(cfg).paired(n, seed)`."""
+  source = PlantedSource(cfg)
+  sample = source.paired(n, seed=seed)
+  truth = PlantedTruth(source.dictionary, source.kinds) if with_truth else None
+  return PlantedPairs(sample.image, sample.text, np.arange(n), truth)

@@ -43,7 +43,7 @@ import scipy.stats
 from sae_jax import metrics, preemption, sharding
 from sae_jax import workdir as workdir_lib
 from sae_jax.block_encoder import BlockEncoder
-from sae_jax.data.synthetic import KINDS, PlantedSource
+from sae_jax.data.synthetic import KINDS, PlantedTruth, open_planted
 from sae_jax.errors import SaeJaxError
 from sae_jax.plots import analysis as plots
 from sae_jax.stages.block_progress import BlockProgress, digest
@@ -59,7 +59,7 @@ class Pairs(NamedTuple):
   sample_ids: np.ndarray  # [N]
   source: str  # "synthetic" | "pooled"
   path: str  # file read, or "" for synthetic
-  planted: Any  # PlantedSource for the synthetic source, else None
+  planted: Optional[PlantedTruth]  # the ground truth of the synthetic source, else None
   image_ids: Optional[np.ndarray] = None  # [N] rows with the same id are one image (pooled files)
 
 
@@ -96,10 +96,8 @@ def load_pairs(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir
         "config.analysis.embeddings_path / config.analysis.source='synthetic'"
       )
   if source == "synthetic":
-    planted = PlantedSource(_synthetic_cfg(config, loaded))
-    n = int(acfg.num_pairs)
-    sample = planted.paired(n, seed=int(acfg.pair_seed))
-    return Pairs(sample.image, sample.text, np.arange(n), "synthetic", "", planted)
+    planted = open_planted(_synthetic_cfg(config, loaded), int(acfg.num_pairs), int(acfg.pair_seed))
+    return Pairs(planted.image, planted.text, planted.sample_ids, "synthetic", "", planted.truth)
   if not workdir_lib.exists(path):
     raise SaeJaxError(f"config.analysis.embeddings_path: {path} does not exist")
   try:
@@ -288,7 +286,7 @@ def auc_mann_whitney(negatives: np.ndarray, positives: np.ndarray) -> float:
   return float(u / (neg.size * pos.size))
 
 
-def match_planted(D: np.ndarray, planted: Any) -> tuple[np.ndarray, np.ndarray]:
+def match_planted(D: np.ndarray, planted: PlantedTruth) -> tuple[np.ndarray, np.ndarray]:
   """For each learned concept: the planted concept of largest cosine, and that cosine."""
   cos = np.asarray(D, np.float64) @ planted.dictionary.astype(np.float64).T
   best = np.argmax(cos, axis=1)
@@ -296,7 +294,7 @@ def match_planted(D: np.ndarray, planted: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def synthetic_check(
-  D: np.ndarray, cm: metrics.ConceptMetrics, planted: Any, top_fraction: float, threshold: float
+  D: np.ndarray, cm: metrics.ConceptMetrics, planted: PlantedTruth, top_fraction: float, threshold: float
 ) -> dict:
   """How well the metrics recover the planted structure (only defined for the synthetic source)."""
   best, cos = match_planted(D, planted)
@@ -329,7 +327,7 @@ def synthetic_check(
   top = metrics.top_fraction_set(cm.energy, top_fraction)
   # Distractors co-fire in most rows, so an SAE often learns mixtures of them rather than each
   # atom: test membership in their span (norm of the projection of the unit learned row).
-  dist_atoms = planted.dictionary[planted.kinds == 3].astype(np.float64)
+  dist_atoms = planted.distractors.astype(np.float64)
   if dist_atoms.shape[0]:
     q, _ = np.linalg.qr(dist_atoms.T)
     in_span = np.linalg.norm(np.asarray(D, np.float64) @ q, axis=1)

@@ -118,17 +118,15 @@ def _fit_on(rcfg, eval_is_separate: bool) -> str:
 
 
 def _synthetic_inputs(config, rcfg) -> Inputs:
-  src = synthetic.PlantedSource(config.data.synthetic)
   n = int(rcfg.synthetic_pairs)
   n_fit = int(rcfg.synthetic_fit_pairs)
   seed = int(rcfg.synthetic_seed)
-  ev = src.paired(n, seed=seed)
-  kinds = np.asarray(src.kinds)
-  oracle = src.dictionary[kinds == synthetic.KINDS.index("distractor")]
-  variants = {"mean": {"image": ev.image, "text": ev.text, "sample_ids": np.arange(n)}}
+  ev = synthetic.open_planted(config.data.synthetic, n, seed)
+  variants = {"mean": {"image": ev.image, "text": ev.text, "sample_ids": ev.sample_ids}}
   validation = None
   if _fit_on(rcfg, True) == "train":  # the attribution is fitted on separate pairs
-    fit = (*src.paired(n_fit, seed=seed + 1)[:2], np.arange(n_fit))
+    held = synthetic.open_planted(config.data.synthetic, n_fit, seed + 1, with_truth=False)
+    fit = (held.image, held.text, held.sample_ids)
     fit_info = {"fit_on": "train", "fit_split": f"synthetic seed {seed + 1}", "fit_disjoint": True}
     if select_on(rcfg) == "validation":  # the fit split is the validation split
       validation = _cap_rows(rcfg, *fit)
@@ -145,7 +143,7 @@ def _synthetic_inputs(config, rcfg) -> Inputs:
     "synthetic",
     variants,
     (fit[0], fit[1]),
-    oracle,
+    ev.truth.distractors,
     f"PlantedSource: {variants['mean']['image'].shape[0]} eval pairs (seed {seed}), fit pairs: "
     f"{fit_info['fit_split']}",
     fit_info,

@@ -4,7 +4,8 @@
 embeddings the extraction stage wrote to `<workdir>/activations/pooled_<variant>.npz`), evaluates
 every configured task and variant by exact cosine search, applies the concept-subspace removal
 (paper Eq. 8-10, rules of `sae_jax.removal`) and the baselines (whitening, mean-centring,
-all-but-the-top) to the base variant, sweeps the removal rank, and writes `<workdir>/retrieval/`:
+all-but-the-top) to the base variant through `sae_jax.projectors`, sweeps the removal rank, and
+writes `<workdir>/retrieval/`:
 
   results.json        {task: {variant: {"R@<k>" and "R@<k>_ci95" (bootstrap over queries), "chance" per
                       retrieval.ks, "delta_vs_base" (paired, for the base variant's transforms),
@@ -31,7 +32,6 @@ writers of `sae_jax.workdir`; tables in `sae_jax.stages.retrieval_tables`).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -52,6 +52,7 @@ from sae_jax import (
   sharding,
   uncertainty,
 )
+from sae_jax import projectors as projectors_lib
 from sae_jax import workdir as workdir_lib
 from sae_jax.errors import SaeJaxError
 from sae_jax.plots import retrieval as plots
@@ -83,7 +84,8 @@ def _pooling_of(variant: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Projectors applied to the base variant: removal (Eq. 8-10), the oracle, whitening.
+# Projectors applied to the base variant (`sae_jax.projectors`): removal (Eq. 8-10), the oracle,
+# whitening, mean-centring, all-but-the-top.
 # --------------------------------------------------------------------------------------------
 
 
@@ -92,61 +94,6 @@ def _full_rank(attribution: Attribution, fraction: float) -> tuple[int, int]:
   D = attribution.D
   m = metrics.top_fraction_size(fraction, D.shape[0], "config.retrieval.removal_fraction")
   return m, min(m, D.shape[1])
-
-
-class RealignWhitening:
-  """ReAlign (the authors' baseline): per task, one whitening per side fitted on that side's rows.
-
-  Transductive by construction (fitted on the very query and candidate sets that are scored; no
-  labels are used). `fitted` keeps each task's (query, candidate) projectors for `save`.
-  """
-
-  kind = "realign"
-
-  def __init__(self, alpha: float):
-    self.alpha = float(alpha)
-    self.fitted: dict[str, tuple[retrieval.Projector, retrieval.Projector]] = {}
-
-  def apply(self, task: str, data: retrieval_tasks.TaskData) -> retrieval_tasks.TaskData:
-    qp, cp = retrieval.fit_realign(data.queries, data.candidates, self.alpha)
-    self.fitted[task] = (qp, cp)
-    return dataclasses.replace(
-      data, queries=qp.transform(data.queries), candidates=cp.transform(data.candidates)
-    )
-
-  def save(self, path: str) -> None:
-    arrays = {"kind": np.asarray("realign"), "alpha": np.asarray(self.alpha)}
-    for task, (qp, cp) in self.fitted.items():
-      for side, p in (("queries", qp), ("candidates", cp)):
-        arrays[f"{task}__{side}__mean"] = p.mean
-        arrays[f"{task}__{side}__matrix"] = p.matrix
-    workdir_lib.atomic_savez(path, **arrays)
-
-
-class PerSideAbtt:
-  """All-but-the-top (`removal.fit_abtt`) per task and side, fitted on that side's rows like
-  `RealignWhitening` (transductive, no labels); `n_components` = 0 is mean-centring only."""
-
-  kind = "abtt"
-
-  def __init__(self, n_components: int):
-    self.n_components = int(n_components)
-
-  def apply(self, task: str, data: retrieval_tasks.TaskData) -> retrieval_tasks.TaskData:
-    del task
-    qp = removal.fit_abtt(data.queries, self.n_components)
-    cp = removal.fit_abtt(data.candidates, self.n_components)
-    return dataclasses.replace(
-      data, queries=qp.transform(data.queries), candidates=cp.transform(data.candidates)
-    )
-
-
-def apply_projector(proj, task: str, data: retrieval_tasks.TaskData) -> retrieval_tasks.TaskData:
-  """`data` under a fitted `retrieval.Projector` (both sides) or a per-task, per-side fit
-  (`RealignWhitening`, `PerSideAbtt`)."""
-  if isinstance(proj, (RealignWhitening, PerSideAbtt)):
-    return proj.apply(task, data)
-  return data.map(proj.transform)
 
 
 def removal_name(rcfg: Any, rule: str) -> str:
@@ -188,7 +135,7 @@ def select_settings(rcfg: Any, inputs: Inputs, attribution: Optional[Attribution
       D.shape[1],
     )
     sel = removal.select_removal(
-      D, attribution.scores, grid, lambda p: r1(val.map(p.transform)), how, val.n_queries
+      D, attribution.scores, grid, lambda p: r1(p.apply(task, val)), how, val.n_queries
     )
     sel.projector.info.update(attribution_source=attribution.source, removal_by=sel.chosen.rule)
     out["removal_selected"] = (
@@ -208,10 +155,10 @@ def select_settings(rcfg: Any, inputs: Inputs, attribution: Optional[Attribution
   if bool(rcfg.abtt):
     comps = [int(x) for x in config_utils.as_tuple(rcfg.abtt_components)]
     best, table = removal.select_abtt(
-      comps, lambda dd: r1(PerSideAbtt(dd).apply(task, val)), how, val.n_queries
+      comps, lambda dd: r1(projectors_lib.PerSideAbtt(dd).apply(task, val)), how, val.n_queries
     )
     out["abtt"] = (
-      PerSideAbtt(best),
+      projectors_lib.PerSideAbtt(best),
       {
         **common,
         "abtt_components": best,
@@ -237,7 +184,7 @@ def fit_projectors(
     for rule in removal_rules(rcfg):
       if rule not in scores:
         raise SaeJaxError(f'config.retrieval.removal_by="{rule}": {a_src} holds no "{rule}" scores')
-      proj = retrieval.fit_removal(D, scores[rule], rank, fraction)
+      proj = projectors_lib.fit_removal(D, scores[rule], rank, fraction)
       proj.info.update(attribution_source=a_src, removal_by=rule)
       projectors[removal_name(rcfg, rule)] = (
         proj,
@@ -252,7 +199,7 @@ def fit_projectors(
         },
       )
   if inputs.oracle is not None:
-    oracle = retrieval.subspace_projector(inputs.oracle)
+    oracle = projectors_lib.subspace_projector(inputs.oracle)
     projectors["oracle_removal"] = (
       oracle,
       {
@@ -263,15 +210,19 @@ def fit_projectors(
     )
   base = rcfg.base_variant
   mode = rcfg.whitening_mode
-  if mode not in retrieval.WHITENING_MODES:
+  if mode not in projectors_lib.WHITENING_MODES:
     raise SaeJaxError(
-      f"config.retrieval.whitening_mode={mode!r}: expected one of {retrieval.WHITENING_MODES}"
+      f"config.retrieval.whitening_mode={mode!r}: expected one of {projectors_lib.WHITENING_MODES}"
     )
   alpha = float(rcfg.whitening_alpha)
   if bool(rcfg.whitening) and base in inputs.variants and mode == "realign":
-    settings = {"whitening_mode": "realign", "whitening_alpha": alpha, "whitening_eps": retrieval.REALIGN_EPS}
+    settings = {
+      "whitening_mode": "realign",
+      "whitening_alpha": alpha,
+      "whitening_eps": projectors_lib.REALIGN_EPS,
+    }
     projectors["whitening"] = (
-      RealignWhitening(alpha),
+      projectors_lib.RealignWhitening(alpha),
       {**settings, "whitening_fit": "per side, scored rows"},
     )
   elif bool(rcfg.whitening) and base in inputs.variants:
@@ -280,13 +231,16 @@ def fit_projectors(
     if not fit_rows:  # explicit-only variant: fit on every query / candidate it holds
       fit_rows = [arrs[k] for k in arrs if k.endswith("__queries") or k.endswith("__candidates")]
     if fit_rows:
-      wp = retrieval.fit_whitening(np.concatenate([np.asarray(x, np.float32) for x in fit_rows]), alpha)
+      wp = projectors_lib.fit_whitening(np.concatenate([np.asarray(x, np.float32) for x in fit_rows]), alpha)
       projectors["whitening"] = (
         wp,
         {"whitening_mode": "joint", "whitening_alpha": alpha, "whitening_fit_rows": wp.info["n_fit"]},
       )
   if bool(rcfg.abtt) and base in inputs.variants:  # mean-centring only: all-but-the-top with D = 0
-    projectors["center"] = (PerSideAbtt(0), {"abtt_components": 0, "abtt_fit": "per side, scored rows"})
+    projectors["center"] = (
+      projectors_lib.PerSideAbtt(0),
+      {"abtt_components": 0, "abtt_fit": "per side, scored rows"},
+    )
   if select_on(rcfg) == "validation" and search is not None and inputs.validation is not None:
     projectors.update(select_settings(rcfg, inputs, attribution, search))
   if inputs.oracle is not None:  # planted data: how much of each removed subspace is distractor span
@@ -465,7 +419,7 @@ def evaluate_all(
       if variant == base:
         base_data[task] = data
         for name, (proj, extra) in projectors.items():
-          runs.append((f"{variant}+{name}", apply_projector(proj, task, data), extra))
+          runs.append((f"{variant}+{name}", proj.apply(task, data), extra))
       base_ranks = None
       for name, d_run, extra in runs:
         d_run = _normalized(d_run)
@@ -506,7 +460,7 @@ def sweep_removal_rank(
 
   Swept for every rule of `removal_rules` (`by_rule`); `metrics` / `ranks_used` are the
   `retrieval.removal_by` rule's. `ranks_used` is the rank removed after the cut of near-zero
-  singular values (`retrieval.removal_basis`), at most the requested r. Scored on the test split, so
+  singular values (`projectors.removal_basis`), at most the requested r. Scored on the test split, so
   a rank read off it is an oracle choice (`selected_on`); `retrieval.select_on="validation"` is not.
   """
   scores, D, a_src = attribution.scores, attribution.D, attribution.source
@@ -520,9 +474,9 @@ def sweep_removal_rank(
     per_metric: dict = {f"R@{k}": [] for k in ks}
     used = []
     for r in ranks:
-      proj = retrieval.fit_removal(D, scores[rule], r, fraction) if r else None
+      proj = projectors_lib.fit_removal(D, scores[rule], r, fraction) if r else None
       used.append(int(proj.info["rank"]) if proj is not None else 0)
-      d_r = data.map(proj.transform) if proj is not None else data
+      d_r = proj.apply(rcfg.sweep_task, data) if proj is not None else data
       rec = recorded(progress, f"sweep-{rule}-{r}", lambda d_r=d_r: search.recall(_normalized(d_r)))
       for k in ks:
         per_metric[f"R@{k}"].append(rec[f"R@{k}"])
@@ -617,7 +571,7 @@ def write_outputs(
   removed = {
     name: [int(a) for a in proj.info["atoms"]]
     for name, (proj, _) in projectors.items()
-    if name.startswith("removal") and isinstance(proj, retrieval.Projector)
+    if name.startswith("removal") and isinstance(proj, projectors_lib.Projector)
   }
   diag_files = ("removal_concepts.md", "fig_removal_concepts.png")
   if attribution is not None and removed:
