@@ -15,7 +15,7 @@ from sae_jax import sae as sae_lib
 from sae_jax import workdir as workdir_lib
 from sae_jax.data.synthetic import PlantedSource
 from sae_jax.errors import SaeJaxError
-from sae_jax.stages import analyze
+from sae_jax.stages import analysis_codes, analyze
 from tests.helpers.env import ROOT
 from tests.helpers.reference import concept_reference, dense_codes
 
@@ -160,7 +160,7 @@ def test_pool_token_codes_equals_dense_mean():
   seg = np.array([0, 0, 1, 3, 3, 3, 4])
   idx = np.stack([rng.choice(c, k, replace=False) for _ in seg]).astype(np.int32)
   val = rng.uniform(0.1, 1, (seg.size, k)).astype(np.float32)
-  v, i = analyze.pool_token_codes(val, idx, seg, n, c)
+  v, i = analysis_codes.pool_token_codes(val, idx, seg, n, c)
   want = np.zeros((n, c))
   for r, s in enumerate(seg):
     want[s, idx[r]] += val[r] / np.sum(seg == s)

@@ -9,7 +9,7 @@ from sae_jax import metrics
 from sae_jax import sae as sae_lib
 from sae_jax.block_encoder import BlockEncoder, encode_rows
 from sae_jax.errors import SaeJaxError
-from sae_jax.stages import analyze
+from sae_jax.stages import analysis_planted
 
 
 def _dense_topk_codes(x, params, k, pre_bias):
@@ -47,11 +47,11 @@ def test_auc_counts_pairs_with_ties_as_half():
   pos = np.array([0.4, 0.9, 0.3, 0.7])
   # Brute force over all 20 (neg, pos) pairs: wins 1, ties 1/2.
   want = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for n, p in itertools.product(neg, pos)])
-  assert analyze.auc_mann_whitney(neg, pos) == pytest.approx(want)
+  assert analysis_planted.auc_mann_whitney(neg, pos) == pytest.approx(want)
   assert want == pytest.approx(0.725)  # 14.5 of 20 pairs, by hand
-  assert analyze.auc_mann_whitney(pos, neg) == pytest.approx(1.0 - want)
+  assert analysis_planted.auc_mann_whitney(pos, neg) == pytest.approx(1.0 - want)
   with pytest.raises(SaeJaxError, match="at least one score of each class"):
-    analyze.auc_mann_whitney(neg, pos[:0])
+    analysis_planted.auc_mann_whitney(neg, pos[:0])
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,8 @@ embedding of each sample) or "pool_token_codes" (encode each token, then average
 a sample; the union of their supports is kept, so rows are wider than k). The choice is recorded.
 
 Steps: load (`load_pairs`, `check_pairs`) -> compute (`compute_analysis`: codes through the shared
-`BlockEncoder`, streamed concept sums, the blockwise bridge when needed) -> write (`write_*`, each
+`BlockEncoder`, streamed concept sums (`analysis_codes`), the blockwise bridge when needed; the
+planted source's check in `analysis_planted`) -> write (`write_*`, each
 file through the atomic writers of `sae_jax.workdir`).
 """
 
@@ -38,18 +39,16 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import ml_collections
 import numpy as np
-import scipy.stats
 
 from sae_jax import metrics, preemption, sharding
 from sae_jax import workdir as workdir_lib
-from sae_jax.block_encoder import BlockEncoder
-from sae_jax.data.synthetic import KINDS, PlantedTruth, open_planted
+from sae_jax.data.synthetic import PlantedTruth, open_planted
 from sae_jax.errors import SaeJaxError
 from sae_jax.plots import analysis as plots
+from sae_jax.stages import analysis_codes, analysis_planted
 from sae_jax.stages.block_progress import BlockProgress, digest
 
 ANALYSIS_DIR = "analysis"
-CODES_MODES = ("encode_pooled", "pool_token_codes")
 SOURCES = ("auto", "synthetic", "pooled")
 
 
@@ -135,211 +134,6 @@ def check_pairs(pairs: Pairs, d: int, sae_dir: str) -> None:
       )
     if not np.all(np.isfinite(x)):
       raise SaeJaxError(f"{where}: '{name}' embeddings contain NaN or Inf")
-
-
-# ---------------------------------------------------------------------------------- encoding
-
-
-def pool_token_codes(
-  values: np.ndarray,
-  indices: np.ndarray,
-  segment: np.ndarray,
-  n_segments: int,
-  c: int,
-  width: Optional[int] = None,
-) -> tuple[np.ndarray, np.ndarray]:
-  """Mean of the sparse token codes of each segment (sample): values/indices [n_segments, width].
-
-  The support of a pooled row is the union of its tokens' supports (at most tokens * k); entries are
-  sorted by value, zero-padded to `width` (default: the widest row). Segments without tokens stay 0.
-  """
-  values = np.asarray(values, np.float32)
-  indices = np.asarray(indices, np.int64)
-  segment = np.asarray(segment, np.int64)
-  k = values.shape[1]
-  tokens = np.bincount(segment, minlength=n_segments).astype(np.float64)
-  keys = np.repeat(segment, k) * c + indices.reshape(-1)
-  uniq, inv = np.unique(keys, return_inverse=True)
-  sums = np.bincount(inv, weights=values.reshape(-1).astype(np.float64), minlength=uniq.size)
-  seg, conc = uniq // c, uniq % c
-  vals = sums / np.maximum(tokens[seg], 1.0)
-  keep = vals != 0
-  seg, conc, vals = seg[keep], conc[keep], vals[keep]
-  order = np.lexsort((conc, -vals, seg))
-  seg, conc, vals = seg[order], conc[order], vals[order]
-  counts = np.bincount(seg, minlength=n_segments)
-  w = int(width) if width else max(1, int(counts.max(initial=0)))
-  start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-  pos = np.arange(seg.size) - start[seg]
-  sel = pos < w
-  out_v = np.zeros((n_segments, w), np.float32)
-  out_i = np.zeros((n_segments, w), np.int32)
-  out_v[seg[sel], pos[sel]] = vals[sel]
-  out_i[seg[sel], pos[sel]] = conc[sel]
-  return out_v, out_i
-
-
-def synthetic_tokens(x: np.ndarray, tokens: int, noise: float, rng: np.random.Generator) -> np.ndarray:
-  """`tokens` rows per sample whose mean is exactly the sample's embedding: [n * tokens, d]."""
-  eps = rng.standard_normal((x.shape[0], tokens, x.shape[1])).astype(np.float32) * noise
-  eps -= eps.mean(axis=1, keepdims=True)
-  return (x[:, None, :] + eps).reshape(-1, x.shape[1])
-
-
-def stream_codes(
-  pairs: Pairs,
-  loaded: workdir_lib.LoadedSAE,
-  acfg: Any,
-  acc: metrics.ConceptAccumulator,
-  keep_codes: bool = True,
-  progress: Optional[BlockProgress] = None,
-) -> tuple[Any, Any, dict]:
-  """Sparse codes of both sides, streamed into `acc` block by block; returns the codes too
-  (None, None when not `keep_codes`: then nothing of size N beyond the embeddings is held).
-
-  With `progress`, each block's codes are saved as it finishes (and read back, not recomputed, on a
-  resumed run); the sums see the same blocks in the same order either way."""
-  saved = progress.arrays if progress is not None else (lambda name, compute, where: compute())
-
-  def block_codes(b: int, compute: Callable[[], tuple]) -> tuple[tuple, tuple]:
-    def arrays() -> dict:
-      (iv, ii), (tv, ti) = compute()
-      return {"image_values": iv, "image_indices": ii, "text_values": tv, "text_indices": ti}
-
-    z = saved(f"codes-{b:06d}", arrays, f"block {b + 1} of {n_blocks}")
-    return (z["image_values"], z["image_indices"]), (z["text_values"], z["text_indices"])
-
-  spec = loaded.spec
-  mode = str(acfg.codes)
-  if mode not in CODES_MODES:
-    raise SaeJaxError(f"config.analysis.codes={mode!r}: expected one of {CODES_MODES}")
-  block = int(acfg.block_size)
-  c = loaded.params["D"].shape[0]
-  n = pairs.image.shape[0]
-  info: dict = {"codes": mode}
-  out: dict = {"image": [], "text": []}
-
-  def add(image_code: tuple, text_code: tuple) -> None:
-    acc.update(image_code, text_code)
-    if keep_codes:
-      out["image"].append(image_code)
-      out["text"].append(text_code)
-
-  if mode == "encode_pooled":
-    enc = BlockEncoder(loaded.params, spec, min(block, n))
-    n_blocks = -(-n // block)
-    for b, s in enumerate(range(0, n, block)):
-      add(*block_codes(b, lambda s=s: (enc(pairs.image[s : s + block]), enc(pairs.text[s : s + block]))))
-  else:
-    if pairs.source != "synthetic":
-      raise SaeJaxError(
-        "config.analysis.codes='pool_token_codes' needs token-level activations per "
-        "sample; this version supports it for the synthetic source only (the pooled "
-        "file holds one row per sample): use codes='encode_pooled'"
-      )
-    tokens = int(acfg.tokens_per_sample)
-    noise = float(acfg.token_noise)
-    if tokens < 1:
-      raise SaeJaxError(f"config.analysis.tokens_per_sample={tokens}: expected >= 1")
-    info.update(tokens_per_sample=tokens, token_noise=noise)
-    rng = np.random.default_rng([int(acfg.pair_seed), 7])
-    step = max(1, block // tokens)
-    enc = BlockEncoder(loaded.params, spec, min(step, n) * tokens)
-    width = min(c, tokens * spec.k)
-    n_blocks = -(-n // step)
-    for b, s in enumerate(range(0, n, step)):
-      # The token noise is drawn here, saved block or not: the generator stays where a full run has it.
-      toks = [
-        synthetic_tokens(x, tokens, noise, rng) for x in (pairs.image[s : s + step], pairs.text[s : s + step])
-      ]
-
-      def compute(toks=toks) -> tuple:
-        sides = []
-        for t in toks:
-          v, i = enc(t)
-          rows = t.shape[0] // tokens
-          sides.append(pool_token_codes(v, i, np.repeat(np.arange(rows), tokens), rows, c, width))
-        return tuple(sides)
-
-      add(*block_codes(b, compute))
-  if not keep_codes:
-    return None, None, info
-  cat = lambda parts: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-  return cat(out["image"]), cat(out["text"]), info
-
-
-# ------------------------------------------------------------------------------ synthetic check
-
-
-def auc_mann_whitney(negatives: np.ndarray, positives: np.ndarray) -> float:
-  """ROC AUC of scores separating `positives` from `negatives`: P(pos > neg) + P(pos == neg) / 2.
-
-  The Mann-Whitney U statistic over average ranks (ties count one half), so it equals the area
-  under the ROC curve of any threshold rule on the scores.
-  """
-  neg = np.asarray(negatives, np.float64).reshape(-1)
-  pos = np.asarray(positives, np.float64).reshape(-1)
-  if neg.size == 0 or pos.size == 0:
-    raise SaeJaxError(f"AUC: needs at least one score of each class, got {neg.size} and {pos.size}")
-  ranks = scipy.stats.rankdata(np.concatenate([neg, pos]))  # average ranks for ties
-  u = ranks[neg.size :].sum() - pos.size * (pos.size + 1) / 2.0
-  return float(u / (neg.size * pos.size))
-
-
-def match_planted(D: np.ndarray, planted: PlantedTruth) -> tuple[np.ndarray, np.ndarray]:
-  """For each learned concept: the planted concept of largest cosine, and that cosine."""
-  cos = np.asarray(D, np.float64) @ planted.dictionary.astype(np.float64).T
-  best = np.argmax(cos, axis=1)
-  return best, cos[np.arange(cos.shape[0]), best]
-
-
-def synthetic_check(
-  D: np.ndarray, cm: metrics.ConceptMetrics, planted: PlantedTruth, top_fraction: float, threshold: float
-) -> dict:
-  """How well the metrics recover the planted structure (only defined for the synthetic source)."""
-  best, cos = match_planted(D, planted)
-  kind = planted.kinds[best]
-  ms = cm.modality_score if not cm.modality_reverse else 1.0 - cm.modality_score
-  ok = (cos >= threshold) & np.isfinite(ms)
-  out: dict = {"match_threshold": threshold, "matched": int(ok.sum()), "per_kind": {}}
-  for k, name in enumerate(KINDS):
-    sel = ok & (kind == k)
-    covered = np.unique(best[sel]).size
-    out["per_kind"][name] = {
-      "planted": int(np.sum(planted.kinds == k)),
-      "covered": int(covered),
-      "learned_matched": int(sel.sum()),
-      "modality_mean": float(np.mean(ms[sel])) if sel.any() else None,
-    }
-
-  def auc(lo, hi):
-    a, b = ok & (kind == lo), ok & (kind == hi)
-    if not a.any() or not b.any():
-      return None
-    return auc_mann_whitney(ms[a], ms[b])
-
-  out["auc_image_vs_text"] = auc(0, 1)
-  out["auc_image_vs_shared"] = auc(0, 2)
-  out["auc_shared_vs_text"] = auc(2, 1)
-  order = np.argsort(-cm.energy, kind="stable")
-  rank = np.empty_like(order)
-  rank[order] = np.arange(order.size)
-  top = metrics.top_fraction_set(cm.energy, top_fraction)
-  # Distractors co-fire in most rows, so an SAE often learns mixtures of them rather than each
-  # atom: test membership in their span (norm of the projection of the unit learned row).
-  dist_atoms = planted.distractors.astype(np.float64)
-  if dist_atoms.shape[0]:
-    q, _ = np.linalg.qr(dist_atoms.T)
-    in_span = np.linalg.norm(np.asarray(D, np.float64) @ q, axis=1)
-  else:
-    in_span = np.zeros(D.shape[0])
-  out["top_energy_set_size"] = int(top.size)
-  out["top_energy_set_distractor_span"] = [float(x) for x in in_span[top]]
-  out["top_energy_set_in_distractor_span_fraction"] = float(np.mean(in_span[top] >= threshold))
-  best_learned = np.argmax(np.asarray(D, np.float64) @ dist_atoms.T, axis=0) if dist_atoms.shape[0] else []
-  out["distractor_best_learned_energy_ranks"] = [int(rank[i]) for i in best_learned]
-  out["energy_share_in_distractor_span"] = float(cm.energy[in_span >= threshold].sum() / cm.energy.sum())
-  return out
 
 
 # ------------------------------------------------------------------------------------ compute
@@ -446,7 +240,7 @@ def compute_analysis(
     raise SaeJaxError(f"config.analysis.energy_weighting={weighting!r}: expected one of {ENERGY_WEIGHTINGS}")
   by_image = weighting == "unique_images"
   resamples = int(acfg.table1_resamples)
-  image, text, code_info = stream_codes(
+  image, text, code_info = analysis_codes.stream_codes(
     pairs,
     loaded,
     acfg,
@@ -687,7 +481,7 @@ def analyze(config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, sae_dir: s
   ]
   synthetic = None
   if pairs.planted is not None:
-    synthetic = synthetic_check(D, cm, pairs.planted, fraction, float(acfg.match_threshold))
+    synthetic = analysis_planted.synthetic_check(D, cm, pairs.planted, fraction, float(acfg.match_threshold))
 
   # Write.
   out_dir = os.path.join(workdir, ANALYSIS_DIR)

@@ -53,9 +53,8 @@ from sae_jax import (
   uncertainty,
 )
 from sae_jax import projectors as projectors_lib
-from sae_jax import workdir as workdir_lib
 from sae_jax.errors import SaeJaxError
-from sae_jax.plots import retrieval as plots
+from sae_jax.stages import retrieval_outputs
 from sae_jax.stages import retrieval_tables as tables
 from sae_jax.stages.block_progress import BlockProgress, recorded, retrieval_fingerprint
 from sae_jax.stages.retrieval_inputs import (
@@ -68,7 +67,6 @@ from sae_jax.stages.retrieval_inputs import (
   select_on,
 )
 
-RESULTS_FILE = "results.json"
 DENOMINATORS = ("all_queries", "scorable")
 
 
@@ -442,7 +440,9 @@ def evaluate_all(
           {k: round(v, 2) for k, v in rec.items() if k.startswith("R@") and k[2:].isdigit()},
         )
         if embeddings_dir is not None:
-          write_embeddings(os.path.join(embeddings_dir, f"embeddings_{task}_{name}.npz"), d_run)
+          retrieval_outputs.write_embeddings(
+            os.path.join(embeddings_dir, f"embeddings_{task}_{name}.npz"), d_run
+          )
   if not results:
     raise SaeJaxError(f"config.retrieval.tasks={tasks}: none of them can be built from {inputs.description}")
   return results, base_data
@@ -498,109 +498,6 @@ def sweep_removal_rank(
   if oracle is not None:
     sweep["oracle"] = {f"R@{k}": oracle[f"R@{k}"] for k in ks}
   return sweep
-
-
-# --------------------------------------------------------------------------------------------
-# Outputs.
-# --------------------------------------------------------------------------------------------
-
-
-def write_embeddings(path: str, data: retrieval_tasks.TaskData) -> None:
-  """Queries / candidates exactly as scored plus CSR positives (and `exclude` when set)."""
-  arrays = dict(
-    queries=data.queries,
-    candidates=data.candidates,
-    positives_indptr=data.positives_indptr,
-    positives_indices=data.positives_indices,
-  )
-  if data.exclude is not None:
-    arrays["exclude"] = data.exclude
-  workdir_lib.atomic_savez(path, **arrays)
-
-
-def _staged_embeddings(staging: Optional[str], out_dir: str) -> None:
-  if staging is None:
-    return
-  for name in sorted(os.listdir(staging)):
-    os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-
-
-def _remove_stale(path: str) -> None:
-  if os.path.exists(path):  # left by an earlier run: it would not match these results
-    os.remove(path)
-
-
-def write_outputs(
-  out_dir: str,
-  results: dict,
-  projectors: dict,
-  sweep: Optional[dict],
-  base: str,
-  description: str,
-  staging: Optional[str] = None,
-  attribution: Optional[Attribution] = None,
-) -> list[str]:
-  """Projectors, results.json, Tables 2-3, Figure 4, the rank sweep (when run), the removed concepts'
-  diagnostics (table and figure, with an attribution); the scored embeddings are moved in from
-  `staging`. Returns the files written."""
-  os.makedirs(out_dir, exist_ok=True)
-  written = []
-  for name, file in (
-    ("removal", "removal_projector.npz"),
-    ("removal_selected", "removal_selected_projector.npz"),
-    ("whitening", "whitening_projector.npz"),
-  ):
-    path = os.path.join(out_dir, file)
-    if name in projectors:
-      projectors[name][0].save(path)
-      written.append(file)
-    else:
-      _remove_stale(path)
-  if sweep is not None:
-    workdir_lib.atomic_write_json(os.path.join(out_dir, "rank_sweep.json"), sweep, indent=2)
-    m, fraction = sweep["n_atoms"], sweep["removal_fraction"]
-    plots.fig_rank_sweep(
-      sweep,
-      os.path.join(out_dir, "rank_sweep.png"),
-      title=f"{retrieval_tasks.TASKS[sweep['task']].label}, top {fraction * 100:g}% concepts ({m} atoms)",
-    )
-    written += ["rank_sweep.json", "rank_sweep.png"]
-  else:
-    for file in ("rank_sweep.json", "rank_sweep.png"):
-      _remove_stale(os.path.join(out_dir, file))
-  removed = {
-    name: [int(a) for a in proj.info["atoms"]]
-    for name, (proj, _) in projectors.items()
-    if name.startswith("removal") and isinstance(proj, projectors_lib.Projector)
-  }
-  diag_files = ("removal_concepts.md", "fig_removal_concepts.png")
-  if attribution is not None and removed:
-    workdir_lib.atomic_write_text(
-      os.path.join(out_dir, diag_files[0]), tables.removal_concepts_markdown(attribution.diagnostics, removed)
-    )
-    plots.fig_removal_concepts(attribution.diagnostics, removed, os.path.join(out_dir, diag_files[1]))
-    written += list(diag_files)
-  else:
-    for file in diag_files:
-      _remove_stale(os.path.join(out_dir, file))
-  workdir_lib.atomic_write_json(os.path.join(out_dir, RESULTS_FILE), results, indent=2)
-  workdir_lib.atomic_write_text(
-    os.path.join(out_dir, "table2.md"), tables.table2_markdown(results, base, description)
-  )
-  workdir_lib.atomic_write_text(os.path.join(out_dir, "table3.md"), tables.table3_markdown(results))
-  written += [RESULTS_FILE, "table2.md", "table3.md"]
-  fig = os.path.join(out_dir, "fig_masking.png")
-  if plots.masking_tasks(results):
-    plots.fig_masking(
-      results,
-      fig,
-      task_labels={t: retrieval_tasks.TASKS[t].label for t in retrieval_tasks.TASKS},
-    )
-    written.append("fig_masking.png")
-  else:
-    _remove_stale(fig)
-  _staged_embeddings(staging, out_dir)
-  return written
 
 
 # --------------------------------------------------------------------------------------------
@@ -675,7 +572,7 @@ def _run_retrieval(config, workdir: str, log: Optional[Callable[[str], None]]) -
       sweep = sweep_removal_rank(rcfg, attribution, base_data[rcfg.sweep_task], search, oracle, progress)
 
     # Write.
-    written = write_outputs(
+    written = retrieval_outputs.write_outputs(
       out_dir, results, projectors, sweep, base, inputs.description, staging, attribution
     )
     progress.clear()
