@@ -13,7 +13,7 @@ import os
 
 import ml_collections
 
-from configs import base
+from configs import study_common
 
 COCO_ROOT = os.environ.get("COCO_ROOT", "data/coco")
 DECODER_POOLING = ("mean", "last_token", "mean_no_image", "mean_no_prompt")
@@ -80,7 +80,7 @@ def published() -> ml_collections.ConfigDict:
 
 def get_config(arg: str = ""):
   del arg
-  config = base.get_config()
+  config = study_common.get_config()
   st = config.study
   st.paper_name = "Generative Giants, Retrieval Weaklings"
   st.dataset = "coco"
@@ -92,7 +92,7 @@ def get_config(arg: str = ""):
   st.sae_batch_size = 4096  # paper Appendix A: Adam 8e-4, batch 4096 (the base defaults)
   st.sae_steps = 50_000
   st.models = tuple(MODELS)
-  template = st.model["clip"].to_dict()  # base's per-model fields (their defaults live there)
+  template = st.model["clip"].to_dict()  # study_common's per-model fields (their defaults live there)
   st.model = ml_collections.ConfigDict()
   for name, (hub, label, c, pooling, batch) in MODELS.items():
     st.model[name] = ml_collections.ConfigDict(

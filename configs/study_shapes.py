@@ -9,7 +9,7 @@ experiments/results/shapes/report.md "Wall time per step", two models at a time:
 Arg words: "tiny" (400 train / 100 test images, all six families; tests/test_study.py).
 """
 
-from configs import base, study_paper
+from configs import study_common, study_paper
 from sae_jax import config_utils
 
 MODELS = ("clip", "siglip", "qwen2_vl", "qwen3_vl", "paligemma", "chameleon")
@@ -27,7 +27,7 @@ PAPER_MODEL = {
 
 def get_config(arg: str = ""):
   words = config_utils.parse_arg(arg, ("tiny",), "configs/study_shapes.py")
-  config = base.get_config()
+  config = study_common.get_config()
   config.extract.log_every_s = 30.0
   config.data.prefetch = 2
   config.study.models = MODELS

@@ -17,7 +17,7 @@ _PRINT_CONFIG = flags.DEFINE_bool(
   False,
   "Print every field of --config (preset and --config.<section>.<field>=value overrides applied) and "
   "exit without running; e.g. --config=configs/synthetic.py --print_config. Every field printed can be "
-  "overridden with --config.<section>.<field>=value; the defaults and their meaning are in configs/base.py.",
+  "overridden with --config.<section>.<field>=value; the defaults and their meaning are in configs/base.py (the study's: configs/study_common.py).",
 )
 
 

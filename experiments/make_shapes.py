@@ -1,6 +1,6 @@
 """Writes the shapes world in the COCO captions layout: python -m experiments.make_shapes --out=data/shapes
 
-Sizes and seed from `config.shapes` (`--config.shapes.train_images=...`; default configs/base.py).
+Sizes and seed from `config.shapes` (`--config.shapes.train_images=...`; default configs/study_common.py).
 `--coco_mini` writes instead the 11-image set in the COCO val2017 layout that the `:tiny` model presets
 read from $COCO_MINI: python -m experiments.make_shapes --coco_mini --out=data/coco-mini
 """
@@ -13,7 +13,7 @@ from sae_jax.study import shapes_files
 
 _OUT = flags.DEFINE_string("out", None, "Directory for images/, captions_<split>.json, scenes_<split>.json.")
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", "configs/base.py", "A configs/*.py file.", lock_config=True
+  "config", "configs/study_common.py", "A configs/study_*.py file.", lock_config=True
 )
 _COCO_MINI = flags.DEFINE_bool(
   "coco_mini",

@@ -177,7 +177,12 @@ def check_workdir_config(workdir: str, new: dict, allow_change: bool) -> None:
     return
   old = read_json(path)
   old_flat, new_flat = flatten(old), flatten(new)
-  ignored = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)
+  # A section only one side holds configures no stage of the other run: a workdir written when
+  # configs/base.py declared every preset's sections (the study's too) resumes under a preset without them.
+  one_sided = {s for s in set(old) ^ set(new) if isinstance(old.get(s, new.get(s)), dict)}
+  ignored = lambda k: (
+    k.split(".")[0] in one_sided or any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)
+  )
   diff = sorted(
     k for k in set(old_flat) | set(new_flat) if not ignored(k) and old_flat.get(k) != new_flat.get(k)
   )

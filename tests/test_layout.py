@@ -27,6 +27,19 @@ CLEAN = {
       config.mesh.data = 1
       return config
     """,
+  # The study's sections over base (`from configs import base` must read this tree's base).
+  "configs/study_common.py": """
+    import ml_collections
+
+    from configs import base
+
+
+    def get_config(arg=""):
+      config = base.get_config()
+      config.study = ml_collections.ConfigDict()
+      config.study.models = ("clip",)
+      return config
+    """,
   "sae_jax/__init__.py": '__version__ = "0"\n',
   "sae_jax/errors.py": "class SaeJaxError(ValueError):\n  pass\n",
   "sae_jax/a.py": """
@@ -66,8 +79,18 @@ CLEAN = {
 
       return a.run(config, config), mesh_cfg.data, config.mesh.data, torch, wrapper
     """,
+  "sae_jax/study/__init__.py": "",
+  "sae_jax/study/driver.py": """
+    from sae_jax import a
+
+
+    def run(config):
+      return config.study.models, config.extract.layer, a.run(config, config)
+    """,
   "experiments/__init__.py": "",
-  "experiments/main.py": "from sae_jax.stages import s\n\nRUN = s.go\n",
+  "experiments/main.py": "from sae_jax.stages import s\nfrom sae_jax.study import driver\n\nRUN = s.go, driver.run\n",
+  "benchmarks/study_speed.py": "import sae_jax.study.driver\n\nRUN = sae_jax.study.driver.run\n",
+  "tests/test_driver.py": "from sae_jax import study\n",
 }
 
 # check -> (files replacing or adding to CLEAN, a word of the expected message)
@@ -145,10 +168,40 @@ PLANTED = {
     {"sae_jax/b.py": "def f(config):\n  return config.extract.templates.caption\n"},
     "config.extract.templates.caption",
   ),
-  "undeclared section": (
+  "the core reads a section of the study": (
     "undeclared_config_fields",
     {"sae_jax/b.py": "def f(config):\n  return config.study.models\n"},
-    "config.study",
+    "reads config.study, which configs/base.py does not declare",
+  ),
+  "undeclared field in the study": (
+    "undeclared_config_fields",
+    {"sae_jax/study/b.py": "def f(config):\n  return config.study.workers\n"},
+    "reads config.study.workers, which configs/study_common.py does not declare",
+  ),
+  "undeclared base field in the study (the tree's own base, not the installed one)": (
+    "undeclared_config_fields",
+    {"sae_jax/study/b.py": "def f(config):\n  return config.mesh.model\n"},
+    "reads config.mesh.model, which configs/study_common.py does not declare",
+  ),
+  "the core imports a study module": (
+    "study_imports",
+    {"sae_jax/b.py": "from sae_jax.study import driver\n"},
+    "sae_jax/b.py:1: [study_imports] imports sae_jax.study.driver",
+  ),
+  "the core imports the study package": (
+    "study_imports",
+    {"sae_jax/b.py": "def f():\n  from sae_jax import study\n\n  return study\n"},
+    "sae_jax/b.py:2: [study_imports] imports sae_jax.study ",
+  ),
+  "the core imports the study relatively": (
+    "study_imports",
+    {"sae_jax/stages/t.py": "from ..study import driver\n"},
+    "sae_jax/stages/t.py:1: [study_imports] imports sae_jax.study.driver",
+  ),
+  "another top-level folder imports the study": (
+    "study_imports",
+    {"launch/submit.py": "import sae_jax.study.driver\n"},
+    "launch/submit.py:1: [study_imports] imports sae_jax.study.driver",
   ),
   "function-level import of the standard library": (
     "lazy_imports",
@@ -182,7 +235,8 @@ def test_repository_passes(check):
 
 def test_clean_planted_tree_passes(tmp_path):
   # The clean tree exercises what must NOT be flagged: a lazy torch import, a lazy import of a
-  # module that imports torch, own private names, str and ConfigDict methods, config.json fields.
+  # module that imports torch, own private names, str and ConfigDict methods, config.json fields,
+  # the study reading its own sections and base's, experiments/ benchmarks/ tests/ importing the study.
   assert layout.all_violations(_tree(tmp_path, {})) == []
 
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import base
+from configs import study_common
 from sae_jax.data import coco
 from sae_jax.errors import SaeJaxError
 from sae_jax.study import shapes, shapes_files, shapes_tasks
 
 
 def _cfg(seed=0, train=24, test=8):
-  cfg = base.get_config().shapes
+  cfg = study_common.get_config().shapes
   cfg.seed, cfg.train_images, cfg.test_images = seed, train, test
   return cfg
 

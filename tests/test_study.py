@@ -179,10 +179,10 @@ def test_study_embeddings_retrieve_as_the_trained_model_did(tiny, name):
 def test_a_processor_that_rebuilds_its_tokenizer_gets_the_saved_one(tmp_path):
   """Siglip2Processor.from_pretrained rebuilds a Siglip2Tokenizer (Gemma's normaliser) from the
   vocabulary; the loader keeps tokenizer.json's encoding instead."""
-  from configs import base as base_config
+  from configs import study_common
   from sae_jax import encoders as enc_lib
 
-  cfg = base_config.get_config().encoder_training
+  cfg = study_common.get_config().encoder_training
   caps = ["a small red circle in the top left", "two big blue stars and a green ring"] * 20
   tok = tokenizers.train_tokenizer(caps, tokenizers.GEMMA_SPECIALS, 400, "gemma")
   model, proc = families.build_siglip(tok, cfg, 64)

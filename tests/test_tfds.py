@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import sae_jax.data  # noqa: E402
-from configs import base, clip_coco  # noqa: E402
+from configs import clip_coco, study_common  # noqa: E402
 from sae_jax import encoders  # noqa: E402
 from sae_jax.data import coco, paired, tfds_source  # noqa: E402
 from sae_jax.errors import SaeJaxError  # noqa: E402
@@ -112,7 +112,7 @@ def test_mock_extraction_two_processes_merge_to_one_and_a_crash_resumes(clip_enc
 def shapes_tfds(tmp_path_factory):
   """The shapes world (6 train images) and the same split stored as a tfds dataset."""
   out = str(tmp_path_factory.mktemp("shapes"))
-  cfg = base.get_config().shapes
+  cfg = study_common.get_config().shapes
   cfg.train_images, cfg.test_images = 6, 2
   shapes_files.write_shapes(cfg, out, log=None)
   data_dir = str(tmp_path_factory.mktemp("tfds"))

@@ -231,6 +231,25 @@ def test_workdir_with_other_config_is_refused(tmp_path):
   assert summary["step"] == 5
 
 
+def test_workdir_with_sections_of_another_preset_resumes(tmp_path):
+  # A plain run's config.json holds base's sections only, not the study's (configs/study_common.py).
+  trainer.train_and_evaluate(_bad_config(tmp_path), str(tmp_path))
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert {"sae", "train", "extract"} <= set(saved)
+  assert not {"study", "shapes", "encoder_training"} & set(saved)
+  # A workdir written when configs/base.py declared the study's sections too resumes without them ...
+  from configs import study_common
+
+  study = json.loads(study_common.get_config().to_json())
+  old = {**saved, **{s: study[s] for s in ("shapes", "encoder_training", "study")}}
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  summary = trainer.train_and_evaluate(_bad_config(tmp_path, train__num_steps=5), str(tmp_path))
+  assert summary["step"] == 5
+  # ... while a field changed in a section both hold is still refused.
+  with pytest.raises(SaeJaxError, match=r"holds a run with a different config .* first sae.k"):
+    trainer.train_and_evaluate(_bad_config(tmp_path, sae__k=5, train__num_steps=6), str(tmp_path))
+
+
 def test_cli_overrides_and_unknown_field(tmp_path):
   r = _run(
     [

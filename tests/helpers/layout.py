@@ -1,5 +1,5 @@
 """Static checks of the package layout, from the source text alone (ast; nothing is imported except
-`configs/base.py` for the declared config fields).
+`configs/base.py` and `configs/study_common.py` for the declared config fields).
 
   python -m tests.helpers.layout [ROOT]   # prints every violation, exits 1 when there is one
 
@@ -10,19 +10,31 @@
 - `layering`: the library importing `configs` or `experiments`;
 - `undeclared_config_fields`: in `sae_jax/`, `config.<section>.<field>` (and reads through section
   aliases such as `ex = config.extract; ex.layer`, `rcfg.<field>`, `mesh_cfg.<field>`) not declared
-  in configs/base.py;
-- `lazy_imports`: function-level imports inside `sae_jax/` of anything but an optional dependency.
+  in configs/base.py (in `sae_jax/study/`: configs/study_common.py, base plus the study's sections);
+- `lazy_imports`: function-level imports inside `sae_jax/` of anything but an optional dependency;
+- `study_imports`: `sae_jax.study` imported from outside it, except by the entry points and tools
+  (`experiments/`, `configs/`, `tests/`, `benchmarks/`): the core never depends on the study.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import importlib.util
 import pathlib
 import sys
 from typing import Iterator, NamedTuple, Optional
 
 PACKAGE = "sae_jax"
+STUDY_PACKAGE = "sae_jax.study"
+STUDY_DIR = "sae_jax/study"
+# Top-level folders that may import the study (its entry points, configs, tests and benchmarks).
+STUDY_IMPORTERS = frozenset({"experiments", "configs", "tests", "benchmarks"})
+# Top-level folders of a checkout that hold no source of its own (build output).
+NOT_SOURCE = frozenset({"build", "dist"})
+# The configs/ modules declaring the fields the core and the study may read.
+CORE_CONFIG = "base"
+STUDY_CONFIG = "study_common"
 SCANNED = (PACKAGE, "experiments")  # top-level folders whose modules are checked
 FORBIDDEN_IN_LIBRARY = ("configs", "experiments")
 
@@ -85,12 +97,17 @@ class ImportRef(NamedTuple):
 
 
 def find_modules(root: pathlib.Path, tops=SCANNED) -> dict[str, Module]:
+  """The modules of the top-level folders (or top-level .py files) `tops` of `root`, by dotted name."""
   out = {}
   for top in tops:
     base = root / top
-    if not base.is_dir():
+    if base.is_file() and base.suffix == ".py":
+      paths = [base]
+    elif base.is_dir():
+      paths = sorted(base.rglob("*.py"))
+    else:
       continue
-    for path in sorted(base.rglob("*.py")):
+    for path in paths:
       parts = list(path.relative_to(root).with_suffix("").parts)
       is_package = parts[-1] == "__init__"
       if is_package:
@@ -240,6 +257,40 @@ def layering(root: pathlib.Path) -> list[Violation]:
   return out
 
 
+def _in_package(name: str, package: str) -> bool:
+  return name == package or name.startswith(package + ".")
+
+
+def study_imports(root: pathlib.Path) -> list[Violation]:
+  """Imports of sae_jax.study from outside it: only the study's entry points, configs, tests and
+  benchmarks (`STUDY_IMPORTERS`) may use it; the core and everything else stand without it."""
+  tops = sorted(
+    p.name
+    for p in root.iterdir()
+    if not p.name.startswith(".")
+    and p.name not in STUDY_IMPORTERS | NOT_SOURCE
+    and not p.name.endswith(".egg-info")
+    and (p.is_dir() or p.suffix == ".py")
+  )
+  out = []
+  for m in find_modules(root, tops).values():
+    if _in_package(m.name, STUDY_PACKAGE):
+      continue
+    for ref in imports_of(m):
+      targets = [f"{ref.target}.{n}" for n in ref.names] if ref.names else [ref.target]
+      for target in targets:
+        if _in_package(target, STUDY_PACKAGE):  # `from sae_jax import study` too
+          out.append(
+            Violation(
+              "study_imports",
+              f"{m.rel}:{ref.line}",
+              f"imports {target} (only {STUDY_DIR}/ and the entry points may)",
+            )
+          )
+          break
+  return out
+
+
 def optional_library_modules(modules: dict[str, Module]) -> frozenset:
   """sae_jax modules that import an optional dependency at module level, directly or through other
   sae_jax modules: importing one of them lazily is importing that dependency lazily."""
@@ -282,14 +333,35 @@ def lazy_imports(root: pathlib.Path) -> list[Violation]:
 # ------------------------------------------------------------------------------- config fields
 
 
-def declared_fields(root: pathlib.Path) -> tuple[frozenset, frozenset]:
-  """(sections, leaves): dotted paths of configs/base.py's ConfigDicts and of its other fields."""
-  spec = importlib.util.spec_from_file_location(
-    f"_layout_base_{abs(hash(str(root)))}", root / "configs" / "base.py"
-  )
-  base = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(base)
-  config = base.get_config()
+def _config_of(root: pathlib.Path, name: str):
+  """`get_config()` of `root`'s configs/<name>.py; its `from configs import ...` reads `root`'s
+  configs/ too (not the configs package imported in this process), which is put back afterwards."""
+  is_configs = lambda module: module == "configs" or module.startswith("configs.")
+  saved = {module: sys.modules[module] for module in list(sys.modules) if is_configs(module)}
+  for module in saved:
+    del sys.modules[module]
+  package = importlib.util.module_from_spec(importlib.machinery.ModuleSpec("configs", None, is_package=True))
+  package.__path__ = [str(root / "configs")]
+  sys.modules["configs"] = package
+  try:
+    return importlib.import_module(f"configs.{name}").get_config()
+  finally:
+    for module in [module for module in sys.modules if is_configs(module)]:
+      del sys.modules[module]
+    sys.modules.update(saved)
+
+
+def config_module_of(root: pathlib.Path, module: str) -> str:
+  """The configs/ module declaring the fields `module` may read: study_common (base plus the study's
+  sections) for sae_jax/study/ when the tree has it, base for the rest."""
+  if _in_package(module, STUDY_PACKAGE) and (root / "configs" / f"{STUDY_CONFIG}.py").exists():
+    return STUDY_CONFIG
+  return CORE_CONFIG
+
+
+def declared_fields(root: pathlib.Path, name: str = CORE_CONFIG) -> tuple[frozenset, frozenset]:
+  """(sections, leaves): dotted paths of configs/<name>.py's ConfigDicts and of its other fields."""
+  config = _config_of(root, name)
   sections, leaves = set(), set()
 
   def walk(d, prefix: str) -> None:
@@ -418,10 +490,14 @@ def _class_aliases(tree: ast.Module, sections: frozenset) -> dict:
 
 
 def undeclared_config_fields(root: pathlib.Path) -> list[Violation]:
-  sections, leaves = declared_fields(root)
+  declared = {}  # configs/ module -> (sections, leaves)
   methods = _configdict_attrs()
   out = []
   for m in find_modules(root, (PACKAGE,)).values():  # experiments/ holds absl flag objects named `config`
+    config_module = config_module_of(root, m.name)
+    if config_module not in declared:
+      declared[config_module] = declared_fields(root, config_module)
+    sections, leaves = declared[config_module]
     for path, line in _reads_in(m.tree, _class_aliases(m.tree, sections), sections):
       prefix = []
       for part in path:
@@ -437,7 +513,7 @@ def undeclared_config_fields(root: pathlib.Path) -> list[Violation]:
               Violation(
                 "undeclared_config_fields",
                 f"{m.rel}:{line}",
-                f"reads config.{full}, which configs/base.py does not declare",
+                f"reads config.{full}, which configs/{config_module}.py does not declare",
               )
             )
           break
@@ -445,7 +521,7 @@ def undeclared_config_fields(root: pathlib.Path) -> list[Violation]:
   return out
 
 
-CHECKS = (import_cycles, private_imports, layering, lazy_imports, undeclared_config_fields)
+CHECKS = (import_cycles, private_imports, layering, lazy_imports, undeclared_config_fields, study_imports)
 
 
 def all_violations(root: pathlib.Path) -> list[Violation]:
