@@ -30,8 +30,11 @@ GPU = ["accelerate>=1.0"]  # loading HF weights straight onto the GPU (device_ma
 # extract.dataset="tfds": tfds.data_source over ArrayRecord files (random access, no tf.data graph);
 # tensorflow-datasets decodes its features through TensorFlow.
 TFDS = ["tensorflow-cpu>=2.21.0", "tensorflow-datasets>=4.9.10", "array-record>=0.8.1"]
+# The study (sae_jax.study, experiments.study): report.html rendered from report.md by markdown-it-py.
+STUDY = ["markdown-it-py>=3.0"]
 TEST = EXTRACT + [
   *TFDS,  # tests/test_tfds.py
+  *STUDY,  # tests/test_study.py, tests/test_new_user.py
   "pytest>=8.0",
   "ruff==0.17.6",  # the README's test command lints with it; pinned: the tree follows its formatting
   "scikit-learn>=1.5",
@@ -58,6 +61,7 @@ setup(
     "extract": EXTRACT,
     "gpu": EXTRACT + GPU,
     "tfds": TFDS,
+    "study": STUDY,
     "test": TEST,
     "bench": BENCH,
     "interop": INTEROP,

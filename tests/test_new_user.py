@@ -6,7 +6,7 @@ import json
 import pytest
 
 from sae_jax import workdir as workdir_lib
-from sae_jax.study import report
+from sae_jax.study.report import findings
 from tests.helpers import env
 
 
@@ -112,7 +112,7 @@ def test_findings_withhold_what_does_not_exceed_its_noise():
       "qwen": _model("Qwen2-VL", "generative", 0.0, [0.0, 0.0], 0.1, fvu=1.19, delta=[5.0, [3.0, 7.0]]),
     },
   }
-  text = "\n".join(report.findings(data))
+  text = "\n".join(findings.findings(data))
   assert "retrieves worse" not in text and "lower" not in text
   assert "Retrieval (Qwen2-VL): R@1 0.00 [0.00, 0.00] on shapes q_i -> c_t is at chance (0.10)" in text
   assert "Energy and Table 1 (Qwen2-VL): not interpreted: its SAE's held-out FVU is 1.19" in text
@@ -125,7 +125,7 @@ def test_findings_withhold_what_does_not_exceed_its_noise():
   )
   # Two models above chance whose intervals do not overlap: the difference is stated, with both.
   data["models"]["qwen"] = _model("Qwen2-VL", "generative", 5.0, [3.6, 6.5], 0.1, set_size=6)
-  text = "\n".join(report.findings(data))
+  text = "\n".join(findings.findings(data))
   assert (
     "the generative Qwen2-VL retrieves worse than the contrastive CLIP on shapes q_i -> c_t: R@1 5.00 "
     "[3.60, 6.50] vs 40.00 [37.00, 43.00] (95% intervals do not overlap, 8.0x lower)" in text
@@ -133,5 +133,5 @@ def test_findings_withhold_what_does_not_exceed_its_noise():
   assert "(sets of 6 concepts: a Jaccard moves in steps of 0.08 or more)" in text
   # Overlapping intervals: no difference is claimed.
   data["models"]["qwen"] = _model("Qwen2-VL", "generative", 38.0, [35.0, 41.0], 0.1)
-  text = "\n".join(report.findings(data))
+  text = "\n".join(findings.findings(data))
   assert "no detectable difference between the generative Qwen2-VL and the contrastive CLIP" in text

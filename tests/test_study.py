@@ -21,8 +21,9 @@ from configs import study_shapes
 from sae_jax import encoders, retrieval_tasks, uncertainty
 from sae_jax.encoders import pooling
 from sae_jax.errors import SaeJaxError
-from sae_jax.study import analysis, layout, report
+from sae_jax.study import analysis, layout
 from sae_jax.study import driver as study
+from sae_jax.study.report import collect, render, tables
 from sae_jax.study.trainers import common, families, mixture, tokenizers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -287,13 +288,13 @@ def test_report_tables_equal_the_stage_json(tiny):
     label = config.study.model[name].label
     table1 = _json(os.path.join(sae, "analysis", "table1.json"))["rows"][0]
     results = _json(os.path.join(sae, "retrieval", "results.json"))
-    assert data["models"][name]["retrieval"] == report.relative_paths(results, wd)
+    assert data["models"][name]["retrieval"] == collect.relative_paths(results, wd)
     keys = ("J(S_E,S_A)", "J(S_E,S_B)", "J(S_A,S_B)", "triple_overlap")
     assert t1[label][1:] == [str(table1["c"]), str(table1["set_size"])] + [f"{table1[k]:.4f}" for k in keys]
     assert {k[0] for k in t2 if k[0] == label}, label  # Table 2 lists every model
     base = study.base_variant(config, name)
     for task, by in results.items():
-      tl = report.task_label(task, "shapes")
+      tl = tables.task_label(task, "shapes")
       for setting, suffix in (("Base", ""), ("Removal", "+removal"), ("Whitening (baseline)", "+whitening")):
         row = t2[(label, tl, setting)]
         assert row[3:6] == [f"{by[base + suffix][k]:.2f}" for k in ("R@1", "R@5", "R@10")]
@@ -311,7 +312,7 @@ def test_report_tables_equal_the_stage_json(tiny):
       for setting, v in (("Last token", "last_token"), ("Mean pooling", "mean")):
         r = by[v]
         lo, hi = r["R@1_ci95"]
-        assert t3[(label, report.task_label(task, "shapes"), setting)][3:] == [
+        assert t3[(label, tables.task_label(task, "shapes"), setting)][3:] == [
           f"{r['R@1']:.2f} [{lo:.2f}, {hi:.2f}]",
           f"{r['R@5']:.2f}",
           f"{r['R@10']:.2f}",
@@ -324,7 +325,7 @@ def test_report_tables_equal_the_stage_json(tiny):
 
   from sae_jax.plots import analysis as plot_a
 
-  fig = plot_a.draw_cumulative_energy(report.concept_runs(data, wd))
+  fig = plot_a.draw_cumulative_energy(render.concept_runs(data, wd))
   try:
     curves = [ln.get_label() for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")]
     assert [c.split(" (c=")[0] for c in curves] == [config.study.model[n].label for n in study_shapes.MODELS]
@@ -339,7 +340,7 @@ def test_table1_over_sae_seeds(tiny):
   md = open(out["report"]["md"]).read()
   data = _json(out["report"]["json"])
   t1 = {r[0]: r for r in _md_rows(md, "## Table 1")}
-  keys = report.TABLE1_KEYS
+  keys = collect.TABLE1_KEYS
   seeds = [config.seed + i for i in range(config.study.sae_seeds)]
   assert config.study.sae_seeds >= 2
   for name in study_shapes.MODELS:
@@ -468,14 +469,14 @@ def test_paper_preset_prints_the_published_numbers_beside(tiny):
     "dataset": "MSCOCO",
     "models": {"qwen2vl": dict(data["models"]["qwen2_vl"], label="Qwen2-VL-7B-Instruct")},
   }
-  t1 = report.table1_md(paper, data)
+  t1 = tables.table1_md(paper, data)
   assert t1[-1] == "| Qwen2-VL-7B-Instruct (paper) | | | 0.6494 | 0.7957 | 0.7146 | 0.5989 |"
-  t2 = "\n".join(report.table2_md(paper, data))
+  t2 = "\n".join(tables.table2_md(paper, data))
   assert (
     "| Qwen2-VL-7B-Instruct (paper) | MSCOCO q_i -> c_t | Removal | 7.18 | 20.91 | 31.18 | | published |"
     in t2
   )
-  t3 = "\n".join(report.table3_md(paper, data))
+  t3 = "\n".join(tables.table3_md(paper, data))
   assert "| Qwen2-VL-7B-Instruct (paper) | MSCOCO q_i -> c_t | Last token | 0.20 | 2.65 | 3.81 | |" in t3
   assert "| Qwen2-VL-7B-Instruct (paper) | NIGHTS q_i -> c_i | Mean pooling | 7.55 | 22.80 | 39.11 | |" in t3
   assert "| Qwen2-VL-7B-Instruct (paper) | CIRR (q_i, q_t) -> c_i | Last token | 0.54 | 1.49 | 3.23 | |" in t3
@@ -484,7 +485,7 @@ def test_paper_preset_prints_the_published_numbers_beside(tiny):
 def test_report_tables_show_a_k_the_run_did_not_score_as_a_dash():
   """`retrieval.ks=(1,5)` (or a pool under 10 candidates) leaves no R@10: the paper's column says "-"."""
   from configs import study_shapes
-  from sae_jax.study import report
+  from sae_jax.study.report import tables
 
   cfg = study_shapes.get_config("tiny")
   by = {"embed": {"R@1": 10.0, "R@5": 20.0, "settings": {}}}
@@ -495,12 +496,51 @@ def test_report_tables_show_a_k_the_run_did_not_score_as_a_dash():
     },
   }
   assert (
-    report.table2_md(cfg, data)[2]
+    tables.table2_md(cfg, data)[2]
     == "| CLIP | shapes q_i -> c_t | Base | 10.00 | 20.00 | - | - | pooling=embed |"
   )
   by3 = {v: {"R@1": 1.0, "R@5": 2.0} for v in ("last_token", "mean")}
   data["models"]["clip"]["retrieval"] = {"image_to_text": by3}
-  assert report.table3_md(cfg, data)[2].endswith("| Last token | 1.00 | 2.00 | - | - |")
+  assert tables.table3_md(cfg, data)[2].endswith("| Last token | 1.00 | 2.00 | - | - |")
+
+
+def test_report_html_renders_tables_headings_code_and_embeds_figures(tmp_path):
+  """report.html is report.md through markdown-it-py: table cells, headings, inline code, and every
+  figure linked under figures/ embedded as a PNG data URI (no link back to the file)."""
+  fig_dir = tmp_path / "figures"
+  fig_dir.mkdir()
+  png = b"\x89PNG\r\n\x1a\nnot really an image"
+  (fig_dir / "fig2_modality_kde.png").write_bytes(png)
+  md = "\n".join(
+    [
+      "## Table 1: overlap",
+      "",
+      "Read from `table1.json` (a < b).",
+      "",
+      "| Model | J(S_E,S_A) |",
+      "|---|---:|",
+      "| CLIP | 0.5000 |",
+      "| Qwen2-VL: 3 SAE seeds, mean ± std | 0.4000 ± 0.0100 |",
+      "",
+      "![Figure 2: modality](figures/fig2_modality_kde.png)",
+    ]
+  )
+  page = render.render_html(md, str(fig_dir))
+  assert page.startswith("<!DOCTYPE html>") and page.endswith("</body></html>\n")
+  assert "<h2>Table 1: overlap</h2>" in page
+  assert "<p>Read from <code>table1.json</code> (a &lt; b).</p>" in page
+  assert page.count("<table>") == 1
+  assert re.findall(r"<th[^>]*>([^<]*)</th>", page) == ["Model", "J(S_E,S_A)"]
+  assert re.findall(r"<td[^>]*>([^<]*)</td>", page) == [
+    "CLIP",
+    "0.5000",
+    "Qwen2-VL: 3 SAE seeds, mean ± std",
+    "0.4000 ± 0.0100",
+  ]
+  (src,) = re.findall(r'<img src="([^"]+)" alt="Figure 2: modality"', page)
+  assert src.startswith("data:image/png;base64,")
+  assert base64.b64decode(src[len("data:image/png;base64,") :]) == png
+  assert 'src="figures/' not in page
 
 
 def test_other_tasks_are_scored_for_every_model(tiny):
