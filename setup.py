@@ -30,14 +30,16 @@ GPU = ["accelerate>=1.0"]  # loading HF weights straight onto the GPU (device_ma
 # extract.dataset="tfds": tfds.data_source over ArrayRecord files (random access, no tf.data graph);
 # tensorflow-datasets decodes its features through TensorFlow.
 TFDS = ["tensorflow-cpu>=2.21.0", "tensorflow-datasets>=4.9.10", "array-record>=0.8.1"]
-# The study (sae_jax.study, experiments.study): report.html rendered from report.md by markdown-it-py.
-STUDY = ["markdown-it-py>=3.0"]
+# The study (sae_jax.study, experiments.study): it trains and extracts its models (the `extract`
+# extra), probes their embeddings with scikit-learn, renders report.html with markdown-it-py.
+# (`tokenizers` stays in EXTRACT: the core's tiny test models train their BPE with it.)
+STUDY_ONLY = ["scikit-learn>=1.5", "markdown-it-py>=3.0"]
+STUDY = EXTRACT + STUDY_ONLY
 TEST = EXTRACT + [
   *TFDS,  # tests/test_tfds.py
-  *STUDY,  # tests/test_study.py, tests/test_new_user.py
+  *STUDY_ONLY,  # tests/test_study.py, tests/test_new_user.py
   "pytest>=8.0",
   "ruff==0.17.6",  # the README's test command lints with it; pinned: the tree follows its formatting
-  "scikit-learn>=1.5",
   "faiss-cpu>=1.9",
   "einops>=0.8",  # overcomplete's runtime deps (it is installed with --no-deps)
   "sentence-transformers>=3.0",  # reference for the real MiniLM weights test
