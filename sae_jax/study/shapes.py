@@ -1,4 +1,4 @@
-"""The shapes world: a procedural paired image-caption data set, written in the official COCO layout.
+"""The shapes world: a procedural paired image-caption data set (scenes, rendering, captions, questions).
 
 Each scene is a background (a named colour, optionally a texture the captions never mention) and
 1-3 objects, each a shape, a colour, a size (small/large) and a cell of a 3x3 grid (with pixel
@@ -6,7 +6,7 @@ jitter the captions never mention). Every image gets 5 captions from varied temp
 every caption names each object of the scene exactly once by its colour and shape, so the text
 carries phrasing the image does not and the image carries texture and jitter the text does not.
 
-`write_shapes(cfg, out)` writes
+`shapes_files.write_shapes(cfg, out)` writes it in the official COCO layout:
   images/<split>_<id>.png        RGB, cfg.image_size square
   captions_<split>.json          official COCO captions schema ({"images", "annotations"})
   scenes_<split>.json            the scene record of every image (what was drawn)
