@@ -143,7 +143,7 @@ def test_saved_model_reproduces_the_study_embeddings(tiny, name, family, arch):
   c = layout.stage_config(config, wd, name, "test")
   assert json.load(open(os.path.join(c.extract.model_name, "config.json")))["architectures"] == [arch]
   enc = encoders.load_encoder(c.extract)
-  variant = study.base_variant(config, name)
+  variant = layout.base_variant(config, name)
   with np.load(os.path.join(wd, name, "sae", "activations", f"pooled_{variant}.npz")) as z:
     ids, img_ref = z["image_unique_ids"][:3], z["image_unique"][:3]
     captions, txt_ref = list(z["captions"][:4]), z["text"][:4]
@@ -172,7 +172,7 @@ def test_study_embeddings_retrieve_as_the_trained_model_did(tiny, name):
   q = _json(os.path.join(wd, "models", name, common.QUALITY_FILE))
   assert q["test_images"] == config.shapes.test_images  # the quality figures cover the whole split
   res = _json(os.path.join(wd, name, "sae", "retrieval", "results.json"))
-  base = study.base_variant(config, name)
+  base = layout.base_variant(config, name)
   assert res["image_to_text"][base]["R@1"] == pytest.approx(q["i2t_R@1"], abs=1e-6)
   assert res["text_to_image"][base]["R@1"] == pytest.approx(q["t2i_R@1"], abs=1e-6)
 
@@ -292,7 +292,7 @@ def test_report_tables_equal_the_stage_json(tiny):
     keys = ("J(S_E,S_A)", "J(S_E,S_B)", "J(S_A,S_B)", "triple_overlap")
     assert t1[label][1:] == [str(table1["c"]), str(table1["set_size"])] + [f"{table1[k]:.4f}" for k in keys]
     assert {k[0] for k in t2 if k[0] == label}, label  # Table 2 lists every model
-    base = study.base_variant(config, name)
+    base = layout.base_variant(config, name)
     for task, by in results.items():
       tl = tables.task_label(task, "shapes")
       for setting, suffix in (("Base", ""), ("Removal", "+removal"), ("Whitening (baseline)", "+whitening")):
@@ -372,7 +372,7 @@ def test_table1_over_sae_seeds(tiny):
     fvu = got["eval_fvu"]
     assert fvu[str(seeds[0])] == data["models"][name]["settings"]["eval_fvu"]
     assert all(
-      fvu[str(s)] == _json(os.path.join(d, study.SEED_SUMMARY))["eval_fvu"]
+      fvu[str(s)] == _json(os.path.join(d, layout.SEED_SUMMARY))["eval_fvu"]
       for s, d in zip(seeds[1:], dirs[1:])
     )
 
@@ -555,7 +555,7 @@ def test_other_tasks_are_scored_for_every_model(tiny):
     assert set(res) == want, name
     assert _json(os.path.join(wd, name, layout.STEPS_FILE))["tasks"]["summary"] == res
     for task, by in res.items():
-      variant = study.base_variant(config, name)
+      variant = layout.base_variant(config, name)
       r = by[variant]
       assert r["n_queries"] == counts[task]["queries"] and r["n_candidates"] == counts[task]["candidates"]
       act = os.path.join(wd, name, "tasks", task, "activations")
@@ -649,7 +649,7 @@ def test_per_layer_pooling_is_each_layer_mean_pooled(tiny, name):
   enc = encoders.load_encoder(layout.stage_config(config, wd, name, "test").extract)
   from sae_jax.data import coco
 
-  src = coco.CocoCaptionsJson(*(study.data_paths(config, wd)[k] for k in ("test_json", "test_images")))
+  src = coco.CocoCaptionsJson(*(layout.data_paths(config, wd)[k] for k in ("test_json", "test_images")))
   for items in (
     dict(images=[coco.load_image(im) for im in src.images[:3]]),
     dict(texts=["a red star", "two dots"]),
