@@ -122,19 +122,28 @@ def label_concepts(
   n = image_codes.shape[0]
   _check_attributes(attributes, n)
   both = scipy.sparse.vstack([image_codes, text_codes]).tocsc()
-  names, aucs = [], []
+  # The label columns of each row set, so that each set's codes are ranked once.
   modality = np.zeros((2 * n, 2), bool)
   modality[:n, 0] = modality[n:, 1] = True
-  aucs.append(concept_stats.sparse_auroc(both, modality))
-  names += [("modality", "image", "both"), ("modality", "text", "both")]
+  columns: dict = {
+    "image": [],
+    "text": [],
+    "both": [(modality, [("modality", "image", "both"), ("modality", "text", "both")])],
+  }
   for attr, a in attributes.items():
     y = np.asarray(a.labels, bool)
-    scored = {"pair": (("image", image_codes, y), ("text", text_codes, y), ("both", both, np.vstack([y, y])))}
-    for rows, codes, labels in scored.get(
-      a.domain, ((a.domain, image_codes if a.domain == "image" else text_codes, y),)
-    ):
-      aucs.append(concept_stats.sparse_auroc(codes, labels))
-      names += [(attr, str(v), rows) for v in a.values]
+    names = lambda rows, a=a, attr=attr: [(attr, str(v), rows) for v in a.values]
+    if a.domain == "pair":
+      columns["image"].append((y, names("image")))
+      columns["text"].append((y, names("text")))
+      columns["both"].append((np.vstack([y, y]), names("both")))
+    else:
+      columns[a.domain].append((y, names(a.domain)))
+  names, aucs = [], []
+  for rows, codes in (("both", both), ("image", image_codes), ("text", text_codes)):
+    if columns[rows]:
+      aucs.append(concept_stats.sparse_auroc(codes, np.concatenate([y for y, _ in columns[rows]], axis=1)))
+      names += [nm for _, nms in columns[rows] for nm in nms]
   auc = np.concatenate(aucs, axis=1)
   fire_i, fire_t = concept_stats.fire_rates(image_codes), concept_stats.fire_rates(text_codes)
   fired = (fire_i > 0) | (fire_t > 0)
@@ -183,35 +192,51 @@ def _card_ids(ccfg: Any, sets: dict, c: int) -> np.ndarray:
   )
 
 
-def compute_concepts(
-  config: Any, workdir: str, loaded: workdir_lib.LoadedSAE, pairs: analyze.Pairs, attributes: dict
-) -> dict:
-  """Everything the pages show, as arrays and per-card lists (`concepts.json` is its JSON form)."""
-  ccfg, acfg = config.concepts, config.analysis
-  D = np.asarray(loaded.params["D"], np.float32)
-  c = D.shape[0]
-  conc, sets = _read_sets(workdir, float(acfg.top_fraction), str(acfg.bridge_reduction))
-  block = int(ccfg.block_size)
-  t0 = time.perf_counter()
+def pair_codes(workdir: str, loaded: workdir_lib.LoadedSAE, pairs: analyze.Pairs, block: int) -> tuple:
+  """Sparse codes (values, indices) of the image and text rows: the analysis' analysis/codes.npz
+  when it holds these pairs' codes (analysis.save_codes), else encoded here; and where they came from."""
+  path = os.path.join(workdir, analyze.ANALYSIS_DIR, "codes.npz")
+  if os.path.exists(path):
+    with np.load(path, allow_pickle=False) as f:
+      same = str(f["codes_mode"]) == "encode_pooled" and np.array_equal(f["sample_ids"], pairs.sample_ids)
+      if same:
+        return (f["image_values"], f["image_indices"]), (f["text_values"], f["text_indices"]), "analysis"
   code_i = encode_rows(loaded.params, loaded.spec, pairs.image, block)
   code_t = encode_rows(loaded.params, loaded.spec, pairs.text, block)
-  t_encode = time.perf_counter() - t0
+  return code_i, code_t, "encoded"
+
+
+def concept_statistics(
+  ccfg: Any,
+  D: np.ndarray,
+  codes: tuple,
+  image_ids: Optional[np.ndarray],
+  conc: dict,
+  sets: dict,
+  attributes: dict,
+) -> dict:
+  """Everything the pages show, from the codes ((values, indices) of the image and of the text rows)
+  and the analysis' per-concept arrays `conc` and sets: top rows, A-, labels, cards, neighbours."""
+  t0 = time.perf_counter()
+  (code_i, code_t), c, block = codes, D.shape[0], int(ccfg.block_size)
   sp_i = concept_stats.sparse_codes(*code_i, c, block)
   sp_t = concept_stats.sparse_codes(*code_t, c, block)
-  n_top = int(ccfg.n_top)
-  uniq = _unique_image_rows(pairs.image_ids, pairs.image.shape[0])
+  n_top, n = int(ccfg.n_top), np.shape(code_i[0])[0]
+  uniq = _unique_image_rows(image_ids, n)  # an image's top rows are its first row only
   top_i = concept_stats.top_rows(code_i[0][uniq], code_i[1][uniq], c, n_top, block)
   top_t = concept_stats.top_rows(*code_t, c, n_top, block)
+  t_top = time.perf_counter() - t0
   draws = int(ccfg.negatives_draws)
   a_minus = (
     removal.negatives_attribution(D, code_i, code_t, draws, int(ccfg.negatives_seed))
-    if draws > 0 and pairs.image.shape[0] > 1
+    if draws > 0 and n > 1
     else np.full(c, np.nan)
   )
+  t_neg = time.perf_counter() - t0 - t_top
   labels = label_concepts(sp_i, sp_t, attributes, float(ccfg.min_auroc), float(ccfg.content_free_rate))
   cards = _card_ids(ccfg, sets, c)
   near_i, near_c = concept_stats.nearest_by_cosine(D, cards, int(ccfg.n_near))
-  seconds = {"encode": t_encode, "total": time.perf_counter() - t0}
+  seconds = {"top_rows": t_top, "negatives": t_neg, "statistics": time.perf_counter() - t0}
   return dict(
     conc=conc,
     sets=sets,
@@ -239,13 +264,26 @@ def concepts(
   sae_dir = sae_dir or workdir
   pairs = analyze.load_pairs(config, workdir, loaded, sae_dir)
   analyze.check_pairs(pairs, int(np.shape(loaded.params["D"])[1]), sae_dir)
-  result = compute_concepts(config, workdir, loaded, pairs, dict(attributes or {}))
+  acfg, ccfg = config.analysis, config.concepts
+  conc, sets = _read_sets(workdir, float(acfg.top_fraction), str(acfg.bridge_reduction))
+  t_codes = time.perf_counter()
+  code_i, code_t, codes_from = pair_codes(workdir, loaded, pairs, int(ccfg.block_size))
+  t_codes = time.perf_counter() - t_codes
+  D = np.asarray(loaded.params["D"], np.float32)
+  result = concept_statistics(ccfg, D, (code_i, code_t), pairs.image_ids, conc, sets, dict(attributes or {}))
+  result["seconds"]["codes"] = t_codes
   rows = read_rows(pairs, config.concepts)
   out_dir = os.path.join(workdir, CONCEPTS_DIR)
-  summary = concepts_html.write_pages(out_dir, config.concepts, result, rows, np.asarray(loaded.params["D"]))
-  summary["seconds"] = {**result["seconds"], "total": time.perf_counter() - t0}
+  t_pages = time.perf_counter()
+  summary = concepts_html.write_pages(out_dir, config.concepts, result, rows, D)
+  summary["seconds"] = {
+    **result["seconds"],
+    "pages": time.perf_counter() - t_pages,
+    "total": time.perf_counter() - t0,
+  }
   summary["out_dir"] = out_dir
   summary["n_pairs"] = int(pairs.image.shape[0])
+  summary["codes_from"] = codes_from
   workdir_lib.atomic_write_json(os.path.join(out_dir, "summary.json"), summary, indent=2)
   return summary
 
