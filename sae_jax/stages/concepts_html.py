@@ -106,8 +106,8 @@ class _Histograms:
     import matplotlib.pyplot as plt
 
     self.plt = plt
-    self.fig, self.ax = plt.subplots(figsize=(3.6, 1.8), dpi=64)
-    self.fig.subplots_adjust(left=0.12, right=0.98, bottom=0.26, top=0.95)
+    self.fig, self.ax = plt.subplots(figsize=(4.0, 2.0), dpi=90)
+    self.fig.subplots_adjust(left=0.1, right=0.98, bottom=0.22, top=0.96)
     self.edges = np.linspace(0.0, 1.0, int(bins) + 1)
     zero = np.zeros(int(bins))
     self.steps = [
