@@ -304,4 +304,6 @@ def run_concepts(
     )
     for line in summary["composition_lines"]:
       log(f"  {line}")
+    if config.preset_note:
+      log(f"  {config.preset_note}")
   return summary
