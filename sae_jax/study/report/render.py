@@ -127,8 +127,10 @@ def render_md(config: Any, data: dict, figs: list) -> str:
     "",
   ]
   L += tables.table1_md(config, data)
+  L += tables.concepts_md(data, ("S_E", "S_A", "S_B"), "the top sets")
   L += ["", "## Table 2: Recall@K before and after removing the top-attribution subspace", ""]
   L += tables.table2_md(config, data)
+  L += tables.concepts_md(data, ("removed",), "the removed subspace's atoms")
   L += [
     "",
     "## Table 3: last-token vs mean pooling",

@@ -92,6 +92,22 @@ def table1_md(config: Any, data: dict) -> list:
   return lines
 
 
+def concepts_md(data: dict, sets: tuple, what: str) -> list:
+  """Per model, what the concept sets `sets` are made of by their labels against the truth (the
+  concepts step), with a link to the model's concept browser; [] before that step ran."""
+  lines = []
+  for name, m in data["models"].items():
+    cc = m.get("concepts")
+    if not cc:
+      continue
+    parts = [ln for ln in cc["composition_lines"] if ln.split(":")[0] in sets]
+    link = f"[concepts](../{cc['index']})"
+    lines.append(f"- {m['label']} ({link}): " + "; ".join(parts or [f"no {what}"]))
+  if lines:
+    lines = ["", f"Composition of {what} by label against the truth:", ""] + lines
+  return lines
+
+
 # (label, variant suffix, key of the published figures or None).
 TABLE2_ROWS = (
   ("Base", "", "base"),
