@@ -88,6 +88,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   mesh.coordinator_address = ""
   mesh.num_processes = 0
   mesh.process_id = -1
+  # Coordination service (multihost): jax's defaults. A process silent for heartbeat_timeout_s is
+  # declared dead and the others end; init waits init_timeout_s for every process to connect; the
+  # exit barrier waits shutdown_timeout_s.
+  mesh.heartbeat_timeout_s = 100
+  mesh.init_timeout_s = 300
+  mesh.shutdown_timeout_s = 300
 
   config.analysis = analysis = ml_collections.ConfigDict()
   analysis.sae_workdir = ""  # SAE to analyse; "" = this workdir
