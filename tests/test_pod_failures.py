@@ -183,6 +183,37 @@ def test_an_unreadable_shard_on_one_process_stops_all_and_names_the_file(tmp_pat
   assert seconds < EXIT_BOUND_S
 
 
+def test_a_read_error_mid_run_on_one_process_stops_all_before_the_next_save(tmp_path):
+  """The error comes from grain's reader threads on process 1 after 30 batches: it feeds masked
+  batches until the next agreement (a log, checkpoint or preempt check) and all stop there."""
+  shard_dir = tmp_path / "shards"
+  _write_shards(shard_dir)
+  work = tmp_path / "w"
+  fault = {**ENV, "SAE_JAX_FAULT_PROCESS": "1", "SAE_JAX_FAULT_DATA_AFTER": "30"}
+  flags = [
+    "--config.data.source=shards",
+    f"--config.data.shard_dir={shard_dir}",
+    "--config.sae.d=32",
+    "--config.data.batch_size=64",
+    "--config.train.num_steps=100000",
+    "--config.mesh.heartbeat_timeout_s=10",
+  ]
+  t0 = time.monotonic()
+  codes, errs, _ = wait_all(_train(work, 2, *flags, module="tests.helpers.faulty_train", env=fault), 300)
+  seconds = time.monotonic() - t0
+  assert codes == [preemption.FAILED_EXIT_CODE] * 2, errs[0][-2000:] + errs[1][-2000:]
+  lines = [_errors(e) for e in errs]
+  assert all(len(ls) == 1 for ls in lines), lines
+  victim = str(shard_dir / "shard-00001.npy")
+  assert lines[1][0].startswith("error: process 1 of 2: data: ") and victim in lines[1][0], lines
+  assert lines[0][0].startswith("error: process 0 of 2: stopped because process 1 failed: data: ")
+  assert victim in lines[0][0] and "Input/output error" in lines[0][0]
+  # grain reads ahead, so the error surfaces a few steps before batch 30 is trained on; the
+  # checkpoint at 20 stays the newest (the failing window is never saved).
+  assert _steps(work) == [20]
+  assert seconds < 300
+
+
 # ----------------------------------------------------------------------------- a lost process
 
 

@@ -293,10 +293,16 @@ class _Run:
 
 
 def _restore_or_init(run: _Run, manager) -> Any:
-  """The newest checkpoint's state (and data position), else a fresh init from `config.seed`."""
+  """The newest checkpoint's state (and data position), else a fresh init from `config.seed`.
+
+  Multi-process, the restore and the init's data read are agreed (`preemption.agreed`): all
+  processes go on from the same state or all stop. The placement on the mesh (a collective) comes
+  after the agreement, so a process that failed never leaves the others waiting in it."""
   train = run.config.train
-  restored = ckpt_lib.restore_newest(
-    manager, run.abstract, run.data_iter, int(train.restore_retries), float(train.restore_backoff_s)
+  restored = preemption.agreed(
+    lambda: ckpt_lib.restore_newest(
+      manager, run.abstract, run.data_iter, int(train.restore_retries), float(train.restore_backoff_s)
+    )
   )
   if restored is not None:
     state, meta, latest = restored
@@ -307,7 +313,9 @@ def _restore_or_init(run: _Run, manager) -> Any:
     return state
   spec = run.spec
   sample = (
-    _data_sample(run.global_batches, int(run.config.train.init_rows), run.batch_size)
+    preemption.agreed(
+      lambda: _data_sample(run.global_batches, int(run.config.train.init_rows), run.batch_size)
+    )
     if spec.pre_bias
     else None
   )
@@ -471,7 +479,7 @@ def _train_and_evaluate(
   # one host, a checkpoint read) ends in an agreement: all go on, or all stop with one code.
   run = preemption.agreed(lambda: _setup(config, workdir))
   manager = ckpt_lib.make_manager(workdir, config.train)
-  state = preemption.agreed(lambda: _restore_or_init(run, manager))
+  state = _restore_or_init(run, manager)
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, run.resolved)
   resume_step = int(jax.device_get(state["step"]))
