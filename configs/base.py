@@ -67,6 +67,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.train = train = ml_collections.ConfigDict()
   train.num_steps = 2000
   train.log_every = 100
+  train.log_every_s = (
+    60.0  # stderr not a terminal: a progress line (step/total, rate, ETA) when no line came for this long
+  )
   train.checkpoint_every = 500
   train.max_to_keep = 3
   train.async_checkpoint = True

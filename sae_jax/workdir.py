@@ -35,6 +35,7 @@ CONFIG_FILE = "config.json"
 RESUMABLE_FIELDS = (
   "train.num_steps",
   "train.log_every",
+  "train.log_every_s",
   "train.checkpoint_every",
   "train.max_to_keep",
   "train.async_checkpoint",

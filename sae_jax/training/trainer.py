@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -366,6 +367,14 @@ def _check_finite(run: _Run, pending: list, window: list, last_saved: Optional[i
   )
 
 
+def _progress_line(done: int, start: int, total: int, seconds: float) -> None:
+  """`train: step done/total, steps/s, ETA` on stderr (steps dispatched; the host runs at most a
+  few steps ahead of the device)."""
+  rate = (done - start) / seconds if seconds > 0 else 0.0
+  eta = f"{(total - done) / rate / 60:.1f} min" if rate > 0 else "?"
+  print(f"train: step {done}/{total}, {rate:.2f} steps/s, ETA {eta}", file=sys.stderr, flush=True)
+
+
 def _save(run: _Run, manager, step: int, state: Any) -> None:
   meta = {"step": step, "tokens_seen": step * run.batch_size, "sae_spec": run.resolved["sae_spec"]}
   ckpt_lib.save(manager, step, state, run.data_iter, meta)
@@ -383,6 +392,9 @@ def _train_loop(
   t_window, rows_window = time.perf_counter(), 0
   last_logged: dict = {}
   check_every = int(config.train.preempt_check_every)
+  # A log file (stderr not a terminal) gets a progress line when no line came for log_every_s.
+  every_s = float(config.train.log_every_s) if logger.enabled and not sys.stderr.isatty() else float("inf")
+  t_start, t_line = time.monotonic(), time.monotonic()
   pending: list = []  # (step, finite flag) not checked yet
   last_saved: Optional[int] = start if start else None  # a restored checkpoint is finite
   for step in range(start, run.num_steps):
@@ -408,6 +420,10 @@ def _train_loop(
       last_logged = _window_average(window, rows_window, time.perf_counter() - t_window)
       logger.write(done, last_logged)
       window, rows_window, t_window = [], 0, time.perf_counter()
+      t_line = time.monotonic()
+    elif time.monotonic() - t_line >= every_s:
+      t_line = time.monotonic()
+      _progress_line(done, start, run.num_steps, t_line - t_start)
     if is_save or signalled:
       _save(run, manager, done, state)
       last_saved = done
