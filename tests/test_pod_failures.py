@@ -245,3 +245,52 @@ def test_sigkill_of_one_process_ends_the_others_then_a_restart_resumes_bit_ident
   codes, errs, _ = wait_all(_train(work, 2), 300)
   assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
   _assert_identical(_state(work), _state(reference))
+
+
+# ---------------------------------------------------------------------------------- extraction
+
+
+def test_a_failed_extraction_part_leaves_the_others_to_finish_and_a_rerun_merges(coco_mini, tmp_path):
+  """Extraction parts share no collective: a part that fails exits on its own (1, one line), the
+  others finish their parts and exit 0 without waiting, and re-running the failed part merges."""
+  work = tmp_path / "w"
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+  base = [
+    sys.executable,
+    "-m",
+    "experiments.extract",
+    "--config=configs/clip_coco.py:tiny",
+    f"--workdir={work}",
+    "--config.extract.max_images=4",
+    "--config.extract.chunk_size=1",
+    "--config.extract.process_count=2",
+  ]
+  procs = [
+    subprocess.Popen(
+      [*base, f"--config.extract.process_index={p}", *(["--config.extract.layer=99"] if p == 1 else [])],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for p in (0, 1)
+  ]
+  out = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 1], out[1][1][-2000:]
+  (line,) = _errors(out[1][1])
+  assert "config.extract.layer=99" in line
+  assert "part 0 of 2" in out[0][0] and "merged by the last of the 2 processes" in out[0][0]
+  act = work / "activations"
+  assert not (act / "summary.json").exists()
+  r = subprocess.run(
+    [*base, "--config.extract.process_index=1"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert r.returncode == 0, r.stderr[-2000:]
+  summary = json.loads((act / "summary.json").read_text())
+  assert summary["processes"] == 2 and summary["counts"]["images"] == 4
