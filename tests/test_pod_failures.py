@@ -146,6 +146,20 @@ def test_a_persistent_restore_error_on_one_process_stops_all_with_75_then_resume
   assert seconds < EXIT_BOUND_S
 
 
+def test_a_damaged_newest_checkpoint_falls_back_on_every_process_to_the_same_step(reference, tmp_path):
+  work = tmp_path / "w"
+  shutil.copytree(reference, work)
+  victim = max((work / "checkpoints" / "60" / "state").rglob("*"), key=lambda p: p.stat().st_size)
+  with open(victim, "r+b") as f:
+    f.truncate(100)
+  codes, errs, _ = wait_all(_train(work, 2), 300)
+  assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+  warnings = [ln for e in errs for ln in e.splitlines() if "does not restore" in ln]
+  assert len(warnings) == 1 and "resuming from step 40" in warnings[0], warnings  # process 0 moves it
+  assert (work / "checkpoints" / "60.corrupt").is_dir() and _steps(work)[-1] == 60
+  _assert_identical(_state(work), _state(reference))  # steps 41-60 re-run give the same state
+
+
 def _write_shards(directory, rows=4096, d=32):
   rng = np.random.default_rng(0)
   writer = shards_lib.ShardWriter(str(directory), d, "float32", rows_per_shard=1024)
