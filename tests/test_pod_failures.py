@@ -160,6 +160,24 @@ def test_a_damaged_newest_checkpoint_falls_back_on_every_process_to_the_same_ste
   _assert_identical(_state(work), _state(reference))  # steps 41-60 re-run give the same state
 
 
+def test_a_config_value_that_differs_on_one_process_stops_all_and_names_the_field(tmp_path):
+  t0 = time.monotonic()
+  codes, errs, _ = wait_all(
+    _train(tmp_path / "w", 2, per_process=lambda p: ["--config.optim.lr=0.001"] if p == 1 else []),
+    EXIT_BOUND_S + 60,
+  )
+  seconds = time.monotonic() - t0
+  assert codes == [preemption.FAILED_EXIT_CODE] * 2, errs[0][-2000:] + errs[1][-2000:]
+  lines = [_errors(e) for e in errs]
+  assert all(len(ls) == 1 for ls in lines), lines
+  field = "optim.lr=0.001 (process 0: 0.004)"
+  assert lines[1][0].startswith(f"error: process 1 of 2: its config differs from process 0's in {field}")
+  assert lines[0][0].startswith("error: process 0 of 2: stopped because process 1 failed: its config")
+  assert field in lines[0][0]
+  assert not (tmp_path / "w" / "checkpoints").exists() or _steps(tmp_path / "w") == []
+  assert seconds < EXIT_BOUND_S
+
+
 def _write_shards(directory, rows=4096, d=32):
   rng = np.random.default_rng(0)
   writer = shards_lib.ShardWriter(str(directory), d, "float32", rows_per_shard=1024)

@@ -11,6 +11,7 @@ import os
 import secrets
 import sys
 import time
+import zlib
 from typing import Any, Callable, Optional
 
 import jax
@@ -484,6 +485,41 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   return run
 
 
+# Fields that may differ between the processes of one run (each host's own id and paths).
+PER_PROCESS_FIELDS = ("mesh.", "data.shard_dir")
+
+
+def _check_same_config(run: _Run) -> None:
+  """Multi-process: every process must train the same config (a flag or a config file read
+  differently on one host would otherwise train silently apart). One all-gathered digest; on a
+  mismatch every process stops, the differing ones naming the fields that differ from process 0's."""
+  if jax.process_count() == 1:
+    return
+  fields = {
+    k: v for k, v in workdir_lib.flatten(run.resolved).items() if not k.startswith(PER_PROCESS_FIELDS)
+  }
+  text = json.dumps(fields, sort_keys=True, default=str)
+  digests = np.asarray(multihost_utils.process_allgather(np.int32(zlib.crc32(text.encode()) & 0x7FFFFFFF)))
+  differ = [int(p) for p in np.flatnonzero(digests.reshape(-1) != digests.reshape(-1)[0])]
+  if not differ:
+    return
+  own = None
+  if jax.process_index() == 0:
+    preemption.publish_failure(text, "config")
+  elif jax.process_index() in differ:
+    mine, first = json.loads(text), json.loads(preemption.read_failure(0, "config"))
+    names = sorted(k for k in set(mine) | set(first) if mine.get(k) != first.get(k))
+    shown = ", ".join(f"{k}={mine.get(k)!r} (process 0: {first.get(k)!r})" for k in names[:5])
+    own = (
+      f"its config differs from process 0's{' in ' + shown if shown else ''}; every process must get "
+      "the same config file and --config flags"
+    )
+    preemption.publish_failure(own)
+  codes = np.zeros(jax.process_count(), np.int32)
+  codes[differ] = preemption.FAILED_EXIT_CODE
+  preemption.stop_together(codes, own)
+
+
 def _train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, watch: preemption.SignalWatch
 ) -> dict:
@@ -494,6 +530,7 @@ def _train_and_evaluate(
   # Multi-process, each phase that can fail on one process only (a config value or file read on
   # one host, a checkpoint read) ends in an agreement: all go on, or all stop with one code.
   run = preemption.agreed(lambda: _setup(config, workdir))
+  _check_same_config(run)
   manager = ckpt_lib.make_manager(workdir, config.train)
   state = _restore_or_init(run, manager)
   if jax.process_index() == 0:
