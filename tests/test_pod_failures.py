@@ -266,11 +266,15 @@ def test_sigkill_of_one_process_ends_the_others_then_a_restart_resumes_bit_ident
   seconds = time.monotonic() - t0
   survivor = 1 - victim
   assert codes[victim] == -signal.SIGKILL
-  assert codes[survivor] != 0 and codes[survivor] is not None, errs[survivor][-2000:]
-  if victim == 1:  # the survivor hosts the coordination service: its next collective fails
-    assert codes[survivor] == preemption.PREEMPTED_EXIT_CODE, errs[survivor][-2000:]
+  # The survivor's next collective fails (Gloo: connection reset) and it exits 75 with one line at
+  # once; or, when it waits where only the coordination service notices (a rendezvous or barrier
+  # through its key-value store), at the heartbeat timeout: 75 with the line if the wait raises,
+  # else jax ends the process natively (SIGABRT). Process 0 hosts the service, so losing it ends
+  # process 1 natively at once.
+  assert codes[survivor] in (preemption.PREEMPTED_EXIT_CODE, -signal.SIGABRT), errs[survivor][-2000:]
+  if codes[survivor] == preemption.PREEMPTED_EXIT_CODE:
     (line,) = _errors(errs[survivor])
-    assert line.startswith("error: process 0 of 2: a collective failed, another process is gone")
+    assert line.startswith(f"error: process {survivor} of 2: a collective failed, another process is gone")
   assert seconds < heartbeat + EXIT_BOUND_S
   # A restart of the same command resumes from the last checkpoint and ends where an
   # uninterrupted run does.
