@@ -98,6 +98,8 @@ def train_section() -> ml_collections.ConfigDict:
   train = ml_collections.ConfigDict()
   train.num_steps = 2000
   train.log_every = 100
+  # stderr not a terminal: a progress line (step/total, rate, ETA) when no line came for this long
+  train.log_every_s = 60.0
   train.checkpoint_every = 500
   train.max_to_keep = 3
   train.async_checkpoint = True
@@ -123,6 +125,12 @@ def mesh_section() -> ml_collections.ConfigDict:
   mesh.coordinator_address = ""
   mesh.num_processes = 0
   mesh.process_id = -1
+  # Coordination service (multihost): jax's defaults. A process silent for heartbeat_timeout_s is
+  # declared dead and the others end; init waits init_timeout_s for every process to connect; the
+  # exit barrier waits shutdown_timeout_s.
+  mesh.heartbeat_timeout_s = 100
+  mesh.init_timeout_s = 300
+  mesh.shutdown_timeout_s = 300
   return mesh
 
 

@@ -79,7 +79,8 @@ def run_main(
     return result
   except SaeJaxError as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    # 75 where a re-run resumes (a storage error that persisted: `exit_code`), else 1.
+    sys.exit(int(getattr(e, "exit_code", 1)))
   except OSError as e:
     if "config file" not in str(e):
       raise

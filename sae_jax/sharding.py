@@ -42,9 +42,15 @@ def maybe_initialize_distributed(mesh_cfg: Any) -> None:
   """jax.distributed.initialize for multi-host runs (TPU pods, SLURM) when the config asks."""
   if not mesh_cfg.multihost:
     return
-  kwargs = {}
+  # The coordination service's timeouts: a process that stops sending heartbeats for
+  # heartbeat_timeout_s is declared dead and every other process is ended (natively, by jax).
+  kwargs = dict(
+    initialization_timeout=int(mesh_cfg.init_timeout_s),
+    heartbeat_timeout_seconds=int(mesh_cfg.heartbeat_timeout_s),
+    shutdown_timeout_seconds=int(mesh_cfg.shutdown_timeout_s),
+  )
   if mesh_cfg.coordinator_address:
-    kwargs = dict(
+    kwargs.update(
       coordinator_address=mesh_cfg.coordinator_address,
       num_processes=int(mesh_cfg.num_processes),
       process_id=int(mesh_cfg.process_id),

@@ -35,6 +35,7 @@ CONFIG_FILE = "config.json"
 RESUMABLE_FIELDS = (
   "train.num_steps",
   "train.log_every",
+  "train.log_every_s",
   "train.checkpoint_every",
   "train.max_to_keep",
   "train.async_checkpoint",
@@ -52,6 +53,9 @@ RESUMABLE_FIELDS = (
   "mesh.coordinator_address",
   "mesh.num_processes",
   "mesh.process_id",
+  "mesh.heartbeat_timeout_s",
+  "mesh.init_timeout_s",
+  "mesh.shutdown_timeout_s",
   "data.prefetch",
   "analysis",
   "retrieval",

@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import tqdm
-from absl import logging
 
 from sae_jax import config_utils
 from sae_jax.encoders import pooling
@@ -18,7 +17,9 @@ POOL_VARIANTS = pooling.VARIANTS + ("embed",)
 
 
 class Progress:
-  """items/s and ETA, as absl log lines every `every_s` seconds (and a tqdm bar on a terminal)."""
+  """done/total, items/s and ETA: a tqdm bar when stderr is a terminal, else a plain stderr line every
+  `every_s` seconds and at the end (a cluster's log file; not absl's log, which the mains set to
+  WARNING to keep orbax quiet)."""
 
   def __init__(self, total: int, what: str, every_s: float = 10.0, done: int = 0):
     self.total, self.what, self.every_s = total, what, every_s
@@ -39,12 +40,14 @@ class Progress:
     if self.bar is not None:
       self.bar.update(n)
     now = time.perf_counter()
-    if now - self.last >= self.every_s or self.done >= self.total:
+    if self.bar is None and (now - self.last >= self.every_s or self.done >= self.total):
       self.last = now
       rate = self.rate
       eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-      logging.info(
-        "extract %s: %d/%d items, %.1f items/s, ETA %s", self.what, self.done, self.total, rate, _fmt_s(eta)
+      print(
+        f"extract {self.what}: {self.done}/{self.total} items, {rate:.1f} items/s, ETA {_fmt_s(eta)}",
+        file=sys.stderr,
+        flush=True,
       )
 
   def close(self):

@@ -25,10 +25,12 @@ from typing import Any, Callable, Optional
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from sae_jax import preemption
 from sae_jax.errors import SaeJaxError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -52,7 +54,10 @@ TRANSIENT_TEXT = re.compile(
 
 
 class StorageError(SaeJaxError):
-  """A checkpoint read kept failing with a storage error after the retries (not damage)."""
+  """A checkpoint read kept failing with a storage error after the retries (not damage); a re-run
+  may succeed, so the mains exit with `exit_code` (75, like a preemption)."""
+
+  exit_code = preemption.PREEMPTED_EXIT_CODE
 
 
 def is_transient(e: BaseException) -> bool:
@@ -74,18 +79,39 @@ def checkpoint_dir(workdir: str) -> epath.Path:
   return path if "://" in str(workdir) else epath.Path(path.absolute())
 
 
+def _handlers() -> dict:
+  return {
+    "state": ocp.StandardCheckpointHandler(),
+    "data": grain.checkpoint.CheckpointHandler(),
+    "meta": ocp.JsonCheckpointHandler(),
+  }
+
+
 def make_manager(workdir: str, train_cfg: Any = None) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
     max_to_keep=int(train_cfg.max_to_keep) if train_cfg is not None else None,
     enable_async_checkpointing=bool(train_cfg.async_checkpoint) if train_cfg is not None else False,
     create=True,
   )
-  handlers = {
-    "state": ocp.StandardCheckpointHandler(),
-    "data": grain.checkpoint.CheckpointHandler(),
-    "meta": ocp.JsonCheckpointHandler(),
-  }
-  return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers, options=options)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=_handlers(), options=options)
+
+
+def _reader(manager: ocp.CheckpointManager) -> ocp.CheckpointManager:
+  """Multi-process: a read-only manager of the same directory whose restores involve this process
+  alone. orbax's own restore ends in barriers between all processes, and a process whose read
+  failed part-way reaches a different sequence of them than the others (they would wait in one,
+  or pair mismatched barriers); here each process reads its own shards of the arrays without any
+  collective, and the outcome is agreed afterwards (`restore_retrying`)."""
+  if jax.process_count() == 1:
+    return manager
+  me = jax.process_index()
+  options = ocp.CheckpointManagerOptions(
+    read_only=True,
+    create=False,
+    enable_async_checkpointing=False,
+    multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}),
+  )
+  return ocp.CheckpointManager(manager.directory, item_handlers=_handlers(), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any, meta: dict) -> None:
@@ -126,19 +152,60 @@ def restore(
   # An imported SAE (import_overcomplete) has no data position: its stream starts at batch 0.
   if data_iter is not None and (epath.Path(manager.directory) / str(step) / "data").is_dir():
     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+  reader = _reader(manager)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    restored = reader.restore(step, args=ocp.args.Composite(**items))
   except (ValueError, KeyError, TypeError) as e:
     if is_transient(e):  # TensorStore reports storage errors as ValueError
       raise
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise SaeJaxError(f"checkpoint {manager.directory}/{step} does not match the config: {first}") from None
+  finally:
+    if reader is not manager:
+      reader.close()
   return restored["state"], dict(restored["meta"])
 
 
 def _reason(e: BaseException) -> str:
   text = str(e).strip().split(" See full TensorStore details")[0]  # the rest is a C++ object repr
   return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+_OK, _TRANSIENT, _OTHER = 0, 1, 2
+
+
+def _attempt(manager, step, abstract_state, data_iter) -> tuple[Any, Optional[BaseException], int]:
+  """One `restore`: (result, error, kind) with kind _OK, _TRANSIENT (a storage error) or _OTHER."""
+  try:
+    return restore(manager, step, abstract_state, data_iter), None, _OK
+  except Exception as e:  # noqa: BLE001 -- classified; the caller decides with the other processes
+    return None, e, (_TRANSIENT if is_transient(e) else _OTHER)
+
+
+def _agreed_kind(kind: int) -> tuple[int, list]:
+  """Every process's attempt outcome gathered: (the outcome all act on, processes that failed).
+  A storage error anywhere is retried by all; else a failure anywhere counts as a failure for all."""
+  if jax.process_count() == 1:
+    return kind, []
+  kinds = np.asarray(multihost_utils.process_allgather(np.int32(kind))).reshape(-1)
+  failed = [int(p) for p in np.flatnonzero(kinds)]
+  if np.any(kinds == _TRANSIENT):
+    return _TRANSIENT, failed
+  return (_OTHER if failed else _OK), failed
+
+
+def _prefix() -> str:
+  return f"{preemption.who()}: " if jax.process_count() > 1 else ""
+
+
+def _peer_cause(tag: str, failed: list, own: Optional[str]) -> str:
+  """This process's cause, published for the others; or the first failed process's."""
+  if jax.process_count() == 1:
+    return own or ""
+  if own is not None:
+    preemption.publish_failure(own, tag)
+    return own
+  return f"process {failed[0]} failed: {preemption.read_failure(failed[0], tag)}"
 
 
 def restore_retrying(
@@ -151,27 +218,39 @@ def restore_retrying(
   sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[Any, dict]:
   """`restore`, retried `retries` times (waits backoff_s, 2 backoff_s, ...) while it fails with a
-  storage error (`is_transient`); then `StorageError`. Other errors are raised at once."""
+  storage error (`is_transient`); then `StorageError`. Other errors are raised at once.
+
+  Multi-process, every attempt's outcome is all-gathered: a storage error on any process makes all
+  of them retry (the same count and waits), and all raise `StorageError` when the retries run out;
+  any other failure on any process is raised on all of them. All restore the same step or none."""
   for attempt in range(int(retries) + 1):
-    try:
-      return restore(manager, step, abstract_state, data_iter)
-    except Exception as e:  # noqa: BLE001 -- classified below; anything not transient is re-raised
-      if not is_transient(e):
-        raise
-      if attempt == int(retries):
-        raise StorageError(
-          f"checkpoint {manager.directory}/{step}: reading it failed {attempt + 1} times with a storage "
-          f"error ({_reason(e)}); it is left as it is (it may be intact): re-run when the storage "
-          "answers, or raise config.train.restore_retries"
-        ) from None
-      wait = float(backoff_s) * 2**attempt
-      print(
-        f"warning: storage error reading checkpoint {manager.directory}/{step} ({_reason(e)}); retry "
-        f"{attempt + 1} of {retries} in {wait:g} s",
-        file=sys.stderr,
-        flush=True,
-      )
-      sleep(wait)
+    result, error, kind = _attempt(manager, step, abstract_state, data_iter)
+    agreed, failed = _agreed_kind(kind)
+    if agreed == _OK:
+      return result
+    where = f"checkpoint {manager.directory}/{step}"
+    if agreed == _OTHER:
+      if error is not None and jax.process_count() == 1:
+        raise error
+      own = _reason(error) if error is not None else None
+      raise SaeJaxError(f"{where}: {_peer_cause(f'restore/{step}/{attempt}', failed, own)}") from None
+    reason = _reason(error) if kind == _TRANSIENT else None
+    if attempt == int(retries):
+      cause = _peer_cause(f"storage/{step}", failed, reason)
+      raise StorageError(
+        f"{where}: reading it failed {attempt + 1} times with a storage error ({cause}); it is "
+        "left as it is (it may be intact): re-run when the storage answers, or raise "
+        "config.train.restore_retries"
+      ) from None
+    wait = float(backoff_s) * 2**attempt
+    cause = reason if reason is not None else f"on process(es) {', '.join(map(str, failed))}"
+    print(
+      f"warning: {_prefix()}storage error reading {where} ({cause}); retry {attempt + 1} of {retries} "
+      f"in {wait:g} s",
+      file=sys.stderr,
+      flush=True,
+    )
+    sleep(wait)
   raise AssertionError("unreachable")
 
 
@@ -189,7 +268,8 @@ def restore_newest(
   moves nothing. A newer checkpoint that fails otherwise while an older one restores was damaged
   (truncated or partial files): it is moved aside to `<step>.corrupt` (never deleted) with one
   warning line. When no step restores, the newest step's error is raised (a config mismatch fails
-  on every step).
+  on every step). Multi-process, every decision is agreed (`restore_retrying`): all processes
+  resume from the same step, or all stop with the same error.
   """
   steps = sorted(manager.all_steps(), reverse=True)
   failed: list[tuple[int, BaseException]] = []

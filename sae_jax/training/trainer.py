@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 import time
+import zlib
 from typing import Any, Callable, Optional
 
 import jax
@@ -266,18 +268,43 @@ class _Run:
     # data.device_prefetch batches are transferred ahead of the step.
     local_fn = pipeline.batch_fn(config, jax.process_index(), jax.process_count(), True)
     rows, valid = shard_lib.batch_sharding(self.mesh), shard_lib.rows_sharding(self.mesh)
+    self.put = lambda e: (jnp.asarray(_put_batch(e[0], rows), jnp.float32), _put_batch(e[1], valid))
     self.data_iter = pipeline.DeviceFeed(
       iter(pipeline.make_checked_dataset(config, local_fn, self.spec.d)),
-      lambda e: (jnp.asarray(_put_batch(e[0], rows), jnp.float32), _put_batch(e[1], valid)),
+      self.put,
       int(config.data.device_prefetch),
     )
+    self._blank = None
+
+  def next_batch(self, watch: preemption.SignalWatch) -> tuple[jax.Array, jax.Array]:
+    """The next (batch, valid) on the device. Multi-process, a read error here is held for the
+    next agreement (`watch.fail_at_next_agreement`) and this process feeds all-masked batches
+    until then, so the others are not left waiting in the step's collectives; nothing trained
+    on them is saved or logged."""
+    if watch.failure is None:
+      try:
+        return next(self.data_iter)
+      except Exception as e:  # noqa: BLE001 -- agreed with the other processes at the next check
+        if jax.process_count() == 1:
+          raise
+        watch.fail_at_next_agreement(SaeJaxError(f"data: {preemption.first_line(e)}"))
+    if self._blank is None:
+      local = self.batch_size // jax.process_count()
+      self._blank = self.put((np.zeros((local, self.spec.d), np.float32), np.zeros(local, np.float32)))
+    return self._blank
 
 
 def _restore_or_init(run: _Run, manager) -> Any:
-  """The newest checkpoint's state (and data position), else a fresh init from `config.seed`."""
+  """The newest checkpoint's state (and data position), else a fresh init from `config.seed`.
+
+  Multi-process, the restore and the init's data read are agreed (`preemption.agreed`): all
+  processes go on from the same state or all stop. The placement on the mesh (a collective) comes
+  after the agreement, so a process that failed never leaves the others waiting in it."""
   train = run.config.train
-  restored = ckpt_lib.restore_newest(
-    manager, run.abstract, run.data_iter, int(train.restore_retries), float(train.restore_backoff_s)
+  restored = preemption.agreed(
+    lambda: ckpt_lib.restore_newest(
+      manager, run.abstract, run.data_iter, int(train.restore_retries), float(train.restore_backoff_s)
+    )
   )
   if restored is not None:
     state, meta, latest = restored
@@ -288,7 +315,9 @@ def _restore_or_init(run: _Run, manager) -> Any:
     return state
   spec = run.spec
   sample = (
-    _data_sample(run.global_batches, int(run.config.train.init_rows), run.batch_size)
+    preemption.agreed(
+      lambda: _data_sample(run.global_batches, int(run.config.train.init_rows), run.batch_size)
+    )
     if spec.pre_bias
     else None
   )
@@ -304,6 +333,47 @@ def _window_average(window: list[dict], rows: int, elapsed: float) -> dict:
   averaged["rows_skipped"] = float(window[-1]["rows_skipped"])
   averaged["tokens_per_s"] = rows / elapsed if rows else float("nan")
   return averaged
+
+
+class Diverged(SaeJaxError):
+  """The loss or a parameter became NaN/Inf: the run stops without saving past its last finite step."""
+
+
+def _check_finite(run: _Run, pending: list, window: list, last_saved: Optional[int]) -> None:
+  """Raises `Diverged` naming the first step of `pending` ((step, finite flag) since the last check,
+  the tail of `window`) whose loss, gradient norm or parameters are not finite. The flags ride on
+  the statistics each step returns and are read here, at a log, checkpoint or stop point, where the
+  host waits for the step anyway: no extra sync per step. Every process reads the same (global)
+  flags, so all stop at the same step."""
+  if not pending:
+    return
+  flags = np.asarray(jax.device_get([f for _, f in pending]))
+  if flags.all():
+    return
+  i = int(np.argmin(flags))
+  step = pending[i][0]
+  losses = window[len(window) - len(pending) :] if len(window) >= len(pending) else []
+  loss = f"loss {float(jax.device_get(losses[i]['loss'])):g}, " if losses else ""
+  kept = (
+    f"the newest checkpoint, {run.workdir}/checkpoints/{last_saved}, is finite and kept (nothing was "
+    f"saved past step {last_saved})"
+    if last_saved is not None
+    else "no checkpoint was written (the run diverged before its first one)"
+  )
+  prefix = f"{preemption.who()}: " if jax.process_count() > 1 else ""
+  raise Diverged(
+    f"{prefix}training diverged: the loss or a parameter is not finite at step {step} ({loss}the first "
+    f"such step); {kept}; likely cause: the learning rate config.optim.lr={float(run.config.optim.lr):g} "
+    "is too high: lower it (or raise config.optim.warmup_steps) and re-run"
+  )
+
+
+def _progress_line(done: int, start: int, total: int, seconds: float) -> None:
+  """`train: step done/total, steps/s, ETA` on stderr (steps dispatched; the host runs at most a
+  few steps ahead of the device)."""
+  rate = (done - start) / seconds if seconds > 0 else 0.0
+  eta = f"{(total - done) / rate / 60:.1f} min" if rate > 0 else "?"
+  print(f"train: step {done}/{total}, {rate:.2f} steps/s, ETA {eta}", file=sys.stderr, flush=True)
 
 
 def _save(run: _Run, manager, step: int, state: Any) -> None:
@@ -322,24 +392,43 @@ def _train_loop(
   window: list[dict] = []
   t_window, rows_window = time.perf_counter(), 0
   last_logged: dict = {}
+  check_every = int(config.train.preempt_check_every)
+  # A log file (stderr not a terminal) gets a progress line when no line came for log_every_s.
+  every_s = float(config.train.log_every_s) if logger.enabled and not sys.stderr.isatty() else float("inf")
+  t_start, t_line = time.monotonic(), time.monotonic()
+  pending: list = []  # (step, finite flag) not checked yet
+  last_saved: Optional[int] = start if start else None  # a restored checkpoint is finite
   for step in range(start, run.num_steps):
-    batch, valid = next(run.data_iter)  # on the device, checked (pipeline.DeviceFeed)
+    batch, valid = run.next_batch(watch)  # on the device, checked (pipeline.DeviceFeed)
     state, metrics = train_step(state, batch, valid)
+    done = step + 1
+    pending.append((done, metrics.pop("finite")))
     window.append(metrics)
     rows_window += run.batch_size
     if step == start:  # keep compilation out of tokens/s
       jax.block_until_ready(metrics)
       t_window, rows_window = time.perf_counter(), 0
-    done = step + 1
-    if done % log_every == 0 or done == run.num_steps:
+    is_log = done % log_every == 0 or done == run.num_steps
+    is_save = done % ckpt_every == 0 or done == run.num_steps
+    # Multi-process: every check_every steps and before anything is logged or saved, the processes
+    # agree (one all-gather): a signal anywhere stops all after a save, a failure anywhere
+    # (`run.next_batch`) stops all at once (`preemption.Stopped`).
+    signalled = watch.stop_agreed(done, check_every, force=is_log or is_save) and done < run.num_steps
+    if is_log or is_save or signalled:
+      _check_finite(run, pending, window, last_saved)
+      pending = []
+    if is_log:
       last_logged = _window_average(window, rows_window, time.perf_counter() - t_window)
       logger.write(done, last_logged)
       window, rows_window, t_window = [], 0, time.perf_counter()
-    if done % ckpt_every == 0 or done == run.num_steps:
+      t_line = time.monotonic()
+    elif time.monotonic() - t_line >= every_s:
+      t_line = time.monotonic()
+      _progress_line(done, start, run.num_steps, t_line - t_start)
+    if is_save or signalled:
       _save(run, manager, done, state)
-    if done < run.num_steps and watch.stop_agreed(done, int(config.train.preempt_check_every)):
-      if done % ckpt_every:
-        _save(run, manager, done, state)
+      last_saved = done
+    if signalled:
       watch.stopped_at = done
       break
   return state, last_logged
@@ -385,8 +474,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run finishes its step, saves at it and raises `preemption.Preempted` (exit status 75)."""
   # First: jax.distributed's own SIGTERM notifier must not replace the watch's handler.
   shard_lib.maybe_initialize_distributed(config.mesh)
-  with preemption.watch() as watch:
+  with preemption.watch() as watch, preemption.lost_peer_exit():
     return _train_and_evaluate(config, workdir, watch)
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
+  run = _Run(config, workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  workdir_lib.check_workdir_config(workdir, run.resolved, bool(config.train.allow_config_change))
+  return run
+
+
+# Fields that may differ between the processes of one run (each host's own id and paths).
+PER_PROCESS_FIELDS = ("mesh.", "data.shard_dir")
+
+
+def _check_same_config(run: _Run) -> None:
+  """Multi-process: every process must train the same config (a flag or a config file read
+  differently on one host would otherwise train silently apart). One all-gathered digest; on a
+  mismatch every process stops, the differing ones naming the fields that differ from process 0's."""
+  if jax.process_count() == 1:
+    return
+  fields = {
+    k: v for k, v in workdir_lib.flatten(run.resolved).items() if not k.startswith(PER_PROCESS_FIELDS)
+  }
+  text = json.dumps(fields, sort_keys=True, default=str)
+  digests = np.asarray(multihost_utils.process_allgather(np.int32(zlib.crc32(text.encode()) & 0x7FFFFFFF)))
+  differ = [int(p) for p in np.flatnonzero(digests.reshape(-1) != digests.reshape(-1)[0])]
+  if not differ:
+    return
+  own = None
+  if jax.process_index() == 0:
+    preemption.publish_failure(text, "config")
+  elif jax.process_index() in differ:
+    mine, first = json.loads(text), json.loads(preemption.read_failure(0, "config"))
+    names = sorted(k for k in set(mine) | set(first) if mine.get(k) != first.get(k))
+    shown = ", ".join(f"{k}={mine.get(k)!r} (process 0: {first.get(k)!r})" for k in names[:5])
+    own = (
+      f"its config differs from process 0's{' in ' + shown if shown else ''}; every process must get "
+      "the same config file and --config flags"
+    )
+    preemption.publish_failure(own)
+  codes = np.zeros(jax.process_count(), np.int32)
+  codes[differ] = preemption.FAILED_EXIT_CODE
+  preemption.stop_together(codes, own)
 
 
 def _train_and_evaluate(
@@ -396,9 +527,10 @@ def _train_and_evaluate(
     # Default: the shards that experiments.extract wrote into this workdir.
     config = config.copy_and_resolve_references()
     config.data.shard_dir = os.path.join(workdir, "activations", "shards")
-  run = _Run(config, workdir)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  workdir_lib.check_workdir_config(workdir, run.resolved, bool(config.train.allow_config_change))
+  # Multi-process, each phase that can fail on one process only (a config value or file read on
+  # one host, a checkpoint read) ends in an agreement: all go on, or all stop with one code.
+  run = preemption.agreed(lambda: _setup(config, workdir))
+  _check_same_config(run)
   manager = ckpt_lib.make_manager(workdir, config.train)
   state = _restore_or_init(run, manager)
   if jax.process_index() == 0:
