@@ -161,6 +161,7 @@ def analysis_section() -> ml_collections.ConfigDict:
   analysis.compare_workdirs = ""  # comma-separated workdirs (with analysis/) shown side by side
   analysis.run_name = ""  # label in tables and figures; "" = workdir basename
   analysis.match_threshold = 0.8  # synthetic: cosine for matching learned to planted concepts
+  analysis.log_every_s = 60.0  # stderr not a terminal: a progress line over the blocks of codes this often
   return analysis
 
 
@@ -249,6 +250,7 @@ def retrieval_section() -> ml_collections.ConfigDict:
   retrieval.synthetic_pairs = 2000  # source="synthetic": evaluation pairs
   retrieval.synthetic_fit_pairs = 2000  # separate pairs the attribution is computed on
   retrieval.synthetic_seed = 1
+  retrieval.log_every_s = 60.0  # stderr not a terminal: a progress line over the scored settings this often
   return retrieval
 
 

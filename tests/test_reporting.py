@@ -4,6 +4,7 @@ summary of each main, and the drawn elements of the figures (read through matplo
 import json
 import math
 import os
+import re
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -227,8 +228,18 @@ def test_train_analyze_retrieve_print_their_summary(trained_sae, tmp_path):
     f"--workdir={wd}",
     f"--config.analysis.sae_workdir={trained_sae.workdir}",
   ]
-  ana = _main("analyze", *common, "--config.analysis.num_pairs=1000", "--config.analysis.top_pairs=0")
+  ana = _main(
+    "analyze",
+    *common,
+    "--config.analysis.num_pairs=1000",
+    "--config.analysis.top_pairs=0",
+    "--config.analysis.block_size=250",
+    "--config.analysis.log_every_s=0",
+  )
   assert ana.returncode == 0, ana.stderr[-2000:]
+  # stderr is a pipe, not a terminal: a progress line per block of codes (log_every_s=0).
+  done = re.findall(r"^analysis codes: (\d+)/4 blocks, [\d.]+ blocks/s, ETA \S+$", ana.stderr, re.M)
+  assert [int(n) for n in done] == [1, 2, 3, 4], ana.stderr[-2000:]
   lines = ana.stdout.splitlines()
   s = json.loads((tmp_path / "run" / "analysis" / "summary.json").read_text())
   t = s["table1"]
@@ -248,8 +259,13 @@ def test_train_analyze_retrieve_print_their_summary(trained_sae, tmp_path):
     "--config.retrieval.synthetic_pairs=500",
     "--config.retrieval.ks=(1,5)",
     "--config.retrieval.tasks=('image_to_text',)",
+    "--config.retrieval.log_every_s=0",
   )
   assert ret.returncode == 0, ret.stderr[-2000:]
+  settings = re.findall(r"^retrieval: (\d+)/(\d+) settings, [\d.]+ settings/s, ETA \S+$", ret.stderr, re.M)
+  n_settings = len(json.loads((tmp_path / "run" / "retrieval" / "results.json").read_text())["image_to_text"])
+  assert [int(d) for d, _ in settings] == list(range(1, n_settings + 1)), ret.stderr[-2000:]
+  assert {int(t) for _, t in settings} == {n_settings}
   lines = ret.stdout.splitlines()
   res = json.loads((tmp_path / "run" / "retrieval" / "results.json").read_text())["image_to_text"]
   assert lines[0].startswith(f"retrieval: wrote {wd}/retrieval/ (") and " s" in lines[0]

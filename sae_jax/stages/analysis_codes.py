@@ -11,6 +11,7 @@ from sae_jax import metrics
 from sae_jax import workdir as workdir_lib
 from sae_jax.block_encoder import BlockEncoder
 from sae_jax.errors import SaeJaxError
+from sae_jax.progress import Progress
 from sae_jax.stages.block_progress import BlockProgress
 
 CODES_MODES = ("encode_pooled", "pool_token_codes")
@@ -82,9 +83,13 @@ def stream_codes(
       (iv, ii), (tv, ti) = compute()
       return {"image_values": iv, "image_indices": ii, "text_values": tv, "text_indices": ti}
 
+    if b == 0:
+      bar["progress"] = Progress(n_blocks, "analysis codes", float(acfg.log_every_s), unit="blocks")
     z = saved(f"codes-{b:06d}", arrays, f"block {b + 1} of {n_blocks}")
+    bar["progress"].update(1)
     return (z["image_values"], z["image_indices"]), (z["text_values"], z["text_indices"])
 
+  bar: dict = {}  # the progress line, made at the first block (when n_blocks is known)
   spec = loaded.spec
   mode = str(acfg.codes)
   if mode not in CODES_MODES:
@@ -138,6 +143,8 @@ def stream_codes(
         return tuple(sides)
 
       add(*block_codes(b, compute))
+  if "progress" in bar:
+    bar["progress"].close()
   if not keep_codes:
     return None, None, info
   cat = lambda parts: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))

@@ -48,8 +48,9 @@ from sae_jax import workdir as workdir_lib
 from sae_jax.data import coco, paired
 from sae_jax.data import shards as shards_lib
 from sae_jax.errors import SaeJaxError
+from sae_jax.progress import Progress
 from sae_jax.stages import extract_mbeir, extract_parts
-from sae_jax.stages.pooled import Progress, check_variants, pool_batch
+from sae_jax.stages.pooled import check_variants, pool_batch
 
 # Shard `sample_ids`: the image id for rows of image inputs, CAPTION_ID_OFFSET + caption id for rows
 # of caption inputs (COCO image and caption ids overlap, so they need disjoint ranges).
@@ -313,7 +314,7 @@ class Extractor:
       logging.info(
         "extract %s: %d chunk(s) of %d done, %d to run", kind, len(results), len(chunks), len(todo)
       )
-    progress = Progress(len(items), kind, float(self.ex.log_every_s), done=done_items)
+    progress = Progress(len(items), f"extract {kind}", float(self.ex.log_every_s), done=done_items)
     for ch in todo:
       part = self._run_chunk(ch, writer, row_cursor, rows_done, pool, prep, progress)
       results.append(part)

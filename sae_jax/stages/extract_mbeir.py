@@ -19,7 +19,8 @@ from sae_jax import workdir as workdir_lib
 from sae_jax.data import coco
 from sae_jax.data.mbeir import MODALITIES, MBeirParquet, MBeirPool, MBeirQueries, read_parquet_qrels
 from sae_jax.errors import SaeJaxError
-from sae_jax.stages.pooled import Progress, check_variants, pool_batch
+from sae_jax.progress import Progress
+from sae_jax.stages.pooled import check_variants, pool_batch
 
 
 def encode_records(encoder, records, variants, batch_size: int, log_every_s: float = 10.0):
@@ -27,7 +28,7 @@ def encode_records(encoder, records, variants, batch_size: int, log_every_s: flo
   n = len(records)
   out = {v: [None] * n for v in variants}
   kept = np.ones(n, bool)
-  progress = Progress(n, "mbeir", log_every_s)
+  progress = Progress(n, "extract mbeir", log_every_s)
   for mod in MODALITIES:
     idx = [i for i, r in enumerate(records) if r["modality"] == mod]
     for s in range(0, len(idx), batch_size):

@@ -54,6 +54,7 @@ from sae_jax import (
 )
 from sae_jax import projectors as projectors_lib
 from sae_jax.errors import SaeJaxError
+from sae_jax.progress import Progress
 from sae_jax.stages import retrieval_outputs
 from sae_jax.stages import retrieval_tables as tables
 from sae_jax.stages.block_progress import BlockProgress, recorded, retrieval_fingerprint
@@ -395,20 +396,26 @@ def evaluate_all(
   search: _Search,
   embeddings_dir: Optional[str] = None,
   progress: Optional[BlockProgress] = None,
+  *,
+  log_every_s: float,
 ) -> tuple[dict, dict]:
   """Recall@K of every task x variant, and of the base variant under each projector.
 
   Returns (results {task: {variant: record}}, the base variant's TaskData per task). With
   `embeddings_dir`, each scored embedding set is written there as it is scored, so only one task's
-  arrays are held at a time.
+  arrays are held at a time. A progress line over the settings every `log_every_s` seconds.
   """
   results: dict = {}
   base_data: dict[str, retrieval_tasks.TaskData] = {}
+  line = Progress(
+    len(tasks) * (len(inputs.variants) + len(projectors)), "retrieval", log_every_s, unit="settings"
+  )
   for task in tasks:
     spec = retrieval_tasks.TASKS[task]
     for variant, arrays in inputs.variants.items():
       data = retrieval_tasks.build_task(task, arrays, source=f"pooled_{variant}.npz")
       if data is None:
+        line.update(1 + (len(projectors) if variant == base else 0))  # settings this task cannot have
         continue
       data = data.subset(search.max_queries, search.subset, search.subset_seed)
       if search.denominator == "scorable":
@@ -443,6 +450,8 @@ def evaluate_all(
           retrieval_outputs.write_embeddings(
             os.path.join(embeddings_dir, f"embeddings_{task}_{name}.npz"), d_run
           )
+        line.update(1)
+  line.close()
   if not results:
     raise SaeJaxError(f"config.retrieval.tasks={tasks}: none of them can be built from {inputs.description}")
   return results, base_data
@@ -565,7 +574,9 @@ def _run_retrieval(config, workdir: str, log: Optional[Callable[[str], None]]) -
     os.makedirs(workdir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".retrieval-staging-", dir=workdir)
   try:
-    results, base_data = evaluate_all(tasks, inputs, base, projectors, search, staging, progress)
+    results, base_data = evaluate_all(
+      tasks, inputs, base, projectors, search, staging, progress, log_every_s=float(rcfg.log_every_s)
+    )
     sweep = None
     if attribution is not None and rcfg.sweep_task in base_data:
       oracle = results.get(rcfg.sweep_task, {}).get(f"{base}+oracle_removal")
