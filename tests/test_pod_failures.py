@@ -14,17 +14,14 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
 from sae_jax import preemption
-from sae_jax import workdir as workdir_lib
 from sae_jax.data import shards as shards_lib
-from sae_jax.training import checkpoint as ckpt_lib
-from sae_jax.training import state as state_lib
 from tests.conftest import ROOT
 from tests.helpers.faults import start_processes, wait_all
+from tests.helpers.states import assert_identical, checkpoint_state
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 # configs/synthetic.py:tiny: 60 steps of 256 rows, a checkpoint and a log line every 20 steps.
@@ -37,26 +34,6 @@ EXIT_BOUND_S = 60  # every process ends within this after the fault
 
 def _steps(workdir):
   return sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
-
-
-def _state(workdir):
-  """The newest checkpoint's full train state (params, Adam moments, counters) as numpy arrays."""
-  config = workdir_lib.read_config(str(workdir))
-  spec = workdir_lib.spec_of_config(config)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state_lib.abstract_state(spec, config)
-  )
-  manager = ckpt_lib.make_manager(str(workdir))
-  state, _ = ckpt_lib.restore(manager, manager.latest_step(), abstract)
-  manager.close()
-  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
-
-
-def _assert_identical(a, b):
-  assert set(a) == set(b)
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def _errors(err):
@@ -107,7 +84,7 @@ def test_a_diverging_learning_rate_stops_every_process_at_the_first_nonfinite_st
     if n > 1:
       assert line.startswith(f"error: process {p} of {n}: training diverged")
   assert _steps(work) == [20]  # nothing saved past the last finite step
-  state = _state(work)
+  state = checkpoint_state(work)
   assert all(np.isfinite(v).all() for v in state.values())
   records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [20]  # the diverged window is not logged
@@ -142,7 +119,7 @@ def test_a_persistent_restore_error_on_one_process_stops_all_with_75_then_resume
   # uninterrupted run does.
   codes, errs, _ = wait_all(_train(work, 2), 300)
   assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
-  _assert_identical(_state(work), _state(reference))
+  assert_identical(checkpoint_state(work), checkpoint_state(reference))
   assert seconds < EXIT_BOUND_S
 
 
@@ -157,7 +134,9 @@ def test_a_damaged_newest_checkpoint_falls_back_on_every_process_to_the_same_ste
   warnings = [ln for e in errs for ln in e.splitlines() if "does not restore" in ln]
   assert len(warnings) == 1 and "resuming from step 40" in warnings[0], warnings  # process 0 moves it
   assert (work / "checkpoints" / "60.corrupt").is_dir() and _steps(work)[-1] == 60
-  _assert_identical(_state(work), _state(reference))  # steps 41-60 re-run give the same state
+  assert_identical(
+    checkpoint_state(work), checkpoint_state(reference)
+  )  # steps 41-60 re-run give the same state
 
 
 def test_a_config_value_that_differs_on_one_process_stops_all_and_names_the_field(tmp_path):
@@ -280,7 +259,7 @@ def test_sigkill_of_one_process_ends_the_others_then_a_restart_resumes_bit_ident
   # uninterrupted run does.
   codes, errs, _ = wait_all(_train(work, 2), 300)
   assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
-  _assert_identical(_state(work), _state(reference))
+  assert_identical(checkpoint_state(work), checkpoint_state(reference))
 
 
 # ---------------------------------------------------------------------------------- extraction

@@ -24,6 +24,7 @@ from tests.conftest import ROOT
 from tests.helpers.faults import start_two_trainers
 from tests.helpers.gcs import memory_gcs
 from tests.helpers.logs import tensorboard_events
+from tests.helpers.states import assert_identical, checkpoint_state
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 # 64-row batches: ~1,000 steps/s here, so a 1000-step run costs seconds and a signal lands mid-run.
@@ -50,27 +51,6 @@ def _run(args):
 
 def _steps(workdir):
   return sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
-
-
-def _state(workdir, step=None):
-  """The full train state of a checkpoint (params, Adam moments, counters) as numpy arrays."""
-  config = workdir_lib.read_config(str(workdir))
-  spec = workdir_lib.spec_of_config(config)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state_lib.abstract_state(spec, config)
-  )
-  manager = ckpt_lib.make_manager(str(workdir))
-  state, _ = ckpt_lib.restore(manager, step if step is not None else manager.latest_step(), abstract)
-  manager.close()
-  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
-
-
-def _assert_identical(a, b):
-  assert set(a) == set(b)
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +96,7 @@ def test_sigterm_saves_at_the_step_reached_exits_75_and_resumes_bit_identical(re
   r = _run(_train_args(work, 1000))
   assert r.returncode == 0, r.stderr[-2000:]
   assert f"Resumed from {work}/checkpoints/{reached}" in r.stdout
-  _assert_identical(_state(work), _state(reference))
+  assert_identical(checkpoint_state(work), checkpoint_state(reference))
 
 
 def test_second_signal_exits_at_once():
@@ -160,9 +140,9 @@ def test_damaged_newest_checkpoint_falls_back_with_one_warning(reference, tmp_pa
   manager.close()
   assert step == 800 and meta["step"] == 800
   assert (work / "checkpoints" / "1000.corrupt").is_dir() and not newest.exists()  # moved, not deleted
-  _assert_identical(
+  assert_identical(
     {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state)[0]},
-    _state(reference, 800),
+    checkpoint_state(reference, 800),
   )
 
 
@@ -179,7 +159,9 @@ def test_training_resumes_past_a_truncated_checkpoint_bit_identical(reference, t
   assert "checkpoints/1000 does not restore" in warnings[0] and "resuming from step 800" in warnings[0]
   assert f"Resumed from {work}/checkpoints/800" in r.stdout
   assert (work / "checkpoints" / "1000.corrupt").is_dir() and _steps(work)[-1] == 1000
-  _assert_identical(_state(work), _state(reference))  # the 200 steps re-run give the same state
+  assert_identical(
+    checkpoint_state(work), checkpoint_state(reference)
+  )  # the 200 steps re-run give the same state
 
 
 # orbax leaves the coroutines of a failed restore unawaited; the failure itself is what is tested
