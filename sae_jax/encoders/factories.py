@@ -1,7 +1,7 @@
 """One sized factory per model family: an HF model and its processor from a tokenizer and sizes.
 
 The tests' tiny random-weight models (`sae_jax.encoders.tiny`) and the models the shapes study
-trains (`sae_jax.study.trainers.families`) are built by the same functions; only the sizes differ.
+trains (the study's `trainers.families`) are built by the same functions; only the sizes differ.
 Each factory returns `(model, processor)` with the model as HF constructs it (train mode); `seed`
 seeds torch right before the weights are drawn, so a model is a function of (tokenizer, sizes, seed).
 """
