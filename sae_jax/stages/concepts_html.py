@@ -107,7 +107,7 @@ class _Histograms:
 
     self.plt = plt
     self.fig, self.ax = plt.subplots(figsize=(4.0, 2.0), dpi=90)
-    self.fig.subplots_adjust(left=0.1, right=0.98, bottom=0.22, top=0.96)
+    self.fig.subplots_adjust(left=0.14, right=0.98, bottom=0.22, top=0.96)
     self.edges = np.linspace(0.0, 1.0, int(bins) + 1)
     zero = np.zeros(int(bins))
     self.steps = [
@@ -117,6 +117,7 @@ class _Histograms:
     self.ax.set_xlim(0.0, 1.0)
     self.ax.set_ylim(0.0, 1.05)
     self.ax.set_xlabel("activation / max activation (rows that fire)", fontsize=7)
+    self.ax.set_ylabel("rows / fullest bin", fontsize=7)  # both sides on one scale
     self.ax.tick_params(labelsize=7)
     self.ax.legend(fontsize=7)
     self.fig.canvas.draw()
